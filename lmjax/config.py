@@ -1,0 +1,302 @@
+"""Loading, overriding and validating experiment configs.
+
+A config is a locked `ml_collections.ConfigDict` returned by `get_config(arg)` in a
+Python file under configs/. Every field exists in `base_config()`, so a typo in an
+override (command line or Python) fails with the key named, before anything compiles.
+
+    cfg = lmjax.config.load('configs/pretrain_tiny.py', overrides={'optim.lr': 1e-3})
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+from typing import Any, Mapping
+
+import ml_collections
+from ml_collections import config_dict
+
+
+class ConfigError(ValueError):
+  """A config field is missing, mistyped or inconsistent; the message names it."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field lmjax reads, with its default. Configs update this."""
+  cfg = ml_collections.ConfigDict()
+  cfg.seed = 0
+
+  cfg.model = dict(
+      vocab_size=32000,
+      d_model=512,
+      n_layers=8,
+      n_heads=8,
+      n_kv_heads=8,           # < n_heads: grouped-query attention.
+      head_dim=0,             # 0: d_model // n_heads.
+      d_ff=1376,              # SwiGLU hidden size.
+      norm_eps=1e-5,
+      rope_theta=10000.0,
+      # Llama-3 style frequency scaling; type 'none' or 'llama3'.
+      rope_scaling=dict(type='none', factor=8.0, low_freq_factor=1.0,
+                        high_freq_factor=4.0, original_max_len=8192),
+      tie_embeddings=False,
+      qkv_bias=False,         # Qwen2 style.
+      init_std=0.02,
+      param_dtype='float32',  # float32 or bfloat16.
+      dtype='float32',        # compute dtype: float32 or bfloat16.
+      scan_layers=True,       # lax.scan over layers (fast compile) or unrolled.
+      remat='none',           # none | dots | dots_no_batch | full.
+      attention='xla',        # xla | cudnn (GPU only).
+  )
+
+  cfg.data = dict(
+      source='local_text',    # local_text: a glob of text files | tfds: a TFDS name.
+      text_glob='stdlib',     # 'stdlib' = this Python's standard library sources.
+      tfds_name='',           # e.g. 'c4/en:3.1.0' with data_dir='gs://bucket/tfds'.
+      data_dir='',            # TFDS data_dir; '' = ~/.cache/lmjax/tfds.
+      text_key='text',
+      train_split='train',
+      eval_split='validation',
+      val_fraction=0.02,      # local_text: files held out for validation (by path hash).
+      seq_len=256,
+      shuffle=True,
+      add_bos=True,
+      add_eos=True,
+      worker_threads=2,       # grain read/map threads per process.
+      prefetch=2,             # batches prepared ahead of the step.
+  )
+
+  cfg.tokenizer = dict(
+      path='',                # sentencepiece .model; '' = <data_dir>/tokenizers/<name>.
+      vocab_size=32000,
+      train_if_missing=True,  # train one on the train split if `path` does not exist.
+      model_type='bpe',
+      max_sentences=200_000,  # lines sampled for sentencepiece training.
+  )
+
+  cfg.train = dict(
+      global_batch=16,        # sequences per optimizer step, across all processes.
+      grad_accum=1,           # micro-batches per step (global_batch % grad_accum == 0).
+      steps=1000,
+      log_every=10,
+      eval_every=200,
+      eval_batches=8,
+      z_loss=0.0,             # coefficient of log(Z)^2; 1e-4 is common.
+      progress_bar=True,
+      sample_at_end=True,
+  )
+
+  cfg.optim = dict(
+      lr=3e-4,
+      warmup_steps=100,
+      min_lr_ratio=0.1,       # cosine decays to lr * min_lr_ratio at the last step.
+      weight_decay=0.1,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      clip_norm=1.0,          # 0 disables clipping.
+  )
+
+  # Mesh axis sizes; -1 takes the devices left over. Product must equal the devices.
+  cfg.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # Logical axis -> mesh axis (or tuple of axes, or None = replicated).
+  cfg.rules = dict(
+      batch=('data', 'fsdp'),
+      length=None,
+      embed='fsdp',
+      mlp='tensor',
+      heads='tensor',
+      kv_heads='tensor',
+      head_dim=None,
+      vocab='tensor',
+      layers=None,
+  )
+
+  cfg.checkpoint = dict(
+      every=200,              # save every N steps (and at the end, and on SIGTERM).
+      keep=3,
+      async_save=True,
+  )
+
+  cfg.sample = dict(prompt='def ', max_new_tokens=64, temperature=0.8, top_k=40)
+  return cfg
+
+
+def _import_config_module(path: str):
+  if not os.path.exists(path):
+    raise ConfigError(f'config file not found: {path}')
+  name = 'lmjax_config_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'{path} defines no get_config(arg=None)')
+  return module
+
+
+def _known_keys(cfg: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
+  keys = []
+  for k, v in cfg.items():
+    keys.append(prefix + k)
+    if isinstance(v, ml_collections.ConfigDict):
+      keys.extend(_known_keys(v, prefix + k + '.'))
+  return keys
+
+
+def _suggest(key: str, cfg: ml_collections.ConfigDict) -> str:
+  close = difflib.get_close_matches(key, _known_keys(cfg), n=3, cutoff=0.6)
+  return f' (did you mean {", ".join(close)}?)' if close else ''
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict,
+                    overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """Sets dotted keys ('optim.lr') on a locked config; unknown keys and wrong types raise."""
+  for key, value in overrides.items():
+    parent, _, leaf = key.rpartition('.')
+    node = cfg
+    try:
+      for part in parent.split('.') if parent else []:
+        node = node[part]
+      if leaf not in node:
+        raise KeyError(leaf)
+    except (KeyError, AttributeError, TypeError):
+      raise ConfigError(f'unknown config key {key!r}{_suggest(key, cfg)}') from None
+    try:
+      setattr(node, leaf, value)
+    except TypeError as e:
+      raise ConfigError(f'config key {key!r}: {e}') from None
+  return cfg
+
+
+def load(path: str, overrides: Mapping[str, Any] | None = None,
+         arg: str | None = None) -> ml_collections.ConfigDict:
+  """Loads configs/<name>.py (optionally 'path:arg'), applies overrides, validates."""
+  if arg is None and ':' in os.path.basename(path):
+    path, arg = path.rsplit(':', 1)
+  cfg = _import_config_module(path).get_config(arg)
+  check_fields(cfg)
+  cfg.lock()
+  if overrides:
+    apply_overrides(cfg, overrides)
+  validate(cfg)
+  return cfg
+
+
+def check_fields(cfg: ml_collections.ConfigDict) -> None:
+  """A config may only hold the fields of base_config(), with compatible types."""
+  base = base_config()
+
+  def walk(node, ref, prefix):
+    for k, v in node.items():
+      key = prefix + k
+      if k not in ref:
+        raise ConfigError(f'unknown config key {key!r}{_suggest(key, base)}')
+      if isinstance(ref[k], ml_collections.ConfigDict):
+        if not isinstance(v, ml_collections.ConfigDict):
+          raise ConfigError(f'config key {key!r} must be a group, got {v!r}')
+        walk(v, ref[k], key + '.')
+      elif ref[k] is not None and v is not None and not _compatible(ref[k], v):
+        raise ConfigError(f'config key {key!r}: expected {type(ref[k]).__name__}, '
+                          f'got {type(v).__name__} {v!r}')
+
+  walk(cfg, base, '')
+
+
+def _compatible(ref, value) -> bool:
+  if isinstance(ref, bool) or isinstance(value, bool):
+    return isinstance(ref, bool) and isinstance(value, bool)
+  if isinstance(ref, float):
+    return isinstance(value, (int, float))
+  if isinstance(ref, (tuple, list)) or isinstance(value, (tuple, list)):
+    return isinstance(value, (tuple, list, str))
+  return isinstance(value, type(ref))
+
+
+_CHOICES = {
+    'model.param_dtype': ('float32', 'bfloat16'),
+    'model.dtype': ('float32', 'bfloat16'),
+    'model.remat': ('none', 'dots', 'dots_no_batch', 'full'),
+    'model.attention': ('xla', 'cudnn'),
+    'model.rope_scaling.type': ('none', 'llama3'),
+    'data.source': ('local_text', 'tfds'),
+    'tokenizer.model_type': ('bpe', 'unigram'),
+}
+
+
+def _get(cfg, key):
+  for part in key.split('.'):
+    cfg = cfg[part]
+  return cfg
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Checks that need no devices: choices, divisibility, positivity."""
+  check_fields(cfg)
+  for key, choices in _CHOICES.items():
+    if _get(cfg, key) not in choices:
+      raise ConfigError(f'config key {key!r} must be one of {choices}, got {_get(cfg, key)!r}')
+  m = cfg.model
+  for key in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff'):
+    if m[key] <= 0:
+      raise ConfigError(f'config key model.{key} must be positive, got {m[key]}')
+  if m.n_heads % m.n_kv_heads:
+    raise ConfigError(f'model.n_heads ({m.n_heads}) must be a multiple of '
+                      f'model.n_kv_heads ({m.n_kv_heads})')
+  if not m.head_dim and m.d_model % m.n_heads:
+    raise ConfigError(f'model.d_model ({m.d_model}) is not divisible by model.n_heads '
+                      f'({m.n_heads}); set model.head_dim explicitly')
+  t = cfg.train
+  for key in ('global_batch', 'grad_accum', 'steps', 'log_every', 'eval_batches'):
+    if t[key] <= 0:
+      raise ConfigError(f'config key train.{key} must be positive, got {t[key]}')
+  if t.global_batch % t.grad_accum:
+    raise ConfigError(f'train.global_batch ({t.global_batch}) must be divisible by '
+                      f'train.grad_accum ({t.grad_accum})')
+  if cfg.data.seq_len < 2:
+    raise ConfigError(f'data.seq_len must be >= 2, got {cfg.data.seq_len}')
+  if cfg.data.source == 'tfds' and not cfg.data.tfds_name:
+    raise ConfigError("data.tfds_name must be set when data.source='tfds'")
+  if cfg.optim.lr <= 0:
+    raise ConfigError(f'optim.lr must be positive, got {cfg.optim.lr}')
+  if cfg.optim.warmup_steps < 0:
+    raise ConfigError(f'optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps}')
+  if cfg.tokenizer.vocab_size > m.vocab_size:
+    raise ConfigError(f'tokenizer.vocab_size ({cfg.tokenizer.vocab_size}) exceeds '
+                      f'model.vocab_size ({m.vocab_size})')
+  for axis in ('data', 'fsdp', 'tensor'):
+    size = cfg.mesh[axis]
+    if size == 0 or size < -1:
+      raise ConfigError(f'mesh.{axis} must be a positive size or -1, got {size}')
+  for logical, target in cfg.rules.items():
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    for a in axes:
+      if a not in cfg.mesh:
+        raise ConfigError(f'rules.{logical} names mesh axis {a!r}, not one of {tuple(cfg.mesh)}')
+
+
+def to_dict(cfg: ml_collections.ConfigDict) -> dict:
+  return cfg.to_dict()
+
+
+def from_dict(d: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """Rebuilds a locked config from a saved dict (checkpoints, notebooks)."""
+  cfg = base_config()
+  cfg.lock()
+  flat = {}
+
+  def walk(node, prefix):
+    for k, v in node.items():
+      if isinstance(v, Mapping):
+        walk(v, prefix + k + '.')
+      else:
+        flat[prefix + k] = tuple(v) if isinstance(v, list) else v
+
+  walk(d, '')
+  apply_overrides(cfg, flat)
+  validate(cfg)
+  return cfg
+
+
+def placeholder(t):
+  return config_dict.placeholder(t)

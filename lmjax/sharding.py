@@ -1,0 +1,145 @@
+"""Meshes, logical-axis rules and placement helpers.
+
+Parameters and key activations carry logical axis names ('embed', 'mlp', 'heads',
+'batch', ...). `cfg.rules` maps each onto mesh axes ('data', 'fsdp', 'tensor'), so a
+change of parallelism is a change of config, never of model code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+
+class ShardingError(ValueError):
+  pass
+
+
+def mesh_shape(cfg_mesh: Mapping[str, int], n_devices: int) -> dict[str, int]:
+  """Resolves -1 entries so the product equals n_devices; errors name the field."""
+  sizes = {a: int(cfg_mesh[a]) for a in MESH_AXES}
+  fill = [a for a, s in sizes.items() if s == -1]
+  if len(fill) > 1:
+    raise ShardingError(f'at most one mesh axis may be -1, got {fill} (mesh.{fill[0]}, mesh.{fill[1]})')
+  known = math.prod(s for s in sizes.values() if s != -1)
+  if fill:
+    if n_devices % known:
+      raise ShardingError(
+          f'mesh {dict(cfg_mesh)}: the fixed axes (product {known}) do not divide the '
+          f'{n_devices} devices; change mesh.{"/".join(a for a in sizes if sizes[a] != -1)}')
+    sizes[fill[0]] = n_devices // known
+  if math.prod(sizes.values()) != n_devices:
+    raise ShardingError(
+        f'mesh {sizes} has {math.prod(sizes.values())} devices but {n_devices} are '
+        f'available; set one of mesh.data/mesh.fsdp/mesh.tensor to -1 or fix the sizes')
+  return sizes
+
+
+def make_mesh(cfg_mesh: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_shape(cfg_mesh, len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if len(devices) == len(jax.devices()):
+    # make_mesh orders devices for the physical topology (ICI rings on TPU).
+    return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=auto)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def _axes(target) -> tuple[str, ...]:
+  if target is None:
+    return ()
+  if isinstance(target, str):
+    return (target,)
+  return tuple(target)
+
+
+def logical_to_spec(logical: Sequence[str | None], rules: Mapping[str, Any],
+                    shape: Sequence[int] | None = None, mesh: Mesh | None = None) -> P:
+  """('batch', 'length', 'embed') -> P(('data', 'fsdp'), None, 'fsdp'-if-unused).
+
+  A mesh axis is used at most once per spec (first dimension wins). With `shape` and
+  `mesh`, a dimension the mesh axes do not divide is left replicated.
+  """
+  used: set[str] = set()
+  out = []
+  for i, name in enumerate(logical):
+    if name is None:
+      out.append(None)
+      continue
+    if name not in rules:
+      raise ShardingError(f'logical axis {name!r} has no entry in cfg.rules')
+    axes = tuple(a for a in _axes(rules[name]) if a not in used)
+    if mesh is not None:
+      axes = tuple(a for a in axes if mesh.shape[a] > 1)
+    if shape is not None and mesh is not None and axes:
+      size = math.prod(mesh.shape[a] for a in axes)
+      if shape[i] % size:
+        axes = ()
+    used.update(axes)
+    out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return P(*out)
+
+
+# The mesh and rules activations are constrained with, set by `use_mesh`.
+_CTX = threading.local()
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Mapping[str, Any]):
+  prev = getattr(_CTX, 'value', None)
+  _CTX.value = (mesh, dict(rules))
+  try:
+    yield
+  finally:
+    _CTX.value = prev
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint by logical names; a no-op outside `use_mesh`."""
+  ctx = getattr(_CTX, 'value', None)
+  if ctx is None:
+    return x
+  mesh, rules = ctx
+  spec = logical_to_spec(logical, rules, x.shape, mesh)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def tree_shardings(logical_tree: Any, abstract_tree: Any, mesh: Mesh,
+                   rules: Mapping[str, Any]) -> Any:
+  """Maps a tree of logical PartitionSpecs (+ matching shapes) to NamedShardings."""
+  def one(spec, leaf):
+    return NamedSharding(mesh, logical_to_spec(tuple(spec), rules, leaf.shape, mesh))
+  return jax.tree.map(one, logical_tree, abstract_tree,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, rules: Mapping[str, Any], ndim: int = 2) -> NamedSharding:
+  logical = ('batch', 'length') + (None,) * (ndim - 2)
+  return NamedSharding(mesh, logical_to_spec(logical[:ndim], rules, mesh=mesh))
+
+
+def data_parallel_size(mesh: Mesh, rules: Mapping[str, Any]) -> int:
+  return math.prod(mesh.shape[a] for a in _axes(rules['batch']))
+
+
+def place_batch(batch: Mapping[str, np.ndarray], mesh: Mesh,
+                rules: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """Process-local numpy batch -> global jax.Arrays sharded along 'batch'."""
+  out = {}
+  for k, v in batch.items():
+    sharding = batch_sharding(mesh, rules, v.ndim)
+    out[k] = jax.make_array_from_process_local_data(sharding, v)
+  return out

@@ -1,0 +1,72 @@
+"""Metric writers (JSONL + TensorBoard) and the peak-FLOPs table behind MFU."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+
+# Dense bf16 peak FLOP/s per device (datasheets). Keyed by substrings of device_kind.
+PEAK_FLOPS = (
+    ('H200', 989e12),
+    ('H100', 989e12),
+    ('A100', 312e12),
+    ('L4', 121e12),
+    ('TPU v6', 918e12),     # Trillium (v6e)
+    ('TPU v5p', 459e12),
+    ('TPU v5 lite', 197e12),  # v5e
+    ('TPU v5e', 197e12),
+    ('TPU v4', 275e12),
+    ('TPU v3', 123e12),
+)
+
+
+def peak_flops(device=None) -> float | None:
+  """Peak FLOP/s of one device, or None where unknown (CPU): MFU is then not reported."""
+  kind = (device or jax.devices()[0]).device_kind
+  for key, flops in PEAK_FLOPS:
+    if key.lower() in kind.lower():
+      return flops
+  return None
+
+
+class MetricWriter:
+  """Appends {'step', 'time', **metrics} lines to <workdir>/metrics.jsonl and writes
+  TensorBoard scalars to <workdir>/tb. Only process 0 writes."""
+
+  def __init__(self, workdir: str, tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._file = None
+    self._tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._file = open(self.path, 'a', encoding='utf-8')
+      if tensorboard:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    clean = {k: (float(v) if v is not None else None) for k, v in metrics.items()}
+    self._file.write(json.dumps({'step': int(step), 'time': time.time(), **clean}) + '\n')
+    self._file.flush()
+    if self._tb is not None:
+      for k, v in clean.items():
+        if v is not None:
+          self._tb.add_scalar(k, v, step)
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._file:
+      self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path, encoding='utf-8') as f:
+    return [json.loads(line) for line in f if line.strip()]
