@@ -64,8 +64,8 @@ def make_train_step(cfg, setup: Setup) -> Callable:
     metrics = {
         'loss': nll / n_tokens,
         'z_loss': z / n_tokens,
-        'grad_norm': optax.global_norm(grads),
-        'param_norm': optax.global_norm(new_params),
+        'grad_norm': optax.tree.norm(grads),
+        'param_norm': optax.tree.norm(new_params),
         'lr': schedule(state['step']),
         'loss_tokens': n_tokens,
     }

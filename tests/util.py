@@ -1,0 +1,58 @@
+"""Shared helpers for tests: tiny configs, corpora and batches."""
+
+import numpy as np
+
+from lmjax import config as config_lib
+
+
+def tiny_config(**model):
+  cfg = config_lib.base_config()
+  cfg.model.update(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                   d_ff=128)
+  cfg.model.update(**model)
+  cfg.data.update(seq_len=32)
+  cfg.tokenizer.update(vocab_size=256)
+  cfg.train.update(global_batch=8, steps=10, log_every=1, eval_every=0,
+                   progress_bar=False, sample_at_end=False)
+  cfg.optim.update(lr=1e-2, warmup_steps=0)
+  cfg.mesh.update(data=1, fsdp=1, tensor=1)
+  cfg.checkpoint.update(async_save=False)
+  return cfg
+
+
+def random_batch(cfg, seed=0, docs_per_row=1):
+  """A packed batch of random tokens; with docs_per_row > 1 rows hold several documents."""
+  rng = np.random.default_rng(seed)
+  b, t = cfg.train.global_batch, cfg.data.seq_len
+  tokens = rng.integers(4, cfg.model.vocab_size, (b, t + 1)).astype(np.int32)
+  seg = np.ones((b, t), np.int32)
+  pos = np.tile(np.arange(t, dtype=np.int32), (b, 1))
+  if docs_per_row > 1:
+    for r in range(b):
+      cuts = np.sort(rng.choice(np.arange(1, t), docs_per_row - 1, replace=False))
+      for i, c in enumerate(cuts):
+        seg[r, c:] = i + 2
+      starts = np.concatenate([[0], cuts])
+      for s, e in zip(starts, np.concatenate([cuts, [t]])):
+        pos[r, s:e] = np.arange(e - s)
+  mask = np.ones((b, t), np.float32)
+  mask[:, :-1] *= seg[:, 1:] == seg[:, :-1]
+  return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], segment_ids=seg,
+              positions=pos, loss_mask=mask)
+
+
+def write_corpus(root, n_files=40, seed=0):
+  """A small corpus of text files with real structure (code-like and prose lines)."""
+  rng = np.random.default_rng(seed)
+  words = ('the model data train loss step token batch shard mesh value return def '
+           'class import self print for in range if else while with as').split()
+  root.mkdir(parents=True, exist_ok=True)
+  for i in range(n_files):
+    lines = []
+    for j in range(int(rng.integers(20, 60))):
+      if j % 3 == 0:
+        lines.append(f'def f_{i}_{j}(x):\n    return x * {j} + {i}')
+      else:
+        lines.append(' '.join(rng.choice(words, int(rng.integers(4, 12)))) + '.')
+    (root / f'doc_{i:03d}.txt').write_text('\n'.join(lines) + '\n', encoding='utf-8')
+  return str(root / '*.txt')
