@@ -144,6 +144,15 @@ def _known_keys(cfg: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
   return keys
 
 
+def known_keys() -> list[str]:
+  """Every dotted key a config can set ('optim.lr', 'model.rope_scaling.type', ...)."""
+  return _known_keys(base_config())
+
+
+def suggest(key: str) -> str:
+  return _suggest(key, base_config())
+
+
 def _suggest(key: str, cfg: ml_collections.ConfigDict) -> str:
   close = difflib.get_close_matches(key, _known_keys(cfg), n=3, cutoff=0.6)
   return f' (did you mean {", ".join(close)}?)' if close else ''

@@ -6,6 +6,7 @@ Running again with the same --workdir resumes from its latest checkpoint.
 """
 
 import logging
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -31,8 +32,19 @@ def main(argv):
   loop.train(cfg, _WORKDIR.value)
 
 
+def _parse_flags(argv):
+  """absl parsing, with typos in --config.KEY overrides reported by key, not traceback."""
+  known = set(config_lib.known_keys())
+  for arg in argv[1:]:
+    if arg.startswith('--config.'):
+      key = arg[len('--config.'):].split('=', 1)[0]
+      if key not in known:
+        sys.exit(f'FATAL: unknown config key {key!r} in {arg}{config_lib.suggest(key)}')
+  return app.parse_flags_with_usage(argv)
+
+
 def run():
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':

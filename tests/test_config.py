@@ -1,0 +1,74 @@
+import glob
+import subprocess
+import sys
+
+import pytest
+
+from lmjax import config as config_lib
+
+TINY = 'configs/pretrain_tiny.py'
+
+
+def test_every_config_loads_and_validates():
+  paths = sorted(glob.glob('configs/**/*.py', recursive=True))
+  assert TINY in paths
+  for path in paths:
+    cfg = config_lib.load(path)
+    assert cfg.is_locked
+
+
+def test_python_overrides_and_arg():
+  cfg = config_lib.load(TINY, overrides={'optim.lr': 1e-3, 'train.steps': 7,
+                                         'rules.length': 'tensor'})
+  assert cfg.optim.lr == 1e-3 and cfg.train.steps == 7 and cfg.rules.length == 'tensor'
+  smoke = config_lib.load(TINY + ':smoke')
+  assert smoke.train.steps == 20
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'optim.lrr': 1.0}, r"unknown config key 'optim.lrr' \(did you mean optim.lr"),
+    ({'modle.d_model': 8}, r"unknown config key 'modle.d_model'"),
+    ({'optim.lr': 'fast'}, r"config key 'optim.lr'"),
+    ({'model.n_kv_heads': 4}, r'model.n_heads \(6\) must be a multiple of model.n_kv_heads \(4\)'),
+    ({'model.remat': 'some'}, r"model.remat' must be one of"),
+    ({'train.grad_accum': 3}, r'train.global_batch \(16\) must be divisible by train.grad_accum'),
+    ({'mesh.data': 0}, r'mesh.data must be a positive size or -1'),
+    ({'rules.mlp': 'model'}, r"rules.mlp names mesh axis 'model'"),
+    ({'data.source': 'tfds'}, r"data.tfds_name must be set"),
+])
+def test_bad_overrides_name_the_key(overrides, message):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.load(TINY, overrides=overrides)
+
+
+def test_config_file_with_unknown_field(tmp_path):
+  p = tmp_path / 'bad.py'
+  p.write_text('from lmjax import config\n'
+               'def get_config(arg=None):\n'
+               '  c = config.base_config()\n'
+               '  c.train.stesp = 3\n'
+               '  return c\n')
+  with pytest.raises(config_lib.ConfigError, match=r"unknown config key 'train.stesp'"):
+    config_lib.load(str(p))
+  with pytest.raises(config_lib.ConfigError, match='config file not found'):
+    config_lib.load(str(tmp_path / 'missing.py'))
+
+
+def test_round_trip_through_dict():
+  cfg = config_lib.load(TINY)
+  again = config_lib.from_dict(cfg.to_dict())
+  assert again == cfg
+  assert again.rules.batch == ('data', 'fsdp')
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--config.optim.lrr=1', "unknown config key 'optim.lrr'"),
+    ('--config.optim.lr=abc', "could not convert string to float: 'abc'"),
+    ('--config.model.n_kv_heads=4', 'must be a multiple of model.n_kv_heads'),
+])
+def test_cli_rejects_bad_flags_before_starting(flag, message, tmp_path):
+  out = subprocess.run([sys.executable, '-m', 'lmjax.train', f'--config={TINY}', flag,
+                        f'--workdir={tmp_path}'], capture_output=True, text=True, timeout=60)
+  assert out.returncode != 0
+  assert message in out.stdout + out.stderr
+  assert not (tmp_path / 'checkpoints').exists()
