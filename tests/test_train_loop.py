@@ -22,9 +22,12 @@ def _cfg(corpus, **train):
   glob_, data_dir = corpus
   cfg = tiny_config()
   cfg.data.update(source='local_text', text_glob=glob_, data_dir=data_dir, val_fraction=0.1)
-  cfg.tokenizer.update(vocab_size=256, max_sentences=20_000)
-  cfg.train.update(steps=20, log_every=1, eval_every=0, **train)
+  cfg.tokenizer.update(vocab_size=384, max_sentences=20_000)
+  cfg.model.vocab_size = 384
+  cfg.train.update(steps=20, log_every=1, eval_every=0)
+  cfg.train.update(**train)
   cfg.checkpoint.update(every=5, keep=10, async_save=True)
+  cfg.mesh.update(data=-1)  # all 8 test devices, data parallel
   cfg.optim.update(lr=3e-3, warmup_steps=2)
   return cfg
 
@@ -40,10 +43,9 @@ def test_resume_is_bitwise_identical(corpus, tmp_path):
 
   split = str(tmp_path / 'split')
   cfg = _cfg(corpus)
-  cfg.train.steps = 10
-  first = loop.train(cfg, split)
-  assert int(first.state['step']) == 10
-  # A new "process": same workdir, the full 20-step config, resumes at 10.
+  first = loop.train(cfg, split, stop_after=10)
+  assert int(first.state['step']) == 10 and first.stopped_early
+  # A new "process": same workdir and config, resumes at 10.
   second = loop.train(_cfg(corpus), split)
   assert int(second.state['step']) == 20
 

@@ -114,8 +114,12 @@ def evaluate(eval_step, params, cfg, tok, mesh, process_index, process_count) ->
           'eval_tokens': count}
 
 
-def train(cfg, workdir: str, devices=None) -> Result:
-  """Runs (or resumes) the run described by `cfg` in `workdir`."""
+def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Result:
+  """Runs (or resumes) the run described by `cfg` in `workdir`.
+
+  `stop_after`: save and return once this step is reached, as a preemption would
+  (the schedule still runs to cfg.train.steps; run again to continue).
+  """
   # ---- Setup: config, devices, mesh -------------------------------------------------
   config_lib.validate(cfg)
   os.makedirs(workdir, exist_ok=True)
@@ -194,7 +198,8 @@ def train(cfg, workdir: str, devices=None) -> Result:
       t_data = time.perf_counter()
       batch = sharding.place_batch(next(train_iter), mesh, cfg.rules)
       data_s += time.perf_counter() - t_data
-      state, m = compiled(state, batch)
+      with jax.transfer_guard('disallow'):  # no implicit host<->device copies in the step
+        state, m = compiled(state, batch)
       window_steps += 1
       done = step + 1
       if progress is not None:
@@ -222,8 +227,9 @@ def train(cfg, workdir: str, devices=None) -> Result:
         msg = f'step {done}: eval_loss {e["eval_loss"]:.4f}'
         (progress.write(msg) if progress is not None else _print(msg))
 
-      if preempt.requested:
-        _print(f'SIGTERM: saving a checkpoint at step {done} and exiting')
+      if preempt.requested or done == stop_after:
+        _print(f'{"SIGTERM" if preempt.requested else "stop_after"}: saving a checkpoint '
+               f'at step {done} and exiting')
         save(done, force=True)
         stopped_early = True
         break
