@@ -1,43 +1,68 @@
 """Trains a sentencepiece tokenizer on a config's training split.
 
-  python tools/train_tokenizer.py --config=configs/pretrain_tiny.py [--vocab_size=8192] \
-      [--output=PATH]
+  python tools/train_tokenizer.py --config=configs/pretrain_tiny.py [--vocab_size=8192] \\
+      [--output=PATH] [--config.data.text_glob='docs/**/*.md' ...]
 
-Without --output the model goes where the config looks for it (tokenizer.path, or the
-default path under data.data_dir), so the next training run uses it.
+Without --output the model goes where the config looks for it (tokenizer.path, or
+<data_dir>/tokenizers/<dataset>_<model_type>_<vocab>.model), so the next training run
+uses it. --config.KEY=VALUE overrides any config field, as for `python -m lmjax.train`.
+Prints the time taken and the compression (UTF-8 bytes per token) on the eval split.
 """
 
-import time
-
-from absl import app, flags
-from ml_collections import config_flags
+import argparse
+import ast
+import sys
 
 from lmjax import config as config_lib
 from lmjax.data import sources, tokenizer
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=True)
-_OUTPUT = flags.DEFINE_string('output', None, 'Where to write the .model file.')
-_VOCAB = flags.DEFINE_integer('vocab_size', None, 'Pieces (default: tokenizer.vocab_size).')
-flags.mark_flag_as_required('config')
+
+def _parse(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--config', required=True, help='experiment config (configs/*.py[:arg])')
+  parser.add_argument('--output', default=None, help='where to write the .model file')
+  parser.add_argument('--vocab_size', type=int, default=None,
+                      help='pieces (default: the config\'s tokenizer.vocab_size)')
+  args, rest = parser.parse_known_args(argv)
+  overrides = {}
+  for arg in rest:
+    if not arg.startswith('--config.') or '=' not in arg:
+      parser.error(f'unexpected argument {arg!r} (overrides are --config.KEY=VALUE)')
+    key, value = arg[len('--config.'):].split('=', 1)
+    try:
+      overrides[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      overrides[key] = value  # a plain string: a glob, a path, a name
+  return args, overrides
 
 
-def main(argv):
-  del argv
-  cfg = _CONFIG.value
-  if _VOCAB.value:
-    cfg.tokenizer.vocab_size = _VOCAB.value
-  config_lib.check_fields(cfg)
-  out = _OUTPUT.value or (cfg.tokenizer.path or tokenizer.default_path(cfg))
-  t0 = time.perf_counter()
-  tok = tokenizer.train_sentencepiece(
-      sources.iter_texts(cfg.data, cfg.data.train_split), out, cfg.tokenizer.vocab_size,
-      cfg.tokenizer.model_type, cfg.tokenizer.max_sentences)
-  sample = 'def main(argv):\n    return 0\n'
-  print(f'trained {tok.vocab_size}-piece {cfg.tokenizer.model_type} tokenizer in '
-        f'{time.perf_counter() - t0:.1f}s -> {out}')
-  print(f'{sample!r} -> {len(tok.encode(sample))} tokens')
+def main(argv=None) -> int:
+  args, overrides = _parse(sys.argv[1:] if argv is None else argv)
+  try:
+    cfg = config_lib.load(args.config, overrides=overrides)
+  except config_lib.ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  if args.vocab_size:
+    # Not validated against model.vocab_size: the tokenizer may serve another config.
+    cfg.tokenizer.vocab_size = args.vocab_size
+  try:
+    tok = tokenizer.train_on_config(cfg, path=args.output)
+  except ValueError as e:  # sources.DataError included: bad glob, split, vocab size
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  try:
+    docs = list(sources.iter_texts(cfg.data, cfg.data.eval_split, max_docs=200))
+  except sources.DataError:
+    docs = []
+  if docs:
+    n_bytes = sum(len(d.encode('utf-8')) for d in docs)
+    n_tokens = sum(len(ids) for ids in tok.encode_batch(docs))
+    print(f'{cfg.data.eval_split!r} ({len(docs)} documents): '
+          f'{n_bytes / n_tokens:.2f} bytes/token')
+  return 0
 
 
 if __name__ == '__main__':
-  app.run(main)
+  sys.exit(main())

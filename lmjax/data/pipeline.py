@@ -1,23 +1,33 @@
 """grain input pipeline for language modelling.
 
-source -> shard by process -> shuffle (reshuffled every epoch) -> tokenize ->
-pack (concat-then-split, segment ids, per-document positions) -> next-token targets
--> batch -> threaded prefetch.
+source -> shard by process -> shuffle (train; reshuffled every epoch) -> repeat ->
+tokenize ([bos] + ids + [eos]) -> pack (concat-then-split into rows of seq_len, with
+segment ids and per-segment positions) -> next-token targets -> batch -> threaded prefetch.
 
-Rows are packed to seq_len + 1 tokens, then split into `inputs` (first seq_len) and
-`targets` (last seq_len), so every position has a next token; a target that belongs to
-another document than its input gets loss_mask 0. The returned grain iterator has
-get_state()/set_state(): checkpoints store it, and a restored iterator continues the
-exact stream.
+Every row is [seq_len]; `targets[t] = inputs[t + 1]` where both belong to the same
+document, else 0 with loss_mask 0 (so the last column never counts, and neither does a
+token whose successor opens the next document or lies in the next row). Positions restart
+at 0 for every segment of a row, including the continuation of a document split at the
+previous row's end. Padding (only at the end of a finite pass) has segment id 0.
+
+The returned grain `DatasetIterator` has get_state()/set_state() (JSON-safe, exact): a
+checkpoint stores it, and a restored iterator continues the stream where it stopped.
 """
 
 from __future__ import annotations
 
+import atexit
+import hashlib
+import weakref
+from typing import Any
+
 import grain
 import numpy as np
-from grain.experimental import ConcatThenSplitIterDataset
+from grain.experimental import ConcatThenSplitIterDataset, ThreadPrefetchDatasetIterator
 
 from lmjax.data import sources
+
+FEATURES = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
 
 
 class _Tokenize(grain.transforms.Map):
@@ -27,51 +37,150 @@ class _Tokenize(grain.transforms.Map):
     self.bos = [tokenizer.bos_id] if add_bos else []
     self.eos = [tokenizer.eos_id] if add_eos else []
 
-  def map(self, text: str):
+  def map(self, text: str) -> dict[str, np.ndarray]:
     ids = self.bos + self.tokenizer.encode(text) + self.eos
     return {'tokens': np.asarray(ids, np.int32)}
 
 
-def _to_example(row: dict) -> dict:
-  """Packed row of seq_len + 1 -> inputs/targets/segment_ids/positions/loss_mask."""
-  tokens, seg, pos = row['tokens'], row['tokens_segment_ids'], row['tokens_positions']
-  same_doc = (seg[1:] == seg[:-1]) & (seg[1:] != 0)
+def _has_tokens(example) -> bool:
+  return len(example['tokens']) > 0
+
+
+def _to_example(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A packed row (tokens, tokens_segment_ids, tokens_positions) -> model features."""
+  tokens = row['tokens']
+  seg = row['tokens_segment_ids'].astype(np.int32)
+  same_doc = np.zeros(tokens.shape, bool)
+  same_doc[:-1] = (seg[1:] == seg[:-1]) & (seg[:-1] != 0)
+  targets = np.zeros_like(tokens)
+  targets[:-1] = np.where(same_doc[:-1], tokens[1:], 0)
   return {
-      'inputs': tokens[:-1],
-      'targets': tokens[1:],
-      'segment_ids': seg[:-1],
-      'positions': pos[:-1],
+      'inputs': tokens,
+      'targets': targets,
+      'segment_ids': seg,
+      'positions': row['tokens_positions'].astype(np.int32),
       'loss_mask': same_doc.astype(np.float32),
   }
+
+
+def shuffle_seed(seed: int) -> int:
+  """A 32-bit shuffle seed from the run seed. grain reshuffles epoch e with seed + e, so
+  raw seeds s and s + 1 would share orders one epoch apart; hashing decorrelates them."""
+  digest = hashlib.sha256(f'lmjax-shuffle-{int(seed)}'.encode()).digest()
+  return int.from_bytes(digest[:4], 'big')
+
+
+def _tuples(state: Any) -> Any:
+  """JSON turns tuples into lists; grain's packing state compares slices to a tuple."""
+  if isinstance(state, dict):
+    return {k: ({f: tuple(v) if isinstance(v, list) else v for f, v in s.items()}
+                if k == 'remainder_slices' else _tuples(s)) for k, s in state.items()}
+  if isinstance(state, list):
+    return [_tuples(v) for v in state]
+  return state
+
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators():
+  # grain's prefetch thread is stopped in __del__, which at interpreter exit runs after
+  # the modules it needs are gone (an 'Exception ignored' traceback): stop it before.
+  for it in list(_LIVE):
+    it.close()
+
+
+class _JsonSafeStateIterator(grain.DatasetIterator):
+  """Passes elements through; set_state accepts a state that went through JSON (as in
+  grain's Orbax checkpoint handler), whose packing slices came back as lists."""
+
+  def __init__(self, parent: grain.DatasetIterator):
+    super().__init__(parent)
+    _LIVE.add(self)
+
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self) -> dict[str, Any]:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(_tuples(state))
+
+  def start_prefetch(self) -> None:
+    self._parent.start_prefetch()
+
+
+class _JsonSafeState(grain.IterDataset):
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _JsonSafeStateIterator(self._parent.__iter__())
+
+
+class _ThreadPrefetchIterator(ThreadPrefetchDatasetIterator):
+  """grain's thread prefetch, closing once: its own close() is not idempotent, and the
+  second call from __del__ at interpreter exit fails on torn-down modules."""
+
+  def close(self) -> None:
+    if not self._closed:
+      super().close()
+
+
+class _ThreadPrefetch(grain.IterDataset):
+  """Prepares `buffer` batches ahead in a background thread (ThreadPrefetchIterDataset)."""
+
+  def __init__(self, parent: grain.IterDataset, buffer: int):
+    super().__init__(parent)
+    self._buffer = buffer
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _ThreadPrefetchIterator(self._parent.__iter__(), self._buffer)
 
 
 def make_lm_dataset(cfg, tokenizer, split: str, *, batch_size: int, process_index: int = 0,
                     process_count: int = 1, seed: int | None = None,
                     repeat: bool = True) -> grain.IterDataset:
+  """The grain dataset behind make_lm_iterator (same arguments)."""
   d = cfg.data
+  if batch_size <= 0:
+    raise ValueError(f'batch_size must be positive, got {batch_size}')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} is not in [0, {process_count})')
   source = sources.get_source(d, split)
   ds = grain.MapDataset.source(source)
   if process_count > 1:
     if len(source) < process_count:
       raise sources.DataError(f'{source.name} has {len(source)} documents, fewer than the '
                               f'{process_count} processes that share it')
-    ds = ds[process_index::process_count]
-  if d.shuffle and repeat:
-    ds = ds.shuffle(seed=cfg.seed if seed is None else seed)
+    ds = ds[process_index::process_count]  # disjoint shares, fixed for the whole run
+  if d.shuffle and split == d.train_split:
+    ds = ds.shuffle(seed=shuffle_seed(cfg.seed if seed is None else seed))
   if repeat:
-    ds = ds.repeat()  # reshuffles each epoch
-  ds = ds.map(_Tokenize(tokenizer, d.add_bos, d.add_eos))
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(d.worker_threads, 1),
-                                            prefetch_buffer_size=64))
-  it = ConcatThenSplitIterDataset(it, length_struct={'tokens': d.seq_len + 1})
+    ds = ds.repeat()  # each epoch reshuffled (grain folds the epoch into the seed)
+  ds = ds.map(_Tokenize(tokenizer, d.add_bos, d.add_eos)).filter(_has_tokens)
+  threads = max(int(d.worker_threads), 0)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                            prefetch_buffer_size=16 * threads))
+  it = ConcatThenSplitIterDataset(it, length_struct={'tokens': d.seq_len})
   it = it.map(_to_example)
   it = it.batch(batch_size, drop_remainder=True)
   if d.prefetch > 0:
-    it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=d.prefetch)
-  return it
+    it = _ThreadPrefetch(it, d.prefetch)
+  return _JsonSafeState(it)
 
 
-def make_lm_iterator(cfg, tokenizer, split: str, **kwargs) -> grain.DatasetIterator:
-  """An iterator of numpy batches {inputs, targets, segment_ids, positions, loss_mask},
-  each [batch_size, seq_len]; see make_lm_dataset for the arguments."""
-  return iter(make_lm_dataset(cfg, tokenizer, split, **kwargs))
+def make_lm_iterator(cfg, tokenizer, split: str, *, batch_size: int, process_index: int = 0,
+                     process_count: int = 1, seed: int | None = None,
+                     repeat: bool = True) -> grain.DatasetIterator:
+  """Batches {inputs, targets, segment_ids, positions: int32, loss_mask: float32}, each
+  [batch_size, cfg.data.seq_len], of this process's share of `split`.
+
+  seed: shuffle seed (default cfg.seed); the train split is shuffled when cfg.data.shuffle.
+  repeat: endless epochs; False gives one pass (the last partial batch is dropped).
+  The iterator's get_state()/set_state() resume the exact stream (also across processes
+  and through grain.checkpoint.CheckpointSave/CheckpointRestore).
+  """
+  return iter(make_lm_dataset(cfg, tokenizer, split, batch_size=batch_size,
+                              process_index=process_index, process_count=process_count,
+                              seed=seed, repeat=repeat))
