@@ -57,3 +57,17 @@ def attention(q, k, v, segment_ids=None, implementation: str = 'xla'):
   return jax.nn.dot_product_attention(
       q, k, v, mask=segment_mask(segment_ids), is_causal=True,
       implementation='xla' if impl is None else impl)
+
+
+def cached_attention(q, k, v, cache_index, kv_mask):
+  """GQA attention of a chunk of queries over a KV cache (always the xla path).
+
+  q: [B, T, N, H], the queries at cache slots cache_index + [0, T); k, v: [B, S, K, H]
+  (the chunk already written); kv_mask: [B, S] bool, slots holding real tokens. Query t
+  attends to slot j iff kv_mask[b, j] and j <= cache_index + t.
+  """
+  t, s = q.shape[1], k.shape[1]
+  q_slot = cache_index + jnp.arange(t)
+  causal = jnp.arange(s)[None, :] <= q_slot[:, None]                # [T, S]
+  mask = causal[None, None] & kv_mask[:, None, None, :]             # [B, 1, T, S]
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla')

@@ -4,6 +4,9 @@ RMSNorm, RoPE (theta, Llama-3 scaling), grouped-query attention, SwiGLU, optiona
 embeddings and QKV bias. Layer parameters are always stacked on a leading 'layers'
 axis; `scan_layers` only chooses between `lax.scan` and an unrolled loop over them, so
 checkpoints are the same either way.
+
+`decode` / `decode_hidden` run the same layers through a KV cache (`init_cache`) for
+generation: prefill writes a prompt chunk, each decode step one token.
 """
 
 from __future__ import annotations
@@ -61,7 +64,8 @@ class Attention(nnx.Module):
       self.k_bias = nnx.Param(jnp.zeros((k, h), pd), out_sharding=('kv_heads', 'head_dim'))
       self.v_bias = nnx.Param(jnp.zeros((k, h), pd), out_sharding=('kv_heads', 'head_dim'))
 
-  def __call__(self, x, positions, segment_ids):
+  def _qkv(self, x, positions):
+    """Projections with bias and RoPE: q [B, T, N, H]; k, v [B, T, K, H]."""
     dt = x.dtype
     proj = lambda w: jnp.einsum('btd,dnh->btnh', x, w[...].astype(dt))
     q, k, v = proj(self.q), proj(self.k), proj(self.v)
@@ -75,8 +79,29 @@ class Attention(nnx.Module):
                                          self.cfg.rope_scaling)
     q = attn_lib.apply_rope(q, positions, inv_freq)
     k = attn_lib.apply_rope(k, positions, inv_freq)
-    out = attn_lib.attention(q, k, v, segment_ids, self.cfg.attention)
-    return jnp.einsum('btnh,nhd->btd', out, self.o[...].astype(dt))
+    return q, k, v
+
+  def _out(self, out):
+    return jnp.einsum('btnh,nhd->btd', out, self.o[...].astype(out.dtype))
+
+  def __call__(self, x, positions, segment_ids):
+    q, k, v = self._qkv(x, positions)
+    return self._out(attn_lib.attention(q, k, v, segment_ids, self.cfg.attention))
+
+  def decode(self, x, positions, cache_k, cache_v, cache_index, kv_mask):
+    """Attention with a KV cache (one layer's slice [B, S, K, H]).
+
+    Writes this chunk's keys and values at slots [cache_index, cache_index + T) and
+    attends to the valid (`kv_mask` [B, S]) slots at or before each query's slot.
+    Returns (output [B, T, D], new keys [B, T, K, H], new values [B, T, K, H]).
+    """
+    q, k, v = self._qkv(x, positions)
+    k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)
+    at = (0, cache_index, 0, 0)
+    keys = jax.lax.dynamic_update_slice(cache_k, k, at)
+    values = jax.lax.dynamic_update_slice(cache_v, v, at)
+    out = attn_lib.cached_attention(q, keys, values, cache_index, kv_mask)
+    return self._out(out), k, v
 
 
 class MLP(nnx.Module):
@@ -110,6 +135,14 @@ class Block(nnx.Module):
     x = x + self.mlp(self.mlp_norm(x))
     return sharding.constrain(x, ('batch', 'length', 'embed'))
 
+  def decode(self, x, positions, cache_k, cache_v, cache_index, kv_mask):
+    """As __call__, attending through this layer's cache; also returns the new k, v."""
+    a, k, v = self.attn.decode(self.attn_norm(x), positions, cache_k, cache_v,
+                               cache_index, kv_mask)
+    x = x + a
+    x = x + self.mlp(self.mlp_norm(x))
+    return sharding.constrain(x, ('batch', 'length', 'embed')), k, v
+
 
 class Transformer(nnx.Module):
   """tokens [B, T] -> logits [B, T, V] (float32)."""
@@ -135,15 +168,9 @@ class Transformer(nnx.Module):
   def hidden(self, tokens, positions=None, segment_ids=None):
     """Final normed hidden states [B, T, D] in the compute dtype."""
     cfg = self.cfg
-    dt = DTYPES[cfg.dtype]
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    # Gather from the replicated table (one all-gather, as FSDP does for every weight):
-    # a gather from a sharded table makes XLA rematerialise it and its gradient.
-    table = sharding.constrain(self.embed[...], (None, None))
-    x = jnp.take(table, tokens, axis=0).astype(dt)
-    x = sharding.constrain(x, ('batch', 'length', 'embed'))
-
+    x = self._embed(tokens)
     graphdef, layer_state = nnx.split(self.layers)
 
     def body(x, params):
@@ -158,6 +185,55 @@ class Transformer(nnx.Module):
         x, _ = body(x, jax.tree.map(lambda p: p[i], layer_state))
     return self.final_norm(x)
 
+  def _embed(self, tokens):
+    # Gather from the replicated table (one all-gather, as FSDP does for every weight):
+    # a gather from a sharded table makes XLA rematerialise it and its gradient.
+    table = sharding.constrain(self.embed[...], (None, None))
+    x = jnp.take(table, tokens, axis=0).astype(DTYPES[self.cfg.dtype])
+    return sharding.constrain(x, ('batch', 'length', 'embed'))
+
+  def init_cache(self, batch: int, max_len: int) -> dict:
+    """Empty KV cache {'k', 'v'}: [layers, batch, max_len, kv_heads, head_dim]."""
+    return init_cache(self.cfg, batch, max_len)
+
+  def decode_hidden(self, tokens, positions, cache, cache_index, kv_mask):
+    """Final normed hidden states [B, T, D] for a chunk, reading and writing `cache`.
+
+    The chunk's tokens [B, T] (with their RoPE `positions` [B, T]) occupy cache slots
+    [cache_index, cache_index + T), the same slots in every row. A token at slot i
+    attends to the slots j <= i with `kv_mask[b, j]` true ([B, S]: slots holding real
+    tokens, so left padding is never attended). Same parameters and math as `hidden`;
+    prefill is a call with T = prompt length, each decode step one with T = 1.
+    Returns (hidden, new cache).
+    """
+    x = self._embed(tokens)
+    graphdef, layer_state = nnx.split(self.layers)
+
+    def body(x, xs):
+      params, ck, cv = xs
+      x, k, v = nnx.merge(graphdef, params).decode(x, positions, ck, cv, cache_index, kv_mask)
+      return x, (k, v)
+
+    if self.cfg.scan_layers:
+      x, (k, v) = jax.lax.scan(body, x, (layer_state, cache['k'], cache['v']))
+    else:
+      ks, vs = [], []
+      for i in range(self.cfg.n_layers):
+        xs = jax.tree.map(lambda p: p[i], (layer_state, cache['k'], cache['v']))
+        x, (k, v) = body(x, xs)
+        ks.append(k)
+        vs.append(v)
+      k, v = jnp.stack(ks), jnp.stack(vs)
+    at = (0, 0, cache_index, 0, 0)
+    cache = {'k': _constrain_cache(jax.lax.dynamic_update_slice(cache['k'], k, at)),
+             'v': _constrain_cache(jax.lax.dynamic_update_slice(cache['v'], v, at))}
+    return self.final_norm(x), cache
+
+  def decode(self, tokens, positions, cache, cache_index, kv_mask):
+    """(logits [B, T, V] float32, new cache); see `decode_hidden`."""
+    h, cache = self.decode_hidden(tokens, positions, cache, cache_index, kv_mask)
+    return self.unembed(h), cache
+
   def unembed(self, h):
     """Hidden [.., D] -> float32 logits [.., V]."""
     w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
@@ -168,6 +244,21 @@ class Transformer(nnx.Module):
   def __call__(self, tokens, positions=None, segment_ids=None):
     logits = self.unembed(self.hidden(tokens, positions, segment_ids))
     return sharding.constrain(logits, ('batch', 'length', 'vocab'))
+
+
+CACHE_AXES = ('layers', 'batch', 'length', 'kv_heads', 'head_dim')
+
+
+def _constrain_cache(x):
+  return sharding.constrain(x, CACHE_AXES)
+
+
+def init_cache(cfg, batch: int, max_len: int) -> dict:
+  """Zero KV cache in the compute dtype, {'k', 'v'}: [layers, batch, max_len, kv_heads,
+  head_dim], sharded by CACHE_AXES under `sharding.use_mesh`."""
+  shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, head_dim(cfg))
+  zeros = lambda: _constrain_cache(jnp.zeros(shape, DTYPES[cfg.dtype]))
+  return {'k': zeros(), 'v': zeros()}
 
 
 def build(cfg, seed: int = 0) -> Transformer:
