@@ -5,6 +5,11 @@ Python file under configs/. Every field exists in `base_config()`, so a typo in 
 override (command line or Python) fails with the key named, before anything compiles.
 
     cfg = lmjax.config.load('configs/pretrain_tiny.py', overrides={'optim.lr': 1e-3})
+
+Two groups hold named entries that a config file adds: `data.mixture` (training sources
+with weights) and `data.eval_sources` (extra evaluation sets). Each entry is built with
+`data_source(...)`, so it holds every source field and the command line can override any
+of them (--config.data.mixture.domain.weight=0.5); their fields are checked by name too.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+import re
 from typing import Any, Mapping
 
 import ml_collections
@@ -52,7 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   cfg.data = dict(
       source='local_text',    # local_text: a glob of text files | tfds: a TFDS name.
-      text_glob='stdlib',     # 'stdlib' = this Python's standard library sources.
+      # 'stdlib' = this Python's standard library sources; 'site:jax,flax' = the installed
+      # sources of those packages; else globs separated by commas.
+      text_glob='stdlib',
       tfds_name='',           # e.g. 'c4/en:3.1.0' with data_dir='gs://bucket/tfds'.
       data_dir='',            # TFDS data_dir; '' = ~/.cache/lmjax/tfds.
       text_key='text',
@@ -63,12 +71,26 @@ def base_config() -> ml_collections.ConfigDict:
       shuffle=True,
       add_bos=True,
       add_eos=True,
-      worker_threads=2,       # grain read/map threads per process.
+      worker_threads=2,       # grain read/map threads per process (and per mixture source).
       prefetch=2,             # batches prepared ahead of the step.
+      # Named training sources mixed by documents with the given weights ({} = the single
+      # source above): {name: data_source(weight=..., text_glob=...)}. Each is also
+      # evaluated on its eval split (eval/<name>/loss).
+      mixture={},
+      # Named extra evaluation sets, {name: data_source(...)}: eval/<name>/loss.
+      eval_sources={},
   )
 
+  # Start a new run's params from another run (domain-adaptive continued pretraining):
+  # an lmjax workdir (its checkpoint `step`, -1 = latest) or a Hugging Face model dir
+  # (config.json + *.safetensors). Fresh optimizer state, step 0. Ignored when the
+  # workdir has a checkpoint of its own (that run resumes).
+  cfg.init_from = dict(path='', step=-1, format='auto')  # format: auto | lmjax | hf.
+
   cfg.tokenizer = dict(
-      path='',                # sentencepiece .model; '' = <data_dir>/tokenizers/<name>.
+      # sentencepiece .model; '' = init_from's tokenizer when set, else
+      # <data_dir>/tokenizers/<dataset>_<model_type>_<vocab_size>.model.
+      path='',
       vocab_size=32000,
       train_if_missing=True,  # train one on the train split if `path` does not exist.
       model_type='bpe',
@@ -145,12 +167,37 @@ def _known_keys(cfg: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
 
 
 def known_keys() -> list[str]:
-  """Every dotted key a config can set ('optim.lr', 'model.rope_scaling.type', ...)."""
+  """Every dotted key a config can set ('optim.lr', 'model.rope_scaling.type', ...),
+  besides the fields of named sources (see is_known_key)."""
   return _known_keys(base_config())
 
 
-def suggest(key: str) -> str:
-  return _suggest(key, base_config())
+def is_known_key(key: str, config_file: str | None = None) -> bool:
+  """A key of base_config(), or a field of a named source ('data.mixture.NAME.weight'),
+  whose NAME `config_file` ('path' or 'path.py:arg') defines, when given."""
+  parts = key.split('.')
+  if len(parts) == 4 and parts[0] == 'data' and parts[1] in SOURCE_GROUPS:
+    cfg = _build_arg(config_file)
+    if cfg is not None:
+      return key in _known_keys(cfg)
+    return bool(_NAME.match(parts[2])) and parts[3] in SOURCE_FIELDS
+  return key in known_keys()
+
+
+def suggest(key: str, config_file: str | None = None) -> str:
+  return _suggest(key, _build_arg(config_file) or base_config())
+
+
+def _build_arg(config_file: str | None) -> ml_collections.ConfigDict | None:
+  """The config of 'path' or 'path.py:arg' (None if there is none or it fails to build:
+  the --config flag then reports that)."""
+  if not config_file:
+    return None
+  path, _, arg = config_file.partition('.py:')
+  try:
+    return build(path + '.py', arg) if arg else build(config_file)
+  except Exception:  # pylint: disable=broad-except
+    return None
 
 
 def _suggest(key: str, cfg: ml_collections.ConfigDict) -> str:
@@ -178,12 +225,20 @@ def apply_overrides(cfg: ml_collections.ConfigDict,
   return cfg
 
 
+def build(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """get_config(arg) of a config file, unlocked and unchecked: for a config built on
+  another one (configs/dapt_tiny.py starts from configs/pretrain_tiny.py)."""
+  return _import_config_module(path).get_config(arg)
+
+
 def load(path: str, overrides: Mapping[str, Any] | None = None,
          arg: str | None = None) -> ml_collections.ConfigDict:
-  """Loads configs/<name>.py (optionally 'path:arg'), applies overrides, validates."""
-  if arg is None and ':' in os.path.basename(path):
-    path, arg = path.rsplit(':', 1)
-  cfg = _import_config_module(path).get_config(arg)
+  """Loads configs/<name>.py (optionally 'path:arg', as --config takes it: everything
+  after '.py:' is the arg), applies overrides, validates."""
+  if arg is None and '.py:' in path:
+    path, arg = path.split('.py:', 1)
+    path += '.py'
+  cfg = build(path, arg)
   check_fields(cfg)
   cfg.lock()
   if overrides:
@@ -201,7 +256,9 @@ def check_fields(cfg: ml_collections.ConfigDict) -> None:
       key = prefix + k
       if k not in ref:
         raise ConfigError(f'unknown config key {key!r}{_suggest(key, base)}')
-      if isinstance(ref[k], ml_collections.ConfigDict):
+      if prefix == 'data.' and k in SOURCE_GROUPS:
+        _check_sources(key, v)
+      elif isinstance(ref[k], ml_collections.ConfigDict):
         if not isinstance(v, ml_collections.ConfigDict):
           raise ConfigError(f'config key {key!r} must be a group, got {v!r}')
         walk(v, ref[k], key + '.')
@@ -210,6 +267,110 @@ def check_fields(cfg: ml_collections.ConfigDict) -> None:
                           f'got {type(v).__name__} {v!r}')
 
   walk(cfg, base, '')
+
+
+# ---- Named sources: data.mixture and data.eval_sources --------------------------------
+
+# The fields of a named source. '' (val_fraction: -1) = the value of the same cfg.data field.
+SOURCE_FIELDS = {
+    'source': '', 'text_glob': '', 'tfds_name': '', 'data_dir': '', 'text_key': '',
+    'train_split': '', 'eval_split': '', 'val_fraction': -1.0,
+    'weight': 1.0,  # data.mixture: relative share of documents (unused by eval_sources).
+}
+SOURCE_GROUPS = ('mixture', 'eval_sources')
+_NAME = re.compile(r'[A-Za-z][A-Za-z0-9_]*$')  # also a metric and a command-line key
+
+
+def data_source(**fields) -> ml_collections.ConfigDict:
+  """An entry of data.mixture / data.eval_sources holding every source field (so that
+  command-line overrides reach each of them); unset ones fall back to cfg.data's.
+
+      cfg.data.mixture = dict(general=data_source(text_glob='stdlib', weight=0.2),
+                              domain=data_source(text_glob='site:jax', weight=0.8))
+  """
+  unknown = sorted(set(fields) - set(SOURCE_FIELDS))
+  if unknown:
+    close = difflib.get_close_matches(unknown[0], list(SOURCE_FIELDS), n=3, cutoff=0.6)
+    hint = f' (did you mean {", ".join(close)}?)' if close else ''
+    raise ConfigError(f'data_source: unknown field {unknown[0]!r}{hint}; fields: '
+                      f'{", ".join(SOURCE_FIELDS)}')
+  entry = ml_collections.ConfigDict(dict(SOURCE_FIELDS))
+  try:
+    entry.update(fields)
+  except TypeError as e:
+    raise ConfigError(f'data_source: {e}') from None
+  return entry
+
+
+def _check_sources(key: str, group) -> None:
+  if not isinstance(group, ml_collections.ConfigDict):
+    raise ConfigError(f'config key {key!r} must be a group of named sources, got {group!r}')
+  for name, entry in group.items():
+    where = f'{key}.{name}'
+    if not _NAME.match(name):
+      raise ConfigError(f'{where}: a source name must be a letter then letters, digits '
+                        'or _ (it is used in metric names and command-line keys)')
+    if not isinstance(entry, ml_collections.ConfigDict):
+      raise ConfigError(f'config key {where!r} must be a group built with '
+                        f'lmjax.config.data_source(...), got {entry!r}')
+    for field, value in entry.items():
+      if field not in SOURCE_FIELDS:
+        close = difflib.get_close_matches(field, list(SOURCE_FIELDS), n=3, cutoff=0.6)
+        hint = f' (did you mean {", ".join(f"{where}.{c}" for c in close)}?)' if close else ''
+        raise ConfigError(f'unknown config key {where + "." + field!r}{hint}')
+      if not _compatible(SOURCE_FIELDS[field], value):
+        raise ConfigError(f'config key {where + "." + field!r}: expected '
+                          f'{type(SOURCE_FIELDS[field]).__name__}, got {value!r}')
+    missing = [f for f in SOURCE_FIELDS if f not in entry]
+    if missing:
+      raise ConfigError(f'{where} lacks the fields {", ".join(missing)}: build it with '
+                        'lmjax.config.data_source(...)')
+
+
+def resolve_source(cfg_data, entry) -> ml_collections.ConfigDict:
+  """cfg.data with the fields that `entry` sets: a single-source data group."""
+  d = ml_collections.ConfigDict(cfg_data.to_dict())
+  d.mixture, d.eval_sources = {}, {}
+  for field, value in entry.items():
+    if field != 'weight' and value != SOURCE_FIELDS[field]:
+      d[field] = value
+  return d
+
+
+def mixture_sources(cfg_data) -> dict[str, tuple[float, ml_collections.ConfigDict]]:
+  """{name: (weight, data group)} of data.mixture, by sorted name; {} = no mixture."""
+  return {name: (float(e.weight), resolve_source(cfg_data, e))
+          for name, e in sorted(cfg_data.mixture.items())}
+
+
+def eval_sources(cfg_data) -> dict[str, ml_collections.ConfigDict]:
+  """{name: data group} evaluated separately: every mixture source, then data.eval_sources."""
+  out = {name: d for name, (_, d) in mixture_sources(cfg_data).items()}
+  out.update((name, resolve_source(cfg_data, e))
+             for name, e in sorted(cfg_data.eval_sources.items()))
+  return out
+
+
+def _validate_sources(cfg) -> None:
+  d = cfg.data
+  both = set(d.mixture) & set(d.eval_sources)
+  if both:
+    raise ConfigError(f'data.eval_sources.{sorted(both)[0]} has the name of a data.mixture '
+                      'source (each mixture source is evaluated already)')
+  for group in SOURCE_GROUPS:
+    for name, entry in d[group].items():
+      where = f'data.{group}.{name}'
+      if group == 'mixture' and not entry.weight > 0:
+        raise ConfigError(f'{where}.weight must be positive, got {entry.weight}')
+      if entry.source and entry.source not in _CHOICES['data.source']:
+        raise ConfigError(f'config key {where + ".source"!r} must be one of '
+                          f"{('',) + _CHOICES['data.source']}, got {entry.source!r}")
+      if entry.val_fraction != -1 and not 0 <= entry.val_fraction < 1:
+        raise ConfigError(f'{where}.val_fraction must be in [0, 1) (or -1: data.val_fraction)'
+                          f', got {entry.val_fraction}')
+      resolved = resolve_source(d, entry)
+      if resolved.source == 'tfds' and not resolved.tfds_name:
+        raise ConfigError(f"{where}.tfds_name must be set: its source is 'tfds'")
 
 
 def _compatible(ref, value) -> bool:
@@ -264,8 +425,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                       f'train.grad_accum ({t.grad_accum})')
   if cfg.data.seq_len < 2:
     raise ConfigError(f'data.seq_len must be >= 2, got {cfg.data.seq_len}')
-  if cfg.data.source == 'tfds' and not cfg.data.tfds_name:
+  if cfg.data.source == 'tfds' and not cfg.data.tfds_name and not cfg.data.mixture:
     raise ConfigError("data.tfds_name must be set when data.source='tfds'")
+  _validate_sources(cfg)
+  if cfg.init_from.format not in ('auto', 'lmjax', 'hf'):
+    raise ConfigError("config key 'init_from.format' must be one of ('auto', 'lmjax', 'hf'), "
+                      f'got {cfg.init_from.format!r}')
   if cfg.optim.lr <= 0:
     raise ConfigError(f'optim.lr must be positive, got {cfg.optim.lr}')
   if cfg.optim.warmup_steps < 0:
@@ -291,6 +456,9 @@ def to_dict(cfg: ml_collections.ConfigDict) -> dict:
 def from_dict(d: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """Rebuilds a locked config from a saved dict (checkpoints, notebooks)."""
   cfg = base_config()
+  for group in SOURCE_GROUPS:  # the named sources' entries, then their values below
+    for name in d.get('data', {}).get(group, {}):
+      cfg.data[group][name] = data_source()
   cfg.lock()
   flat = {}
 

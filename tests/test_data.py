@@ -1,6 +1,7 @@
 """Data layer: the local TFDS text builder, sentencepiece, and the grain LM pipeline."""
 
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -151,6 +152,20 @@ def test_stdlib_corpus_lists_real_source_files():
   assert len(files) > 500 and files == sorted(files)
   assert f'{root}/os.py' in files
   assert not any('site-packages' in f for f in files)
+
+
+def test_site_packages_corpus():
+  root, files = sources.resolve_glob('site:optax, flax')
+  import flax
+  import optax
+  assert root == os.path.dirname(os.path.dirname(optax.__file__))
+  assert os.path.join(os.path.dirname(optax.__file__), '__init__.py') in files
+  assert any(f.startswith(os.path.dirname(flax.__file__) + os.sep) for f in files)
+  assert files == sorted(files) and all(f.endswith('.py') for f in files)
+  assert sources.dataset_name('site:jax,flax,optax') == 'site_jax_flax_optax'
+  assert sources.dataset_name('site:jax.numpy').startswith('glob_')
+  with pytest.raises(sources.DataError, match=r"no installed package 'no_such_pkg_x'"):
+    sources.resolve_glob('site:optax,no_such_pkg_x')
 
 
 def test_iter_texts_spreads_max_docs(setup):

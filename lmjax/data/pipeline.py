@@ -10,6 +10,12 @@ token whose successor opens the next document or lies in the next row). Position
 at 0 for every segment of a row, including the continuation of a document split at the
 previous row's end. Padding (only at the end of a finite pass) has segment id 0.
 
+Mixtures (cfg.data.mixture): each named source is read, sharded, shuffled, repeated and
+tokenized on its own, then grain's `IterDataset.mix` interleaves the documents of the
+sources in proportion to their weights (deterministically) before packing. Rows then
+also carry 'source': per token, 1 + the index of its source in sorted-name order (0 =
+padding), which the loop counts (tokens/<name>) and strips before the step.
+
 The returned grain `DatasetIterator` has get_state()/set_state() (JSON-safe, exact): a
 checkpoint stores it, and a restored iterator continues the stream where it stopped.
 """
@@ -25,21 +31,26 @@ import grain
 import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset, ThreadPrefetchDatasetIterator
 
+from lmjax import config as config_lib
 from lmjax.data import sources
 
 FEATURES = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
+SOURCE = 'source'  # the extra per-token feature of a mixture's rows
 
 
 class _Tokenize(grain.transforms.Map):
 
-  def __init__(self, tokenizer, add_bos: bool, add_eos: bool):
+  def __init__(self, tokenizer, add_bos: bool, add_eos: bool, source_id: int = 0):
     self.tokenizer = tokenizer
     self.bos = [tokenizer.bos_id] if add_bos else []
     self.eos = [tokenizer.eos_id] if add_eos else []
+    self.source_id = source_id  # > 0: tag every token with it (mixtures)
 
   def map(self, text: str) -> dict[str, np.ndarray]:
-    ids = self.bos + self.tokenizer.encode(text) + self.eos
-    return {'tokens': np.asarray(ids, np.int32)}
+    ids = np.asarray(self.bos + self.tokenizer.encode(text) + self.eos, np.int32)
+    if self.source_id:
+      return {'tokens': ids, SOURCE: np.full(ids.shape, self.source_id, np.int32)}
+    return {'tokens': ids}
 
 
 def _has_tokens(example) -> bool:
@@ -54,19 +65,23 @@ def _to_example(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   same_doc[:-1] = (seg[1:] == seg[:-1]) & (seg[:-1] != 0)
   targets = np.zeros_like(tokens)
   targets[:-1] = np.where(same_doc[:-1], tokens[1:], 0)
-  return {
+  example = {
       'inputs': tokens,
       'targets': targets,
       'segment_ids': seg,
       'positions': row['tokens_positions'].astype(np.int32),
       'loss_mask': same_doc.astype(np.float32),
   }
+  if SOURCE in row:
+    example[SOURCE] = row[SOURCE].astype(np.int32)
+  return example
 
 
-def shuffle_seed(seed: int) -> int:
-  """A 32-bit shuffle seed from the run seed. grain reshuffles epoch e with seed + e, so
-  raw seeds s and s + 1 would share orders one epoch apart; hashing decorrelates them."""
-  digest = hashlib.sha256(f'lmjax-shuffle-{int(seed)}'.encode()).digest()
+def shuffle_seed(seed: int, salt: str = '') -> int:
+  """A 32-bit shuffle seed from the run seed (and a mixture source's name as salt).
+  grain reshuffles epoch e with seed + e, so raw seeds s and s + 1 would share orders
+  one epoch apart; hashing decorrelates them."""
+  digest = hashlib.sha256(f'lmjax-shuffle-{int(seed)}{salt}'.encode()).digest()
   return int.from_bytes(digest[:4], 'big')
 
 
@@ -138,15 +153,10 @@ class _ThreadPrefetch(grain.IterDataset):
     return _ThreadPrefetchIterator(self._parent.__iter__(), self._buffer)
 
 
-def make_lm_dataset(cfg, tokenizer, split: str, *, batch_size: int, process_index: int = 0,
-                    process_count: int = 1, seed: int | None = None,
-                    repeat: bool = True) -> grain.IterDataset:
-  """The grain dataset behind make_lm_iterator (same arguments)."""
-  d = cfg.data
-  if batch_size <= 0:
-    raise ValueError(f'batch_size must be positive, got {batch_size}')
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} is not in [0, {process_count})')
+def _documents(d, tokenizer, split: str, *, process_index: int, process_count: int,
+               seed: int, salt: str, repeat: bool, source_id: int = 0) -> grain.MapDataset:
+  """Tokenized documents of one source's split: this process's share, shuffled (train
+  split, when d.shuffle), repeated; empty documents dropped."""
   source = sources.get_source(d, split)
   ds = grain.MapDataset.source(source)
   if process_count > 1:
@@ -155,14 +165,59 @@ def make_lm_dataset(cfg, tokenizer, split: str, *, batch_size: int, process_inde
                               f'{process_count} processes that share it')
     ds = ds[process_index::process_count]  # disjoint shares, fixed for the whole run
   if d.shuffle and split == d.train_split:
-    ds = ds.shuffle(seed=shuffle_seed(cfg.seed if seed is None else seed))
+    ds = ds.shuffle(seed=shuffle_seed(seed, salt))
   if repeat:
     ds = ds.repeat()  # each epoch reshuffled (grain folds the epoch into the seed)
-  ds = ds.map(_Tokenize(tokenizer, d.add_bos, d.add_eos)).filter(_has_tokens)
+  return ds.map(_Tokenize(tokenizer, d.add_bos, d.add_eos, source_id)).filter(_has_tokens)
+
+
+def _source_split(d, source_d, split: str) -> str:
+  """cfg.data's train/eval split names stand for each source's own train/eval split."""
+  if split == d.train_split:
+    return source_d.train_split
+  if split == d.eval_split:
+    return source_d.eval_split
+  return split
+
+
+def make_lm_dataset(cfg, tokenizer, split: str, *, batch_size: int, process_index: int = 0,
+                    process_count: int = 1, seed: int | None = None, repeat: bool = True,
+                    source: str | None = None) -> grain.IterDataset:
+  """The grain dataset behind make_lm_iterator (same arguments)."""
+  d = cfg.data
+  if batch_size <= 0:
+    raise ValueError(f'batch_size must be positive, got {batch_size}')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} is not in [0, {process_count})')
+  seed = cfg.seed if seed is None else seed
   threads = max(int(d.worker_threads), 0)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                            prefetch_buffer_size=16 * threads))
-  it = ConcatThenSplitIterDataset(it, length_struct={'tokens': d.seq_len})
+  read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=16 * threads)
+  shard = dict(process_index=process_index, process_count=process_count, seed=seed,
+               repeat=repeat)
+  mixture = config_lib.mixture_sources(d) if source is None else {}
+  if source is not None:
+    named = config_lib.eval_sources(d)
+    if source not in named:
+      raise ValueError(f'no data source named {source!r} (data.mixture and '
+                       f'data.eval_sources name {sorted(named)})')
+    one = named[source]
+    docs = _documents(one, tokenizer, _source_split(d, one, split), salt=f'/{source}', **shard)
+    it, lengths = docs.to_iter_dataset(read), {'tokens': d.seq_len}
+  elif not mixture:
+    docs = _documents(d, tokenizer, split, salt='', **shard)
+    it, lengths = docs.to_iter_dataset(read), {'tokens': d.seq_len}
+  else:
+    streams, weights = {}, {}
+    for i, (name, (weight, sd)) in enumerate(mixture.items()):
+      docs = _documents(sd, tokenizer, _source_split(d, sd, split), salt=f'/{name}',
+                        source_id=i + 1, **shard)
+      streams[name], weights[name] = docs.to_iter_dataset(read), weight
+    # By documents, in proportion to the weights; keyed by name, so a checkpoint restores
+    # each source's position even if the mixture is edited (finite streams: stops at the
+    # first source that runs out).
+    it = grain.IterDataset.mix(streams, weights)
+    lengths = {'tokens': d.seq_len, SOURCE: d.seq_len}
+  it = ConcatThenSplitIterDataset(it, length_struct=lengths)
   it = it.map(_to_example)
   it = it.batch(batch_size, drop_remainder=True)
   if d.prefetch > 0:
@@ -171,11 +226,14 @@ def make_lm_dataset(cfg, tokenizer, split: str, *, batch_size: int, process_inde
 
 
 def make_lm_iterator(cfg, tokenizer, split: str, *, batch_size: int, process_index: int = 0,
-                     process_count: int = 1, seed: int | None = None,
-                     repeat: bool = True) -> grain.DatasetIterator:
+                     process_count: int = 1, seed: int | None = None, repeat: bool = True,
+                     source: str | None = None) -> grain.DatasetIterator:
   """Batches {inputs, targets, segment_ids, positions: int32, loss_mask: float32}, each
   [batch_size, cfg.data.seq_len], of this process's share of `split`.
 
+  source: None = the training data (cfg.data.mixture when set: batches then also hold
+  'source', see the module docstring), or the name of one mixture / eval source.
+  split: with named sources, cfg.data.train_split / eval_split stand for each source's.
   seed: shuffle seed (default cfg.seed); the train split is shuffled when cfg.data.shuffle.
   repeat: endless epochs; False gives one pass (the last partial batch is dropped).
   The iterator's get_state()/set_state() resume the exact stream (also across processes
@@ -183,4 +241,4 @@ def make_lm_iterator(cfg, tokenizer, split: str, *, batch_size: int, process_ind
   """
   return iter(make_lm_dataset(cfg, tokenizer, split, batch_size=batch_size,
                               process_index=process_index, process_count=process_count,
-                              seed=seed, repeat=repeat))
+                              seed=seed, repeat=repeat, source=source))

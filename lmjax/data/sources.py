@@ -3,7 +3,8 @@
 Both end as random-access sources of str documents (TFDS array_record data sources; no
 TensorFlow needed) that the grain pipeline reads. The default corpus, text_glob='stdlib',
 is every .py file of this Python's standard library: real code and prose, present on
-every machine, nothing downloaded.
+every machine, nothing downloaded. text_glob='site:jax,flax,optax' names the installed
+sources of Python packages the same way (a second corpus on every machine with lmjax).
 
     src = get_source(cfg.data, 'train')    # builds the local dataset on first use
     len(src), src[0][:80]
@@ -15,6 +16,7 @@ import contextlib
 import dataclasses
 import glob as glob_lib
 import hashlib
+import importlib.util
 import io
 import logging
 import os
@@ -26,6 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 STDLIB = 'stdlib'
+SITE = 'site:'  # 'site:pkg1,pkg2': the .py files of these installed packages.
 DEFAULT_VAL_FRACTION = 0.02  # base_config's data.val_fraction: keeps the plain name.
 SPLITS = ('train', 'validation')
 
@@ -53,6 +56,38 @@ def stdlib_files() -> tuple[str, list[str]]:
   return root, sorted(files)
 
 
+def site_files(text_glob: str) -> tuple[str, list[str]]:
+  """(root, sorted .py files) of the installed packages named by 'site:pkg1,pkg2' (found
+  with importlib, never imported); root is their common parent, e.g. site-packages."""
+  names = [n.strip() for n in text_glob[len(SITE):].split(',') if n.strip()]
+  if not names:
+    raise DataError(f'data.text_glob {text_glob!r} names no package (e.g. site:jax,flax)')
+  dirs = []
+  for name in names:
+    try:
+      spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+      spec = None
+    if spec is None or not (spec.submodule_search_locations or spec.origin):
+      raise DataError(f'data.text_glob {text_glob!r}: no installed package {name!r}')
+    if spec.submodule_search_locations:
+      dirs.extend(os.path.abspath(p) for p in spec.submodule_search_locations)
+    else:  # a single-module package: its directory would hold others, so list the file
+      dirs.append(os.path.abspath(spec.origin))
+  files = set()
+  for d in dirs:
+    if os.path.isfile(d):
+      files.add(d)
+    else:
+      files.update(os.path.abspath(p)
+                   for p in glob_lib.glob(os.path.join(d, '**', '*.py'), recursive=True)
+                   if os.path.isfile(p))
+  if not files:
+    raise DataError(f'data.text_glob {text_glob!r} matches no .py files')
+  root = os.path.commonpath([os.path.dirname(d) for d in dirs])
+  return root, sorted(files)
+
+
 def glob_root(pattern: str) -> str:
   """The directory part of `pattern` before its first wildcard ('/a/b/**/*.txt' -> '/a/b').
 
@@ -68,10 +103,12 @@ def glob_root(pattern: str) -> str:
 
 
 def resolve_glob(text_glob: str) -> tuple[str, list[str]]:
-  """(root, sorted matching files) for data.text_glob: 'stdlib', a glob, or several
-  globs separated by commas. '**' matches directories recursively."""
+  """(root, sorted matching files) for data.text_glob: 'stdlib', 'site:pkg1,pkg2', a
+  glob, or several globs separated by commas. '**' matches directories recursively."""
   if text_glob == STDLIB:
     return stdlib_files()
+  if text_glob.startswith(SITE):
+    return site_files(text_glob)
   patterns = [p.strip() for p in text_glob.split(',') if p.strip()]
   if not patterns:
     raise DataError('data.text_glob is empty')
@@ -88,10 +125,14 @@ def resolve_glob(text_glob: str) -> tuple[str, list[str]]:
 
 
 def dataset_name(text_glob: str, val_fraction: float = DEFAULT_VAL_FRACTION) -> str:
-  """'stdlib', or 'glob_<8 hex of sha256(text_glob)>'; a non-default val_fraction adds
-  '_val<fraction>' (0.05 -> '_val0p05') so that each split layout has its own dataset."""
+  """'stdlib', 'site_<packages>' or 'glob_<8 hex of sha256(text_glob)>'; a non-default
+  val_fraction adds '_val<fraction>' (0.05 -> '_val0p05') so that each split layout has
+  its own dataset."""
+  packages = text_glob[len(SITE):].replace(' ', '').replace(',', '_')
   if text_glob == STDLIB:
     name = STDLIB
+  elif text_glob.startswith(SITE) and packages.replace('_', '').isalnum():
+    name = 'site_' + packages
   else:
     name = 'glob_' + hashlib.sha256(text_glob.encode('utf-8')).hexdigest()[:8]
   if val_fraction != DEFAULT_VAL_FRACTION:

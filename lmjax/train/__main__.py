@@ -34,12 +34,13 @@ def main(argv):
 
 def _parse_flags(argv):
   """absl parsing, with typos in --config.KEY overrides reported by key, not traceback."""
-  known = set(config_lib.known_keys())
+  config_file = next((a.split('=', 1)[1] for a in argv[1:] if a.startswith('--config=')), None)
   for arg in argv[1:]:
     if arg.startswith('--config.'):
       key = arg[len('--config.'):].split('=', 1)[0]
-      if key not in known:
-        sys.exit(f'FATAL: unknown config key {key!r} in {arg}{config_lib.suggest(key)}')
+      if not config_lib.is_known_key(key, config_file):
+        sys.exit(f'FATAL: unknown config key {key!r} in {arg}'
+                 f'{config_lib.suggest(key, config_file)}')
   return app.parse_flags_with_usage(argv)
 
 

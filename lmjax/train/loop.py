@@ -1,5 +1,10 @@
 """The training loop shared by every stage. Reads top to bottom in named sections:
-setup -> data -> state (restore or init) -> compile -> train (log, eval, checkpoint) -> sample.
+setup -> data -> state (resume, start from init_from, or init) -> compile ->
+train (log, eval, checkpoint) -> sample.
+
+Continued pretraining: with cfg.init_from.path set and no checkpoint in the workdir yet,
+the params come from that run (resharded onto this mesh), with a fresh optimizer at step 0
+and, unless tokenizer.path is set, that run's tokenizer.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ log = logging.getLogger('lmjax')
 # Fields that define the parameter shapes; a checkpoint can only resume with equal ones.
 ARCH_KEYS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim',
              'd_ff', 'tie_embeddings', 'qkv_bias', 'param_dtype')
+# Fields that change what the params compute but not their shapes: init_from warns when
+# they differ (changing them can be the point, e.g. RoPE scaling for longer contexts).
+FUNCTION_KEYS = ('rope_theta', 'rope_scaling', 'norm_eps')
 
 
 class TrainingError(RuntimeError):
@@ -87,31 +95,106 @@ def check_batch(cfg, mesh) -> None:
         f'{jax.process_count()} processes')
 
 
+def arch_diff(source_model, model) -> list[tuple[str, object, object]]:
+  """(key, source value, config value) for each ARCH_KEYS field that differs; only the
+  keys `source_model` defines are compared, head_dim 0 as d_model // n_heads."""
+  def value(m, k):
+    if k == 'head_dim' and not m.get('head_dim'):
+      return m['d_model'] // m['n_heads']
+    return m[k]
+  return [(k, value(source_model, k), value(model, k)) for k in ARCH_KEYS
+          if k in source_model and value(source_model, k) != value(model, k)]
+
+
 def check_resumable(saved_cfg, cfg, where: str) -> None:
-  diff = [k for k in ARCH_KEYS if saved_cfg.model[k] != cfg.model[k]]
+  diff = arch_diff(saved_cfg.model, cfg.model)
   if diff:
-    detail = ', '.join(f'model.{k}: checkpoint {saved_cfg.model[k]!r} vs config {cfg.model[k]!r}'
-                       for k in diff)
+    detail = ', '.join(f'model.{k}: checkpoint {a!r} vs config {b!r}' for k, a, b in diff)
     raise ckpt_lib.CheckpointError(
         f'the checkpoint in {where} was trained with a different model ({detail}); '
         'use a new --workdir or the same model config')
 
 
+def check_init_source(source: ckpt_lib.InitSource, cfg) -> None:
+  diff = arch_diff(source.model, cfg.model)
+  if source.format == 'hf':  # converted to the config's dtype on load
+    diff = [d for d in diff if d[0] != 'param_dtype']
+  if diff:
+    detail = ', '.join(f'model.{k}: source {a!r} vs config {b!r}' for k, a, b in diff)
+    raise config_lib.ConfigError(
+        f'init_from {source} has a different model architecture ({detail}); set these '
+        'model fields to the source\'s')
+  for k in FUNCTION_KEYS:
+    theirs = source.model.get(k)
+    ours = cfg.model[k].to_dict() if hasattr(cfg.model[k], 'to_dict') else cfg.model[k]
+    if k == 'rope_scaling' and theirs is not None and theirs.get('type') == ours['type'] == 'none':
+      continue
+    if theirs is not None and theirs != ours:
+      _print(f'WARNING: init_from {source} has model.{k}={theirs!r}, this config {ours!r}')
+
+
+def load_tokenizer(cfg, resumed_meta: dict | None,
+                   source: ckpt_lib.InitSource | None) -> tokenizer_lib.Tokenizer:
+  """The run's tokenizer: cfg.tokenizer.path when set; else, for a run from init_from,
+  its source's (recorded in the checkpoint meta, so a resumed run keeps it); else the
+  default path (trained on the train split if missing)."""
+  path, whose = cfg.tokenizer.path, ''
+  if not path and resumed_meta and resumed_meta.get('init_from'):
+    path, whose = resumed_meta.get('tokenizer', ''), 'this run\'s (checkpoint meta)'
+  if not path and source is not None:
+    if not source.tokenizer_path:
+      raise config_lib.ConfigError(
+          f'init_from {source} has no sentencepiece tokenizer.model: set tokenizer.path')
+    path, whose = source.tokenizer_path, f'the tokenizer of init_from {source}'
+  if not whose:
+    return tokenizer_lib.load_tokenizer(cfg)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{whose} is missing: {path}; set tokenizer.path')
+  inherited = cfg.copy_and_resolve_references()
+  inherited.tokenizer.update(path=path, train_if_missing=False)
+  return tokenizer_lib.load_tokenizer(inherited)
+
+
 def evaluate(eval_step, params, cfg, tok, mesh, process_index, process_count) -> dict:
-  """Mean next-token loss over up to cfg.train.eval_batches batches of the eval split."""
-  it = pipeline.make_lm_iterator(cfg, tok, cfg.data.eval_split,
-                                 batch_size=cfg.train.global_batch // process_count,
-                                 process_index=process_index, process_count=process_count,
-                                 repeat=False)
-  total, count = 0.0, 0.0
-  for _, batch in zip(range(cfg.train.eval_batches), it):
-    nll, n = eval_step(params, sharding.place_batch(batch, mesh, cfg.rules))
-    total, count = total + float(nll), count + float(n)
-  if count == 0:
-    raise TrainingError(f'eval split {cfg.data.eval_split!r} gave no full batch of '
-                        f'{cfg.train.global_batch} x {cfg.data.seq_len} tokens')
-  return {'eval_loss': total / count, 'eval_ppl': math.exp(min(total / count, 50.0)),
-          'eval_tokens': count}
+  """Mean next-token loss over exactly cfg.train.eval_batches batches of each eval set.
+
+  Sets: the training data's eval split ('eval_loss'; with a mixture, the tokens of all its
+  sources' eval batches pooled) and each named source, i.e. every data.mixture and
+  data.eval_sources entry ('eval/<name>/loss'). An eval split is read in order and
+  repeated when this process's share holds fewer batches, so every process runs the same
+  number of eval steps (each is a collective: uneven counts would hang a multi-host run);
+  a small split then counts some documents twice.
+  """
+  def run(source):
+    it = pipeline.make_lm_iterator(cfg, tok, cfg.data.eval_split,
+                                   batch_size=cfg.train.global_batch // process_count,
+                                   process_index=process_index, process_count=process_count,
+                                   repeat=True, source=source)
+    try:
+      sums = [eval_step(params, sharding.place_batch(next(it), mesh, cfg.rules))
+              for _ in range(cfg.train.eval_batches)]
+    finally:
+      it.close()  # stops its prefetch thread
+    nll, n = np.sum(np.asarray(jax.device_get(sums), np.float64), axis=0).tolist()
+    if n == 0:
+      raise TrainingError(f'eval split {cfg.data.eval_split!r} ({source or "data"}) has no '
+                          'loss tokens')
+    return nll, n
+
+  named = {name: run(name) for name in config_lib.eval_sources(cfg.data)}
+  mixture = config_lib.mixture_sources(cfg.data)
+  if mixture:
+    nll, n = np.sum([named[name] for name in mixture], axis=0).tolist()
+  else:
+    nll, n = run(None)
+  out = {'eval_loss': nll / n, 'eval_ppl': math.exp(min(nll / n, 50.0)), 'eval_tokens': n}
+  out.update((f'eval/{name}/loss', a / b) for name, (a, b) in named.items())
+  return out
+
+
+def _eval_line(step: int, e: dict) -> str:
+  named = ''.join(f', {k[5:-5]} {v:.4f}' for k, v in e.items() if k.startswith('eval/'))
+  return f'step {step}: eval_loss {e["eval_loss"]:.4f}{named}'
 
 
 def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Result:
@@ -120,7 +203,7 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   `stop_after`: save and return once this step is reached, as a preemption would
   (the schedule still runs to cfg.train.steps; run again to continue).
   """
-  # ---- Setup: config, devices, mesh -------------------------------------------------
+  # ---- Setup: config, devices, mesh, where the run starts ---------------------------
   config_lib.validate(cfg)
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(cfg.mesh, devices)
@@ -128,20 +211,38 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   pi, pc = jax.process_index(), jax.process_count()
   _print(f'lmjax: {len(mesh.devices.flat)} x {mesh.devices.flat[0].device_kind} | '
          f'mesh {dict(mesh.shape)} | workdir {workdir}')
+  ckpt = ckpt_lib.Checkpointer(workdir, cfg)
+  resumed_meta, source = None, None
+  if ckpt.latest_step() is not None:
+    check_resumable(ckpt.read_config(), cfg, ckpt.directory)
+    resumed_meta = ckpt.read_meta()
+    if cfg.init_from.path:
+      _print(f'init_from.path ignored: resuming this workdir\'s own checkpoint '
+             f'(step {ckpt.latest_step()})')
+  elif cfg.init_from.path:
+    source = ckpt_lib.open_init_source(cfg.init_from)
+    check_init_source(source, cfg)
+  run_meta = {'init_from': (resumed_meta or {}).get('init_from')}
+  if source is not None:
+    run_meta['init_from'] = {'path': source.path, 'format': source.format, 'step': source.step}
 
   # ---- Data: tokenizer and the training stream --------------------------------------
-  tok = tokenizer_lib.load_tokenizer(cfg)
+  tok = load_tokenizer(cfg, resumed_meta, source)
+  run_meta['tokenizer'] = tok.path
   train_iter = pipeline.make_lm_iterator(
       cfg, tok, cfg.data.train_split, batch_size=cfg.train.global_batch // pc,
       process_index=pi, process_count=pc, seed=cfg.seed)
+  mixture = list(config_lib.mixture_sources(cfg.data))  # rows tag tokens 1..len: tokens/<name>
 
-  # ---- State: resume from the workdir's latest checkpoint, or initialise ------------
+  # ---- State: resume the workdir's latest checkpoint, start from init_from, or init --
   setup = state_lib.make_setup(cfg, mesh)
-  ckpt = ckpt_lib.Checkpointer(workdir, cfg)
-  if ckpt.latest_step() is not None:
-    check_resumable(ckpt.read_config(), cfg, ckpt.directory)
+  if resumed_meta is not None:
     state = ckpt.restore(setup.abstract_state, data_iter=train_iter)
     _print(f'resumed from step {int(state["step"])} ({ckpt.directory})')
+  elif source is not None:
+    state = state_lib.init_state(cfg, setup, params=source.load_params(cfg, setup))
+    _print(f'params from init_from {source}; fresh optimizer state, step 0; '
+           f'tokenizer {tok.path}')
   else:
     state = state_lib.init_state(cfg, setup)
   start = int(state['step'])
@@ -182,7 +283,22 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
     return e
 
   def save(step, force=False):
-    ckpt.save(step, state, cfg, data_iter=train_iter, force=force)
+    ckpt.save(step, state, cfg, data_iter=train_iter, force=force, meta=run_meta)
+
+  def next_batch():
+    host = next(train_iter)
+    if mixture:  # count each source's tokens on host, then drop the tag
+      window_tokens[:] += np.bincount(host.pop(pipeline.SOURCE).ravel(),
+                                      minlength=len(mixture) + 1)[1:len(mixture) + 1]
+    return sharding.place_batch(host, mesh, cfg.rules)
+
+  def source_tokens():
+    counts = window_tokens.copy()
+    if pc > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      counts = np.asarray(multihost_utils.process_allgather(counts)).sum(axis=0)
+    window_tokens[:] = 0
+    return {f'tokens/{name}': float(c) for name, c in zip(mixture, counts)}
 
   # ---- Train -------------------------------------------------------------------------
   progress = None
@@ -190,13 +306,13 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
     from tqdm.auto import tqdm
     progress = tqdm(total=cfg.train.steps, initial=start, desc='train', dynamic_ncols=True)
   if start == 0 and cfg.train.eval_every > 0:
-    e = run_eval(0)
-    _print(f'step 0: eval_loss {e["eval_loss"]:.4f}')
+    _print(_eval_line(0, run_eval(0)))
   window_t, window_steps, data_s = time.perf_counter(), 0, 0.0
+  window_tokens = np.zeros(len(mixture), np.int64)  # this process's, since the last log
   with _Preemption() as preempt:
     for step in range(start, cfg.train.steps):
       t_data = time.perf_counter()
-      batch = sharding.place_batch(next(train_iter), mesh, cfg.rules)
+      batch = next_batch()
       data_s += time.perf_counter() - t_data
       with jax.transfer_guard('disallow'):  # no implicit host<->device copies in the step
         state, m = compiled(state, batch)
@@ -216,6 +332,7 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
         m = {k: float(v) for k, v in m.items()}
         m.update(tokens_per_s=tps, step_s=dt / window_steps, data_wait_frac=data_s / dt,
                  mfu=(flops_per_step * window_steps / dt / (peak * n_dev)) if peak else None)
+        m.update(source_tokens())  # tokens/<name>: this log window's, all processes
         writer.write(done, m)
         history.append({'step': done, **m})
         if progress is not None:
@@ -223,8 +340,7 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
         window_t, window_steps, data_s = time.perf_counter(), 0, 0.0
 
       if cfg.train.eval_every > 0 and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
-        e = run_eval(done)
-        msg = f'step {done}: eval_loss {e["eval_loss"]:.4f}'
+        msg = _eval_line(done, run_eval(done))
         (progress.write(msg) if progress is not None else _print(msg))
 
       if preempt.requested or done == stop_after:
@@ -243,6 +359,7 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
     progress.close()
   ckpt.wait()
   ckpt.close()
+  train_iter.close()  # stops grain's prefetch and read threads
   writer.close()
 
   # ---- Sample ------------------------------------------------------------------------

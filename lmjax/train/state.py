@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from lmjax import sharding
 from lmjax.models import transformer
@@ -90,17 +90,24 @@ def make_setup(cfg, mesh: Mesh) -> Setup:
 
 
 def init_state(cfg, setup: Setup, params: Any | None = None) -> dict:
-  """Fresh state, created directly with its shardings (no full copy on one device)."""
+  """Fresh state, created directly with its shardings (no full copy on one device).
+
+  params: start from these (e.g. another run's, placed with setup's param shardings;
+  donated) instead of a random init; the optimizer state is fresh and step 0 either way.
+  """
   mcfg = model_config(cfg)
 
   def init(key):
-    if params is None:
-      with nnx.use_eager_sharding(False):
-        model = transformer.Transformer(mcfg, nnx.Rngs(params=key))
-      p = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    else:
-      p = params
+    with nnx.use_eager_sharding(False):
+      model = transformer.Transformer(mcfg, nnx.Rngs(params=key))
+    p = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return fresh(p)
+
+  def fresh(p):
     return {'step': jnp.zeros((), jnp.int32), 'params': p, 'opt_state': setup.tx.init(p)}
 
   with sharding.use_mesh(setup.mesh, setup.rules):
-    return jax.jit(init, out_shardings=setup.state_shardings)(jax.random.key(cfg.seed))
+    if params is None:
+      return jax.jit(init, out_shardings=setup.state_shardings)(jax.random.key(cfg.seed))
+    return jax.jit(fresh, in_shardings=(setup.state_shardings['params'],),
+                   out_shardings=setup.state_shardings, donate_argnums=(0,))(params)
