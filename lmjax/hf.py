@@ -1,0 +1,655 @@
+"""Hugging Face checkpoints: import and export Llama, Mistral and Qwen2, without torch.
+
+    cfg = hf.config_from_hf('/ckpt/Llama-3.2-1B')              # lmjax config for the model
+    params = hf.load_params('/ckpt/Llama-3.2-1B', cfg, mesh)   # sharded, read slice by slice
+    hf.save_hf(params, cfg, '/out/hf')                         # back to safetensors
+    hf.import_hf(hf_dir, workdir) / hf.export_workdir(workdir, out_dir)  # via checkpoints
+
+Layouts, per layer (lmjax stacks layer parameters on a leading 'layers' axis):
+  q, k, v    [d, n, h] <- q_proj.weight [n*h, d]    o       [n, h, d] <- o_proj.weight [d, n*h]
+  gate, up   [d, f]    <- gate_proj.weight [f, d]   down    [f, d]    <- down_proj.weight [d, f]
+  embed      [V, d]    =  embed_tokens.weight       lm_head [d, V]    <- lm_head.weight [V, d]
+  q/k/v_bias [n, h]    <- q_proj.bias [n*h]         norm scales [d]   =  *norm.weight
+RoPE needs no permutation: lmjax rotates the two halves of each head, as HF's
+`rotate_half` does.
+
+Import reads, for each device, only the block of each tensor that device holds
+(safetensors `get_slice`, memory-mapped; stacked parameters layer by layer), so the model
+is never held whole in host memory. Export writes one tensor (one layer of a stacked
+parameter) at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import glob
+import json
+import math
+import os
+import shutil
+import struct
+
+import jax
+import ml_dtypes
+import numpy as np
+from jax.experimental import multihost_utils
+from safetensors import safe_open
+
+from lmjax import checkpoint as ckpt_lib
+from lmjax import config as config_lib
+from lmjax import sharding
+from lmjax.models import transformer
+from lmjax.train import state as state_lib
+
+ARCHS = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
+         'qwen2': 'Qwen2ForCausalLM'}
+TOKENIZER_FILE = 'tokenizer.model'
+SINGLE_FILE = 'model.safetensors'
+INDEX_FILE = 'model.safetensors.index.json'
+DEFAULT_SHARD_BYTES = 4 * 2**30
+# Tensors some checkpoints carry that the model does not use.
+_IGNORED_SUFFIXES = ('rotary_emb.inv_freq',)
+_ST_DTYPES = {np.dtype(np.float32): 'F32', np.dtype(ml_dtypes.bfloat16): 'BF16',
+              np.dtype(np.float16): 'F16'}
+
+
+class HFError(ValueError):
+  """A Hugging Face config or checkpoint lmjax cannot read; the message names the field,
+  tensor or file."""
+
+
+# ---- Configs --------------------------------------------------------------------------
+
+def read_hf_config(hf_dir: str) -> dict:
+  path = os.path.join(hf_dir, 'config.json')
+  if not os.path.exists(path):
+    raise HFError(f'{hf_dir}: no config.json (not a Hugging Face model directory)')
+  with open(path) as f:
+    return json.load(f)
+
+
+def hf_arch(hf_config: dict) -> str:
+  """'llama' | 'mistral' | 'qwen2' from config.json's model_type (and architectures)."""
+  model_type = hf_config.get('model_type')
+  if model_type not in ARCHS:
+    raise HFError(f'config.json model_type={model_type!r} is not supported '
+                  f'(supported: {", ".join(ARCHS)})')
+  archs = hf_config.get('architectures') or [ARCHS[model_type]]
+  if archs != [ARCHS[model_type]]:
+    raise HFError(f'config.json architectures={archs}: only [{ARCHS[model_type]!r}] '
+                  f'(a causal LM head) is supported for model_type={model_type!r}')
+  return model_type
+
+
+def _rope(c: dict) -> tuple[float, dict]:
+  """(rope_theta, lmjax rope_scaling) from `rope_parameters` (transformers >= 5) or
+  `rope_theta` + `rope_scaling` (earlier versions)."""
+  key = 'rope_parameters' if c.get('rope_parameters') is not None else 'rope_scaling'
+  params = dict(c.get(key) or {})
+  if any(isinstance(v, dict) for v in params.values()):
+    raise HFError(f'config.json {key}: per-layer-type RoPE parameters are not supported')
+  theta = float(params.get('rope_theta', c.get('rope_theta', 10000.0)))
+  kind = params.get('rope_type', params.get('type', 'default'))
+  if kind == 'default':
+    return theta, {'type': 'none'}
+  if kind == 'llama3':
+    try:
+      return theta, {'type': 'llama3', 'factor': float(params['factor']),
+                     'low_freq_factor': float(params['low_freq_factor']),
+                     'high_freq_factor': float(params['high_freq_factor']),
+                     'original_max_len': int(params['original_max_position_embeddings'])}
+    except KeyError as e:
+      raise HFError(f'config.json {key}: rope_type llama3 needs {e.args[0]!r}') from None
+  raise HFError(f'config.json {key}.rope_type={kind!r} is not supported '
+                "(supported: 'default', 'llama3')")
+
+
+def model_overrides_from_hf(hf_config: dict, seq_len: int | None = None) -> dict:
+  """config.json -> {cfg.model field: value}. Raises HFError, naming the config.json field,
+  for what the lmjax model cannot represent. With `seq_len` (the length trained or
+  evaluated on), a sliding attention window shorter than it is an error too."""
+  c = hf_config
+  arch = hf_arch(c)
+  for key in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers',
+              'num_attention_heads'):
+    if not isinstance(c.get(key), int):
+      raise HFError(f'config.json {key}={c.get(key)!r}: expected an integer')
+  if c.get('hidden_act', 'silu') != 'silu':
+    raise HFError(f'config.json hidden_act={c["hidden_act"]!r}: only silu (SwiGLU) is supported')
+  if arch != 'qwen2' and c.get('attention_bias'):
+    raise HFError('config.json attention_bias=true: attention biases are not supported for '
+                  f'{arch} (only q/k/v biases, as Qwen2 has)')
+  if c.get('mlp_bias'):
+    raise HFError('config.json mlp_bias=true: MLP biases are not supported')
+  if c.get('quantization_config'):
+    raise HFError('config.json quantization_config: quantized checkpoints are not supported')
+  if c.get('partial_rotary_factor', 1.0) != 1.0:
+    raise HFError(f'config.json partial_rotary_factor={c["partial_rotary_factor"]}: '
+                  'only full-width RoPE is supported')
+  window = c.get('sliding_window')
+  if window is not None and (arch != 'qwen2' or c.get('use_sliding_window')):
+    if seq_len is not None and window < seq_len:
+      raise HFError(f'config.json sliding_window={window} is shorter than data.seq_len='
+                    f'{seq_len}: lmjax attends to the whole causal context (no sliding '
+                    f'window), so it matches this model only for sequences <= {window}')
+  theta, scaling = _rope(c)
+  n_heads = c['num_attention_heads']
+  head_dim = c.get('head_dim') or c['hidden_size'] // n_heads
+  return dict(
+      vocab_size=c['vocab_size'], d_model=c['hidden_size'], n_layers=c['num_hidden_layers'],
+      n_heads=n_heads, n_kv_heads=c.get('num_key_value_heads') or n_heads,
+      # 0: lmjax's default, d_model // n_heads.
+      head_dim=0 if head_dim * n_heads == c['hidden_size'] else head_dim,
+      d_ff=c['intermediate_size'], norm_eps=float(c.get('rms_norm_eps', 1e-6)),
+      rope_theta=theta, rope_scaling=scaling,
+      tie_embeddings=bool(c.get('tie_word_embeddings', False)), qkv_bias=arch == 'qwen2')
+
+
+def hf_config_from_model(mcfg, arch: str = 'llama', max_position_embeddings: int | None = None,
+                         dtype: str | None = None, **extra) -> dict:
+  """cfg.model -> config.json for `arch`, readable by transformers 5 (`rope_parameters`)
+  and earlier versions (`rope_theta`, `rope_scaling`). `extra` adds or replaces keys
+  (e.g. bos_token_id)."""
+  if arch not in ARCHS:
+    raise HFError(f'arch={arch!r} is not supported (supported: {", ".join(ARCHS)})')
+  if arch == 'qwen2' and not mcfg.qkv_bias:
+    raise HFError("arch='qwen2' has q/k/v biases but model.qkv_bias=False; export as 'llama'")
+  if arch != 'qwen2' and mcfg.qkv_bias:
+    raise HFError(f"arch={arch!r} has no q/k/v biases but model.qkv_bias=True; "
+                  "export as 'qwen2'")
+  rope = {'rope_type': 'default', 'rope_theta': float(mcfg.rope_theta)}
+  rs = mcfg.rope_scaling
+  if rs.get('type', 'none') == 'llama3':
+    rope.update(rope_type='llama3', factor=float(rs['factor']),
+                low_freq_factor=float(rs['low_freq_factor']),
+                high_freq_factor=float(rs['high_freq_factor']),
+                original_max_position_embeddings=int(rs['original_max_len']))
+    max_position_embeddings = max(max_position_embeddings or 0,
+                                  int(rs['original_max_len'] * rs['factor']))
+  legacy_scaling = None
+  if rope['rope_type'] != 'default':
+    legacy_scaling = {k: v for k, v in rope.items() if k != 'rope_theta'}
+  c = dict(
+      architectures=[ARCHS[arch]], model_type=arch, vocab_size=mcfg.vocab_size,
+      hidden_size=mcfg.d_model, intermediate_size=mcfg.d_ff,
+      num_hidden_layers=mcfg.n_layers, num_attention_heads=mcfg.n_heads,
+      num_key_value_heads=mcfg.n_kv_heads, head_dim=transformer.head_dim(mcfg),
+      hidden_act='silu', max_position_embeddings=max_position_embeddings or 4096,
+      rms_norm_eps=float(mcfg.norm_eps), rope_parameters=rope,
+      rope_theta=rope['rope_theta'], rope_scaling=legacy_scaling,
+      tie_word_embeddings=bool(mcfg.tie_embeddings), initializer_range=float(mcfg.init_std),
+      attention_dropout=0.0, use_cache=True, dtype=dtype or mcfg.param_dtype)
+  if arch == 'llama':
+    c.update(attention_bias=False, mlp_bias=False)
+  elif arch == 'mistral':
+    c.update(sliding_window=None)
+  else:
+    c.update(use_sliding_window=False, sliding_window=None)
+  c.update(extra)
+  return c
+
+
+def _flatten(d: dict, prefix: str) -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def config_from_hf(hf_dir: str, base_cfg=None):
+  """An lmjax config for the model in `hf_dir`: `base_cfg` (default `base_config()`) with
+  the model fields from config.json, and the tokenizer set to `<hf_dir>/tokenizer.model`
+  when there is one. Without one, tokenizer.train_if_missing is turned off (a tokenizer
+  trained anew would not match the pretrained embeddings), unless tokenizer.path is set."""
+  from lmjax.data import tokenizer as tokenizer_lib  # sentencepiece, only needed here
+  cfg = config_lib.base_config() if base_cfg is None else copy.deepcopy(base_cfg)
+  model = model_overrides_from_hf(read_hf_config(hf_dir), seq_len=cfg.data.seq_len)
+  config_lib.apply_overrides(cfg, _flatten(model, 'model.'))
+  tok_path = os.path.join(os.path.abspath(hf_dir), TOKENIZER_FILE)
+  if os.path.exists(tok_path):
+    tok = tokenizer_lib.Tokenizer(tok_path)
+    tokenizer_lib.check_vocab(tok, cfg.model.vocab_size)
+    cfg.tokenizer.update(path=tok_path, vocab_size=tok.vocab_size)
+  else:
+    cfg.tokenizer.vocab_size = min(cfg.tokenizer.vocab_size, cfg.model.vocab_size)
+    if not cfg.tokenizer.path:
+      cfg.tokenizer.train_if_missing = False
+  config_lib.validate(cfg)
+  cfg.lock()
+  return cfg
+
+
+# ---- Tensor names and layouts ---------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  path: tuple[str, ...]   # key path in the lmjax params dict
+  name: str               # HF tensor name; '{i}' stands for the layer index
+  kind: str               # same | T | in_heads | out_heads | bias_heads
+
+  @property
+  def layered(self) -> bool:
+    return self.path[0] == 'layers'
+
+
+def _specs(mcfg) -> list[_Spec]:
+  """Every parameter of `mcfg`'s model, in HF file order."""
+  layer = 'model.layers.{i}.'
+  specs = [_Spec(('embed',), 'model.embed_tokens.weight', 'same')]
+  for x in 'qkv':
+    specs.append(_Spec(('layers', 'attn', x), f'{layer}self_attn.{x}_proj.weight', 'in_heads'))
+    if mcfg.qkv_bias:
+      specs.append(_Spec(('layers', 'attn', f'{x}_bias'), f'{layer}self_attn.{x}_proj.bias',
+                         'bias_heads'))
+  specs += [
+      _Spec(('layers', 'attn', 'o'), f'{layer}self_attn.o_proj.weight', 'out_heads'),
+      _Spec(('layers', 'mlp', 'gate'), f'{layer}mlp.gate_proj.weight', 'T'),
+      _Spec(('layers', 'mlp', 'up'), f'{layer}mlp.up_proj.weight', 'T'),
+      _Spec(('layers', 'mlp', 'down'), f'{layer}mlp.down_proj.weight', 'T'),
+      _Spec(('layers', 'attn_norm', 'scale'), f'{layer}input_layernorm.weight', 'same'),
+      _Spec(('layers', 'mlp_norm', 'scale'), f'{layer}post_attention_layernorm.weight', 'same'),
+      _Spec(('final_norm', 'scale'), 'model.norm.weight', 'same'),
+  ]
+  if not mcfg.tie_embeddings:
+    specs.append(_Spec(('lm_head',), 'lm_head.weight', 'T'))
+  return specs
+
+
+def _hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """HF shape of one (per-layer) lmjax tensor of `shape`."""
+  if kind == 'same':
+    return tuple(shape)
+  if kind == 'T':
+    return tuple(shape[::-1])
+  if kind == 'in_heads':
+    d, n, h = shape
+    return (n * h, d)
+  if kind == 'out_heads':
+    n, h, d = shape
+    return (d, n * h)
+  return (math.prod(shape),)  # bias_heads
+
+
+def _to_hf(kind: str, x: np.ndarray) -> np.ndarray:
+  if kind == 'same':
+    return x
+  if kind == 'T':
+    return x.T
+  if kind == 'in_heads':
+    return x.reshape(x.shape[0], -1).T
+  if kind == 'out_heads':
+    return x.reshape(-1, x.shape[-1]).T
+  return x.reshape(-1)
+
+
+def _read_block(src, kind: str, bounds, shape) -> np.ndarray:
+  """The block `bounds` ((start, stop) per dim) of an lmjax-layout tensor of `shape`,
+  read from the HF tensor `src` (a safetensors slice) without reading the rest."""
+  sl = tuple(slice(a, b) for a, b in bounds)
+  if kind == 'same':
+    return src[sl]
+  if kind == 'T':
+    return src[sl[::-1]].T
+  if kind == 'in_heads':    # [d, n, h] <- [n*h, d]
+    (d0, d1), (n0, n1), _ = bounds
+    h = shape[2]
+    x = src[n0 * h:n1 * h, d0:d1].reshape(n1 - n0, h, d1 - d0)
+    return x[:, sl[2], :].transpose(2, 0, 1)
+  if kind == 'out_heads':   # [n, h, d] <- [d, n*h]
+    (n0, n1), _, (d0, d1) = bounds
+    h = shape[1]
+    x = src[d0:d1, n0 * h:n1 * h].reshape(d1 - d0, n1 - n0, h)
+    return x[:, :, sl[1]].transpose(1, 2, 0)
+  (n0, n1), _ = bounds      # bias_heads: [n, h] <- [n*h]
+  h = shape[1]
+  return src[n0 * h:n1 * h].reshape(n1 - n0, h)[:, sl[1]]
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _set(tree, path, value):
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
+# ---- Import ---------------------------------------------------------------------------
+
+class _SafetensorsDir:
+  """The tensors of an HF model directory: model.safetensors, or the shards listed in
+  model.safetensors.index.json. Files are opened (memory-mapped) when first read."""
+
+  def __init__(self, hf_dir: str):
+    self.dir = hf_dir
+    single, index = os.path.join(hf_dir, SINGLE_FILE), os.path.join(hf_dir, INDEX_FILE)
+    if os.path.exists(single):  # what transformers prefers when both exist
+      self.where = single
+      with safe_open(single, framework='np') as f:
+        self.files = {name: SINGLE_FILE for name in f.keys()}
+    elif os.path.exists(index):
+      self.where = index
+      with open(index) as f:
+        self.files = dict(json.load(f)['weight_map'])
+    else:
+      raise HFError(f'{hf_dir}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors '
+                    'checkpoints are read; convert .bin files with transformers first)')
+    self._open, self._keys = {}, {}
+
+  def slice(self, name: str, shape: tuple[int, ...]):
+    """A lazily read view of tensor `name`, checked to have `shape`."""
+    if name not in self.files:
+      raise HFError(f'tensor {name!r} is missing from {self.where}')
+    file = self.files[name]
+    if file not in self._open:
+      path = os.path.join(self.dir, file)
+      if not os.path.exists(path):
+        raise HFError(f'{self.where} lists {file} (for tensor {name!r}), which does not exist')
+      self._open[file] = safe_open(path, framework='np')
+      self._keys[file] = set(self._open[file].keys())
+    if name not in self._keys[file]:  # the index names a file that lacks it
+      raise HFError(f'tensor {name!r} is missing from {os.path.join(self.dir, file)} '
+                    f'(where {self.where} puts it)')
+    src = self._open[file].get_slice(name)
+    if tuple(src.get_shape()) != tuple(shape):
+      raise HFError(f'tensor {name!r} in {os.path.join(self.dir, file)} has shape '
+                    f'{tuple(src.get_shape())}, expected {tuple(shape)} from config.json')
+    return src
+
+  def close(self):
+    self._open.clear()
+
+
+def _place(reader: _SafetensorsDir, spec: _Spec, shape, sharding_, dtype) -> jax.Array:
+  """One parameter as a global jax.Array with `sharding_`: each distinct device block is
+  read from the files, converted, and sent to its devices before the next is read."""
+  layer_shape = shape[1:] if spec.layered else shape
+  hf_shape = _hf_shape(spec.kind, layer_shape)
+  blocks: dict[tuple, list] = {}
+  for device, index in sharding_.addressable_devices_indices_map(shape).items():
+    bounds = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+    blocks.setdefault(bounds, []).append(device)
+  arrays = []
+  for bounds, devices in blocks.items():
+    if spec.layered:
+      (l0, l1), rest = bounds[0], bounds[1:]
+      block = np.empty((l1 - l0,) + tuple(b - a for a, b in rest), dtype)
+      for j, i in enumerate(range(l0, l1)):
+        src = reader.slice(spec.name.format(i=i), hf_shape)
+        block[j] = _read_block(src, spec.kind, rest, layer_shape)
+    else:
+      src = reader.slice(spec.name, hf_shape)
+      block = np.asarray(_read_block(src, spec.kind, bounds, layer_shape)).astype(dtype)
+    arrays += [jax.device_put(block, d) for d in devices]
+    del block
+  return jax.make_array_from_single_device_arrays(shape, sharding_, arrays)
+
+
+def check_model_config(hf_config: dict, mcfg) -> None:
+  """Raises HFError unless cfg.model describes the same network as config.json (every
+  field model_overrides_from_hf sets; param_dtype and the like may differ)."""
+  want = model_overrides_from_hf(hf_config)
+  diff = []
+  for key, value in want.items():
+    have = mcfg[key]
+    if key == 'head_dim':
+      value = value or mcfg.d_model // mcfg.n_heads
+      have = have or mcfg.d_model // mcfg.n_heads
+    elif key == 'rope_scaling':
+      have = {k: have.get(k) for k in value}
+    if have != value:
+      diff.append(f'model.{key}: config {have!r} vs config.json {value!r}')
+  if diff:
+    raise HFError('the model config does not match config.json (' + '; '.join(diff)
+                  + '); build the config with hf.config_from_hf')
+
+
+def load_params(hf_dir: str, cfg, mesh=None, rules=None) -> dict:
+  """The HF checkpoint in `hf_dir` as an lmjax params dict (`nnx.to_pure_dict` layout,
+  layers stacked), each leaf placed with its NamedSharding on `mesh` (default: the mesh
+  of cfg.mesh) under `rules` (default cfg.rules), cast to cfg.model.param_dtype.
+
+  cfg.model must match config.json (see `config_from_hf`); every tensor's presence and
+  shape is checked (file headers only) before any is read.
+  """
+  mcfg = cfg.model
+  check_model_config(read_hf_config(hf_dir), mcfg)
+  mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
+  rules = dict(cfg.rules if rules is None else rules)
+  _, specs, shapes = state_lib.logical_param_specs(cfg)
+  shardings = sharding.tree_shardings(specs, shapes, mesh, rules)
+  dtype = np.dtype(transformer.DTYPES[mcfg.param_dtype])
+  table = _specs(mcfg)
+  reader = _SafetensorsDir(hf_dir)
+  try:
+    used = set()
+    for spec in table:
+      shape = _get(shapes, spec.path).shape
+      layers = range(shape[0]) if spec.layered else [None]
+      for i in layers:
+        name = spec.name.format(i=i)
+        reader.slice(name, _hf_shape(spec.kind, shape[1:] if spec.layered else shape))
+        used.add(name)
+    if mcfg.tie_embeddings:
+      used.add('lm_head.weight')  # some tied checkpoints store the copy too
+    unused = sorted(n for n in reader.files if n not in used and not n.endswith(_IGNORED_SUFFIXES))
+    if unused:
+      raise HFError(f'{reader.where} holds tensors this config does not use: '
+                    f'{", ".join(unused[:5])}{" ..." if len(unused) > 5 else ""} '
+                    '(biases or a head the lmjax model lacks?)')
+    params: dict = {}
+    for spec in table:
+      leaf = _get(shapes, spec.path)
+      _set(params, spec.path, _place(reader, spec, leaf.shape, _get(shardings, spec.path), dtype))
+  finally:
+    reader.close()
+  return params
+
+
+# ---- Export ---------------------------------------------------------------------------
+
+def _fetch(x: jax.Array, layer: int | None) -> np.ndarray:
+  """One leaf (or one layer of a stacked leaf) on the host."""
+  if layer is not None:
+    x = x[layer]
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def _write_safetensors(path: str, entries: list, metadata: dict) -> None:
+  """Writes a safetensors file from entries (name, shape, dtype, fetch) one tensor at a
+  time: the header (shapes and offsets) first, then each tensor's bytes as `fetch()`
+  returns them. (safetensors' own writers need every tensor of a file in memory.)"""
+  header, offset = {}, 0
+  for name, shape, dtype, _ in entries:
+    n = math.prod(shape) * dtype.itemsize
+    header[name] = {'dtype': _ST_DTYPES[dtype], 'shape': list(shape),
+                    'data_offsets': [offset, offset + n]}
+    offset += n
+  header['__metadata__'] = metadata
+  blob = json.dumps(header, separators=(',', ':')).encode()
+  blob += b' ' * (-len(blob) % 8)
+  tmp = path + '.tmp'
+  with open(tmp, 'wb') as f:
+    f.write(struct.pack('<Q', len(blob)))
+    f.write(blob)
+    for name, shape, dtype, fetch in entries:
+      x = np.ascontiguousarray(fetch(), dtype=dtype)
+      assert x.shape == tuple(shape), (name, x.shape, shape)
+      f.write(x.reshape(-1).view(np.uint8).data)
+  os.replace(tmp, path)
+
+
+def _model_files(out_dir: str) -> list[str]:
+  names = glob.glob(os.path.join(out_dir, 'model-*-of-*.safetensors'))
+  return names + [p for p in (os.path.join(out_dir, SINGLE_FILE),
+                              os.path.join(out_dir, INDEX_FILE)) if os.path.exists(p)]
+
+
+def save_hf(params: dict, cfg, out_dir: str, arch: str | None = None,
+            tokenizer_path: str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+            dtype: str | None = None, overwrite: bool = False) -> list[str]:
+  """Writes `params` (an lmjax params dict, sharded or not) as a Hugging Face model dir:
+  config.json, model.safetensors (or shards of at most `max_shard_bytes` plus
+  model.safetensors.index.json) and, with `tokenizer_path`, tokenizer.model and
+  generation_config.json (its bos/eos/pad ids, also set in config.json).
+
+  arch: 'llama' | 'mistral' | 'qwen2'; default 'qwen2' when model.qkv_bias else 'llama'.
+  dtype: 'float32' | 'bfloat16' for the files (default cfg.model.param_dtype).
+  Existing model files in `out_dir` are an error unless `overwrite`, which removes them.
+  Every process must call this (multi-host gathers); process 0 writes. Returns the paths.
+  """
+  mcfg = cfg.model
+  arch = arch or ('qwen2' if mcfg.qkv_bias else 'llama')
+  dtype = dtype or mcfg.param_dtype
+  if dtype not in transformer.DTYPES:
+    raise HFError(f'dtype={dtype!r}: expected one of {tuple(transformer.DTYPES)}')
+  np_dtype = np.dtype(transformer.DTYPES[dtype])
+  extra = {}
+  if tokenizer_path:
+    from lmjax.data import tokenizer as tokenizer_lib
+    tok = tokenizer_lib.Tokenizer(tokenizer_path)
+    tokenizer_lib.check_vocab(tok, mcfg.vocab_size)
+    extra = {k: v for k, v in (('bos_token_id', tok.bos_id), ('eos_token_id', tok.eos_id),
+                               ('pad_token_id', tok.sp.pad_id())) if v >= 0}
+  max_pos = cfg.data.seq_len if 'data' in cfg else None
+  hf_cfg = hf_config_from_model(mcfg, arch, max_position_embeddings=max_pos, dtype=dtype,
+                                **extra)
+
+  _, _, shapes = state_lib.logical_param_specs(cfg)
+  entries = []
+  for spec in _specs(mcfg):
+    try:
+      x = _get(params, spec.path)
+    except (KeyError, TypeError):
+      raise HFError(f'params have no {"/".join(spec.path)} (model config: '
+                    f'qkv_bias={mcfg.qkv_bias}, tie_embeddings={mcfg.tie_embeddings})') from None
+    want = _get(shapes, spec.path).shape
+    if tuple(x.shape) != tuple(want):
+      raise HFError(f'params {"/".join(spec.path)} has shape {tuple(x.shape)}, the config '
+                    f'gives {tuple(want)}')
+    layer_shape = want[1:] if spec.layered else want
+    hf_shape = _hf_shape(spec.kind, layer_shape)
+    for i in range(want[0]) if spec.layered else [None]:
+      fetch = lambda x=x, i=i, kind=spec.kind: _to_hf(kind, _fetch(x, i))
+      entries.append((spec.name.format(i=i), hf_shape, np_dtype, fetch))
+
+  # Group into shards, in order, of at most max_shard_bytes (a larger tensor: alone).
+  shards, size = [[]], 0
+  for e in entries:
+    n = math.prod(e[1]) * np_dtype.itemsize
+    if shards[-1] and size + n > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(e)
+    size += n
+  names = ([SINGLE_FILE] if len(shards) == 1 else
+           [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))])
+
+  writer = jax.process_index() == 0
+  if writer:
+    os.makedirs(out_dir, exist_ok=True)
+    stale = _model_files(out_dir)
+    if stale and not overwrite:
+      raise FileExistsError(f'{out_dir} already holds model files ({os.path.basename(stale[0])}'
+                            ', ...); pass overwrite=True (--overwrite) to replace them')
+    for p in stale:
+      os.remove(p)
+  written = []
+  for name, shard in zip(names, shards):
+    path = os.path.join(out_dir, name)
+    if writer:
+      _write_safetensors(path, shard, {'format': 'pt'})
+    else:
+      for *_, fetch in shard:  # take part in the gathers
+        fetch()
+    written.append(path)
+  if writer:
+    if len(shards) > 1:
+      total = sum(math.prod(e[1]) for e in entries) * np_dtype.itemsize
+      index = {'metadata': {'total_size': total},
+               'weight_map': {e[0]: n for n, shard in zip(names, shards) for e in shard}}
+      written.append(_write_json(os.path.join(out_dir, INDEX_FILE), index))
+    written.append(_write_json(os.path.join(out_dir, 'config.json'), hf_cfg))
+    gen = {k: hf_cfg[k] for k in ('bos_token_id', 'eos_token_id', 'pad_token_id') if k in hf_cfg}
+    if gen:
+      written.append(_write_json(os.path.join(out_dir, 'generation_config.json'), gen))
+    if tokenizer_path:
+      dst = os.path.join(out_dir, TOKENIZER_FILE)
+      if os.path.abspath(tokenizer_path) != os.path.abspath(dst):
+        shutil.copyfile(tokenizer_path, dst)
+      written.append(dst)
+  return written
+
+
+def _write_json(path: str, obj) -> str:
+  with open(path, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write('\n')
+  return path
+
+
+# ---- Checkpoints (workdirs) -----------------------------------------------------------
+
+def import_hf(hf_dir: str, workdir: str, base_cfg=None, mesh=None):
+  """HF model dir -> step-0 lmjax checkpoint in `workdir`: train state with fresh
+  optimizer state, the config, and meta recording the source and its tokenizer (copied
+  to `<workdir>/tokenizer.model` when the model ships one), so that
+  `python -m lmjax.train --workdir=...` continues from it. Returns the config."""
+  hf_dir = os.path.abspath(hf_dir)
+  cfg = config_from_hf(hf_dir, base_cfg)
+  ckpt = ckpt_lib.Checkpointer(workdir, cfg)
+  try:
+    if ckpt.latest_step() is not None:
+      raise HFError(f'{workdir} already holds checkpoints (latest step {ckpt.latest_step()}); '
+                    'import into a new workdir')
+    tok = ''
+    if cfg.tokenizer.path == os.path.join(hf_dir, TOKENIZER_FILE):
+      tok = os.path.join(os.path.abspath(workdir), TOKENIZER_FILE)
+      if jax.process_index() == 0:
+        shutil.copyfile(cfg.tokenizer.path, tok)
+      cfg.tokenizer.path = tok
+    mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
+    setup = state_lib.make_setup(cfg, mesh)
+    params = load_params(hf_dir, cfg, mesh, setup.rules)
+    with sharding.use_mesh(mesh, setup.rules):
+      opt_state = jax.jit(setup.tx.init,
+                          out_shardings=setup.state_shardings['opt_state'])(params)
+    step = jax.device_put(np.zeros((), np.int32), setup.state_shardings['step'])
+    meta = {'init_from': {'path': hf_dir, 'format': 'hf', 'step': None}, 'tokenizer': tok}
+    ckpt.save(0, {'step': step, 'params': params, 'opt_state': opt_state}, cfg, force=True,
+              meta=meta)
+    ckpt.wait()
+  finally:
+    ckpt.close()
+  return cfg
+
+
+def restore_params(workdir: str, step: int | None = None, mesh=None):
+  """(params, cfg, meta) of an lmjax workdir's checkpoint: checkpoint.load_params."""
+  params, cfg, meta, _ = ckpt_lib.load_params(workdir, step, mesh)
+  return params, cfg, meta
+
+
+def export_workdir(workdir: str, out_dir: str, step: int | None = None, arch: str | None = None,
+                   mesh=None, **kwargs) -> list[str]:
+  """lmjax workdir checkpoint (latest, or `step`) -> HF model dir, with the run's
+  sentencepiece tokenizer when it has one (its meta's, else where its config points).
+  kwargs go to `save_hf`."""
+  from lmjax.data import tokenizer as tokenizer_lib
+  params, cfg, meta = restore_params(workdir, step, mesh)
+  tok = kwargs.pop('tokenizer_path', None)
+  if tok is None:
+    for path in (meta.get('tokenizer'), tokenizer_lib.resolve_path(cfg)):
+      if path and os.path.exists(path):
+        tok = path
+        break
+  return save_hf(params, cfg, out_dir, arch=arch, tokenizer_path=tok, **kwargs)

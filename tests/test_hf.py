@@ -1,0 +1,373 @@
+"""Hugging Face import/export: logits parity with transformers (Llama incl. Llama-3 RoPE
+scaling and tied embeddings, Mistral, Qwen2), exact round trips, sharded import on an
+8-device mesh, clear errors, and the tools/convert_hf.py CLI."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+
+import jax  # noqa: E402
+import ml_dtypes  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.numpy import save_file  # noqa: E402
+
+from lmjax import checkpoint as ckpt_lib  # noqa: E402
+from lmjax import config as config_lib  # noqa: E402
+from lmjax import hf, sharding  # noqa: E402
+from lmjax.data import tokenizer as tokenizer_lib  # noqa: E402
+from lmjax.models import transformer  # noqa: E402
+from lmjax.train import state as state_lib  # noqa: E402
+from util import tiny_config  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 1e-4
+SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+             rms_norm_eps=1e-6)
+LLAMA3_ROPE = dict(rope_type='llama3', rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                   high_freq_factor=4.0, original_max_position_embeddings=64)
+CASES = {  # name: (arch, config kwargs, save_pretrained max_shard_size)
+    'llama': ('llama', {}, None),
+    'llama3_tied': ('llama', dict(rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True),
+                    '20KB'),
+    'mistral': ('mistral', dict(sliding_window=4096), None),
+    'qwen2': ('qwen2', dict(rope_parameters=dict(rope_type='default', rope_theta=1e6)), None),
+}
+CONFIGS = {'llama': 'LlamaConfig', 'mistral': 'MistralConfig', 'qwen2': 'Qwen2Config'}
+TOKENS = np.random.default_rng(0).integers(0, 128, (2, 24))
+
+
+def make_hf(path, case='llama', dtype=torch.float32, **overrides):
+  """A random transformers model (every weight random, norms and biases included, so a
+  swapped tensor shows), saved to `path`. Returns the model (float32, eval mode)."""
+  arch, kwargs, shard = CASES[case]
+  config = getattr(transformers, CONFIGS[arch])(**{**SIZES, **kwargs, **overrides})
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(config).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if 'norm' in name:
+        p.copy_(1.0 + 0.2 * torch.randn_like(p))
+      else:
+        p.copy_(0.1 * torch.randn_like(p))
+  model.to(dtype).save_pretrained(str(path), max_shard_size=shard or '50GB')
+  return model.float()
+
+
+def hf_logits(model, tokens=TOKENS):
+  with torch.no_grad():
+    return model(torch.tensor(tokens)).logits.float().numpy()
+
+
+def lmjax_logits(params, cfg, tokens=TOKENS):
+  graphdef, _ = transformer.abstract(state_lib.model_config(cfg))
+  return np.asarray(nnx.merge(graphdef, params)(tokens))
+
+
+def one_device_mesh():
+  return sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+
+
+def read_tensors(path):
+  """Every tensor of an HF dir, by name."""
+  out = {}
+  for f in sorted(os.listdir(path)):
+    if f.endswith('.safetensors'):
+      with safe_open(os.path.join(path, f), framework='np') as st:
+        out.update((k, st.get_tensor(k)) for k in st.keys())
+  return out
+
+
+def assert_trees_equal(a, b):
+  la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+  assert [p for p, _ in la] == [p for p, _ in lb]
+  for (path, x), (_, y) in zip(la, lb):
+    assert x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y)), \
+        jax.tree_util.keystr(path)
+
+
+# ---- Parity and round trips -----------------------------------------------------------
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_import_export_parity(case, tmp_path):
+  src, out = tmp_path / 'hf', tmp_path / 'out'
+  model = make_hf(src, case)
+  if CASES[case][2]:
+    assert os.path.exists(src / hf.INDEX_FILE)  # sharded files
+  ref = hf_logits(model)
+
+  # HF -> lmjax: same logits.
+  cfg = hf.config_from_hf(str(src))
+  assert cfg.model.tie_embeddings == (case == 'llama3_tied')
+  assert cfg.model.qkv_bias == (case == 'qwen2')
+  assert cfg.model.rope_scaling.type == ('llama3' if case == 'llama3_tied' else 'none')
+  params = hf.load_params(str(src), cfg, one_device_mesh())
+  logits = lmjax_logits(params, cfg)
+  assert np.abs(logits - ref).max() < TOL, np.abs(logits - ref).max()
+
+  # lmjax -> HF: transformers loads it and gives the same logits; the tensors are the
+  # original ones, bit for bit.
+  hf.save_hf(params, cfg, str(out), arch=CASES[case][0], max_shard_bytes=40_000)
+  assert os.path.exists(out / hf.INDEX_FILE)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+  assert type(reloaded) is type(model)
+  exported = hf_logits(reloaded)
+  assert np.abs(exported - logits).max() < TOL, np.abs(exported - logits).max()
+  original, written = read_tensors(src), read_tensors(out)
+  tied_copy = {'lm_head.weight'} if cfg.model.tie_embeddings else set()
+  assert set(written) == set(original) - tied_copy
+  for name, x in written.items():
+    assert np.array_equal(x, original[name]), name
+
+  # lmjax -> HF -> lmjax: bit-exact, config included.
+  assert hf.config_from_hf(str(out)).model.to_dict() == cfg.model.to_dict()
+  assert_trees_equal(hf.load_params(str(out), cfg, one_device_mesh()), params)
+
+
+def test_export_of_an_lmjax_model_round_trips(tmp_path):
+  """A model made in lmjax (params in its own layout and config) survives
+  lmjax -> HF -> lmjax exactly, for each arch that fits it, and loads into transformers
+  with the same logits."""
+  rng = np.random.default_rng(1)
+  for arch, model in (('llama', {}), ('mistral', {'tie_embeddings': True}),
+                      ('qwen2', {'qkv_bias': True})):
+    cfg = tiny_config(vocab_size=128, d_ff=96, rope_theta=1e4, **model)
+    _, _, shapes = state_lib.logical_param_specs(cfg)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, a: (float(jax.tree_util.keystr(path).endswith("['scale']"))
+                         + 0.1 * rng.standard_normal(a.shape)).astype(np.float32), shapes)
+    hf.save_hf(params, cfg, str(tmp_path / arch), arch=arch)
+    back = hf.config_from_hf(str(tmp_path / arch), cfg)
+    assert back.model.to_dict() == cfg.model.to_dict()
+    assert_trees_equal(hf.load_params(str(tmp_path / arch), back, one_device_mesh()), params)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / arch)).eval()
+    assert type(reloaded).__name__ == hf.ARCHS[arch]
+    diff = np.abs(hf_logits(reloaded) - lmjax_logits(params, cfg)).max()
+    assert diff < TOL, diff
+
+
+def test_bfloat16_checkpoints(tmp_path):
+  """bf16 safetensors (as real checkpoints ship) read exactly, into either param dtype,
+  and export back to bf16 bit for bit."""
+  make_hf(tmp_path / 'hf', 'llama', dtype=torch.bfloat16)
+  original = read_tensors(tmp_path / 'hf')
+  assert original['model.embed_tokens.weight'].dtype == ml_dtypes.bfloat16
+  cfg = hf.config_from_hf(str(tmp_path / 'hf'))
+  p32 = hf.load_params(str(tmp_path / 'hf'), cfg, one_device_mesh())
+  assert p32['embed'].dtype == np.float32
+  np.testing.assert_array_equal(np.asarray(p32['layers']['mlp']['gate'][1]),
+                                original['model.layers.1.mlp.gate_proj.weight'].T)
+  cfg16 = hf.config_from_hf(str(tmp_path / 'hf'))
+  cfg16.model.param_dtype = 'bfloat16'
+  p16 = hf.load_params(str(tmp_path / 'hf'), cfg16, one_device_mesh())
+  assert p16['embed'].dtype == jax.numpy.bfloat16
+  hf.save_hf(p32, cfg, str(tmp_path / 'out'), dtype='bfloat16')
+  assert json.loads((tmp_path / 'out' / 'config.json').read_text())['dtype'] == 'bfloat16'
+  written = read_tensors(tmp_path / 'out')
+  assert set(written) == set(original)
+  for name, x in written.items():
+    assert x.dtype == ml_dtypes.bfloat16 and np.array_equal(x, original[name]), name
+
+
+# ---- Sharded import -------------------------------------------------------------------
+
+RULES_HEAD_DIM = dict(layers='data', heads=None, kv_heads=None, head_dim='tensor', vocab=None)
+
+
+@pytest.mark.parametrize('case,rules,q_spec', [
+    ('llama3_tied', {}, P(None, 'fsdp', 'tensor', None)),
+    ('qwen2', {}, P(None, 'fsdp', 'tensor', None)),
+    ('qwen2', RULES_HEAD_DIM, P('data', 'fsdp', None, 'tensor'))])
+def test_sharded_import(case, rules, q_spec, tmp_path):
+  """On a data=2 x fsdp=2 x tensor=2 mesh each leaf has its rule's sharding and the
+  logits match; the second rule set splits layers and head_dim instead of heads."""
+  model = make_hf(tmp_path, case)
+  cfg = hf.config_from_hf(str(tmp_path))
+  rules = dict(cfg.rules, **rules)
+  mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+  params = hf.load_params(str(tmp_path), cfg, mesh, rules)
+  _, specs, shapes = state_lib.logical_param_specs(cfg)
+  expected = sharding.tree_shardings(specs, shapes, mesh, rules)
+  for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(expected)):
+    assert x.sharding == s, (jax.tree_util.keystr(path), x.sharding, s)
+  assert params['layers']['attn']['q'].sharding.spec == q_spec
+  unsharded = hf.load_params(str(tmp_path), cfg, one_device_mesh())
+  assert_trees_equal(jax.device_get(params), jax.device_get(unsharded))
+  with sharding.use_mesh(mesh, rules):
+    logits = lmjax_logits(params, cfg)
+  diff = np.abs(logits - hf_logits(model)).max()
+  assert diff < TOL, diff
+
+
+# ---- Errors ---------------------------------------------------------------------------
+
+def _edit_config(path, **changes):
+  c = json.loads((path / 'config.json').read_text())
+  for k, v in changes.items():
+    if v is None:
+      c.pop(k, None)
+    else:
+      c[k] = v
+  (path / 'config.json').write_text(json.dumps(c))
+
+
+def test_mismatched_config_missing_or_misshapen_tensor(tmp_path):
+  make_hf(tmp_path, 'llama')
+  cfg = hf.config_from_hf(str(tmp_path))
+  wrong = hf.config_from_hf(str(tmp_path))
+  wrong.model.rope_theta = 1e6
+  with pytest.raises(hf.HFError, match=r'model.rope_theta: config 1000000.0 vs config.json '
+                     r'10000.0'):
+    hf.load_params(str(tmp_path), wrong, one_device_mesh())
+  file = str(tmp_path / 'model.safetensors')
+  tensors = read_tensors(tmp_path)
+  del tensors['model.layers.1.mlp.up_proj.weight']
+  save_file(tensors, file, metadata={'format': 'pt'})
+  with pytest.raises(hf.HFError, match=r"'model.layers.1.mlp.up_proj.weight' is missing "
+                     r'from .*model.safetensors'):
+    hf.load_params(str(tmp_path), cfg, one_device_mesh())
+  tensors['model.layers.1.mlp.up_proj.weight'] = np.zeros((96, 64), np.float32)
+  tensors['model.layers.0.self_attn.k_proj.weight'] = np.zeros((64, 64), np.float32)
+  save_file(tensors, file, metadata={'format': 'pt'})
+  with pytest.raises(hf.HFError, match=r"'model.layers.0.self_attn.k_proj.weight' in "
+                     r'.*model.safetensors has shape \(64, 64\), expected \(32, 64\)'):
+    hf.load_params(str(tmp_path), cfg, one_device_mesh())
+  tensors['model.layers.0.self_attn.k_proj.weight'] = np.zeros((32, 64), np.float32)
+  tensors['model.layers.0.self_attn.o_proj.bias'] = np.zeros((64,), np.float32)
+  save_file(tensors, file, metadata={'format': 'pt'})
+  with pytest.raises(hf.HFError, match='does not use: model.layers.0.self_attn.o_proj.bias'):
+    hf.load_params(str(tmp_path), cfg, one_device_mesh())
+  os.remove(file)
+  with pytest.raises(hf.HFError, match='no model.safetensors'):
+    hf.load_params(str(tmp_path), cfg, one_device_mesh())
+
+
+def test_unsupported_configs(tmp_path):
+  make_hf(tmp_path, 'llama')
+  good = json.loads((tmp_path / 'config.json').read_text())
+  bad = {
+      "model_type='gemma'": dict(model_type='gemma'),
+      'architectures': dict(architectures=['LlamaForSequenceClassification']),
+      "rope_parameters.rope_type='yarn'": dict(rope_parameters=dict(rope_type='yarn',
+                                                                    factor=4.0)),
+      "rope_scaling.rope_type='linear'": dict(rope_parameters=None,
+                                              rope_scaling=dict(rope_type='linear', factor=2.0)),
+      'attention_bias=true': dict(attention_bias=True),
+      'mlp_bias=true': dict(mlp_bias=True),
+      "hidden_act='gelu'": dict(hidden_act='gelu'),
+  }
+  for field, change in bad.items():
+    (tmp_path / 'config.json').write_text(json.dumps(good))
+    _edit_config(tmp_path, **change)
+    with pytest.raises(hf.HFError, match=r'config\.json ' + field.replace('.', r'\.')
+                       .replace('(', r'\(').replace('[', r'\[')):
+      hf.config_from_hf(str(tmp_path))
+  # A Mistral window shorter than the sequences trained on.
+  (tmp_path / 'config.json').write_text(json.dumps(good))
+  _edit_config(tmp_path, model_type='mistral', architectures=['MistralForCausalLM'],
+               sliding_window=16)
+  with pytest.raises(hf.HFError, match=r'sliding_window=16 is shorter than data.seq_len=256'):
+    hf.config_from_hf(str(tmp_path))
+  base = config_lib.base_config()
+  base.data.seq_len = 16
+  assert hf.config_from_hf(str(tmp_path), base).model.n_layers == 2
+  # Legacy (transformers 4) keys read as the new ones.
+  legacy = dict(good, rope_parameters=None, rope_theta=5e5,
+                rope_scaling={k: v for k, v in LLAMA3_ROPE.items() if k != 'rope_theta'})
+  m = hf.model_overrides_from_hf(legacy)
+  assert m['rope_theta'] == 5e5 and m['rope_scaling']['original_max_len'] == 64
+  # Export: an arch that cannot hold the model.
+  cfg = hf.config_from_hf(str(tmp_path), base)
+  with pytest.raises(hf.HFError, match='model.qkv_bias=False'):
+    hf.hf_config_from_model(cfg.model, 'qwen2')
+  with pytest.raises(hf.HFError, match="arch='gpt2'"):
+    hf.hf_config_from_model(cfg.model, 'gpt2')
+
+
+def _write_tokenizer(path, vocab_size):
+  words = 'the model data train loss step token batch shard mesh value return'.split()
+  rng = np.random.default_rng(0)
+  texts = [' '.join(rng.choice(words, 12)) + '\n' for _ in range(300)]
+  return tokenizer_lib.train_sentencepiece(texts, str(path), vocab_size)
+
+
+def test_tokenizer_vocab_larger_than_model(tmp_path):
+  make_hf(tmp_path, 'llama')  # vocab 128
+  tok = _write_tokenizer(tmp_path / 'tokenizer.model', 300)
+  with pytest.raises(ValueError, match=r'tokenizer vocab_size 300 .* exceeds model.vocab_size 128'):
+    hf.config_from_hf(str(tmp_path))
+  cfg = config_lib.base_config()
+  cfg.model.vocab_size = 128
+  cfg.tokenizer.path = tok.path
+  with pytest.raises(ValueError, match=r'300 .* exceeds model.vocab_size 128'):
+    tokenizer_lib.load_tokenizer(cfg)
+
+
+# ---- Workdirs and the CLI -------------------------------------------------------------
+
+def _cli():
+  spec = importlib.util.spec_from_file_location('convert_hf',
+                                                os.path.join(ROOT, 'tools', 'convert_hf.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.main
+
+
+def test_convert_hf_cli_round_trip(tmp_path, capsys):
+  src, work, out = tmp_path / 'hf', tmp_path / 'work', tmp_path / 'out'
+  model = make_hf(src, 'llama', vocab_size=384)
+  tok = _write_tokenizer(src / 'tokenizer.model', 320)  # smaller than the model's vocab
+  main = _cli()
+  assert main(['import', f'--hf_dir={src}', f'--workdir={work}', '--config.data.seq_len=64',
+               '--config.mesh.data=1', '--config.mesh.fsdp=-1']) == 0
+
+  # The workdir holds a step-0 train state the loop can resume, with the tokenizer.
+  ckpt = ckpt_lib.Checkpointer(str(work), None, read_only=True)
+  cfg, meta = ckpt.read_config(), ckpt.read_meta()
+  assert ckpt.all_steps() == [0] and cfg.data.seq_len == 64 and cfg.model.vocab_size == 384
+  assert meta['tokenizer'] == str(work / 'tokenizer.model') == cfg.tokenizer.path
+  assert meta['init_from']['format'] == 'hf'
+  setup = state_lib.make_setup(cfg, sharding.make_mesh(cfg.mesh))
+  state = ckpt.restore(setup.abstract_state)
+  ckpt.close()
+  assert int(state['step']) == 0
+  assert tokenizer_lib.load_tokenizer(cfg).vocab_size == 320
+  diff = np.abs(lmjax_logits(state['params'], cfg) - hf_logits(model)).max()
+  assert diff < TOL, diff
+
+  assert main(['export', f'--workdir={work}', f'--out_dir={out}']) == 0
+  assert (out / 'tokenizer.model').read_bytes() == (src / 'tokenizer.model').read_bytes()
+  config = json.loads((out / 'config.json').read_text())
+  assert (config['bos_token_id'], config['eos_token_id']) == (tok.bos_id, tok.eos_id)
+  original = read_tensors(src)
+  for name, x in read_tensors(out).items():
+    assert np.array_equal(x, original[name]), name
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+  diff = np.abs(hf_logits(reloaded) - hf_logits(model)).max()
+  assert diff < TOL, diff
+
+  # Bad input: exit code 2 and the reason.
+  capsys.readouterr()
+  assert main(['import', f'--hf_dir={src}', f'--workdir={work}']) == 2
+  assert 'already holds checkpoints' in capsys.readouterr().err
+  assert main(['export', f'--workdir={work}', f'--out_dir={out}']) == 2
+  assert 'already holds model files' in capsys.readouterr().err
+  assert main(['export', f'--workdir={work}', f'--out_dir={out}', '--overwrite',
+               '--step=5']) == 2
+  assert 'no checkpoint for step 5' in capsys.readouterr().err
+  assert main(['import', f'--hf_dir={tmp_path / "nothing"}', f'--workdir={tmp_path / "w2"}']) == 2
+  assert 'no config.json' in capsys.readouterr().err
+  res = subprocess.run([sys.executable, 'tools/convert_hf.py', 'export',
+                        f'--workdir={tmp_path / "empty"}', f'--out_dir={tmp_path / "o2"}'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert res.returncode == 2 and 'no checkpoint found' in res.stderr, res.stderr

@@ -1,0 +1,93 @@
+"""Converts between Hugging Face model directories and lmjax checkpoints.
+
+  # HF (Llama, Mistral, Qwen2; config.json + *.safetensors) -> step-0 lmjax checkpoint:
+  python tools/convert_hf.py import --hf_dir=PATH --workdir=DIR \\
+      [--config=configs/x.py[:arg]] [--config.KEY=VALUE ...]
+  python -m lmjax.train --config=configs/x.py --workdir=DIR   # continues from it
+
+  # lmjax checkpoint (latest, or --step) -> HF directory (loads with transformers):
+  python tools/convert_hf.py export --workdir=DIR --out_dir=PATH \\
+      [--step=N] [--arch=llama|mistral|qwen2] [--dtype=bfloat16] [--max_shard_gb=4] [--overwrite]
+
+import takes the model fields from config.json and everything else from --config (default
+lmjax's base config); the sentencepiece tokenizer.model, when the model ships one, is
+copied into the workdir. Params are read tensor by tensor onto the config's mesh
+(--config.mesh.fsdp=-1 --config.mesh.data=1 to spread a large model over the devices).
+Exit code 2 on bad input, with the reason.
+"""
+
+import argparse
+import ast
+import sys
+
+
+def _parse(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=__doc__.split('\n\n', 1)[1])
+  sub = parser.add_subparsers(dest='command', required=True)
+  imp = sub.add_parser('import', help='HF model dir -> lmjax workdir (step 0)')
+  imp.add_argument('--hf_dir', required=True, help='HF model dir (config.json, *.safetensors)')
+  imp.add_argument('--workdir', required=True, help='new lmjax run directory')
+  imp.add_argument('--config', default=None,
+                   help='experiment config for the non-model fields (configs/*.py[:arg])')
+  exp = sub.add_parser('export', help='lmjax workdir -> HF model dir')
+  exp.add_argument('--workdir', required=True, help='lmjax run directory')
+  exp.add_argument('--out_dir', required=True, help='HF model dir to write')
+  exp.add_argument('--step', type=int, default=None, help='checkpoint step (default: latest)')
+  exp.add_argument('--arch', default=None, choices=('llama', 'mistral', 'qwen2'),
+                   help="HF architecture (default: 'qwen2' for models with q/k/v biases, "
+                   "else 'llama')")
+  exp.add_argument('--dtype', default=None, choices=('float32', 'bfloat16'),
+                   help='dtype of the files (default: the params\' dtype)')
+  exp.add_argument('--max_shard_gb', type=float, default=4.0,
+                   help='split model files above this size (GiB)')
+  exp.add_argument('--overwrite', action='store_true',
+                   help='replace model files already in --out_dir')
+  args, rest = parser.parse_known_args(argv)
+  overrides = {}
+  for arg in rest:
+    if args.command != 'import' or not arg.startswith('--config.') or '=' not in arg:
+      parser.error(f'unexpected argument {arg!r}'
+                   + (' (overrides are --config.KEY=VALUE)' if args.command == 'import' else ''))
+    key, value = arg[len('--config.'):].split('=', 1)
+    try:
+      overrides[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      overrides[key] = value  # a plain string: a path, a name
+  return args, overrides
+
+
+def main(argv=None) -> int:
+  args, overrides = _parse(sys.argv[1:] if argv is None else argv)
+  # Imported after parsing: usage errors come before jax starts.
+  from lmjax import checkpoint as ckpt_lib
+  from lmjax import config as config_lib
+  from lmjax import hf
+  try:
+    if args.command == 'import':
+      if args.config:
+        base = config_lib.load(args.config, overrides=overrides)
+      else:
+        base = config_lib.base_config()
+        config_lib.apply_overrides(base, overrides)
+      cfg = hf.import_hf(args.hf_dir, args.workdir, base_cfg=base)
+      m = cfg.model
+      print(f'imported {args.hf_dir} -> {args.workdir} (step 0): {m.n_layers} layers, '
+            f'd_model {m.d_model}, vocab {m.vocab_size}, tokenizer '
+            f'{cfg.tokenizer.path or "none (set tokenizer.path)"}')
+    else:
+      written = hf.export_workdir(args.workdir, args.out_dir, step=args.step, arch=args.arch,
+                                  dtype=args.dtype, overwrite=args.overwrite,
+                                  max_shard_bytes=int(args.max_shard_gb * 2**30))
+      print(f'exported {args.workdir} -> {args.out_dir}: '
+            + ', '.join(sorted(p.rsplit('/', 1)[-1] for p in written)))
+  except (ValueError, ckpt_lib.CheckpointError, FileNotFoundError, FileExistsError) as e:
+    # hf.HFError and config_lib.ConfigError are ValueErrors.
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
