@@ -1,0 +1,194 @@
+"""What a notebook uses: load a trained or imported model, generate, score.
+
+    import lmjax
+    m = lmjax.load('/tmp/lmjax_tiny')            # an lmjax workdir (latest step) ...
+    m = lmjax.load('/models/Llama-3.2-1B')       # ... or a Hugging Face model directory
+    m.generate(['def fib(n):'], max_new_tokens=32)
+    m.score(['import os\\n'])[0].logprobs       # per-token log-probs
+    m.config.model.d_model
+
+The parameters are restored onto the devices this process has (all of them, FSDP-sharded
+by default, whatever mesh the run trained on): Orbax reshards on restore; a Hugging Face
+directory is read tensor by tensor straight into the target shardings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from lmjax import checkpoint as ckpt_lib
+from lmjax import evaluate, sharding
+from lmjax.data import tokenizer as tokenizer_lib
+from lmjax.train import state as state_lib
+
+# Notebook default: every device on the fsdp axis (params sharded, batch split over them).
+DEFAULT_MESH = {'data': 1, 'fsdp': -1, 'tensor': 1}
+
+
+@dataclasses.dataclass
+class Scored:
+  """One scored text: `tokens` (what was scored, BOS excluded), `logprobs[i]` = log p(tokens[i] |
+  everything before it), `pieces` the tokens as text."""
+  tokens: list[int]
+  pieces: list[str]
+  logprobs: np.ndarray
+
+  @property
+  def total(self) -> float:
+    return float(self.logprobs.sum())
+
+
+class Model:
+  """A model ready for inference: `.config`, `.tokenizer`, `.params`, `.graphdef`,
+  `.mesh`, and `.generate` / `.score` / `.perplexity`."""
+
+  def __init__(self, config, params, graphdef, mesh, tokenizer, source: str, step=None):
+    self.config = config
+    self.params = params
+    self.graphdef = graphdef
+    self.mesh = mesh
+    self.tokenizer = tokenizer
+    self.source = source
+    self.step = step
+
+  def __repr__(self) -> str:
+    m = self.config.model
+    n = sum(x.size for x in jax.tree.leaves(self.params))
+    step = f', step {self.step}' if self.step is not None else ''
+    return (f'Model({self.source}{step}: {n / 1e6:.1f}M params, {m.n_layers} layers, '
+            f'd_model {m.d_model}, vocab {m.vocab_size}, mesh {dict(self.mesh.shape)})')
+
+  def _tok(self):
+    if self.tokenizer is None:
+      raise ValueError(f'{self.source} has no tokenizer (no tokenizer.model): pass token '
+                       'ids to generate_ids / score_ids, or load with tokenizer=PATH')
+    return self.tokenizer
+
+  def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+    tok = self._tok()
+    add_bos = self.config.data.add_bos if add_bos is None else add_bos
+    return ([tok.bos_id] if add_bos else []) + tok.encode(text)
+
+  def generate_ids(self, prompt_tokens: Sequence[Sequence[int]], **kwargs):
+    """generate.generate on token ids; returns its GenerateOutput (tokens, lengths, ...)."""
+    from lmjax import generate
+    with sharding.use_mesh(self.mesh, self.config.rules):
+      return generate.generate(self.graphdef, self.params, [list(p) for p in prompt_tokens],
+                               **kwargs)
+
+  def generate(self, prompts: str | Sequence[str], *, max_new_tokens: int = 64,
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               stop_tokens: Sequence[int] | None = None, seed: int = 0,
+               add_bos: bool | None = None) -> str | list[str]:
+    """Continuations of `prompts` (prompt excluded), cut before the first stop token
+    (default: the tokenizer's EOS). Greedy unless temperature > 0. A str in, a str out."""
+    single = isinstance(prompts, str)
+    prompts = [prompts] if single else list(prompts)
+    tok = self._tok()
+    stops = (tok.eos_id,) if stop_tokens is None else tuple(stop_tokens)
+    out = self.generate_ids([self.encode(p, add_bos) for p in prompts],
+                            max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, stop_tokens=stops, seed=seed)
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    texts = [tok.decode(tokens[i, :lengths[i]].tolist()) for i in range(len(prompts))]
+    return texts[0] if single else texts
+
+  def score_ids(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """log p(seq[t] | seq[:t]) for t >= 1 of each token sequence."""
+    return evaluate.token_logprobs(self.graphdef, self.params, sequences, mesh=self.mesh,
+                                   rules=self.config.rules)
+
+  def score(self, texts: str | Sequence[str], add_bos: bool | None = None) -> list[Scored]:
+    """Per-token log-probs of each text under the model (BOS is context, not scored)."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    tok = self._tok()
+    add_bos = self.config.data.add_bos if add_bos is None else add_bos
+    if not add_bos and any(len(tok.encode(t)) < 2 for t in texts):
+      raise ValueError('score without BOS needs texts of at least two tokens')
+    seqs = [self.encode(t, add_bos) for t in texts]
+    out = []
+    for seq, lp in zip(seqs, self.score_ids(seqs)):
+      scored = seq[1:]
+      out.append(Scored(tokens=scored, pieces=[tok.sp.id_to_piece(i) for i in scored],
+                        logprobs=lp))
+    return out
+
+  def perplexity(self, split: str | None = None, **kwargs) -> dict:
+    """evaluate.perplexity of a split of the config's dataset (or `data={...}` overrides)."""
+    return evaluate.perplexity(self.graphdef, self.params, self.config, self._tok(), split,
+                               mesh=self.mesh, **kwargs)
+
+
+def is_hf_dir(path: str) -> bool:
+  return (os.path.isfile(os.path.join(path, 'config.json'))
+          and any(f.endswith('.safetensors') for f in os.listdir(path)))
+
+
+def load(path: str, step: int | None = None, *, devices: Sequence[Any] | None = None,
+         mesh: dict | None = None, tokenizer: str | None = None) -> Model:
+  """Loads an lmjax workdir (checkpoint `step`, default latest) or a Hugging Face model
+  directory onto `devices` (default: all), sharded by `mesh` (default: all on fsdp).
+
+  tokenizer: a sentencepiece .model to use instead of the one the run used (or the
+  directory's tokenizer.model).
+  """
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'lmjax.load: {path} is not a directory (an lmjax workdir or a '
+                            'Hugging Face model directory)')
+  device_mesh_cfg = dict(DEFAULT_MESH if mesh is None else mesh)
+  if is_hf_dir(path):
+    return _load_hf(path, device_mesh_cfg, devices, tokenizer)
+  return _load_workdir(path, step, device_mesh_cfg, devices, tokenizer)
+
+
+def _with_mesh(cfg, mesh_cfg):
+  cfg = cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.mesh.update(mesh_cfg)
+  return cfg
+
+
+def _load_workdir(path, step, mesh_cfg, devices, tokenizer_path) -> Model:
+  if not os.path.isdir(os.path.join(path, 'checkpoints')):
+    raise ckpt_lib.CheckpointError(f'lmjax.load: {path} holds neither checkpoints/ (an lmjax '
+                                   'workdir) nor config.json + *.safetensors (Hugging Face)')
+  saved = ckpt_lib.Checkpointer(path, None, read_only=True)
+  try:
+    cfg = _with_mesh(saved.read_config(saved.resolve_step(step)), mesh_cfg)
+  finally:
+    saved.close()
+  m = sharding.make_mesh(cfg.mesh, devices)
+  params, _, meta, step = ckpt_lib.load_params(path, step, m)
+  graphdef, _, _ = state_lib.logical_param_specs(cfg)
+  tok = _tokenizer(cfg, tokenizer_path or meta.get('tokenizer', ''))
+  return Model(cfg, params, graphdef, m, tok, source=path, step=step)
+
+
+def _tokenizer(cfg, path):
+  """`path` (given, or recorded in the checkpoint), else the run's config resolves it."""
+  if path and os.path.exists(path):
+    return tokenizer_lib.Tokenizer(path)
+  with cfg.unlocked():
+    cfg.tokenizer.train_if_missing = False  # never silently train a different tokenizer
+  try:
+    return tokenizer_lib.load_tokenizer(cfg)
+  except (FileNotFoundError, ValueError) as e:
+    raise FileNotFoundError(f'lmjax.load: the tokenizer of this run is not on this machine '
+                            f'({e}); pass tokenizer=PATH') from e
+
+
+def _load_hf(path, mesh_cfg, devices, tokenizer_path) -> Model:
+  from lmjax import hf
+  cfg = _with_mesh(hf.config_from_hf(path), mesh_cfg)
+  m = sharding.make_mesh(cfg.mesh, devices)
+  graphdef, _, _ = state_lib.logical_param_specs(cfg)
+  params = hf.load_params(path, cfg, m, dict(cfg.rules))
+  tok_file = tokenizer_path or os.path.join(path, 'tokenizer.model')
+  tok = tokenizer_lib.Tokenizer(tok_file) if os.path.exists(tok_file) else None
+  return Model(cfg, params, graphdef, m, tok, source=path)

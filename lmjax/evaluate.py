@@ -1,0 +1,145 @@
+"""Evaluation: perplexity over a dataset split, and a task-accuracy harness.
+
+    ppl = evaluate.perplexity(graphdef, params, cfg, tok, split='validation', mesh=mesh)
+    acc = evaluate.exact_match(model.generate, [{'prompt': '2+2=', 'answer': '4'}, ...])
+
+`perplexity` reads the split once, in order (no shuffling), packed exactly as training
+packs it, and averages the next-token loss over every loss token it saw; the last partial
+batch is dropped (grain's drop_remainder), which the returned token count shows.
+`exact_match` is the harness SFT and DPO reuse: prompt -> greedy answer -> compare.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from functools import partial
+from typing import Callable, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lmjax import sharding
+from lmjax.data import pipeline
+from lmjax.train import losses
+
+
+@partial(jax.jit, static_argnames=('graphdef',))
+def _nll_sums(graphdef, params, batch):
+  model = nnx.merge(graphdef, params)
+  logits = model(batch['inputs'], batch['positions'], batch['segment_ids'])
+  nll, _ = losses.next_token(logits, batch['targets'], batch['loss_mask'])
+  return nll, jnp.sum(batch['loss_mask'])
+
+
+def perplexity(graphdef, params, cfg, tokenizer, split: str | None = None, *,
+               mesh=None, batch_size: int | None = None, max_batches: int | None = None,
+               data: Mapping | None = None) -> dict:
+  """Mean next-token loss and perplexity of `split` (default cfg.data.eval_split).
+
+  data: overrides for cfg.data (e.g. {'text_glob': ..., 'source': 'tfds', 'tfds_name':
+  ...}) to score another corpus with the same model and tokenizer.
+  Returns {'loss', 'ppl', 'tokens', 'batches'}.
+  """
+  cfg = copy.deepcopy(cfg)
+  if data:
+    with cfg.data.unlocked():
+      cfg.data.update(dict(data))
+  split = split or cfg.data.eval_split
+  batch_size = batch_size or cfg.train.global_batch
+  mesh = mesh or sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+  rules = dict(cfg.rules)
+  dp = sharding.data_parallel_size(mesh, rules)
+  if batch_size % dp:
+    raise ValueError(f'batch_size {batch_size} is not divisible by the data-parallel '
+                     f'size {dp} of mesh {dict(mesh.shape)}')
+  pc = jax.process_count()
+  it = pipeline.make_lm_iterator(cfg, tokenizer, split, batch_size=batch_size // pc,
+                                 process_index=jax.process_index(), process_count=pc,
+                                 repeat=False)
+  total, count, n = 0.0, 0.0, 0
+  try:
+    with sharding.use_mesh(mesh, rules):
+      for batch in it:
+        if max_batches is not None and n >= max_batches:
+          break
+        nll, k = _nll_sums(graphdef, params, sharding.place_batch(batch, mesh, rules))
+        total, count, n = total + float(nll), count + float(k), n + 1
+  finally:
+    if hasattr(it, 'close'):
+      it.close()
+  if count == 0:
+    raise ValueError(f'split {split!r} gave no full batch of {batch_size} x '
+                     f'{cfg.data.seq_len} tokens to evaluate')
+  loss = total / count
+  return {'loss': loss, 'ppl': math.exp(min(loss, 50.0)), 'tokens': count, 'batches': n}
+
+
+def normalize_answer(text: str) -> str:
+  """The first line, stripped: a model that keeps going after the answer still counts."""
+  return text.strip().split('\n', 1)[0].strip()
+
+
+def exact_match(generate: Callable[[list[str]], list[str]],
+                examples: Iterable[Mapping[str, str]], *, batch_size: int = 32,
+                normalize: Callable[[str], str] = normalize_answer,
+                keep: int = 5) -> dict:
+  """Task accuracy: `generate(prompts) -> completions` (greedy, by the caller), each
+  compared with its example's 'answer' after `normalize`.
+
+  Returns {'accuracy', 'correct', 'n', 'samples': the first `keep` (prompt, answer,
+  output, ok) tuples}.
+  """
+  examples = list(examples)
+  if not examples:
+    raise ValueError('exact_match needs at least one example')
+  for i, ex in enumerate(examples):
+    if 'prompt' not in ex or 'answer' not in ex:
+      raise ValueError(f'example {i} needs "prompt" and "answer" fields, has {sorted(ex)}')
+  correct, samples = 0, []
+  for start in range(0, len(examples), batch_size):
+    chunk = examples[start:start + batch_size]
+    outputs = generate([ex['prompt'] for ex in chunk])
+    if len(outputs) != len(chunk):
+      raise ValueError(f'generate returned {len(outputs)} completions for {len(chunk)} prompts')
+    for ex, out in zip(chunk, outputs):
+      ok = normalize(out) == normalize(ex['answer'])
+      correct += ok
+      if len(samples) < keep:
+        samples.append((ex['prompt'], ex['answer'], out, bool(ok)))
+  return {'accuracy': correct / len(examples), 'correct': correct, 'n': len(examples),
+          'samples': samples}
+
+
+def token_logprobs(graphdef, params, sequences: Sequence[Sequence[int]], *,
+                   mesh=None, rules=None, pad_to: int = 64) -> list[np.ndarray]:
+  """log p(token_t | tokens_<t) for t >= 1 of each sequence (float32 numpy, length n-1).
+
+  Sequences are right-padded to a multiple of `pad_to` and scored in one batch; padding
+  never changes the result (causal attention, padding after the real tokens).
+  """
+  if not sequences:
+    return []
+  lengths = [len(s) for s in sequences]
+  if min(lengths) < 1:
+    raise ValueError('token_logprobs: an empty sequence has nothing to score')
+  t = -(-max(lengths) // pad_to) * pad_to
+  buf = np.zeros((len(sequences), t), np.int32)
+  for i, s in enumerate(sequences):
+    buf[i, :len(s)] = s
+  ctx = (sharding.use_mesh(mesh, rules) if mesh is not None and rules is not None
+         else contextlib.nullcontext())
+  with ctx:
+    lp = np.asarray(_logprobs(graphdef, params, jnp.asarray(buf)))
+  return [lp[i, :n - 1] for i, n in enumerate(lengths)]
+
+
+@partial(jax.jit, static_argnames=('graphdef',))
+def _logprobs(graphdef, params, tokens):
+  logits = nnx.merge(graphdef, params)(tokens)[:, :-1]
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+

@@ -1,0 +1,165 @@
+"""The notebook API and evaluation: lmjax.load of a workdir (resharded onto other devices)
+and of a Hugging Face dir, generate/score against transformers, perplexity, exact match."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+import lmjax
+from lmjax import evaluate, generate
+from lmjax.train import loop
+from util import tiny_config, write_corpus
+
+VOCAB = 384
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  """A short pretraining run on 8 devices (data parallel)."""
+  root = tmp_path_factory.mktemp('api')
+  cfg = tiny_config(vocab_size=VOCAB)
+  cfg.data.update(source='local_text', text_glob=write_corpus(root / 'text', n_files=40),
+                  data_dir=str(root / 'tfds'), val_fraction=0.1)
+  cfg.tokenizer.update(vocab_size=VOCAB, max_sentences=20_000)
+  cfg.train.update(steps=30, log_every=10, eval_every=30, eval_batches=2)
+  cfg.optim.update(lr=3e-3, warmup_steps=2)
+  cfg.checkpoint.update(every=10, keep=5, async_save=False)
+  cfg.mesh.update(data=-1)
+  workdir = str(root / 'run')
+  return workdir, loop.train(cfg, workdir)
+
+
+def test_load_workdir_on_one_device_equals_trained_params(run):
+  workdir, result = run
+  m = lmjax.load(workdir, devices=jax.devices()[:1])
+  assert m.step == 30 and m.mesh.devices.size == 1
+  trained = jax.device_get(result.state['params'])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(m.params), trained)
+  assert m.tokenizer.path == result.tokenizer.path
+  assert m.config.model.vocab_size == VOCAB
+  # An earlier step, on all 8 devices FSDP-sharded, differs from the last.
+  m10 = lmjax.load(workdir, step=10)
+  assert m10.step == 10 and m10.mesh.shape['fsdp'] == 8
+  emb = m10.params['embed']
+  assert len(emb.sharding.device_set) == 8
+  assert not np.array_equal(np.asarray(emb), trained['embed'])
+  with pytest.raises(Exception, match='step 7'):
+    lmjax.load(workdir, step=7)
+
+
+def test_generate_and_score_agree(run):
+  workdir, _ = run
+  m = lmjax.load(workdir)
+  prompts = ['def f_', 'the model', 'return x *']
+  texts = m.generate(prompts, max_new_tokens=12)
+  assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+  assert m.generate('def f_', max_new_tokens=12) == texts[0]  # str in, str out, batch-free
+  # Greedy: each generated token is the argmax under score's per-token log-probs, i.e.
+  # score and generate see the same model.
+  ids = [m.encode(p) for p in prompts]
+  out = m.generate_ids(ids, max_new_tokens=6)
+  for i, p in enumerate(ids):
+    gen = out.ids()[i]
+    full = p + gen
+    lp = m.score_ids([full])[0]
+    # log p(gen token | prefix) equals the max log-prob at that position.
+    logits_max = _max_logprob_per_position(m, full)
+    np.testing.assert_allclose(lp[len(p) - 1:], logits_max[len(p) - 1:], atol=1e-5)
+  scored = m.score(['def f_1(x):\n    return x'])[0]
+  assert len(scored.tokens) == len(scored.pieces) == len(scored.logprobs)
+  assert np.all(scored.logprobs <= 0) and scored.total == pytest.approx(scored.logprobs.sum())
+
+
+def _max_logprob_per_position(m, seq):
+  from flax import nnx
+  logits = nnx.merge(m.graphdef, m.params)(np.asarray([seq], np.int32))[0]
+  return np.asarray(jax.nn.log_softmax(logits, axis=-1).max(-1))[:-1]
+
+
+def test_perplexity_and_training_eval_agree(run):
+  workdir, result = run
+  m = lmjax.load(workdir)
+  ppl = m.perplexity(max_batches=2)
+  assert ppl['batches'] == 2 and ppl['tokens'] > 0
+  assert ppl['ppl'] == pytest.approx(math.exp(ppl['loss']))
+  # Same split, batches and params as the loop's final eval -> same loss.
+  assert ppl['loss'] == pytest.approx(result.evals[-1]['eval_loss'], rel=1e-5)
+  # The trained model beats the step-10 one on held-out text.
+  assert ppl['loss'] < lmjax.load(workdir, step=10).perplexity(max_batches=2)['loss']
+
+
+def test_exact_match_harness():
+  answers = {'1+1=': '2', '2+2=': '4', '3+3=': '6'}
+  fake = lambda prompts: [answers[p] + '\nmore text' if p != '3+3=' else ' 7' for p in prompts]
+  examples = [{'prompt': p, 'answer': a} for p, a in answers.items()]
+  out = evaluate.exact_match(fake, examples, batch_size=2)
+  assert out['correct'] == 2 and out['n'] == 3 and out['accuracy'] == pytest.approx(2 / 3)
+  assert out['samples'][2] == ('3+3=', '6', ' 7', False)
+  with pytest.raises(ValueError, match='answer'):
+    evaluate.exact_match(fake, [{'prompt': 'x'}])
+
+
+def test_load_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match='not a directory'):
+    lmjax.load(str(tmp_path / 'missing'))
+  with pytest.raises(Exception, match='neither checkpoints'):
+    lmjax.load(str(tmp_path))
+
+
+# ---- Against transformers ---------------------------------------------------------------
+
+def _hf_model(path):
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  config = transformers.LlamaConfig(
+      vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(config).eval()
+  with torch.no_grad():  # large random weights: confident, varied next tokens
+    for name, p in model.named_parameters():
+      p.copy_((1.0 + 0.2 * torch.randn_like(p)) if 'norm' in name else 0.15 * torch.randn_like(p))
+  model.save_pretrained(str(path))
+  return model
+
+
+def test_hf_greedy_generation_matches_transformers(tmp_path):
+  torch = pytest.importorskip('torch')
+  hf_model = _hf_model(tmp_path / 'hf')
+  m = lmjax.load(str(tmp_path / 'hf'))
+  assert m.tokenizer is None
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(3, 128, n).tolist() for n in (5, 11, 3)]
+  new = 16
+  out = m.generate_ids(prompts, max_new_tokens=new)
+  # transformers, one prompt at a time (no padding), never stopping early.
+  for i, p in enumerate(prompts):
+    with torch.no_grad():
+      ref = hf_model.generate(torch.tensor([p]), max_new_tokens=new, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+    assert out.tokens[i].tolist() == ref, f'prompt {i}'
+  # Left-padded batch in transformers gives the same tokens too.
+  width = max(map(len, prompts))
+  ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+  mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+  with torch.no_grad():
+    ref = hf_model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)[:, width:].numpy()
+  np.testing.assert_array_equal(np.asarray(out.tokens), ref)
+  # score: per-token log-probs equal transformers' log_softmax.
+  seq = prompts[1] + out.tokens[1].tolist()
+  with torch.no_grad():
+    logp = torch.log_softmax(hf_model(torch.tensor([seq])).logits[0].float(), -1).numpy()
+  ref_lp = logp[np.arange(len(seq) - 1), seq[1:]]
+  np.testing.assert_allclose(m.score_ids([seq])[0], ref_lp, atol=1e-4)
+
+
+def test_generate_module_api_is_usable_without_a_model_object(run):
+  workdir, result = run
+  m = lmjax.load(workdir, devices=jax.devices()[:1])
+  a = generate.generate(m.graphdef, m.params, [m.encode('def f_')], max_new_tokens=5)
+  b = m.generate_ids([m.encode('def f_')], max_new_tokens=5)
+  np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
