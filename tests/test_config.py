@@ -29,7 +29,7 @@ def test_python_overrides_and_arg():
     ({'optim.lrr': 1.0}, r"unknown config key 'optim.lrr' \(did you mean optim.lr"),
     ({'modle.d_model': 8}, r"unknown config key 'modle.d_model'"),
     ({'optim.lr': 'fast'}, r"config key 'optim.lr'"),
-    ({'model.n_kv_heads': 4}, r'model.n_heads \(6\) must be a multiple of model.n_kv_heads \(4\)'),
+    ({'model.n_kv_heads': 3}, r'model.n_heads \(4\) must be a multiple of model.n_kv_heads \(3\)'),
     ({'model.remat': 'some'}, r"model.remat' must be one of"),
     ({'train.grad_accum': 3}, r'train.global_batch \(16\) must be divisible by train.grad_accum'),
     ({'mesh.data': 0}, r'mesh.data must be a positive size or -1'),
@@ -64,7 +64,7 @@ def test_round_trip_through_dict():
 @pytest.mark.parametrize('flag, message', [
     ('--config.optim.lrr=1', "unknown config key 'optim.lrr'"),
     ('--config.optim.lr=abc', "could not convert string to float: 'abc'"),
-    ('--config.model.n_kv_heads=4', 'must be a multiple of model.n_kv_heads'),
+    ('--config.model.n_kv_heads=3', 'must be a multiple of model.n_kv_heads'),
 ])
 def test_cli_rejects_bad_flags_before_starting(flag, message, tmp_path):
   out = subprocess.run([sys.executable, '-m', 'lmjax.train', f'--config={TINY}', flag,

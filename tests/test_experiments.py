@@ -1,0 +1,52 @@
+"""The shipped configs and the notebook example run end to end (short versions): the
+smoke pretraining on the default corpus, the notebook script on its checkpoint, and the
+DAPT config continuing it on the jax/flax/optax sources."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+def _run(args, cwd=ROOT, timeout=900):
+  proc = subprocess.run([sys.executable] + args, cwd=cwd, capture_output=True, text=True,
+                        timeout=timeout)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc.stdout
+
+
+@pytest.fixture(scope='module')
+def smoke_run(tmp_path_factory):
+  """configs/pretrain_tiny.py:smoke through the CLI, as the README runs it."""
+  workdir = str(tmp_path_factory.mktemp('smoke'))
+  out = _run(['-m', 'lmjax.train', '--config=configs/pretrain_tiny.py:smoke',
+              f'--workdir={workdir}', '--config.train.progress_bar=False'])
+  assert 'step 20: eval_loss' in out and '--- sample' in out
+  return workdir
+
+
+def test_notebook_example_runs(smoke_run):
+  out = _run(['experiments/notebook_tiny.py', smoke_run])
+  assert 'Model(' in out and 'validation: loss' in out and 'exact match' in out
+  assert 'after the round trip' in out
+  assert os.path.exists(os.path.join(smoke_run, 'hf_export', 'config.json'))
+
+
+def test_dapt_config_continues_the_smoke_run(smoke_run, tmp_path):
+  workdir = str(tmp_path / 'dapt')
+  out = _run(['-m', 'lmjax.train', f'--config=configs/dapt_tiny.py:{smoke_run}',
+              f'--workdir={workdir}', '--config.train.steps=6', '--config.train.eval_every=6',
+              '--config.train.log_every=3', '--config.train.eval_batches=1',
+              '--config.train.progress_bar=False', '--config.train.sample_at_end=False'])
+  assert 'params from init_from' in out
+  rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  evals = [r for r in rows if 'eval/domain/loss' in r]
+  assert [r['step'] for r in evals] == [0, 6]
+  assert all('eval/general/loss' in r for r in evals)
+  train = [r for r in rows if 'loss' in r]
+  assert train[-1]['tokens/domain'] > 0 and train[-1]['tokens/general'] > 0
