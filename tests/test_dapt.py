@@ -279,3 +279,27 @@ def test_dapt_tiny_config():
   assert config_lib.load('configs/dapt_tiny.py:/runs/base').init_from.path == '/runs/base'
   base = config_lib.load('configs/pretrain_tiny.py')
   assert not loop.arch_diff(base.model, cfg.model)
+
+
+def test_init_from_a_hugging_face_dir(corpora, source, tmp_path):
+  """Export the source run to HF format, then start a run from that directory: its
+  params (resharded) and its shipped tokenizer.model, step 0."""
+  pytest.importorskip('safetensors')
+  from lmjax import hf
+  src_dir, src_tok = source
+  hf_dir = str(tmp_path / 'hf')
+  hf.export_workdir(src_dir, hf_dir)
+  assert os.path.exists(os.path.join(hf_dir, 'tokenizer.model'))
+  cfg = _dapt(corpora, hf_dir, steps=2, eval_every=0)
+  init = ckpt_lib.open_init_source(cfg.init_from)
+  assert init.format == 'hf' and init.tokenizer_path == os.path.join(hf_dir, 'tokenizer.model')
+  setup = state_lib.make_setup(cfg, sharding.make_mesh(cfg.mesh))
+  got = init.load_params(cfg, setup)
+  want = ckpt_lib.InitSource(src_dir, 'lmjax', 4, {}, src_tok).load_params(cfg, setup)
+  _params_equal(got, want)
+  out = loop.train(cfg, str(tmp_path / 'run'))
+  assert int(out.state['step']) == 2
+  with open(out.tokenizer.path, 'rb') as a, open(src_tok, 'rb') as b:
+    assert a.read() == b.read()  # the exported copy of the source's tokenizer
+  meta = ckpt_lib.Checkpointer(str(tmp_path / 'run'), cfg, read_only=True).read_meta()
+  assert meta['init_from']['format'] == 'hf'
