@@ -19,7 +19,6 @@ batch bucket), so a seed reproduces its samples.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from functools import partial
 from typing import Any, Mapping, Sequence
@@ -130,16 +129,10 @@ def _generate(graphdef, params, prompts, lengths, live, stop_ids, seed, temperat
   return outs
 
 
-@contextlib.contextmanager
 def _constraints(mesh, rules):
   """Activation constraints while tracing: exactly (mesh, rules), or none without rules
   (an enclosing `sharding.use_mesh` must not leak into a trace cached without it)."""
-  prev = getattr(sharding._CTX, 'value', None)
-  sharding._CTX.value = (mesh, dict(rules)) if rules is not None else None
-  try:
-    yield
-  finally:
-    sharding._CTX.value = prev
+  return sharding.use_mesh(mesh, rules)
 
 
 def _next_pow2(n: int) -> int:
@@ -180,7 +173,7 @@ def generate(graphdef, params, prompt_tokens: Sequence[Sequence[int]], *, max_ne
                      f'{temperature}, {top_k}, {top_p}')
 
   if mesh is None:  # an enclosing sharding.use_mesh(mesh, rules)
-    mesh, rules = getattr(sharding._CTX, 'value', None) or (None, rules)
+    mesh, rules = sharding.current() or (None, rules)
   b = len(prompts)
   dp = sharding.data_parallel_size(mesh, rules) if mesh is not None and rules else 1
   bb = -(-_next_pow2(b) // dp) * dp

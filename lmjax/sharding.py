@@ -93,10 +93,17 @@ def logical_to_spec(logical: Sequence[str | None], rules: Mapping[str, Any],
 _CTX = threading.local()
 
 
+def current() -> tuple[Mesh, dict] | None:
+  """The (mesh, rules) of the innermost `use_mesh`, or None."""
+  return getattr(_CTX, 'value', None)
+
+
 @contextlib.contextmanager
-def use_mesh(mesh: Mesh, rules: Mapping[str, Any]):
+def use_mesh(mesh: Mesh | None, rules: Mapping[str, Any] | None):
+  """Constrain activations by `rules` on `mesh` inside; use_mesh(None, None) turns an
+  enclosing context off (for traces that must not depend on it)."""
   prev = getattr(_CTX, 'value', None)
-  _CTX.value = (mesh, dict(rules))
+  _CTX.value = None if rules is None else (mesh, dict(rules))
   try:
     yield
   finally:
