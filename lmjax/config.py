@@ -141,6 +141,35 @@ def base_config() -> ml_collections.ConfigDict:
       async_save=True,
   )
 
+  # Supervised fine-tuning data (data/formats.py): chat or prompt/completion examples,
+  # rendered with a template, loss on assistant tokens only, packed into data.seq_len rows.
+  cfg.sft = dict(
+      source='jsonl',         # jsonl | tfds (tfds_name's records, data.data_dir).
+      # JSONL file / glob(s) with '{split}' for the split name, e.g. 'sft/{split}.jsonl';
+      # '' = the built-in synthetic task (data/sft_task.py), written on first use.
+      path='',
+      tfds_name='',
+      template='chatml',      # chatml | llama3 | plain (markers are text, see formats.py).
+      overlong='truncate',    # truncate | drop: conversations longer than data.seq_len.
+      on_error='skip',        # skip | fail: malformed JSONL lines (counted / file:line).
+      packing_bins=16,        # grain first-fit bins filled at once (more: less padding).
+      task_sizes=dict(train=20000, validation=500, test=500),  # built-in task examples.
+      task_seed=0,
+  )
+
+  # LoRA adapters (models/lora.py): the base params are frozen, only adapters train.
+  cfg.lora = dict(
+      enabled=False,
+      # 'all-linear' | names 'q,k,v,o,gate,up,down' (or PEFT's q_proj, ...) | a regex
+      # matched in full against param paths such as 'layers/attn/(q|v)'.
+      targets='all-linear',
+      rank=8,
+      alpha=16.0,
+      dropout=0.0,            # on each adapter's input, in training only.
+      rslora=False,           # scale alpha/sqrt(rank) instead of alpha/rank.
+      base_dtype='float32',   # frozen base weights: float32 or bfloat16; adapters float32.
+  )
+
   cfg.sample = dict(prompt='def ', max_new_tokens=64, temperature=0.8, top_k=40)
   return cfg
 

@@ -1,0 +1,408 @@
+"""Chat and prompt/completion examples -> token ids + loss masks -> packed SFT batches.
+
+Examples (one JSON object per line of a JSONL file, or a TFDS record):
+    {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}
+    {"prompt": str, "completion": str}      (= one user turn and one assistant turn)
+A conversation must end with an assistant turn. Malformed lines are skipped and counted
+(cfg.sft.on_error='skip') or raise DataError naming file:line ('fail').
+
+Templates (cfg.sft.template). The tokenizer is a plain sentencepiece model with no chat
+special tokens, so markers such as '<|start_header_id|>' are ordinary text that the
+tokenizer splits into several pieces; only BOS and EOS are real special ids.
+    llama3: [BOS] <|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|> ... [EOS]
+    chatml: [BOS] <|im_start|>{role}\\n{content}<|im_end|>\\n ... [EOS]
+    plain:  [BOS] {prompt}{completion} [EOS]   (messages: {content}\\n per turn, the
+            final assistant turn without it; no role names)
+A conversation is rendered as alternating text chunks, prompt (system/user turns and the
+assistant header) and assistant (content + end-of-turn marker), each encoded on its own
+(so the mask boundary is exact), then [BOS] + ... + [EOS]: one BOS, one EOS after the
+final assistant turn. The per-token mask is 1 on assistant chunks and the final EOS.
+`render_prompt` gives the text of chunk 0 of a one-turn conversation: [BOS] +
+tok.encode(prompt) (what lmjax.api encodes) is then exactly the training prefix.
+
+Packing (grain FirstFitPackIterDataset): whole conversations into rows of seq_len with
+segment ids and per-conversation positions; one is never split across rows. As in
+pretraining, targets[t] = inputs[t + 1] within a segment (else 0), and loss_mask[t] = 1
+only where that target token is an assistant token. Longer conversations are truncated
+to seq_len or dropped (cfg.sft.overlong); each row carries 'dropped' and 'truncated' [B]
+int32 counts of such conversations since the previous row (sums over rows = totals).
+"""
+
+from __future__ import annotations
+
+import glob as glob_lib
+import json
+import os
+from typing import Any, Iterator
+
+import grain
+import numpy as np
+from grain.experimental import FirstFitPackIterDataset
+
+from lmjax.data import sources
+from lmjax.data.pipeline import (_JsonSafeState, _ThreadPrefetch, shuffle_seed)
+from lmjax.data.sources import DataError
+
+ROLES = ('system', 'user', 'assistant')
+TEMPLATES = ('llama3', 'chatml', 'plain')
+COUNTS = ('dropped', 'truncated')  # per-row extra features (strip before the step)
+
+
+# ---- Parsing ------------------------------------------------------------------------
+
+def normalize_example(obj: Any) -> list[dict[str, str]]:
+  """An example object -> its list of {'role', 'content'} turns; ValueError if malformed.
+
+  Also accepts TFDS-style records: bytes strings, and messages stored as a dict of
+  parallel arrays {'role': [...], 'content': [...]}.
+  """
+  text = lambda v: v.decode('utf-8') if isinstance(v, bytes) else v
+  if not isinstance(obj, dict):
+    raise ValueError(f'an example must be a JSON object, got {type(obj).__name__}')
+  if 'messages' in obj:
+    msgs = obj['messages']
+    if isinstance(msgs, dict) and set(msgs) >= {'role', 'content'}:
+      msgs = [dict(role=r, content=c) for r, c in zip(msgs['role'], msgs['content'])]
+    if not isinstance(msgs, (list, tuple)) or not msgs:
+      raise ValueError('"messages" must be a non-empty list')
+    turns = []
+    for i, m in enumerate(msgs):
+      if not isinstance(m, dict) or 'role' not in m or 'content' not in m:
+        raise ValueError(f'message {i} needs "role" and "content"')
+      role, content = text(m['role']), text(m['content'])
+      if role not in ROLES:
+        raise ValueError(f'message {i} has role {role!r}, not one of {ROLES}')
+      if not isinstance(content, str):
+        raise ValueError(f'message {i} content must be a string')
+      turns.append(dict(role=role, content=content))
+  elif 'prompt' in obj and 'completion' in obj:
+    prompt, completion = text(obj['prompt']), text(obj['completion'])
+    if not isinstance(prompt, str) or not isinstance(completion, str):
+      raise ValueError('"prompt" and "completion" must be strings')
+    turns = [dict(role='user', content=prompt, sep=''),
+             dict(role='assistant', content=completion)]
+  else:
+    raise ValueError(f'an example needs "messages" or "prompt" + "completion", has '
+                     f'{sorted(obj)}')
+  if turns[-1]['role'] != 'assistant':
+    raise ValueError('the last message must be an assistant turn')
+  return turns
+
+
+def read_jsonl(paths: list[str], on_error: str = 'skip') -> tuple[list, dict]:
+  """Conversations (lists of turns) of the JSONL files, in order; and stats
+  {'examples', 'skipped', 'first_error'}. on_error='fail' raises DataError('file:line: ...')."""
+  if on_error not in ('skip', 'fail'):
+    raise DataError(f"sft.on_error must be 'skip' or 'fail', got {on_error!r}")
+  out, skipped, first = [], 0, None
+  for path in paths:
+    with open(path, encoding='utf-8') as f:
+      for n, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          out.append(normalize_example(json.loads(line)))
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+          msg = f'{path}:{n}: malformed example: {e}'
+          if on_error == 'fail':
+            raise DataError(msg) from None
+          skipped += 1
+          first = first or msg
+  return out, {'examples': len(out), 'skipped': skipped, 'first_error': first}
+
+
+class Conversations:
+  """Random-access conversations of one split (len + __getitem__, for grain)."""
+
+  def __init__(self, items, name: str, stats: dict | None = None):
+    self._items, self.name, self.stats = items, name, stats or {}
+
+  def __len__(self) -> int:
+    return len(self._items)
+
+  def __getitem__(self, index: int) -> list[dict[str, str]]:
+    item = self._items[int(index)]
+    return item if isinstance(item, list) else normalize_example(item)
+
+  def __repr__(self) -> str:
+    return f'Conversations({self.name}, {len(self)})'
+
+
+class _TfdsConversations(Conversations):
+  """A TFDS split's records, normalized on access (malformed: DataError with index)."""
+
+  def __getitem__(self, index: int) -> list[dict[str, str]]:
+    try:
+      return normalize_example(dict(self._items[int(index)]))
+    except ValueError as e:
+      raise DataError(f'{self.name}[{index}]: malformed example: {e}') from None
+
+
+def split_files(cfg, split: str) -> list[str]:
+  """The JSONL files of `split`: cfg.sft.path with '{split}' filled in (a file, a glob or
+  comma-separated globs); '' = the built-in synthetic task (written on first use)."""
+  s = cfg.sft
+  if not s.path:
+    from lmjax.data import sft_task  # pylint: disable=g-import-not-at-top
+    root = sft_task.ensure(cfg)
+    return [os.path.join(root, f'{split}.jsonl')]
+  files = []
+  for pattern in s.path.split(','):
+    pattern = os.path.expanduser(pattern.strip().replace('{split}', split))
+    files.extend(sorted(p for p in glob_lib.glob(pattern, recursive=True) if os.path.isfile(p)))
+  if not files:
+    raise DataError(f'sft.path {s.path!r} matches no file for split {split!r}')
+  return files
+
+
+def get_conversations(cfg, split: str) -> Conversations:
+  """The conversations of `split` from cfg.sft (jsonl files or a TFDS dataset)."""
+  s = cfg.sft
+  if s.source == 'jsonl':
+    files = split_files(cfg, split)
+    items, stats = read_jsonl(files, s.on_error)
+    name = files[0] if len(files) == 1 else f'{len(files)} files of {s.path}'
+    if stats['skipped']:
+      print(f'lmjax: sft {split}: skipped {stats["skipped"]} malformed examples of '
+            f'{name} (first: {stats["first_error"]})', flush=True)
+    conv = Conversations(items, name, stats)
+  elif s.source == 'tfds':
+    src = sources.get_source(_tfds_data(cfg), split)
+    conv = _TfdsConversations(src._source, src.name)  # pylint: disable=protected-access
+  else:
+    raise DataError(f"sft.source must be 'jsonl' or 'tfds', got {s.source!r}")
+  if len(conv) == 0:
+    raise DataError(f'sft split {split!r} ({conv.name}) has no usable example')
+  return conv
+
+
+def _tfds_data(cfg):
+  d = cfg.data.copy_and_resolve_references()
+  with d.unlocked():
+    d.source, d.tfds_name = 'tfds', cfg.sft.tfds_name
+  return d
+
+
+# ---- Templates ----------------------------------------------------------------------
+
+_SPEC = {  # prefix(role), end of turn, separator after a turn
+    'llama3': (lambda r: f'<|start_header_id|>{r}<|end_header_id|>\n\n', '<|eot_id|>', ''),
+    'chatml': (lambda r: f'<|im_start|>{r}\n', '<|im_end|>', '\n'),
+    'plain': (lambda r: '', '', '\n'),
+}
+
+
+def _spec(template: str):
+  if template not in _SPEC:
+    raise DataError(f'sft.template must be one of {TEMPLATES}, got {template!r}')
+  return _SPEC[template]
+
+
+def end_marker(template: str) -> str:
+  """The text that ends an assistant turn ('' for plain: EOS alone ends it)."""
+  return _spec(template)[1]
+
+
+def chunks(turns: list[dict[str, str]], template: str) -> list[tuple[str, bool]]:
+  """(text, is_assistant) chunks of a conversation, alternating, prompt chunks merged.
+
+  plain: a turn's content then its 'sep' (default '\\n'); a prompt/completion example's
+  prompt has sep '' (exactly prompt + completion: the data decides the spacing).
+  """
+  prefix, end, sep = _spec(template)
+  out: list[tuple[str, bool]] = []
+
+  def add(text, assistant):
+    if out and out[-1][1] == assistant:
+      out[-1] = (out[-1][0] + text, assistant)
+    elif text or assistant:
+      out.append((text, assistant))
+
+  for i, t in enumerate(turns):
+    last = i == len(turns) - 1
+    add(prefix(t['role']), False)
+    if t['role'] == 'assistant':
+      add(t['content'] + end + ('' if last or template != 'plain' else sep), True)
+      if not last and template != 'plain':
+        add(sep, False)
+    else:
+      add(t['content'] + (t.get('sep', sep) if template == 'plain' else end + sep), False)
+  return out
+
+
+def render_prompt(turns: list[dict[str, str]], template: str) -> str:
+  """The prompt text up to (and including) the header of the final assistant turn."""
+  cs = chunks(turns, template)
+  return ''.join(text for text, _ in cs[:-1])
+
+
+def encode(turns: list[dict[str, str]], tokenizer, template: str
+           ) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens, mask) int32 of one conversation: [BOS] chunks [EOS]; mask 1 on assistant
+  chunks and the EOS."""
+  ids, mask = [tokenizer.bos_id], [0]
+  for text, assistant in chunks(turns, template):
+    piece = tokenizer.encode(text) if text else []
+    ids += piece
+    mask += [int(assistant)] * len(piece)
+  ids.append(tokenizer.eos_id)
+  mask.append(1)
+  return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
+
+
+def answer_normalizer(template: str):
+  """For evaluate.exact_match(normalize=...): cuts a generation at the template's
+  end-of-turn marker, then keeps the first line, stripped."""
+  end = end_marker(template)
+
+  def normalize(text: str) -> str:
+    if end:
+      text = text.split(end, 1)[0]
+    return text.strip().split('\n', 1)[0].strip()
+
+  return normalize
+
+
+# ---- The grain pipeline -------------------------------------------------------------
+
+class _Encode(grain.transforms.Map):
+
+  def __init__(self, tokenizer, template: str):
+    self.tokenizer, self.template = tokenizer, template
+    _spec(template)
+
+  def map(self, turns) -> dict[str, np.ndarray]:
+    tokens, mask = encode(turns, self.tokenizer, self.template)
+    return {'tokens': tokens, 'mask': mask}
+
+
+class _OverlongIterator(grain.DatasetIterator):
+  """Truncates or drops conversations longer than seq_len; a kept one carries the
+  number dropped since the previous one ('dropped') and whether it was cut
+  ('truncated'), as [L] features whose first entry holds the count. A truncated one with
+  no loss token left is dropped instead. `limit` consecutive drops (a whole epoch) raise."""
+
+  def __init__(self, parent, seq_len: int, mode: str, limit: int, name: str):
+    super().__init__(parent)
+    self._seq_len, self._mode, self._pending = seq_len, mode, 0
+    self._limit, self._name = limit, name
+
+  def _drop(self):
+    self._pending += 1
+    if self._pending >= self._limit:
+      raise DataError(f'{self._name}: {self._pending} examples in a row are longer than '
+                      f'data.seq_len={self._seq_len} (sft.overlong={self._mode!r}; a '
+                      'truncated one needs an assistant token left): raise data.seq_len')
+
+  def __next__(self):
+    while True:
+      ex = next(self._parent)
+      n, cut = len(ex['tokens']), 0
+      if n > self._seq_len:
+        if self._mode == 'drop':
+          self._drop()
+          continue
+        ex = {k: v[:self._seq_len] for k, v in ex.items()}
+        cut = 1
+        if not ex['mask'][1:].any():
+          self._drop()
+          continue
+      counts = {k: np.zeros(len(ex['tokens']), np.int32) for k in COUNTS}
+      counts['dropped'][0], counts['truncated'][0] = self._pending, cut
+      self._pending = 0
+      return {**ex, **counts}
+
+  def get_state(self):
+    return {'parent': self._parent.get_state(), 'pending': self._pending}
+
+  def set_state(self, state):
+    self._parent.set_state(state['parent'])
+    self._pending = int(state['pending'])
+
+
+class _Overlong(grain.IterDataset):
+
+  def __init__(self, parent, seq_len: int, mode: str, limit: int, name: str):
+    super().__init__(parent)
+    if mode not in ('truncate', 'drop'):
+      raise DataError(f"sft.overlong must be 'truncate' or 'drop', got {mode!r}")
+    self._args = (seq_len, mode, max(int(limit), 1), name)
+
+  def __iter__(self):
+    return _OverlongIterator(self._parent.__iter__(), *self._args)
+
+
+def _to_example(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A packed row -> {inputs, targets, segment_ids, positions, loss_mask, dropped,
+  truncated}: loss where the target is an assistant token of the same conversation."""
+  tokens, seg = row['tokens'], row['tokens_segment_ids'].astype(np.int32)
+  same = np.zeros(tokens.shape, bool)
+  same[:-1] = (seg[1:] == seg[:-1]) & (seg[:-1] != 0)
+  targets = np.zeros_like(tokens)
+  targets[:-1] = np.where(same[:-1], tokens[1:], 0)
+  loss = np.zeros(tokens.shape, np.float32)
+  loss[:-1] = same[:-1] & (row['mask'][1:] > 0)
+  return {'inputs': tokens, 'targets': targets, 'segment_ids': seg,
+          'positions': row['tokens_positions'].astype(np.int32), 'loss_mask': loss,
+          **{k: np.int32(row[k].sum()) for k in COUNTS}}
+
+
+def make_sft_dataset(cfg, tokenizer, split: str, *, batch_size: int, process_index: int = 0,
+                     process_count: int = 1, seed: int | None = None,
+                     repeat: bool = True) -> grain.IterDataset:
+  """The grain dataset behind make_sft_iterator (same arguments)."""
+  d, s = cfg.data, cfg.sft
+  if batch_size <= 0:
+    raise ValueError(f'batch_size must be positive, got {batch_size}')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} is not in [0, {process_count})')
+  seed = cfg.seed if seed is None else seed
+  conv = get_conversations(cfg, split)
+  ds = grain.MapDataset.source(conv)
+  if process_count > 1:
+    if len(conv) < process_count:
+      raise DataError(f'{conv.name} has {len(conv)} examples, fewer than the '
+                      f'{process_count} processes that share it')
+    ds = ds[process_index::process_count]
+  if d.shuffle and split == d.train_split:
+    ds = ds.shuffle(seed=shuffle_seed(seed, '/sft'))
+  share = len(ds)
+  if repeat:
+    ds = ds.repeat()
+  ds = ds.map(_Encode(tokenizer, s.template))
+  threads = max(int(d.worker_threads), 0)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                            prefetch_buffer_size=16 * threads))
+  it = _Overlong(it, d.seq_len, s.overlong, share if repeat else 2**62, conv.name)
+  lengths = {k: d.seq_len for k in ('tokens', 'mask') + COUNTS}
+  it = FirstFitPackIterDataset(it, length_struct=lengths, num_packing_bins=s.packing_bins,
+                               seed=shuffle_seed(seed, '/sft-bins'),
+                               meta_features=('mask',) + COUNTS)
+  it = it.map(_to_example).batch(batch_size, drop_remainder=True)
+  if d.prefetch > 0:
+    it = _ThreadPrefetch(it, d.prefetch)
+  return _JsonSafeState(it)
+
+
+def make_sft_iterator(cfg, tokenizer, split: str, *, batch_size: int, process_index: int = 0,
+                      process_count: int = 1, seed: int | None = None,
+                      repeat: bool = True) -> grain.DatasetIterator:
+  """Batches {inputs, targets, segment_ids, positions: int32, loss_mask: float32}, each
+  [batch_size, cfg.data.seq_len], plus 'dropped' and 'truncated' [batch_size] int32
+  (overlong conversations since the previous row: log their sums, strip before the
+  step), of this process's share of the SFT `split` (cfg.sft).
+
+  seed: shuffle seed (default cfg.seed); cfg.data.train_split is shuffled when
+  cfg.data.shuffle. repeat=False: one pass (the last partial batch is dropped).
+  get_state()/set_state() resume the exact stream (JSON-safe).
+  """
+  return iter(make_sft_dataset(cfg, tokenizer, split, batch_size=batch_size,
+                               process_index=process_index, process_count=process_count,
+                               seed=seed, repeat=repeat))
+
+
+def iter_rows(batches) -> Iterator[dict[str, np.ndarray]]:
+  """The rows of batches (for tests and inspection)."""
+  for b in batches:
+    for i in range(len(b['inputs'])):
+      yield {k: v[i] for k, v in b.items()}

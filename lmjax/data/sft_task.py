@@ -1,0 +1,139 @@
+"""A built-in synthetic instruction task with exact answers, for the default CPU SFT run.
+
+Each example is one user question and a short assistant answer (messages format), drawn
+deterministically from (seed, split). Tasks and expected difficulty for a tiny model
+(~1M params, a 4k sentencepiece vocab trained on code) after minutes of CPU fine-tuning:
+    next_letter  'What letter comes after c?' -> 'd'             easy (25 cases)
+    larger       'Which is larger, 7 or 4?' -> '7'                easy (90 cases)
+    add          'What is 3 + 5?' -> '8'                          easy-medium (100 cases)
+    upper        'Uppercase: cat' -> 'CAT'                        medium (copy + map)
+    reverse      'Reverse: cat' -> 'tac'                          medium-hard (reorder)
+    length       'How many letters in kqzt?' -> '4'               medium (counting 2-7)
+Words are random 3-letter strings (17,576 of them) so string tasks cannot be memorized;
+the small numeric/letter tasks repeat across splits by construction (they test that the
+format and the stop were learned, near 100% expected). Answers are one token or a few.
+
+    root = write_task('/tmp/sft', seed=0, sizes={'train': 20000, 'validation': 500, 'test': 500})
+    acc = evaluate.exact_match(gen, eval_examples(root + '/test.jsonl', 'llama3'),
+                               normalize=formats.answer_normalizer('llama3'))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import string
+import tempfile
+
+from lmjax.data import formats, sources
+
+TASKS = ('next_letter', 'larger', 'add', 'upper', 'reverse', 'length')
+SPLITS = ('train', 'validation', 'test')
+LETTERS = string.ascii_lowercase
+
+
+def _word(rng: random.Random, n: int = 3) -> str:
+  return ''.join(rng.choice(LETTERS) for _ in range(n))
+
+
+def make_question(task: str, rng: random.Random) -> tuple[str, str]:
+  """(question, answer) of one `task` example."""
+  if task == 'next_letter':
+    c = rng.choice(LETTERS[:-1])
+    return f'What letter comes after {c}?', chr(ord(c) + 1)
+  if task == 'larger':
+    a, b = rng.sample(range(10), 2)
+    return f'Which is larger, {a} or {b}?', str(max(a, b))
+  if task == 'add':
+    a, b = rng.randrange(10), rng.randrange(10)
+    return f'What is {a} + {b}?', str(a + b)
+  if task == 'upper':
+    w = _word(rng)
+    return f'Uppercase: {w}', w.upper()
+  if task == 'reverse':
+    w = _word(rng)
+    return f'Reverse: {w}', w[::-1]
+  if task == 'length':
+    w = _word(rng, rng.randint(2, 7))
+    return f'How many letters in {w}?', str(len(w))
+  raise ValueError(f'unknown task {task!r}; known: {TASKS}')
+
+
+def make_examples(n: int, seed: int = 0, split: str = 'train',
+                  tasks: tuple[str, ...] = TASKS) -> list[dict]:
+  """n examples {'messages': [user, assistant], 'task'}, tasks in turn, deterministic in
+  (seed, split)."""
+  rng = random.Random(f'lmjax-sft-task/{seed}/{split}')
+  out = []
+  for i in range(n):
+    task = tasks[i % len(tasks)]
+    q, a = make_question(task, rng)
+    out.append({'messages': [{'role': 'user', 'content': q},
+                             {'role': 'assistant', 'content': a}], 'task': task})
+  return out
+
+
+def write_task(root: str, seed: int = 0, sizes: dict | None = None,
+               tasks: tuple[str, ...] = TASKS) -> str:
+  """Writes <root>/{train,validation,test}.jsonl (atomically: a crash leaves no partial
+  files); returns root."""
+  sizes = dict(sizes or {'train': 20000, 'validation': 500, 'test': 500})
+  parent = os.path.dirname(os.path.abspath(root))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix='.sft-task-')
+  try:
+    for split, n in sizes.items():
+      with open(os.path.join(tmp, f'{split}.jsonl'), 'w', encoding='utf-8') as f:
+        for ex in make_examples(int(n), seed, split, tasks):
+          f.write(json.dumps(ex) + '\n')
+    if os.path.isdir(root):
+      shutil.rmtree(root)
+    os.replace(tmp, root)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return root
+
+
+def default_root(cfg) -> str:
+  """<data_dir>/sft_task/seed<task_seed>_<hash of the sizes>."""
+  s = cfg.sft
+  sizes = json.dumps(dict(s.task_sizes), sort_keys=True)
+  tag = hashlib.sha256(sizes.encode()).hexdigest()[:8]
+  return os.path.join(sources.default_data_dir(cfg.data), 'sft_task',
+                      f'seed{s.task_seed}_{tag}')
+
+
+def ensure(cfg) -> str:
+  """The built-in task's directory for cfg.sft, written if missing."""
+  root = default_root(cfg)
+  if not all(os.path.exists(os.path.join(root, f'{s}.jsonl')) for s in cfg.sft.task_sizes):
+    write_task(root, cfg.sft.task_seed, dict(cfg.sft.task_sizes))
+    print(f'lmjax: wrote the synthetic SFT task to {root}', flush=True)
+  return root
+
+
+def eval_examples(path: str, template: str = 'llama3', limit: int | None = None
+                  ) -> list[dict[str, str]]:
+  """[{'prompt', 'answer', 'task'}] of a messages JSONL file for evaluate.exact_match:
+  prompt = the rendered chat up to the final assistant turn's header (encode it as
+  [BOS] + tokenizer.encode(prompt), as lmjax.api does), answer = that turn's content.
+  Pass normalize=formats.answer_normalizer(template) to cut at the end-of-turn marker."""
+  out = []
+  with open(path, encoding='utf-8') as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      obj = json.loads(line)
+      try:
+        turns = formats.normalize_example(obj)
+      except ValueError as e:
+        raise sources.DataError(f'{path}:{n}: malformed example: {e}') from None
+      out.append({'prompt': formats.render_prompt(turns, template),
+                  'answer': turns[-1]['content'], 'task': obj.get('task', '')})
+      if limit is not None and len(out) >= limit:
+        break
+  return out
