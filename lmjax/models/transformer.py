@@ -7,9 +7,14 @@ checkpoints are the same either way.
 
 `decode` / `decode_hidden` run the same layers through a KV cache (`init_cache`) for
 generation: prefill writes a prompt chunk, each decode step one token.
+
+`hidden` / `__call__` also take LoRA adapters (see models/lora.py): each adapted
+projection then computes x@W + s·dropout(x)@A@B. Without them nothing changes.
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +39,41 @@ def head_dim(cfg) -> int:
 def _param(rngs, shape, axes, std, dtype):
   init = nnx.initializers.normal(std)
   return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes)
+
+
+class LayerLora(NamedTuple):
+  """One layer's LoRA adapters and how to apply them (built inside the layer loop).
+
+  params: {'attn': {'q': {'a', 'b'}, ...}, 'mlp': {...}}, this layer's slice of the
+  adapters; scale: alpha/r (or alpha/sqrt(r)); rate: dropout on the adapter input,
+  applied when `rng` is not None.
+  """
+  params: Any
+  scale: float
+  rate: float
+  rng: Any
+
+  def __call__(self, x, group: str, name: str, n_in: int):
+    """s·dropout(x)@A@B for projection group/name (0 if not adapted); A contracts the
+    last `n_in` dims of x."""
+    ad = self.params.get(group, {}).get(name)
+    if ad is None:
+      return 0
+    dt = x.dtype
+    if self.rng is not None and self.rate > 0:
+      key = jax.random.fold_in(self.rng, _LORA_IDS[group, name])
+      keep = jax.random.bernoulli(key, 1.0 - self.rate, x.shape)
+      x = jnp.where(keep, x / (1.0 - self.rate), 0).astype(dt)
+    y = jnp.tensordot(x, ad['a'].astype(dt), axes=n_in)
+    return self.scale * jnp.tensordot(y, ad['b'].astype(dt), axes=1)
+
+
+_LORA_IDS = {k: i for i, k in enumerate(
+    [('attn', n) for n in 'qkvo'] + [('mlp', n) for n in ('gate', 'up', 'down')])}
+
+
+def _delta(lora, x, group, name, n_in):
+  return 0 if lora is None else lora(x, group, name, n_in)
 
 
 class RMSNorm(nnx.Module):
@@ -64,11 +104,12 @@ class Attention(nnx.Module):
       self.k_bias = nnx.Param(jnp.zeros((k, h), pd), out_sharding=('kv_heads', 'head_dim'))
       self.v_bias = nnx.Param(jnp.zeros((k, h), pd), out_sharding=('kv_heads', 'head_dim'))
 
-  def _qkv(self, x, positions):
+  def _qkv(self, x, positions, lora=None):
     """Projections with bias and RoPE: q [B, T, N, H]; k, v [B, T, K, H]."""
     dt = x.dtype
-    proj = lambda w: jnp.einsum('btd,dnh->btnh', x, w[...].astype(dt))
-    q, k, v = proj(self.q), proj(self.k), proj(self.v)
+    proj = lambda w, n: (jnp.einsum('btd,dnh->btnh', x, w[...].astype(dt))
+                         + _delta(lora, x, 'attn', n, 1))
+    q, k, v = proj(self.q, 'q'), proj(self.k, 'k'), proj(self.v, 'v')
     if self.cfg.qkv_bias:
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
@@ -81,12 +122,13 @@ class Attention(nnx.Module):
     k = attn_lib.apply_rope(k, positions, inv_freq)
     return q, k, v
 
-  def _out(self, out):
-    return jnp.einsum('btnh,nhd->btd', out, self.o[...].astype(out.dtype))
+  def _out(self, out, lora=None):
+    return (jnp.einsum('btnh,nhd->btd', out, self.o[...].astype(out.dtype))
+            + _delta(lora, out, 'attn', 'o', 2))
 
-  def __call__(self, x, positions, segment_ids):
-    q, k, v = self._qkv(x, positions)
-    return self._out(attn_lib.attention(q, k, v, segment_ids, self.cfg.attention))
+  def __call__(self, x, positions, segment_ids, lora=None):
+    q, k, v = self._qkv(x, positions, lora)
+    return self._out(attn_lib.attention(q, k, v, segment_ids, self.cfg.attention), lora)
 
   def decode(self, x, positions, cache_k, cache_v, cache_index, kv_mask):
     """Attention with a KV cache (one layer's slice [B, S, K, H]).
@@ -113,12 +155,12 @@ class MLP(nnx.Module):
     self.up = _param(rngs, (d, f), ('embed', 'mlp'), cfg.init_std, pd)
     self.down = _param(rngs, (f, d), ('mlp', 'embed'), cfg.init_std, pd)
 
-  def __call__(self, x):
+  def __call__(self, x, lora=None):
     dt = x.dtype
-    g = x @ self.gate[...].astype(dt)
-    u = x @ self.up[...].astype(dt)
+    g = x @ self.gate[...].astype(dt) + _delta(lora, x, 'mlp', 'gate', 1)
+    u = x @ self.up[...].astype(dt) + _delta(lora, x, 'mlp', 'up', 1)
     h = sharding.constrain(jax.nn.silu(g) * u, ('batch', 'length', 'mlp'))
-    return h @ self.down[...].astype(dt)
+    return h @ self.down[...].astype(dt) + _delta(lora, h, 'mlp', 'down', 1)
 
 
 class Block(nnx.Module):
@@ -130,9 +172,9 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, segment_ids):
-    x = x + self.attn(self.attn_norm(x), positions, segment_ids)
-    x = x + self.mlp(self.mlp_norm(x))
+  def __call__(self, x, positions, segment_ids, lora=None):
+    x = x + self.attn(self.attn_norm(x), positions, segment_ids, lora)
+    x = x + self.mlp(self.mlp_norm(x), lora)
     return sharding.constrain(x, ('batch', 'length', 'embed'))
 
   def decode(self, x, positions, cache_k, cache_v, cache_index, kv_mask):
@@ -165,24 +207,33 @@ class Transformer(nnx.Module):
       self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'),
                             cfg.init_std, pd)
 
-  def hidden(self, tokens, positions=None, segment_ids=None):
-    """Final normed hidden states [B, T, D] in the compute dtype."""
+  def hidden(self, tokens, positions=None, segment_ids=None, *, adapters=None, lora=None,
+             dropout_rng=None):
+    """Final normed hidden states [B, T, D] in the compute dtype.
+
+    adapters: LoRA adapters (`lora.init_adapters`; {'layers': {...}}) applied unmerged,
+    with `lora` the cfg.lora group (alpha, rank scaling, dropout). Dropout on the adapter
+    inputs is active only with a `dropout_rng` (none: deterministic).
+    """
     cfg = self.cfg
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = self._embed(tokens)
     graphdef, layer_state = nnx.split(self.layers)
+    layer_lora = _layer_lora(adapters, lora, dropout_rng, cfg.n_layers)
 
-    def body(x, params):
-      return nnx.merge(graphdef, params)(x, positions, segment_ids), None
+    def body(x, xs):
+      params, ad = xs
+      return nnx.merge(graphdef, params)(x, positions, segment_ids, layer_lora(ad)), None
 
+    xs = (layer_state, _layer_inputs(adapters, dropout_rng, cfg.n_layers))
     if cfg.remat != 'none':
       body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      x, _ = jax.lax.scan(body, x, layer_state)
+      x, _ = jax.lax.scan(body, x, xs)
     else:
       for i in range(cfg.n_layers):
-        x, _ = body(x, jax.tree.map(lambda p: p[i], layer_state))
+        x, _ = body(x, jax.tree.map(lambda p: p[i], xs))
     return self.final_norm(x)
 
   def _embed(self, tokens):
@@ -241,9 +292,36 @@ class Transformer(nnx.Module):
                         preferred_element_type=jnp.float32)
     return logits
 
-  def __call__(self, tokens, positions=None, segment_ids=None):
-    logits = self.unembed(self.hidden(tokens, positions, segment_ids))
+  def __call__(self, tokens, positions=None, segment_ids=None, *, adapters=None, lora=None,
+               dropout_rng=None):
+    """Logits; see `hidden` for the LoRA arguments."""
+    logits = self.unembed(self.hidden(tokens, positions, segment_ids, adapters=adapters,
+                                      lora=lora, dropout_rng=dropout_rng))
     return sharding.constrain(logits, ('batch', 'length', 'vocab'))
+
+
+def lora_scale(lora) -> float:
+  """alpha / r, or alpha / sqrt(r) with rsLoRA (cfg.lora)."""
+  r = lora['rank']
+  return float(lora['alpha']) / (r ** 0.5 if lora['rslora'] else r)
+
+
+def _layer_inputs(adapters, rng, n_layers):
+  """Per-layer scanned inputs for LoRA: (adapters['layers'], one dropout key per layer)."""
+  if adapters is None:
+    return None
+  keys = None if rng is None else jax.random.split(rng, n_layers)
+  return (adapters['layers'], keys)
+
+
+def _layer_lora(adapters, lora, rng, n_layers):
+  """ad (one layer's `_layer_inputs` slice) -> LayerLora or None."""
+  if adapters is None:
+    return lambda ad: None
+  if lora is None:
+    raise ValueError('adapters need `lora` (the cfg.lora group: rank, alpha, rslora, dropout)')
+  scale, rate = lora_scale(lora), float(lora['dropout'])
+  return lambda ad: LayerLora(ad[0], scale, rate, ad[1])
 
 
 CACHE_AXES = ('layers', 'batch', 'length', 'kv_heads', 'head_dim')

@@ -1,0 +1,389 @@
+"""LoRA adapters for the Llama-family transformer, and their PEFT import/export.
+
+    adapters = lora.init_adapters(key, cfg, mesh)         # float32, sharded like the base
+    logits = model(tokens, adapters=adapters, lora=cfg.lora, dropout_rng=key)
+    params = lora.merge(params, adapters, cfg)            # W + s·A@B, for export/serving
+    lora.save_peft_adapter(adapters, cfg, out_dir)        # PeftModel.from_pretrained(...)
+
+Adapters are a pure dict mirroring the param paths, stacked on the leading 'layers' axis
+like the base: adapters['layers']['attn']['q'] = {'a': [L, d, r], 'b': [L, r, n, h]}.
+A contracts the projection's input dims, B produces its output dims, in lmjax's layouts:
+
+  target        base W       A             B             PEFT module
+  q, k, v       [d, n, h]    [d, r]        [r, n, h]     self_attn.{q,k,v}_proj
+  o             [n, h, d]    [n, h, r]     [r, d]        self_attn.o_proj
+  gate, up      [d, f]       [d, r]        [r, f]        mlp.{gate,up}_proj
+  down          [f, d]       [f, r]        [r, d]        mlp.down_proj
+
+PEFT stores lora_A.weight [r, in] and lora_B.weight [out, r] (in/out flattened as
+hf.py flattens the heads). A is initialised as PEFT does (kaiming-uniform, a=sqrt(5):
+U(-1/sqrt(fan_in), 1/sqrt(fan_in))), B at zero, so a fresh adapter leaves the model
+unchanged. The scale is alpha/r, or alpha/sqrt(r) with rsLoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from lmjax import sharding
+from lmjax.models import transformer
+
+# name: (param path, number of input dims of the base weight, PEFT module name)
+TARGETS = {
+    'q': (('layers', 'attn', 'q'), 1, 'self_attn.q_proj'),
+    'k': (('layers', 'attn', 'k'), 1, 'self_attn.k_proj'),
+    'v': (('layers', 'attn', 'v'), 1, 'self_attn.v_proj'),
+    'o': (('layers', 'attn', 'o'), 2, 'self_attn.o_proj'),
+    'gate': (('layers', 'mlp', 'gate'), 1, 'mlp.gate_proj'),
+    'up': (('layers', 'mlp', 'up'), 1, 'mlp.up_proj'),
+    'down': (('layers', 'mlp', 'down'), 1, 'mlp.down_proj'),
+}
+_PEFT_NAMES = {v[2].split('.')[-1]: k for k, v in TARGETS.items()}   # 'q_proj' -> 'q'
+_PEFT_PREFIX = 'base_model.model.model.layers.{i}.'
+ADAPTER_FILE = 'adapter_model.safetensors'
+ADAPTER_CONFIG = 'adapter_config.json'
+
+
+class LoraError(ValueError):
+  """A LoRA config or adapter file lmjax cannot use; the message names the field."""
+
+
+def _lora(cfg):
+  return cfg['lora'] if 'lora' in cfg else cfg
+
+
+def _mcfg(cfg):
+  m = cfg['model'] if 'model' in cfg else cfg
+  return m if isinstance(m, ml_collections.FrozenConfigDict) else ml_collections.FrozenConfigDict(m)
+
+
+def _with_targets(cfg, targets):
+  lc = _lora(cfg)
+  lc = lc.to_dict() if hasattr(lc, 'to_dict') else dict(lc)
+  return {'model': _mcfg(cfg), 'lora': dict(lc, targets=targets)}
+
+
+def path_str(name: str) -> str:
+  """'q' -> 'layers/attn/q', the string regex targets are matched against."""
+  return '/'.join(TARGETS[name][0])
+
+
+def select_targets(targets: str | Sequence[str]) -> list[str]:
+  """cfg.lora.targets -> target names in TARGETS order.
+
+  'all-linear' (every projection; not the embeddings or lm_head, as in PEFT); a list or
+  comma-separated string of names ('q,v', 'q_proj,v_proj'); else a regex that must
+  match a whole param path ('layers/attn/(q|v)', 'layers/mlp/.*').
+  """
+  if isinstance(targets, str):
+    if targets.strip() == 'all-linear':
+      return list(TARGETS)
+    items = [t.strip() for t in targets.split(',') if t.strip()]
+    if items and all(t in TARGETS or t in _PEFT_NAMES for t in items):
+      targets = items
+    else:
+      try:
+        pattern = re.compile(targets)
+      except re.error as e:
+        raise LoraError(f'lora.targets={targets!r} is neither target names '
+                        f'({", ".join(TARGETS)}) nor a valid regex: {e}') from None
+      chosen = [n for n in TARGETS if pattern.fullmatch(path_str(n))]
+      if not chosen:
+        raise LoraError(f'lora.targets={targets!r} matches no projection (paths: '
+                        f'{", ".join(path_str(n) for n in TARGETS)})')
+      return chosen
+  names = {_PEFT_NAMES.get(t, t) for t in targets}
+  unknown = sorted(names - set(TARGETS))
+  if unknown or not names:
+    raise LoraError(f'lora.targets: unknown target(s) {unknown or targets!r} '
+                    f'(known: {", ".join(TARGETS)}, or all-linear, or a regex)')
+  return [n for n in TARGETS if n in names]
+
+
+def validate(cfg) -> None:
+  """Checks cfg.lora (raises LoraError naming the field)."""
+  lc = _lora(cfg)
+  select_targets(lc['targets'])
+  if int(lc['rank']) <= 0:
+    raise LoraError(f'lora.rank must be positive, got {lc["rank"]}')
+  if not 0.0 <= float(lc['dropout']) < 1.0:
+    raise LoraError(f'lora.dropout must be in [0, 1), got {lc["dropout"]}')
+  if lc['base_dtype'] not in transformer.DTYPES:
+    raise LoraError(f'lora.base_dtype must be one of {tuple(transformer.DTYPES)}, '
+                    f'got {lc["base_dtype"]!r}')
+
+
+def scale(cfg) -> float:
+  """alpha / rank, or alpha / sqrt(rank) with lora.rslora."""
+  return transformer.lora_scale(_lora(cfg))
+
+
+def _base(cfg):
+  """{target: (shape, logical axes)} of the base weights, stacked on 'layers'."""
+  _, abstract = transformer.abstract(_mcfg(cfg))
+  specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract))
+  shapes = nnx.to_pure_dict(abstract)
+  out = {}
+  for name in select_targets(_lora(cfg)['targets']):
+    path = TARGETS[name][0]
+    shape, spec = shapes, specs
+    for k in path:
+      shape, spec = shape[k], spec[k]
+    out[name] = (tuple(shape.shape), tuple(spec))
+  return out
+
+
+def _set(tree, path, value):
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _layout(cfg):
+  """{target: ((A shape, A axes), (B shape, B axes))}, layers axis first."""
+  r = int(_lora(cfg)['rank'])
+  out = {}
+  for name, (shape, axes) in _base(cfg).items():
+    n_in = TARGETS[name][1]
+    (l, *dims), (la, *dax) = shape, axes
+    a = ((l, *dims[:n_in], r), (la, *dax[:n_in], None))
+    b = ((l, r, *dims[n_in:]), (la, None, *dax[n_in:]))
+    out[name] = (a, b)
+  return out
+
+
+def logical_axes(cfg) -> dict:
+  """PartitionSpecs of logical axis names for each adapter leaf: A takes its base
+  weight's input axes (rank unsharded), B its output axes, so `cfg.rules` shards them."""
+  tree: dict = {}
+  for name, (a, b) in _layout(cfg).items():
+    _set(tree, TARGETS[name][0], {'a': P(*a[1]), 'b': P(*b[1])})
+  return tree
+
+
+def shapes(cfg) -> dict:
+  """float32 ShapeDtypeStructs of the adapters."""
+  tree: dict = {}
+  for name, (a, b) in _layout(cfg).items():
+    _set(tree, TARGETS[name][0], {'a': jax.ShapeDtypeStruct(a[0], jnp.float32),
+                                  'b': jax.ShapeDtypeStruct(b[0], jnp.float32)})
+  return tree
+
+
+def shardings(cfg, mesh, rules=None) -> dict:
+  """NamedShardings of the adapters on `mesh` under `rules` (default cfg.rules)."""
+  rules = dict(cfg['rules'] if rules is None else rules)
+  return sharding.tree_shardings(logical_axes(cfg), shapes(cfg), mesh, rules)
+
+
+def init_adapters(key, cfg, mesh=None, rules=None) -> dict:
+  """Fresh float32 adapters: A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) per layer (PEFT's
+  kaiming_uniform_(a=sqrt(5))), B = 0. With `mesh`, created directly sharded."""
+  def init(key):
+    tree: dict = {}
+    for i, (name, (a, b)) in enumerate(_layout(cfg).items()):
+      n_in = TARGETS[name][1]
+      bound = 1.0 / math.sqrt(math.prod(a[0][1:1 + n_in]))
+      A = jax.random.uniform(jax.random.fold_in(key, i), a[0], jnp.float32, -bound, bound)
+      _set(tree, TARGETS[name][0], {'a': A, 'b': jnp.zeros(b[0], jnp.float32)})
+    return tree
+
+  if mesh is None:
+    return jax.jit(init)(key)
+  rules = dict(cfg['rules'] if rules is None else rules)
+  with sharding.use_mesh(mesh, rules):
+    return jax.jit(init, out_shardings=shardings(cfg, mesh, rules))(key)
+
+
+def adapter_param_count(cfg_or_adapters) -> int:
+  """Trainable parameters: of a config (sum over targets of L·r·(fan_in + fan_out)) or
+  of an adapter tree."""
+  if isinstance(cfg_or_adapters, dict) and 'layers' in cfg_or_adapters:
+    tree = cfg_or_adapters
+  else:
+    tree = shapes(cfg_or_adapters)
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def targets_of(adapters: dict) -> list[str]:
+  """Target names present in an adapter tree, in TARGETS order."""
+  return [n for n, (path, _, _) in TARGETS.items() if _has(adapters, path)]
+
+
+def _has(tree, path):
+  try:
+    _get(tree, path)
+    return True
+  except (KeyError, TypeError):
+    return False
+
+
+def _delta(a, b):
+  """Stacked A [L, *in, r], B [L, r, *out] -> A@B [L, *in, *out] (float32)."""
+  return jax.vmap(lambda x, y: jnp.tensordot(x, y, axes=1))(
+      a.astype(jnp.float32), b.astype(jnp.float32))
+
+
+def merge(params: dict, adapters: dict, cfg) -> dict:
+  """params with W + s·A@B for every adapted weight (computed in float32, stored in the
+  weight's dtype); other leaves are the same arrays. Jit it for sharded params."""
+  s = scale(cfg)
+  out = jax.tree.map(lambda x: x, params)
+  for name in targets_of(adapters):
+    path = TARGETS[name][0]
+    ad, w = _get(adapters, path), _get(params, path)
+    merged = w.astype(jnp.float32) + s * _delta(ad['a'], ad['b'])
+    _set(out, path, merged.astype(w.dtype))
+  return out
+
+
+def base_params(params: dict, cfg) -> dict:
+  """The frozen base params held in lora.base_dtype (float leaves cast)."""
+  dt = transformer.DTYPES[_lora(cfg)['base_dtype']]
+  return jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                      params)
+
+
+# ---- PEFT -----------------------------------------------------------------------------
+
+def to_peft_state_dict(adapters: dict, cfg=None) -> dict[str, np.ndarray]:
+  """Adapters -> PEFT's saved state dict ({'base_model.model.model.layers.{i}.
+  self_attn.q_proj.lora_A.weight': [r, in], '... .lora_B.weight': [out, r]}), numpy
+  float32 (gathered to the host)."""
+  del cfg  # the layout follows from the adapters
+  out = {}
+  for name in targets_of(adapters):
+    path, n_in, module = TARGETS[name]
+    ad = _get(adapters, path)
+    a = np.asarray(jax.device_get(ad['a']), np.float32)
+    b = np.asarray(jax.device_get(ad['b']), np.float32)
+    r = a.shape[-1]
+    for i in range(a.shape[0]):
+      prefix = _PEFT_PREFIX.format(i=i) + module
+      out[f'{prefix}.lora_A.weight'] = np.ascontiguousarray(a[i].reshape(-1, r).T)
+      out[f'{prefix}.lora_B.weight'] = np.ascontiguousarray(b[i].reshape(r, -1).T)
+  return out
+
+
+_PEFT_KEY = re.compile(r'(?:base_model\.model\.)?model\.layers\.(\d+)\.'
+                       r'(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.'
+                       r'lora_([AB])(?:\.[^.]+)?\.weight')
+
+
+def from_peft_state_dict(state_dict: dict, cfg) -> dict:
+  """PEFT's LoRA state dict (as saved, or a PeftModel's `state_dict()` with adapter
+  names) -> float32 adapters in lmjax layouts (host numpy arrays). The targets are those
+  present; shapes are checked against cfg.model and cfg.lora.rank."""
+  by_module = {v[2]: k for k, v in TARGETS.items()}
+  found: dict = {}
+  for key, value in state_dict.items():
+    m = _PEFT_KEY.fullmatch(key)
+    if m is None:
+      if 'lora_' in key:
+        raise LoraError(f'PEFT tensor {key!r} is not a LoRA weight of a supported module')
+      continue
+    i, module, which = int(m.group(1)), m.group(2), m.group(3).lower()
+    x = value.float().numpy() if hasattr(value, 'numpy') and hasattr(value, 'float') \
+        else np.asarray(value, np.float32)
+    found.setdefault(by_module[module], {}).setdefault(which, {})[i] = x
+  if not found:
+    raise LoraError('the PEFT state dict holds no LoRA weights')
+  mcfg, r = _mcfg(cfg), int(_lora(cfg)['rank'])
+  shp = shapes(_with_targets(cfg, ','.join(found)))
+  tree: dict = {}
+  for name, parts in found.items():
+    path = TARGETS[name][0]
+    want = _get(shp, path)
+    leaf = {}
+    for which in ('a', 'b'):
+      layers = parts.get(which, {})
+      if sorted(layers) != list(range(mcfg['n_layers'])):
+        raise LoraError(f'PEFT lora_{which.upper()} of {TARGETS[name][2]}: layers '
+                        f'{sorted(layers)}, expected 0..{mcfg["n_layers"] - 1}')
+      shape = want[which].shape
+      per = []
+      for i in range(mcfg['n_layers']):
+        x = layers[i]
+        if which == 'a':
+          if x.shape != (r, math.prod(shape[1:-1])):
+            raise LoraError(f'PEFT layer {i} {TARGETS[name][2]}.lora_A has shape {x.shape}, '
+                            f'expected {(r, math.prod(shape[1:-1]))} (lora.rank={r})')
+          per.append(x.T.reshape(shape[1:]))
+        else:
+          if x.shape != (math.prod(shape[2:]), r):
+            raise LoraError(f'PEFT layer {i} {TARGETS[name][2]}.lora_B has shape {x.shape}, '
+                            f'expected {(math.prod(shape[2:]), r)} (lora.rank={r})')
+          per.append(x.T.reshape(shape[1:]))
+      leaf[which] = np.stack(per).astype(np.float32)
+    _set(tree, path, leaf)
+  return tree
+
+
+def peft_config(cfg, adapters: dict | None = None,
+                base_model_name_or_path: str | None = None) -> dict:
+  """adapter_config.json for PEFT's LoraConfig (targets those of `adapters` if given)."""
+  lc = _lora(cfg)
+  names = targets_of(adapters) if adapters is not None else select_targets(lc['targets'])
+  return dict(
+      peft_type='LORA', task_type='CAUSAL_LM', r=int(lc['rank']),
+      lora_alpha=float(lc['alpha']), lora_dropout=float(lc['dropout']),
+      use_rslora=bool(lc['rslora']), target_modules=sorted(TARGETS[n][2].split('.')[-1]
+                                                           for n in names),
+      bias='none', fan_in_fan_out=False, inference_mode=True, init_lora_weights=True,
+      modules_to_save=None, base_model_name_or_path=base_model_name_or_path)
+
+
+def save_peft_adapter(adapters: dict, cfg, out_dir: str,
+                      base_model_name_or_path: str | None = None) -> list[str]:
+  """Writes adapter_model.safetensors + adapter_config.json, loadable with
+  `peft.PeftModel.from_pretrained(base_model, out_dir)`. Every process must call it
+  (adapters are gathered); process 0 writes. Returns the paths."""
+  from safetensors.numpy import save_file
+  tensors = to_peft_state_dict(adapters, cfg)
+  paths = [os.path.join(out_dir, ADAPTER_FILE), os.path.join(out_dir, ADAPTER_CONFIG)]
+  if jax.process_index() == 0:
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(tensors, paths[0], metadata={'format': 'pt'})
+    with open(paths[1], 'w') as f:
+      json.dump(peft_config(cfg, adapters, base_model_name_or_path), f, indent=2,
+                sort_keys=True)
+      f.write('\n')
+  return paths
+
+
+def load_peft_adapter(in_dir: str, cfg) -> dict:
+  """adapter_model.safetensors of a PEFT adapter dir -> adapters (host numpy). Checks
+  adapter_config.json's r against cfg.lora.rank."""
+  from safetensors.numpy import load_file
+  with open(os.path.join(in_dir, ADAPTER_CONFIG)) as f:
+    pc = json.load(f)
+  lc = _lora(cfg)
+  if int(pc.get('r', lc['rank'])) != int(lc['rank']):
+    raise LoraError(f'{in_dir}: adapter r={pc["r"]} but lora.rank={lc["rank"]}')
+  return from_peft_state_dict(load_file(os.path.join(in_dir, ADAPTER_FILE)), cfg)
+
+
+def describe(cfg) -> str:
+  """One line for logs: targets, rank, scale, trainable parameter count."""
+  lc = _lora(cfg)
+  return (f'LoRA r={lc["rank"]} alpha={lc["alpha"]} scale={scale(cfg):.4g} '
+          f'targets={",".join(select_targets(lc["targets"]))} '
+          f'params={adapter_param_count(cfg):,}')
+
