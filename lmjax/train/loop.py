@@ -205,6 +205,9 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   """
   # ---- Setup: config, devices, mesh, where the run starts ---------------------------
   config_lib.validate(cfg)
+  if cfg.lora.enabled:  # never silently train every weight when adapters were asked for
+    raise config_lib.ConfigError('lora.enabled: the training loop does not train LoRA '
+                                 'adapters yet (lmjax.models.lora has the model side)')
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(cfg.mesh, devices)
   check_batch(cfg, mesh)
