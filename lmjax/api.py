@@ -124,11 +124,6 @@ class Model:
                                mesh=self.mesh, **kwargs)
 
 
-def is_hf_dir(path: str) -> bool:
-  return (os.path.isfile(os.path.join(path, 'config.json'))
-          and any(f.endswith('.safetensors') for f in os.listdir(path)))
-
-
 def load(path: str, step: int | None = None, *, devices: Sequence[Any] | None = None,
          mesh: dict | None = None, tokenizer: str | None = None) -> Model:
   """Loads an lmjax workdir (checkpoint `step`, default latest) or a Hugging Face model
@@ -142,7 +137,7 @@ def load(path: str, step: int | None = None, *, devices: Sequence[Any] | None = 
     raise FileNotFoundError(f'lmjax.load: {path} is not a directory (an lmjax workdir or a '
                             'Hugging Face model directory)')
   device_mesh_cfg = dict(DEFAULT_MESH if mesh is None else mesh)
-  if is_hf_dir(path):
+  if ckpt_lib.is_hf_dir(path):
     return _load_hf(path, device_mesh_cfg, devices, tokenizer)
   return _load_workdir(path, step, device_mesh_cfg, devices, tokenizer)
 
@@ -158,13 +153,9 @@ def _load_workdir(path, step, mesh_cfg, devices, tokenizer_path) -> Model:
   if not os.path.isdir(os.path.join(path, 'checkpoints')):
     raise ckpt_lib.CheckpointError(f'lmjax.load: {path} holds neither checkpoints/ (an lmjax '
                                    'workdir) nor config.json + *.safetensors (Hugging Face)')
-  saved = ckpt_lib.Checkpointer(path, None, read_only=True)
-  try:
-    cfg = _with_mesh(saved.read_config(saved.resolve_step(step)), mesh_cfg)
-  finally:
-    saved.close()
-  m = sharding.make_mesh(cfg.mesh, devices)
-  params, _, meta, step = ckpt_lib.load_params(path, step, m)
+  m = sharding.make_mesh(mesh_cfg, devices)
+  params, saved, meta, step = ckpt_lib.load_params(path, step, m)
+  cfg = _with_mesh(saved, mesh_cfg)
   graphdef, _, _ = state_lib.logical_param_specs(cfg)
   tok = _tokenizer(cfg, tokenizer_path or meta.get('tokenizer', ''))
   return Model(cfg, params, graphdef, m, tok, source=path, step=step)

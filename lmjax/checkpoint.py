@@ -144,12 +144,17 @@ class Checkpointer:
 
 # ---- Starting from another run (cfg.init_from) ------------------------------------------
 
+def is_hf_dir(path: str) -> bool:
+  """A Hugging Face model directory: config.json + *.safetensors."""
+  return (os.path.isfile(os.path.join(path, 'config.json'))
+          and bool(glob.glob(os.path.join(path, '*.safetensors'))))
+
+
 def detect_format(path: str) -> str:
   """'lmjax' (a workdir with checkpoints/) or 'hf' (config.json + *.safetensors)."""
   if os.path.isdir(os.path.join(path, 'checkpoints')):
     return 'lmjax'
-  if (os.path.isfile(os.path.join(path, 'config.json'))
-      and glob.glob(os.path.join(path, '*.safetensors'))):
+  if is_hf_dir(path):
     return 'hf'
   if not os.path.exists(path):
     raise CheckpointError(f'init_from.path {path!r} does not exist')

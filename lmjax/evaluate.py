@@ -24,14 +24,12 @@ from flax import nnx
 
 from lmjax import sharding
 from lmjax.data import pipeline
-from lmjax.train import losses
+from lmjax.train import step as step_lib
 
 
 @partial(jax.jit, static_argnames=('graphdef',))
 def _nll_sums(graphdef, params, batch):
-  model = nnx.merge(graphdef, params)
-  logits = model(batch['inputs'], batch['positions'], batch['segment_ids'])
-  nll, _ = losses.next_token(logits, batch['targets'], batch['loss_mask'])
+  nll, _ = step_lib.loss_sums(graphdef, params, batch, 0.0)
   return nll, jnp.sum(batch['loss_mask'])
 
 

@@ -633,19 +633,13 @@ def import_hf(hf_dir: str, workdir: str, base_cfg=None, mesh=None):
   return cfg
 
 
-def restore_params(workdir: str, step: int | None = None, mesh=None):
-  """(params, cfg, meta) of an lmjax workdir's checkpoint: checkpoint.load_params."""
-  params, cfg, meta, _ = ckpt_lib.load_params(workdir, step, mesh)
-  return params, cfg, meta
-
-
 def export_workdir(workdir: str, out_dir: str, step: int | None = None, arch: str | None = None,
                    mesh=None, **kwargs) -> list[str]:
   """lmjax workdir checkpoint (latest, or `step`) -> HF model dir, with the run's
   sentencepiece tokenizer when it has one (its meta's, else where its config points).
   kwargs go to `save_hf`."""
   from lmjax.data import tokenizer as tokenizer_lib
-  params, cfg, meta = restore_params(workdir, step, mesh)
+  params, cfg, meta, _ = ckpt_lib.load_params(workdir, step, mesh)
   tok = kwargs.pop('tokenizer_path', None)
   if tok is None:
     for path in (meta.get('tokenizer'), tokenizer_lib.resolve_path(cfg)):

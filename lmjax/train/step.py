@@ -25,7 +25,8 @@ def model_logits(graphdef, params, batch):
   return model(batch['inputs'], batch['positions'], batch['segment_ids'])
 
 
-def _sums(graphdef, params, batch, z_loss):
+def loss_sums(graphdef, params, batch, z_loss):
+  """(nll, z-loss) summed over the batch's loss tokens."""
   logits = model_logits(graphdef, params, batch)
   return losses.next_token(logits, batch['targets'], batch['loss_mask'], z_loss)
 
@@ -36,7 +37,7 @@ def make_train_step(cfg, setup: Setup) -> Callable:
   schedule = lr_schedule(cfg)
 
   def objective(params, batch, n_tokens):
-    nll, z = _sums(graphdef, params, batch, z_coef)
+    nll, z = loss_sums(graphdef, params, batch, z_coef)
     return (nll + z) / n_tokens, (nll, z)
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -89,7 +90,7 @@ def make_eval_step(cfg, setup: Setup) -> Callable:
   graphdef = setup.graphdef
 
   def step(params, batch):
-    nll, _ = _sums(graphdef, params, batch, 0.0)
+    nll, _ = loss_sums(graphdef, params, batch, 0.0)
     return nll, jnp.sum(batch['loss_mask'].astype(jnp.float32))
 
   batch_sh = sharding.batch_sharding(setup.mesh, setup.rules)
