@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from lmjax import checkpoint as ckpt_lib
+from lmjax import config as config_lib
 from lmjax import evaluate, sharding
 from lmjax.data import tokenizer as tokenizer_lib
 from lmjax.train import state as state_lib
@@ -117,6 +118,22 @@ class Model:
       out.append(Scored(tokens=scored, pieces=[tok.sp.id_to_piece(i) for i in scored],
                         logprobs=lp))
     return out
+
+  def exact_match(self, split: str = 'test', *, limit: int | None = None,
+                  max_new_tokens: int = 16, batch_size: int = 64, sft: dict | None = None,
+                  keep: int = 5) -> dict:
+    """Task accuracy on a split of the config's SFT data (cfg.sft; `sft={...}` overrides
+    its fields, e.g. path=, template=): greedy answers to each conversation's final
+    question, cut at the template's end-of-turn marker, compared exactly with the data's
+    answers. evaluate.exact_match's result (accuracy, by_task, samples)."""
+    from lmjax.data import formats
+    cfg = self.config.copy_and_resolve_references()
+    if sft:
+      config_lib.apply_overrides(cfg, {f'sft.{k}': v for k, v in sft.items()})
+    examples = formats.answer_examples(cfg, split, limit)
+    gen = lambda prompts: self.generate(prompts, max_new_tokens=max_new_tokens)
+    return evaluate.exact_match(gen, examples, batch_size=batch_size, keep=keep,
+                                normalize=formats.answer_normalizer(cfg.sft.template))
 
   def perplexity(self, split: str | None = None, **kwargs) -> dict:
     """evaluate.perplexity of a split of the config's dataset (or `data={...}` overrides)."""

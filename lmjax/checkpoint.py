@@ -110,21 +110,23 @@ class Checkpointer:
       raise CheckpointError(f'checkpoint {self.directory}/{step} has format '
                             f'{meta.get("format_version")}, this lmjax reads {FORMAT_VERSION}')
 
-  def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
-    """Only the params of a checkpoint (no optimizer state is read), placed with
-    `abstract_params`' shardings: a checkpoint of any mesh loads onto any other."""
+  def restore_params(self, abstract_params: Any, step: int | None = None,
+                     key: str = 'params') -> Any:
+    """Only the params (or another state entry, e.g. key='adapters') of a checkpoint (no
+    optimizer state is read), placed with `abstract_params`' shardings and dtypes: a
+    checkpoint of any mesh loads onto any other."""
     step = self.resolve_step(step)
     self._check_format(step)
-    item = {'params': abstract_params}
+    item = {key: abstract_params}
     args = ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
         partial_restore=True)
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(state=args))
     except (ValueError, KeyError, TypeError) as e:
-      raise CheckpointError(f'the params of checkpoint {self.directory}/{step} do not match '
+      raise CheckpointError(f'the {key} of checkpoint {self.directory}/{step} do not match '
                             f'this model config: {str(e)[:500]}') from e
-    return out['state']['params']
+    return out['state'][key]
 
   def restore(self, abstract_state: Any, step: int | None = None, data_iter=None):
     """Restores into `abstract_state`'s shardings (resharding if the mesh changed)."""
@@ -181,26 +183,70 @@ class InitSource:
 
   def load_params(self, cfg, setup) -> Any:
     """The source's params, placed with setup's param shardings (the new mesh)."""
-    abstract = setup.abstract_state['params']
+    return self.read_params(cfg, setup.abstract_state['params'], setup.mesh, setup.rules)
+
+  def read_params(self, cfg, abstract: Any, mesh, rules) -> Any:
+    """The source's params with `abstract`'s shardings and dtypes (a LoRA run's: its base
+    with its adapters merged)."""
     if self.format == 'lmjax':
-      source = Checkpointer(self.path, None, read_only=True)
-      try:
-        return source.restore_params(abstract, self.step)
-      finally:
-        source.close()
+      return _restore_merged(self.path, self.step, abstract)
     from lmjax import hf  # pylint: disable=import-outside-toplevel
-    params = hf.load_params(self.path, cfg, mesh=setup.mesh, rules=setup.rules)
+    params = hf.load_params(self.path, cfg, mesh=mesh, rules=rules)
+    params = jax.tree.map(lambda x, a: x.astype(a.dtype), params, abstract)
     return jax.device_put(params, jax.tree.map(lambda a: a.sharding, abstract))
 
 
+def _restore_merged(workdir: str, step: int | None, abstract: Any) -> Any:
+  """The params of an lmjax checkpoint, restored into `abstract` (ShapeDtypeStructs with
+  shardings). A LoRA run's checkpoint holds adapters only: its params are its base (the
+  init_from recorded in its meta, read the same way) with the adapters merged."""
+  ckpt = Checkpointer(workdir, None, read_only=True)
+  try:
+    step = ckpt.resolve_step(step)
+    saved = ckpt.read_config(step)
+    if not saved.lora.enabled:
+      return ckpt.restore_params(abstract, step)
+    from lmjax import sharding  # pylint: disable=import-outside-toplevel
+    from lmjax.models import lora  # pylint: disable=import-outside-toplevel
+    meta = ckpt.read_meta(step)
+    mesh = jax.tree.leaves(abstract)[0].sharding.mesh
+    rules = dict(saved.rules)
+    ad_sh = lora.shardings(saved, mesh, rules)
+    ad_abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                               lora.shapes(saved), ad_sh)
+    adapters = ckpt.restore_params(ad_abstract, step, key='adapters')
+  finally:
+    ckpt.close()
+  base_ref = meta.get('init_from')
+  if not base_ref:
+    raise CheckpointError(f'{ckpt.directory}/{step} is a LoRA checkpoint without the '
+                          'pointer to its base (meta init_from)')
+  base = base_source(base_ref, ckpt.directory).read_params(saved, abstract, mesh, rules)
+  param_sh = jax.tree.map(lambda a: a.sharding, abstract)
+  with sharding.use_mesh(mesh, rules):
+    return jax.jit(lambda p, a: lora.merge(p, a, saved), out_shardings=param_sh,
+                   donate_argnums=(0,))(base, adapters)
+
+
+def base_source(base_ref: dict, where: str) -> 'InitSource':
+  """The InitSource a LoRA checkpoint's meta points to ({'path', 'format', 'step'})."""
+  if not os.path.exists(base_ref['path']):
+    raise CheckpointError(f'the base model of the LoRA checkpoint {where} is missing: '
+                          f'{base_ref["path"]} (the adapters need it; restore it there)')
+  step = base_ref.get('step')
+  return open_init_source({'path': base_ref['path'], 'format': base_ref['format'],
+                           'step': -1 if step is None else int(step)})
+
+
 def open_init_source(cfg_init) -> InitSource:
-  """Reads what cfg.init_from names (config, metadata; no arrays yet)."""
-  path = os.path.abspath(os.path.expanduser(cfg_init.path))
-  fmt = detect_format(path) if cfg_init.format == 'auto' else cfg_init.format
+  """Reads what cfg.init_from (or a dict with its path, step, format) names: config and
+  metadata, no arrays yet."""
+  path = os.path.abspath(os.path.expanduser(cfg_init['path']))
+  fmt = detect_format(path) if cfg_init['format'] == 'auto' else cfg_init['format']
   if fmt == 'lmjax':
     source = Checkpointer(path, None, read_only=True)
     try:
-      step = source.resolve_step(None if cfg_init.step < 0 else int(cfg_init.step))
+      step = source.resolve_step(None if cfg_init['step'] < 0 else int(cfg_init['step']))
       saved = source.read_config(step)
       tokenizer = source.read_meta(step).get('tokenizer', '')
     finally:
@@ -222,7 +268,8 @@ def open_init_source(cfg_init) -> InitSource:
 def load_params(workdir: str, step: int | None = None, mesh=None):
   """(params, cfg, meta, step) of an lmjax workdir's checkpoint (latest, or `step`), reading
   only the params (not the optimizer state), placed for `mesh` by the run's own rules.
-  Default mesh: FSDP over all devices. Any training mesh restores onto any other."""
+  Default mesh: FSDP over all devices. Any training mesh restores onto any other. A LoRA
+  run's params are its base with the adapters merged (see load_adapters for them alone)."""
   from lmjax import sharding  # pylint: disable=import-outside-toplevel
   from lmjax.train import state as state_lib  # pylint: disable=import-outside-toplevel
   ckpt = Checkpointer(workdir, None, read_only=True)
@@ -231,13 +278,61 @@ def load_params(workdir: str, step: int | None = None, mesh=None):
       raise CheckpointError(f'no checkpoint found under {ckpt.directory}')
     step = ckpt.resolve_step(step)
     cfg, meta = ckpt.read_config(step), ckpt.read_meta(step)
-    if mesh is None:
-      mesh = sharding.make_mesh({'data': 1, 'fsdp': -1, 'tensor': 1})
-    _, specs, shapes = state_lib.logical_param_specs(cfg)
-    shardings = sharding.tree_shardings(specs, shapes, mesh, dict(cfg.rules))
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            shapes, shardings)
-    params = ckpt.restore_params(abstract, step)
   finally:
     ckpt.close()
-  return params, cfg, meta, step
+  if mesh is None:
+    mesh = sharding.make_mesh({'data': 1, 'fsdp': -1, 'tensor': 1})
+  _, specs, shapes = state_lib.logical_param_specs(cfg)
+  shardings = sharding.tree_shardings(specs, shapes, mesh, dict(cfg.rules))
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          shapes, shardings)
+  return _restore_merged(workdir, step, abstract), cfg, meta, step
+
+
+def load_adapters(workdir: str, step: int | None = None, mesh=None):
+  """(adapters, cfg, meta, step) of a LoRA run's checkpoint (float32, sharded for `mesh`
+  by the run's rules; default all devices on fsdp)."""
+  from lmjax import sharding  # pylint: disable=import-outside-toplevel
+  from lmjax.models import lora  # pylint: disable=import-outside-toplevel
+  ckpt = Checkpointer(workdir, None, read_only=True)
+  try:
+    step = ckpt.resolve_step(step)
+    cfg, meta = ckpt.read_config(step), ckpt.read_meta(step)
+    if not cfg.lora.enabled:
+      raise CheckpointError(f'{ckpt.directory}/{step} is not a LoRA run (lora.enabled is '
+                            'False in its config): it has no adapters')
+    if mesh is None:
+      mesh = sharding.make_mesh({'data': 1, 'fsdp': -1, 'tensor': 1})
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            lora.shapes(cfg), lora.shardings(cfg, mesh, dict(cfg.rules)))
+    return ckpt.restore_params(abstract, step, key='adapters'), cfg, meta, step
+  finally:
+    ckpt.close()
+
+
+def write_merged(workdir: str, out: str, step: int | None = None, mesh=None) -> int:
+  """Writes a LoRA run's checkpoint (latest, or `step`) with the adapters merged into its
+  base as a full lmjax checkpoint in `out` (params only, no optimizer state): loadable with
+  lmjax.load and as another run's init_from, without the base. Returns the step."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  params, cfg, meta, step = load_params(workdir, step, mesh)
+  if not cfg.lora.enabled:
+    raise CheckpointError(f'{workdir} is not a LoRA run (lora.enabled is False in its '
+                          'config): its checkpoints are full already')
+  merged_cfg = cfg.copy_and_resolve_references()
+  with merged_cfg.unlocked():
+    merged_cfg.lora.enabled = False
+    merged_cfg.init_from.path = ''
+    merged_cfg.checkpoint.async_save = False
+  ckpt = Checkpointer(out, merged_cfg)
+  try:
+    if ckpt.latest_step() is not None:
+      raise CheckpointError(f'{ckpt.directory} has checkpoints already; choose a new --out')
+    ckpt.save(step, {'step': jnp.asarray(step, jnp.int32), 'params': params}, merged_cfg,
+              force=True, meta={'tokenizer': meta.get('tokenizer', ''), 'init_from': None,
+                                'merged_from': {'path': os.path.abspath(workdir), 'step': step,
+                                                'base': meta.get('init_from')}})
+    ckpt.wait()
+  finally:
+    ckpt.close()
+  return step

@@ -32,6 +32,10 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field lmjax reads, with its default. Configs update this."""
   cfg = ml_collections.ConfigDict()
   cfg.seed = 0
+  # What the run trains on: 'pretrain' (next-token prediction on cfg.data documents) or
+  # 'sft' (cfg.sft conversations, loss on assistant tokens only). With lora.enabled either
+  # stage trains LoRA adapters on a frozen base (init_from) instead of every weight.
+  cfg.stage = 'pretrain'
 
   cfg.model = dict(
       vocab_size=32000,
@@ -155,6 +159,10 @@ def base_config() -> ml_collections.ConfigDict:
       packing_bins=16,        # grain first-fit bins filled at once (more: less padding).
       task_sizes=dict(train=20000, validation=500, test=500),  # built-in task examples.
       task_seed=0,
+      # At each eval: greedy answers to the first N examples of data.eval_split, compared
+      # with their final assistant turn (eval/exact_match); 0 disables.
+      eval_examples=64,
+      eval_max_new_tokens=32,
   )
 
   # LoRA adapters (models/lora.py): the base params are frozen, only adapters train.
@@ -420,6 +428,11 @@ _CHOICES = {
     'model.rope_scaling.type': ('none', 'llama3'),
     'data.source': ('local_text', 'tfds'),
     'tokenizer.model_type': ('bpe', 'unigram'),
+    'stage': ('pretrain', 'sft'),
+    'sft.source': ('jsonl', 'tfds'),
+    'sft.template': ('llama3', 'chatml', 'plain'),
+    'sft.overlong': ('truncate', 'drop'),
+    'sft.on_error': ('skip', 'fail'),
 }
 
 
@@ -460,6 +473,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if cfg.init_from.format not in ('auto', 'lmjax', 'hf'):
     raise ConfigError("config key 'init_from.format' must be one of ('auto', 'lmjax', 'hf'), "
                       f'got {cfg.init_from.format!r}')
+  _validate_stage(cfg)
   if cfg.optim.lr <= 0:
     raise ConfigError(f'optim.lr must be positive, got {cfg.optim.lr}')
   if cfg.optim.warmup_steps < 0:
@@ -476,6 +490,27 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for a in axes:
       if a not in cfg.mesh:
         raise ConfigError(f'rules.{logical} names mesh axis {a!r}, not one of {tuple(cfg.mesh)}')
+
+
+def _validate_stage(cfg) -> None:
+  if cfg.stage == 'sft':
+    if cfg.data.mixture or cfg.data.eval_sources:
+      raise ConfigError("data.mixture / data.eval_sources are pretraining sources; with "
+                        "stage='sft' the data is cfg.sft")
+    if cfg.sft.source == 'tfds' and not cfg.sft.tfds_name:
+      raise ConfigError("sft.tfds_name must be set when sft.source='tfds'")
+    for key in ('eval_examples', 'eval_max_new_tokens', 'packing_bins'):
+      if cfg.sft[key] < 0 or (key != 'eval_examples' and cfg.sft[key] == 0):
+        raise ConfigError(f'sft.{key} must be positive, got {cfg.sft[key]}')
+  if cfg.lora.enabled:
+    from lmjax.models import lora  # pylint: disable=import-outside-toplevel
+    try:
+      lora.validate(cfg)
+    except lora.LoraError as e:
+      raise ConfigError(str(e)) from None
+    if not cfg.init_from.path:
+      raise ConfigError('lora.enabled: LoRA adapts a pretrained model; set init_from.path '
+                        '(an lmjax workdir or a Hugging Face model dir)')
 
 
 def to_dict(cfg: ml_collections.ConfigDict) -> dict:

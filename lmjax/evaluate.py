@@ -89,7 +89,7 @@ def exact_match(generate: Callable[[list[str]], list[str]],
   compared with its example's 'answer' after `normalize`.
 
   Returns {'accuracy', 'correct', 'n', 'samples': the first `keep` (prompt, answer,
-  output, ok) tuples}.
+  output, ok) tuples, 'by_task': {task: accuracy} when examples carry a 'task'}.
   """
   examples = list(examples)
   if not examples:
@@ -97,7 +97,7 @@ def exact_match(generate: Callable[[list[str]], list[str]],
   for i, ex in enumerate(examples):
     if 'prompt' not in ex or 'answer' not in ex:
       raise ValueError(f'example {i} needs "prompt" and "answer" fields, has {sorted(ex)}')
-  correct, samples = 0, []
+  correct, samples, tasks = 0, [], {}
   for start in range(0, len(examples), batch_size):
     chunk = examples[start:start + batch_size]
     outputs = generate([ex['prompt'] for ex in chunk])
@@ -106,10 +106,12 @@ def exact_match(generate: Callable[[list[str]], list[str]],
     for ex, out in zip(chunk, outputs):
       ok = normalize(out) == normalize(ex['answer'])
       correct += ok
+      if ex.get('task'):
+        tasks.setdefault(ex['task'], []).append(ok)
       if len(samples) < keep:
         samples.append((ex['prompt'], ex['answer'], out, bool(ok)))
   return {'accuracy': correct / len(examples), 'correct': correct, 'n': len(examples),
-          'samples': samples}
+          'samples': samples, 'by_task': {t: float(np.mean(v)) for t, v in sorted(tasks.items())}}
 
 
 def token_logprobs(graphdef, params, sequences: Sequence[Sequence[int]], *,

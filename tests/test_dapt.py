@@ -123,7 +123,7 @@ def test_dapt_run_metrics_tokenizer_and_start(corpora, source, tmp_path):
   # Step 0 is the source model: its eval equals one of the source params on this mesh.
   mesh = out.setup.mesh
   src_params = ckpt_lib.InitSource(src_dir, 'lmjax', 4, {}, src_tok).load_params(cfg, out.setup)
-  want = loop.evaluate(step_lib.make_eval_step(cfg, out.setup), src_params, cfg, out.tokenizer,
+  want = loop.evaluate(step_lib.make_eval_step(cfg, out.setup), {'params': src_params}, cfg, out.tokenizer,
                        mesh, 0, 1)
   assert [e['step'] for e in out.evals] == [0, 2]
   assert out.evals[0] == {'step': 0, **want}

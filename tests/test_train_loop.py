@@ -92,10 +92,3 @@ def test_resume_refuses_a_different_model(corpus, tmp_path):
   with pytest.raises(ckpt_lib.CheckpointError, match=r'model.d_model: checkpoint 64 vs config 32'):
     loop.train(other, str(tmp_path / 'run'))
 
-
-def test_lora_enabled_is_refused_until_the_loop_trains_adapters(corpus, tmp_path):
-  cfg = _cfg(corpus)
-  cfg.lora.enabled = True
-  with pytest.raises(Exception, match='lora.enabled'):
-    loop.train(cfg, str(tmp_path / 'run'))
-  assert not os.path.exists(tmp_path / 'run' / 'checkpoints')

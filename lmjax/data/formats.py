@@ -127,6 +127,12 @@ class Conversations:
   def __repr__(self) -> str:
     return f'Conversations({self.name}, {len(self)})'
 
+  def tag(self, index: int, key: str = 'task') -> str:
+    """A string field of the raw example besides its turns ('' if none), e.g. its task."""
+    item = self._items[int(index)]
+    value = item.get(key, '') if isinstance(item, dict) else ''
+    return value.decode('utf-8') if isinstance(value, bytes) else str(value)
+
 
 class _TfdsConversations(Conversations):
   """A TFDS split's records, normalized on access (malformed: DataError with index)."""
@@ -248,6 +254,21 @@ def encode(turns: list[dict[str, str]], tokenizer, template: str
   ids.append(tokenizer.eos_id)
   mask.append(1)
   return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
+
+
+def answer_examples(cfg, split: str, limit: int | None = None) -> list[dict[str, str]]:
+  """[{'prompt', 'answer', 'task'}] of the first `limit` conversations of a cfg.sft split,
+  for evaluate.exact_match: prompt = the rendered chat up to the final assistant turn's
+  header (encode it as [BOS] + tokenizer.encode(prompt)), answer = that turn's content,
+  task = the example's 'task' field ('' if none)."""
+  conv = get_conversations(cfg, split)
+  n = len(conv) if limit is None else min(limit, len(conv))
+  out = []
+  for i in range(n):
+    turns = conv[i]
+    out.append({'prompt': render_prompt(turns, cfg.sft.template),
+                'answer': turns[-1]['content'], 'task': conv.tag(i)})
+  return out
 
 
 def answer_normalizer(template: str):

@@ -193,18 +193,26 @@ def shardings(cfg, mesh, rules=None) -> dict:
   return sharding.tree_shardings(logical_axes(cfg), shapes(cfg), mesh, rules)
 
 
-def init_adapters(key, cfg, mesh=None, rules=None) -> dict:
-  """Fresh float32 adapters: A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) per layer (PEFT's
-  kaiming_uniform_(a=sqrt(5))), B = 0. With `mesh`, created directly sharded."""
+def init_fn(cfg):
+  """A pure key -> fresh adapters function (for use inside a jitted init)."""
+  layout = _layout(cfg)
+
   def init(key):
     tree: dict = {}
-    for i, (name, (a, b)) in enumerate(_layout(cfg).items()):
+    for i, (name, (a, b)) in enumerate(layout.items()):
       n_in = TARGETS[name][1]
       bound = 1.0 / math.sqrt(math.prod(a[0][1:1 + n_in]))
       A = jax.random.uniform(jax.random.fold_in(key, i), a[0], jnp.float32, -bound, bound)
       _set(tree, TARGETS[name][0], {'a': A, 'b': jnp.zeros(b[0], jnp.float32)})
     return tree
 
+  return init
+
+
+def init_adapters(key, cfg, mesh=None, rules=None) -> dict:
+  """Fresh float32 adapters: A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) per layer (PEFT's
+  kaiming_uniform_(a=sqrt(5))), B = 0. With `mesh`, created directly sharded."""
+  init = init_fn(cfg)
   if mesh is None:
     return jax.jit(init)(key)
   rules = dict(cfg['rules'] if rules is None else rules)

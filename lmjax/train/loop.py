@@ -2,6 +2,13 @@
 setup -> data -> state (resume, start from init_from, or init) -> compile ->
 train (log, eval, checkpoint) -> sample.
 
+A stage is a batch format plus a loss, not a loop: cfg.stage='pretrain' reads documents
+(data/pipeline.py), 'sft' reads conversations (data/formats.py: loss on assistant tokens
+only, overlong counts logged as sft/dropped and sft/truncated, and greedy exact-match
+accuracy on the eval split at each eval). Either trains every weight or, with
+cfg.lora.enabled, LoRA adapters on the frozen init_from model (adapter-only checkpoints
+whose meta points to that base).
+
 Continued pretraining: with cfg.init_from.path set and no checkpoint in the workdir yet,
 the params come from that run (resharded onto this mesh), with a fresh optimizer at step 0
 and, unless tokenizer.path is set, that run's tokenizer.
@@ -24,8 +31,10 @@ import numpy as np
 from lmjax import checkpoint as ckpt_lib
 from lmjax import config as config_lib
 from lmjax import generate, sharding
-from lmjax.data import pipeline
+from lmjax import evaluate as evaluate_lib
+from lmjax.data import formats, pipeline
 from lmjax.data import tokenizer as tokenizer_lib
+from lmjax.models import lora as lora_lib
 from lmjax.models import transformer
 from lmjax.train import metrics as metrics_lib
 from lmjax.train import state as state_lib
@@ -155,9 +164,22 @@ def load_tokenizer(cfg, resumed_meta: dict | None,
   return tokenizer_lib.load_tokenizer(inherited)
 
 
-def evaluate(eval_step, params, cfg, tok, mesh, process_index, process_count) -> dict:
+def data_iterator(cfg, tok, split: str, *, batch_size: int, process_index: int = 0,
+                  process_count: int = 1, seed: int | None = None, repeat: bool = True,
+                  source: str | None = None):
+  """The stage's batches: documents (pretrain; `source` = a named mixture/eval source) or
+  conversations (sft; with 'dropped'/'truncated' per-row counts to strip)."""
+  kw = dict(batch_size=batch_size, process_index=process_index, process_count=process_count,
+            seed=seed, repeat=repeat)
+  if cfg.stage == 'sft':
+    return formats.make_sft_iterator(cfg, tok, split, **kw)
+  return pipeline.make_lm_iterator(cfg, tok, split, source=source, **kw)
+
+
+def evaluate(eval_step, weights, cfg, tok, mesh, process_index, process_count) -> dict:
   """Mean next-token loss over exactly cfg.train.eval_batches batches of each eval set.
 
+  weights: what eval_step takes (setup.weights(state): params, and adapters with LoRA).
   Sets: the training data's eval split ('eval_loss'; with a mixture, the tokens of all its
   sources' eval batches pooled) and each named source, i.e. every data.mixture and
   data.eval_sources entry ('eval/<name>/loss'). An eval split is read in order and
@@ -166,13 +188,15 @@ def evaluate(eval_step, params, cfg, tok, mesh, process_index, process_count) ->
   a small split then counts some documents twice.
   """
   def run(source):
-    it = pipeline.make_lm_iterator(cfg, tok, cfg.data.eval_split,
-                                   batch_size=cfg.train.global_batch // process_count,
-                                   process_index=process_index, process_count=process_count,
-                                   repeat=True, source=source)
+    it = data_iterator(cfg, tok, cfg.data.eval_split,
+                       batch_size=cfg.train.global_batch // process_count,
+                       process_index=process_index, process_count=process_count,
+                       repeat=True, source=source)
     try:
-      sums = [eval_step(params, sharding.place_batch(next(it), mesh, cfg.rules))
-              for _ in range(cfg.train.eval_batches)]
+      sums = []
+      for _ in range(cfg.train.eval_batches):
+        host = {k: v for k, v in next(it).items() if k not in formats.COUNTS}
+        sums.append(eval_step(weights, sharding.place_batch(host, mesh, cfg.rules)))
     finally:
       it.close()  # stops its prefetch thread
     nll, n = np.sum(np.asarray(jax.device_get(sums), np.float64), axis=0).tolist()
@@ -192,8 +216,22 @@ def evaluate(eval_step, params, cfg, tok, mesh, process_index, process_count) ->
   return out
 
 
+def sft_exact_match(cfg, graphdef, params, tok, mesh, examples: list[dict]) -> dict:
+  """Greedy answers to `examples` ({'prompt', 'answer'}) with the (merged) params, cut at
+  the template's end-of-turn marker: evaluate.exact_match's result."""
+  def gen(prompts):
+    out = generate.generate(graphdef, params, [[tok.bos_id] + tok.encode(p) for p in prompts],
+                            max_new_tokens=cfg.sft.eval_max_new_tokens, temperature=0.0,
+                            stop_tokens=(tok.eos_id,), mesh=mesh, rules=dict(cfg.rules))
+    return [tok.decode(ids) for ids in out.ids()]
+  return evaluate_lib.exact_match(gen, examples, batch_size=max(len(examples), 1),
+                                  normalize=formats.answer_normalizer(cfg.sft.template))
+
+
 def _eval_line(step: int, e: dict) -> str:
-  named = ''.join(f', {k[5:-5]} {v:.4f}' for k, v in e.items() if k.startswith('eval/'))
+  def name(k):
+    return k[5:-5] if k.endswith('/loss') else k[5:]
+  named = ''.join(f', {name(k)} {v:.4f}' for k, v in e.items() if k.startswith('eval/'))
   return f'step {step}: eval_loss {e["eval_loss"]:.4f}{named}'
 
 
@@ -205,9 +243,6 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   """
   # ---- Setup: config, devices, mesh, where the run starts ---------------------------
   config_lib.validate(cfg)
-  if cfg.lora.enabled:  # never silently train every weight when adapters were asked for
-    raise config_lib.ConfigError('lora.enabled: the training loop does not train LoRA '
-                                 'adapters yet (lmjax.models.lora has the model side)')
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(cfg.mesh, devices)
   check_batch(cfg, mesh)
@@ -219,7 +254,12 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   if ckpt.latest_step() is not None:
     check_resumable(ckpt.read_config(), cfg, ckpt.directory)
     resumed_meta = ckpt.read_meta()
-    if cfg.init_from.path:
+    if cfg.lora.enabled:  # adapter-only checkpoints: the base is the one recorded
+      if not resumed_meta.get('init_from'):
+        raise ckpt_lib.CheckpointError(f'{ckpt.directory} holds no LoRA run (no base model '
+                                       'in its meta): use a new --workdir')
+      source = ckpt_lib.base_source(resumed_meta['init_from'], ckpt.directory)
+    elif cfg.init_from.path:
       _print(f'init_from.path ignored: resuming this workdir\'s own checkpoint '
              f'(step {ckpt.latest_step()})')
   elif cfg.init_from.path:
@@ -232,15 +272,21 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   # ---- Data: tokenizer and the training stream --------------------------------------
   tok = load_tokenizer(cfg, resumed_meta, source)
   run_meta['tokenizer'] = tok.path
-  train_iter = pipeline.make_lm_iterator(
-      cfg, tok, cfg.data.train_split, batch_size=cfg.train.global_batch // pc,
-      process_index=pi, process_count=pc, seed=cfg.seed)
+  train_iter = data_iterator(cfg, tok, cfg.data.train_split,
+                             batch_size=cfg.train.global_batch // pc,
+                             process_index=pi, process_count=pc, seed=cfg.seed)
+  sft = cfg.stage == 'sft'
+  em_examples = []  # sft: the exact-match set (first N of the eval split)
+  if sft and cfg.sft.eval_examples > 0 and cfg.train.eval_every > 0:
+    em_examples = formats.answer_examples(cfg, cfg.data.eval_split, cfg.sft.eval_examples)
   mixture = list(config_lib.mixture_sources(cfg.data))  # rows tag tokens 1..len: tokens/<name>
 
   # ---- State: resume the workdir's latest checkpoint, start from init_from, or init --
   setup = state_lib.make_setup(cfg, mesh)
   if resumed_meta is not None:
-    state = ckpt.restore(setup.abstract_state, data_iter=train_iter)
+    state = ckpt.restore(setup.abstract_saved, data_iter=train_iter)
+    if setup.lora is not None:  # the frozen base, from the recorded init_from
+      state['params'] = source.load_params(cfg, setup)  # in lora.base_dtype
     _print(f'resumed from step {int(state["step"])} ({ckpt.directory})')
   elif source is not None:
     state = state_lib.init_state(cfg, setup, params=source.load_params(cfg, setup))
@@ -250,11 +296,15 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
     state = state_lib.init_state(cfg, setup)
   start = int(state['step'])
   _print(f'model: {setup.n_params / 1e6:.2f}M params | {cfg.model.n_layers} layers, '
-         f'd_model {cfg.model.d_model}, vocab {cfg.model.vocab_size}')
+         f'd_model {cfg.model.d_model}, vocab {cfg.model.vocab_size} | stage {cfg.stage}')
+  if setup.lora is not None:
+    _print(f'{lora_lib.describe(cfg)} ({setup.n_trainable / setup.n_params:.2%} of the '
+           f'model); base {cfg.lora.base_dtype}, frozen')
 
   # ---- Compile up front, report memory ----------------------------------------------
   train_step = step_lib.make_train_step(cfg, setup)
   eval_step = step_lib.make_eval_step(cfg, setup)
+  merged = step_lib.make_merge(setup)  # weights -> params to generate with
   seq, gb = cfg.data.seq_len, cfg.train.global_batch
   batch_sh = sharding.batch_sharding(mesh, cfg.rules)
   batch_spec = {k: jax.ShapeDtypeStruct((gb, seq), jnp.float32 if k == 'loss_mask' else jnp.int32,
@@ -280,16 +330,22 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   stopped_early = False
 
   def run_eval(step):
-    e = evaluate(eval_step, state['params'], cfg, tok, mesh, pi, pc)
+    e = evaluate(eval_step, setup.weights(state), cfg, tok, mesh, pi, pc)
+    if em_examples:
+      em = sft_exact_match(cfg, setup.graphdef, merged(setup.weights(state)), tok, mesh,
+                           em_examples)
+      e['eval/exact_match'] = em['accuracy']
     writer.write(step, e)
     evals.append({'step': step, **e})
     return e
 
   def save(step, force=False):
-    ckpt.save(step, state, cfg, data_iter=train_iter, force=force, meta=run_meta)
+    ckpt.save(step, setup.saved(state), cfg, data_iter=train_iter, force=force, meta=run_meta)
 
   def next_batch():
     host = next(train_iter)
+    if sft:  # overlong conversations since the last batch; counted, then dropped
+      window_overlong[:] += [int(np.sum(host.pop(k))) for k in formats.COUNTS]
     if mixture:  # count each source's tokens on host, then drop the tag
       window_tokens[:] += np.bincount(host.pop(pipeline.SOURCE).ravel(),
                                       minlength=len(mixture) + 1)[1:len(mixture) + 1]
@@ -301,7 +357,15 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       counts = np.asarray(multihost_utils.process_allgather(counts)).sum(axis=0)
     window_tokens[:] = 0
-    return {f'tokens/{name}': float(c) for name, c in zip(mixture, counts)}
+    out = {f'tokens/{name}': float(c) for name, c in zip(mixture, counts)}
+    if sft:
+      overlong = window_overlong.copy()
+      if pc > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        overlong = np.asarray(multihost_utils.process_allgather(overlong)).sum(axis=0)
+      window_overlong[:] = 0
+      out.update((f'sft/{k}', float(c)) for k, c in zip(formats.COUNTS, overlong))
+    return out
 
   # ---- Train -------------------------------------------------------------------------
   progress = None
@@ -312,6 +376,7 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
     _print(_eval_line(0, run_eval(0)))
   window_t, window_steps, data_s = time.perf_counter(), 0, 0.0
   window_tokens = np.zeros(len(mixture), np.int64)  # this process's, since the last log
+  window_overlong = np.zeros(len(formats.COUNTS), np.int64)
   with _Preemption() as preempt:
     for step in range(start, cfg.train.steps):
       t_data = time.perf_counter()
@@ -369,9 +434,13 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   text = None
   if cfg.train.sample_at_end and not stopped_early:
     s = cfg.sample
-    text = generate.sample(setup.graphdef, state['params'], tok, [s.prompt],
+    prompt = s.prompt
+    if sft:  # the prompt as a user turn, in the chat template
+      prompt = formats.render_prompt([{'role': 'user', 'content': s.prompt},
+                                      {'role': 'assistant', 'content': ''}], cfg.sft.template)
+    text = generate.sample(setup.graphdef, merged(setup.weights(state)), tok, [prompt],
                            max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                            top_k=s.top_k, seed=cfg.seed)[0]
-    _print(f'--- sample (prompt {s.prompt!r}) ---\n{s.prompt}{text}\n---')
+    _print(f'--- sample (prompt {s.prompt!r}) ---\n{prompt}{text}\n---')
   return Result(state=state, setup=setup, tokenizer=tok, history=history, evals=evals,
                 sample=text, stopped_early=stopped_early)

@@ -2,6 +2,11 @@
 
 Params are a plain nested dict of arrays (`nnx.to_pure_dict`); the model's graph
 definition is static and rebuilt from the config, so checkpoints hold only arrays.
+
+With cfg.lora.enabled the state is {'step', 'params', 'adapters', 'opt_state'}: the
+params are the frozen base (in lora.base_dtype), the optimizer state covers the adapters
+only, and a checkpoint holds everything but the params (`Setup.saved`): the base is
+re-read from the run's init_from, recorded in the checkpoint's meta.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lmjax import sharding
+from lmjax.models import lora as lora_lib
 from lmjax.models import transformer
 
 
@@ -59,7 +65,31 @@ class Setup:
   rules: dict
   state_shardings: Any
   abstract_state: Any        # ShapeDtypeStructs with shardings (for restore).
-  n_params: int
+  n_params: int              # the model's parameters
+  n_trainable: int           # what the optimizer updates (= n_params without LoRA)
+  lora: Any = None           # cfg.lora (frozen) when adapters train, else None
+
+  @property
+  def trainable(self) -> str:
+    """The state entry the optimizer updates: 'adapters' (LoRA) or 'params'."""
+    return 'adapters' if self.lora is not None else 'params'
+
+  def saved(self, state: dict) -> dict:
+    """The part of `state` a checkpoint holds: all of it, or with LoRA all but the
+    frozen base params (small, adapter-only checkpoints)."""
+    return {k: v for k, v in state.items() if k != 'params' or self.lora is None}
+
+  @property
+  def abstract_saved(self) -> dict:
+    return self.saved(self.abstract_state)
+
+  def weights(self, state: dict) -> dict:
+    """What a forward pass needs: {'params'} or {'params', 'adapters'}."""
+    return {k: state[k] for k in ('params', 'adapters') if k in state}
+
+  @property
+  def weight_shardings(self) -> dict:
+    return self.weights(self.state_shardings)
 
 
 def logical_param_specs(cfg):
@@ -69,24 +99,47 @@ def logical_param_specs(cfg):
   return graphdef, specs, shapes
 
 
+def _base_dtype(cfg, shapes):
+  """With LoRA, the frozen params' ShapeDtypeStructs in lora.base_dtype."""
+  dt = transformer.DTYPES[cfg.lora.base_dtype]
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dt)
+                      if jnp.issubdtype(a.dtype, jnp.floating) else a, shapes)
+
+
 def make_setup(cfg, mesh: Mesh) -> Setup:
   rules = dict(cfg.rules)
   graphdef, specs, shapes = logical_param_specs(cfg)
   param_sh = sharding.tree_shardings(specs, shapes, mesh, rules)
+  n_params = transformer.count_params(shapes)
   tx = optimizer(cfg)
-  abstract_opt = jax.eval_shape(tx.init, shapes)
-  opt_sh = optax.tree_map_params(
-      tx, lambda _, s: s, abstract_opt, param_sh,
+  state_sh = {'step': sharding.replicated(mesh), 'params': param_sh}
+  abstract_state = {'step': jax.ShapeDtypeStruct((), jnp.int32)}
+  lora = None
+  if cfg.lora.enabled:
+    lora = ml_collections.FrozenConfigDict(cfg.lora)
+    abstract_state['params'] = _base_dtype(cfg, shapes)
+    trainable, trainable_sh = lora_lib.shapes(cfg), lora_lib.shardings(cfg, mesh, rules)
+    abstract_state['adapters'] = trainable
+    state_sh['adapters'] = trainable_sh
+  else:
+    abstract_state['params'] = trainable = shapes
+    trainable_sh = param_sh
+  abstract_opt = jax.eval_shape(tx.init, trainable)
+  state_sh['opt_state'] = optax.tree_map_params(
+      tx, lambda _, s: s, abstract_opt, trainable_sh,
       transform_non_params=lambda _: sharding.replicated(mesh))
-  state_sh = {'step': sharding.replicated(mesh), 'params': param_sh, 'opt_state': opt_sh}
-  abstract_state = {'step': jax.ShapeDtypeStruct((), jnp.int32),
-                    'params': shapes, 'opt_state': abstract_opt}
+  abstract_state['opt_state'] = abstract_opt
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, state_sh)
   return Setup(graphdef=graphdef, tx=tx, mesh=mesh, rules=rules,
                state_shardings=state_sh, abstract_state=abstract_state,
-               n_params=transformer.count_params(shapes))
+               n_params=n_params, n_trainable=transformer.count_params(trainable), lora=lora)
+
+
+def adapter_key(cfg):
+  """The key fresh LoRA adapters are drawn from (distinct from the params' init key)."""
+  return jax.random.fold_in(jax.random.key(cfg.seed), 1)
 
 
 def init_state(cfg, setup: Setup, params: Any | None = None) -> dict:
@@ -94,8 +147,11 @@ def init_state(cfg, setup: Setup, params: Any | None = None) -> dict:
 
   params: start from these (e.g. another run's, placed with setup's param shardings;
   donated) instead of a random init; the optimizer state is fresh and step 0 either way.
+  With LoRA the params become the frozen base (cast to lora.base_dtype) and fresh
+  adapters (B = 0: the model computes what the base does) are what the optimizer updates.
   """
   mcfg = model_config(cfg)
+  init_adapters = lora_lib.init_fn(cfg) if setup.lora is not None else None
 
   def init(key):
     with nnx.use_eager_sharding(False):
@@ -104,10 +160,18 @@ def init_state(cfg, setup: Setup, params: Any | None = None) -> dict:
     return fresh(p)
 
   def fresh(p):
-    return {'step': jnp.zeros((), jnp.int32), 'params': p, 'opt_state': setup.tx.init(p)}
+    state = {'step': jnp.zeros((), jnp.int32)}
+    if init_adapters is None:
+      state.update(params=p, opt_state=setup.tx.init(p))
+    else:
+      adapters = init_adapters(adapter_key(cfg))
+      state.update(params=lora_lib.base_params(p, cfg), adapters=adapters,
+                   opt_state=setup.tx.init(adapters))
+    return state
 
   with sharding.use_mesh(setup.mesh, setup.rules):
     if params is None:
       return jax.jit(init, out_shardings=setup.state_shardings)(jax.random.key(cfg.seed))
     return jax.jit(fresh, in_shardings=(setup.state_shardings['params'],),
                    out_shardings=setup.state_shardings, donate_argnums=(0,))(params)
+

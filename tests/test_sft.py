@@ -1,0 +1,251 @@
+"""SFT through the one training loop: LoRA adapters on a frozen base, adapter-only
+checkpoints with a pointer to the base, exact resume, exact-match eval, lmjax.load of an
+SFT workdir, the merge tool and PEFT export; full fine-tuning SFT too."""
+
+import json
+import os
+import shutil
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import lmjax
+from lmjax import checkpoint as ckpt_lib
+from lmjax import config as config_lib
+from lmjax import sharding
+from lmjax.models import lora
+from lmjax.train import loop
+from lmjax.train import metrics as metrics_lib
+from lmjax.train import state as state_lib
+from lmjax.train import step as step_lib
+from util import random_batch, tiny_config, write_corpus
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tools'))
+import merge_lora  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def _pretrain_cfg(root):
+  cfg = tiny_config()
+  cfg.data.update(source='local_text', text_glob=str(root / 'text' / '*.txt'),
+                  data_dir=str(root / 'tfds'), val_fraction=0.1)
+  cfg.tokenizer.update(vocab_size=384, max_sentences=20_000)
+  cfg.model.vocab_size = 384
+  cfg.train.update(steps=3)
+  cfg.mesh.update(data=-1)
+  return cfg
+
+
+@pytest.fixture(scope='module')
+def base(tmp_path_factory):
+  """A tiny pretrained run (its workdir; tokenizer recorded in its meta)."""
+  root = tmp_path_factory.mktemp('sft')
+  write_corpus(root / 'text', n_files=40)
+  workdir = str(root / 'base')
+  loop.train(_pretrain_cfg(root), workdir)
+  return root, workdir
+
+
+def _sft_cfg(base, **train):
+  root, workdir = base
+  cfg = _pretrain_cfg(root)
+  cfg.stage = 'sft'
+  cfg.init_from.path = workdir
+  cfg.lora.update(enabled=True, rank=4, alpha=8.0)
+  cfg.sft.update(task_sizes=dict(train=1000, validation=64, test=64), eval_examples=8,
+                 eval_max_new_tokens=12)
+  cfg.data.seq_len = 64
+  cfg.train.update(steps=8, eval_every=0, eval_batches=2)
+  cfg.train.update(**train)
+  cfg.optim.update(lr=1e-2, warmup_steps=0)
+  cfg.checkpoint.update(every=4, keep=5)
+  cfg.mesh.update(data=2, fsdp=2, tensor=2)
+  return cfg
+
+
+def _base_params(base, mesh_cfg=None):
+  params, _, _, _ = ckpt_lib.load_params(base[1], mesh=sharding.make_mesh(
+      mesh_cfg or {'data': 1, 'fsdp': -1, 'tensor': 1}))
+  return jax.device_get(params)
+
+
+def _losses(workdir):
+  rows = metrics_lib.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  return {r['step']: r['loss'] for r in rows if 'loss' in r}
+
+
+def test_lora_sft_trains_adapters_only_and_resumes_exactly(base, tmp_path):
+  straight = str(tmp_path / 'straight')
+  out = loop.train(_sft_cfg(base, eval_every=8), straight)
+  setup = out.setup
+
+  # Only the adapters trained: the base params are the source's, bit for bit; the
+  # optimizer state mirrors the adapters (Adam's mu/nu), nothing of the base.
+  assert setup.trainable == 'adapters' and setup.n_trainable == lora.adapter_param_count(
+      _sft_cfg(base))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(out.state['params']),
+               _base_params(base))
+  mu = out.state['opt_state'][1][0].mu
+  assert jax.tree.structure(mu) == jax.tree.structure(out.state['adapters'])
+  b = out.state['adapters']['layers']['attn']['q']['b']
+  assert np.any(np.asarray(b)), 'B stayed zero: the adapters did not train'
+  # Adapters shard like their base layer's output axes (q's heads on 'tensor').
+  assert tuple(b.sharding.spec) == (None, None, 'tensor', None)
+
+  # Adapter-only checkpoints with a pointer to the base; a small fraction of its size.
+  ckpt = ckpt_lib.Checkpointer(straight, None, read_only=True)
+  meta = ckpt.read_meta()
+  ckpt.close()
+  assert meta['init_from'] == {'path': base[1], 'format': 'lmjax', 'step': 3}
+  with open(os.path.join(straight, 'checkpoints', '8', 'state', '_METADATA')) as f:
+    saved = {eval(k)[0] for k in json.load(f)['tree_metadata']}  # pylint: disable=eval-used
+  assert saved == {'step', 'adapters', 'opt_state'}
+
+  # Metrics: overlong counts, eval loss on assistant tokens and exact match.
+  rows = [r for r in metrics_lib.read_jsonl(os.path.join(straight, 'metrics.jsonl'))
+          if 'loss' in r]
+  assert all('sft/dropped' in r and 'sft/truncated' in r for r in rows)
+  assert [e['step'] for e in out.evals] == [0, 8]
+  assert all(0.0 <= e['eval/exact_match'] <= 1.0 for e in out.evals)
+  assert out.evals[-1]['eval_loss'] < out.evals[0]['eval_loss']
+
+  # Stop at 4 + resume (a new process: the base is re-read through the meta pointer)
+  # gives the same losses at every step and the same adapters.
+  split = str(tmp_path / 'split')
+  first = loop.train(_sft_cfg(base, eval_every=8), split, stop_after=4)
+  assert first.stopped_early
+  second = loop.train(_sft_cfg(base, eval_every=8), split)
+  a, b_ = _losses(straight), _losses(split)
+  assert sorted(a) == sorted(b_) == list(range(1, 9))
+  assert all(a[s] == b_[s] for s in a), (a, b_)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(out.state['adapters']),
+               jax.device_get(second.state['adapters']))
+
+
+@pytest.fixture(scope='module')
+def sft_run(base, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('sft_run') / 'sft')
+  out = loop.train(_sft_cfg(base, steps=4), workdir)
+  return workdir, out
+
+
+def test_load_merge_tool_and_init_from_of_an_sft_run(base, sft_run, tmp_path):
+  workdir, out = sft_run
+  adapters = jax.device_get(out.state['adapters'])
+  want = jax.device_get(lora.merge(_base_params(base), adapters, _sft_cfg(base)))
+
+  # lmjax.load of the SFT workdir: base + adapters, merged; its logits equal the
+  # unmerged (training-time) forward.
+  model = lmjax.load(workdir)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6),
+               jax.device_get(model.params), want)
+  batch = random_batch(model.config, seed=3)
+  unmerged = nnx.merge(model.graphdef, _base_params(base))(
+      batch['inputs'], batch['positions'], batch['segment_ids'], adapters=adapters,
+      lora=model.config.lora)
+  merged = nnx.merge(model.graphdef, jax.device_get(model.params))(
+      batch['inputs'], batch['positions'], batch['segment_ids'])
+  np.testing.assert_allclose(np.asarray(merged), np.asarray(unmerged), atol=2e-5)
+  assert model.generate('<|im_start|>user\nhi<|im_end|>\n', max_new_tokens=4) is not None
+
+  # The merge tool: a full checkpoint that needs no base; same params; a second write
+  # into it is refused. PEFT export of the same adapters.
+  merged_dir, peft_dir = str(tmp_path / 'merged'), str(tmp_path / 'peft')
+  assert merge_lora.main(['--workdir', workdir, '--out', merged_dir, '--peft_dir', peft_dir]) == 0
+  assert merge_lora.main(['--workdir', workdir, '--out', merged_dir]) == 2
+  m2 = lmjax.load(merged_dir)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(m2.params),
+               jax.device_get(model.params))
+  assert m2.tokenizer.path == model.tokenizer.path
+  back = lora.load_peft_adapter(peft_dir, _sft_cfg(base))
+  jax.tree.map(np.testing.assert_array_equal, back, adapters)
+  with open(os.path.join(peft_dir, 'adapter_config.json')) as f:
+    pc = json.load(f)
+  assert pc['r'] == 4 and pc['base_model_name_or_path'] == base[1]
+  assert merge_lora.main(['--workdir', base[1], '--out', str(tmp_path / 'x')]) == 2
+
+  # init_from an SFT workdir (e.g. the next stage) starts from the merged model.
+  cfg = _sft_cfg(base)
+  cfg.init_from.path = workdir
+  source = ckpt_lib.open_init_source(cfg.init_from)
+  setup = state_lib.make_setup(cfg, sharding.make_mesh(cfg.mesh))
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6),
+               jax.device_get(source.load_params(cfg, setup)), want)
+
+
+def test_lora_base_moved_is_a_clear_error(base, sft_run, tmp_path):
+  workdir, _ = sft_run
+  moved_base = str(tmp_path / 'moved_base')
+  shutil.copytree(base[1], moved_base)
+  copy = str(tmp_path / 'sft_copy')
+  shutil.copytree(workdir, copy)
+  shutil.rmtree(base[1])
+  try:
+    with pytest.raises(ckpt_lib.CheckpointError, match='base model of the LoRA checkpoint'):
+      lmjax.load(copy)
+  finally:
+    shutil.copytree(moved_base, base[1])
+
+
+def test_lora_step_on_eight_devices_matches_one(base):
+  cfg1 = _sft_cfg(base)
+  cfg1.mesh.update(data=1, fsdp=1, tensor=1)
+  cfg1.lora.update(dropout=0.1)
+  cfg8 = _sft_cfg(base)
+  cfg8.lora.update(dropout=0.1)
+  batches = [random_batch(cfg1, seed=0, docs_per_row=2)] * 3
+  results = []
+  for cfg, devices in ((cfg1, jax.devices()[:1]), (cfg8, jax.devices())):
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    setup = state_lib.make_setup(cfg, mesh)
+    state = state_lib.init_state(cfg, setup)  # random base: the same on any mesh
+    step = step_lib.make_train_step(cfg, setup)
+    losses = []
+    for b in batches:
+      state, m = step(state, sharding.place_batch(b, mesh, cfg.rules))
+      losses.append(float(m['loss']))
+    results.append((losses, jax.device_get(state['adapters'])))
+  (l1, a1), (l8, a8) = results
+  np.testing.assert_allclose(l8, l1, rtol=1e-5)
+  assert l1[-1] < l1[0]
+  diffs = np.concatenate([np.abs(x - y).ravel() for x, y in
+                          zip(jax.tree.leaves(a1), jax.tree.leaves(a8))])
+  assert diffs.max() < 5e-4 and np.median(diffs) < 1e-6
+
+
+def test_full_finetuning_sft_and_bf16_base(base, tmp_path):
+  cfg = _sft_cfg(base, steps=2)
+  cfg.lora.enabled = False
+  out = loop.train(cfg, str(tmp_path / 'full'))
+  assert out.setup.trainable == 'params' and 'adapters' not in out.state
+  changed = jax.tree.map(lambda x, y: bool(np.any(x != y)),
+                         jax.device_get(out.state['params']), _base_params(base, cfg.mesh))
+  assert all(jax.tree.leaves(changed))
+
+  cfg = _sft_cfg(base, steps=2)
+  cfg.lora.base_dtype = 'bfloat16'
+  out = loop.train(cfg, str(tmp_path / 'bf16'))
+  assert {x.dtype for x in jax.tree.leaves(out.state['params'])} == {np.dtype('bfloat16')}
+  assert {x.dtype for x in jax.tree.leaves(out.state['adapters'])} == {np.dtype('float32')}
+  assert np.isfinite(out.history[-1]['loss'])
+
+
+def test_sft_config_errors_name_the_field(base):
+  cfg = _sft_cfg(base)
+  cfg.init_from.path = ''
+  with pytest.raises(config_lib.ConfigError, match='lora.enabled: LoRA adapts a pretrained'):
+    config_lib.validate(cfg)
+  cfg = _sft_cfg(base)
+  cfg.lora.targets = 'layers/attn/zz'
+  with pytest.raises(config_lib.ConfigError, match="lora.targets='layers/attn/zz' matches no"):
+    config_lib.validate(cfg)
+  cfg = _sft_cfg(base)
+  cfg.stage = 'rl'
+  with pytest.raises(config_lib.ConfigError, match="'stage' must be one of"):
+    config_lib.validate(cfg)
+  cfg = _sft_cfg(base)
+  cfg.data.mixture = {'a': config_lib.data_source(weight=1.0)}
+  with pytest.raises(config_lib.ConfigError, match="with stage='sft' the data is cfg.sft"):
+    config_lib.validate(cfg)

@@ -1,0 +1,210 @@
+"""Benchmarks a config's train step: one table row per mode.
+
+  python tools/bench.py --config=configs/pretrain_tiny.py [--steps=10] [--warmup=2]
+      [--mode=full|lora|both] [--data=synthetic|real] [--set KEY=VALUE ...]
+      [--peak_tflops=X] [--json=out.json]
+
+Columns: device (count x kind), mode, params (the model's), trainable (what the optimizer
+updates), optimizer-state bytes (all devices), batch x seq, tokens/s, MFU, step time,
+peak memory per device (compiled.memory_analysis(): arguments + outputs + temporaries -
+aliased), compile time.
+
+MFU = tokens/s x (6N + 6·L·T·heads·head_dim) / (devices x peak), the standard formula
+(causal attention counted once; N = every matmul weight incl. the output projection) for
+both modes: a LoRA step skips the base weights' gradient matmuls, so the same formula
+credits it with work it does not do and its MFU reads as "full-fine-tuning-equivalent".
+The peak is the device's bf16 dense datasheet figure (lmjax.train.metrics.peak_flops;
+H100 SXM 989 TFLOP/s); on CPU there is none unless --peak_tflops is given.
+
+--mode=lora trains LoRA adapters (the config's lora group, targets/rank) on a frozen
+random base, as `lora.enabled=True` would with init_from; both = full then LoRA on the
+same model and batch. --data=real times the config's own input pipeline (tokenizer and
+dataset built if missing) and reports the fraction of time spent waiting for it;
+synthetic = one random batch placed once (isolates the step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+import time
+
+
+def _parse_set(items):
+  out = {}
+  for item in items or []:
+    key, eq, value = item.partition('=')
+    if not eq:
+      raise SystemExit(f'bench: --set takes KEY=VALUE, got {item!r}')
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass
+    out[key] = value
+  return out
+
+
+def run(cfg, *, mode: str = 'full', steps: int = 10, warmup: int = 2, data: str = 'synthetic',
+        peak_tflops: float | None = None, devices=None) -> dict:
+  """Times `steps` train steps (after `warmup`) of `cfg` in `mode` ('full' | 'lora');
+  returns the table row as a dict."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from lmjax import sharding
+  from lmjax.models import lora as lora_lib
+  from lmjax.models import transformer
+  from lmjax.train import loop
+  from lmjax.train import metrics as metrics_lib
+  from lmjax.train import state as state_lib
+  from lmjax.train import step as step_lib
+
+  cfg = cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.lora.enabled = mode == 'lora'
+  if mode == 'lora':
+    lora_lib.validate(cfg)
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  loop.check_batch(cfg, mesh)
+  setup = state_lib.make_setup(cfg, mesh)
+  state = state_lib.init_state(cfg, setup)
+  train_step = step_lib.make_train_step(cfg, setup)
+  gb, seq = cfg.train.global_batch, cfg.data.seq_len
+  batch_sh = sharding.batch_sharding(mesh, cfg.rules)
+  keys = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
+  spec = {k: jax.ShapeDtypeStruct((gb, seq), jnp.float32 if k == 'loss_mask' else jnp.int32,
+                                  sharding=batch_sh) for k in keys}
+  t0 = time.perf_counter()
+  with sharding.use_mesh(mesh, cfg.rules):
+    compiled = train_step.jitted.lower(setup.abstract_state, spec).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  peak_mem = None
+  if mem is not None:
+    peak_mem = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+
+  if data == 'synthetic':
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, cfg.model.vocab_size, (gb, seq + 1)).astype(np.int32)
+    host = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+            'segment_ids': np.ones((gb, seq), np.int32),
+            'positions': np.tile(np.arange(seq, dtype=np.int32), (gb, 1)),
+            'loss_mask': np.ones((gb, seq), np.float32)}
+    fixed = sharding.place_batch(host, mesh, cfg.rules)
+    it = None
+    next_batch = lambda: fixed
+  else:
+    tok = loop.load_tokenizer(cfg, None, None)
+    it = loop.data_iterator(cfg, tok, cfg.data.train_split, batch_size=gb // jax.process_count(),
+                            process_index=jax.process_index(),
+                            process_count=jax.process_count())
+
+    def next_batch():
+      host = {k: v for k, v in next(it).items() if k in keys}
+      return sharding.place_batch(host, mesh, cfg.rules)
+
+  try:
+    for _ in range(warmup):
+      state, m = compiled(state, next_batch())
+    jax.block_until_ready(m)
+    wait = 0.0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      tw = time.perf_counter()
+      batch = next_batch()
+      wait += time.perf_counter() - tw
+      state, m = compiled(state, batch)
+    loss = float(jax.device_get(m['loss']))  # waits for the last step
+    dt = time.perf_counter() - t0
+  finally:
+    if it is not None:
+      it.close()
+
+  dev = mesh.devices.flat[0]
+  peak = peak_tflops * 1e12 if peak_tflops else metrics_lib.peak_flops(dev)
+  tps = steps * gb * seq / dt
+  flops = transformer.flops_per_token(cfg.model, seq) * tps
+  opt_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize
+                  for x in jax.tree.leaves(setup.abstract_state['opt_state']))
+  return {
+      'device': f'{mesh.devices.size} x {dev.device_kind}',
+      'mode': mode, 'params': setup.n_params, 'trainable': setup.n_trainable,
+      'opt_state_bytes': opt_bytes, 'batch': gb, 'seq_len': seq,
+      'tokens_per_s': tps, 'mfu': flops / (peak * mesh.devices.size) if peak else None,
+      'step_s': dt / steps, 'peak_mem_bytes': peak_mem, 'compile_s': compile_s,
+      'data_wait_frac': wait / dt, 'loss': loss, 'data': data,
+      'remat': cfg.model.remat, 'dtype': cfg.model.dtype,
+  }
+
+
+HEADER = ('device', 'mode', 'params', 'trainable', 'opt state', 'batch x seq', 'tokens/s',
+          'MFU', 'step', 'peak mem/dev', 'compile')
+
+
+def _mib(b):
+  return 'n/a' if b is None else f'{b / 2**20:,.1f} MiB'
+
+
+def format_row(r: dict) -> tuple:
+  return (r['device'], r['mode'], f'{r["params"] / 1e6:,.2f}M',
+          f'{r["trainable"] / 1e6:,.3f}M', _mib(r['opt_state_bytes']),
+          f'{r["batch"]} x {r["seq_len"]}', f'{r["tokens_per_s"]:,.0f}',
+          'n/a' if r['mfu'] is None else f'{r["mfu"]:.1%}', f'{r["step_s"] * 1e3:,.1f} ms',
+          _mib(r['peak_mem_bytes']), f'{r["compile_s"]:.1f} s')
+
+
+def table(rows: list[dict]) -> str:
+  """A markdown table of rows (for docs/benchmarks.md)."""
+  lines = ['| ' + ' | '.join(HEADER) + ' |', '|' + '---|' * len(HEADER)]
+  lines += ['| ' + ' | '.join(format_row(r)) + ' |' for r in rows]
+  return '\n'.join(lines)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=__doc__.split('\n\n', 1)[1])
+  parser.add_argument('--config', required=True, help='configs/*.py[:arg]')
+  parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--mode', default='full', choices=('full', 'lora', 'both'))
+  parser.add_argument('--data', default='synthetic', choices=('synthetic', 'real'))
+  parser.add_argument('--set', action='append', metavar='KEY=VALUE',
+                      help='config override, e.g. --set model.remat=dots (repeatable)')
+  parser.add_argument('--peak_tflops', type=float, default=None,
+                      help='per-device peak for MFU (default: the datasheet bf16 figure)')
+  parser.add_argument('--json', default=None, help='append the rows to this JSONL file')
+  args = parser.parse_args(argv)
+
+  from lmjax import config as config_lib
+  overrides = _parse_set(args.set)
+  try:
+    cfg = config_lib.load(args.config, overrides={'lora.enabled': False, **overrides})
+  except config_lib.ConfigError as e:
+    print(f'bench: {e}', file=sys.stderr)
+    return 2
+  modes = ('full', 'lora') if args.mode == 'both' else (args.mode,)
+  rows = []
+  for mode in modes:
+    rows.append(run(cfg, mode=mode, steps=args.steps, warmup=args.warmup, data=args.data,
+                    peak_tflops=args.peak_tflops))
+    rows[-1].update(config=args.config, overrides=overrides)
+  print(table(rows))
+  if len(rows) == 2:
+    full, lo = rows
+    print(f'LoRA vs full: {lo["tokens_per_s"] / full["tokens_per_s"]:.2f}x tokens/s, '
+          f'{lo["opt_state_bytes"] / full["opt_state_bytes"]:.2%} of the optimizer state, '
+          f'{lo["trainable"] / full["trainable"]:.2%} of the trainable params')
+  if args.json:
+    with open(args.json, 'a') as f:
+      for r in rows:
+        f.write(json.dumps(r) + '\n')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
