@@ -176,6 +176,10 @@ def base_config() -> ml_collections.ConfigDict:
       dropout=0.0,            # on each adapter's input, in training only.
       rslora=False,           # scale alpha/sqrt(rank) instead of alpha/rank.
       base_dtype='float32',   # frozen base weights: float32 or bfloat16; adapters float32.
+      # Base params trained fully alongside the adapters (PEFT's modules_to_save): a regex
+      # matched in full against param paths, e.g. 'embed' when a chat template's tokens
+      # are new to the base, 'final_norm/scale'; '' = none. Checkpointed with the adapters.
+      train_params='',
   )
 
   cfg.sample = dict(prompt='def ', max_new_tokens=64, temperature=0.8, top_k=40)

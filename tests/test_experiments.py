@@ -50,3 +50,19 @@ def test_dapt_config_continues_the_smoke_run(smoke_run, tmp_path):
   assert all('eval/general/loss' in r for r in evals)
   train = [r for r in rows if 'loss' in r]
   assert train[-1]['tokens/domain'] > 0 and train[-1]['tokens/general'] > 0
+
+
+def test_sft_lora_config_and_eval_tool(smoke_run, tmp_path):
+  workdir = str(tmp_path / 'sft')
+  out = _run(['-m', 'lmjax.train', f'--config=configs/sft_lora_tiny.py:smoke:{smoke_run}',
+              f'--workdir={workdir}', '--config.train.steps=6', '--config.train.eval_every=6',
+              '--config.train.log_every=3', '--config.train.eval_batches=1',
+              '--config.sft.eval_examples=6', '--config.train.progress_bar=False'])
+  assert 'LoRA r=16' in out and 'train_params=embed' in out
+  assert 'step 6: eval_loss' in out and 'exact_match' in out and '--- sample' in out
+  rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  evals = [r for r in rows if 'eval/exact_match' in r]
+  assert [r['step'] for r in evals] == [0, 6]
+  assert evals[-1]['eval_loss'] < evals[0]['eval_loss']
+  out = _run(['tools/eval_sft.py', f'--workdir={workdir}', '--split=test', '--limit=12'])
+  assert 'exact match on test:' in out and 'larger' in out

@@ -215,7 +215,7 @@ def test_lora_step_on_eight_devices_matches_one(base):
   assert diffs.max() < 5e-4 and np.median(diffs) < 1e-6
 
 
-def test_full_finetuning_sft_and_bf16_base(base, tmp_path):
+def test_full_finetuning_sft_bf16_base_and_train_params(base, tmp_path):
   cfg = _sft_cfg(base, steps=2)
   cfg.lora.enabled = False
   out = loop.train(cfg, str(tmp_path / 'full'))
@@ -230,6 +230,28 @@ def test_full_finetuning_sft_and_bf16_base(base, tmp_path):
   assert {x.dtype for x in jax.tree.leaves(out.state['params'])} == {np.dtype('bfloat16')}
   assert {x.dtype for x in jax.tree.leaves(out.state['adapters'])} == {np.dtype('float32')}
   assert np.isfinite(out.history[-1]['loss'])
+
+  # train_params (PEFT's modules_to_save): the embedding and the final norm train fully
+  # with the adapters, are checkpointed with them and replace the base's when merged.
+  cfg = _sft_cfg(base, steps=2)
+  cfg.lora.train_params = 'embed|final_norm/scale'
+  workdir = str(tmp_path / 'full_embed')
+  out = loop.train(cfg, workdir)
+  full = jax.device_get(out.state['adapters']['full'])
+  base_p = _base_params(base, cfg.mesh)
+  assert set(full) == {'embed', 'final_norm'}
+  assert np.any(full['embed'] != base_p['embed'])
+  np.testing.assert_array_equal(jax.device_get(out.state['params'])['embed'], base_p['embed'])
+  assert out.setup.n_trainable == lora.adapter_param_count(cfg) == (
+      lora.adapter_param_count(_sft_cfg(base)) + base_p['embed'].size
+      + base_p['final_norm']['scale'].size)
+  model = lmjax.load(workdir)
+  np.testing.assert_array_equal(jax.device_get(model.params)['embed'], full['embed'])
+  with pytest.raises(lora.LoraError, match='modules_to_save'):
+    lora.to_peft_state_dict(full and out.state['adapters'])
+  cfg.lora.train_params = 'embedding'
+  with pytest.raises(config_lib.ConfigError, match="train_params='embedding' matches no param"):
+    config_lib.validate(cfg)
 
 
 def test_sft_config_errors_name_the_field(base):

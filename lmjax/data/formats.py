@@ -91,24 +91,27 @@ def normalize_example(obj: Any) -> list[dict[str, str]]:
 
 def read_jsonl(paths: list[str], on_error: str = 'skip') -> tuple[list, dict]:
   """Conversations (lists of turns) of the JSONL files, in order; and stats
-  {'examples', 'skipped', 'first_error'}. on_error='fail' raises DataError('file:line: ...')."""
+  {'examples', 'skipped', 'first_error', 'tags': each example's 'task' field or ''}.
+  on_error='fail' raises DataError('file:line: ...')."""
   if on_error not in ('skip', 'fail'):
     raise DataError(f"sft.on_error must be 'skip' or 'fail', got {on_error!r}")
-  out, skipped, first = [], 0, None
+  out, tags, skipped, first = [], [], 0, None
   for path in paths:
     with open(path, encoding='utf-8') as f:
       for n, line in enumerate(f, 1):
         if not line.strip():
           continue
         try:
-          out.append(normalize_example(json.loads(line)))
+          obj = json.loads(line)
+          out.append(normalize_example(obj))
+          tags.append(str(obj.get('task', '')))
         except ValueError as e:  # json.JSONDecodeError is a ValueError
           msg = f'{path}:{n}: malformed example: {e}'
           if on_error == 'fail':
             raise DataError(msg) from None
           skipped += 1
           first = first or msg
-  return out, {'examples': len(out), 'skipped': skipped, 'first_error': first}
+  return out, {'examples': len(out), 'skipped': skipped, 'first_error': first, 'tags': tags}
 
 
 class Conversations:
@@ -129,8 +132,10 @@ class Conversations:
 
   def tag(self, index: int, key: str = 'task') -> str:
     """A string field of the raw example besides its turns ('' if none), e.g. its task."""
+    if key == 'task' and self.stats.get('tags'):
+      return self.stats['tags'][int(index)]
     item = self._items[int(index)]
-    value = item.get(key, '') if isinstance(item, dict) else ''
+    value = item.get(key, '') if hasattr(item, 'get') else ''
     return value.decode('utf-8') if isinstance(value, bytes) else str(value)
 
 
@@ -273,12 +278,14 @@ def answer_examples(cfg, split: str, limit: int | None = None) -> list[dict[str,
 
 def answer_normalizer(template: str):
   """For evaluate.exact_match(normalize=...): cuts a generation at the template's
-  end-of-turn marker, then keeps the first line, stripped."""
+  end-of-turn marker (and, for the marker templates, at the first '<|', where any
+  marker starts: a generation cut by max_new_tokens mid-marker still yields its answer),
+  then keeps the first line, stripped."""
   end = end_marker(template)
 
   def normalize(text: str) -> str:
     if end:
-      text = text.split(end, 1)[0]
+      text = text.split(end, 1)[0].split('<|', 1)[0]
     return text.strip().split('\n', 1)[0].strip()
 
   return normalize

@@ -7,6 +7,9 @@
 
 Adapters are a pure dict mirroring the param paths, stacked on the leading 'layers' axis
 like the base: adapters['layers']['attn']['q'] = {'a': [L, d, r], 'b': [L, r, n, h]}.
+cfg.lora.train_params (PEFT's modules_to_save) names base params trained fully with the
+adapters: float32 copies under adapters['full'] (e.g. {'embed': [V, d]}), initialised
+from the base and used in its place (`effective_params`); merging substitutes them.
 A contracts the projection's input dims, B produces its output dims, in lmjax's layouts:
 
   target        base W       A             B             PEFT module
@@ -111,10 +114,46 @@ def select_targets(targets: str | Sequence[str]) -> list[str]:
   return [n for n in TARGETS if n in names]
 
 
+def _param_paths(cfg) -> dict:
+  """{'embed': (shape, logical axes), 'layers/attn/q': ...} of every base param."""
+  _, abstract = transformer.abstract(_mcfg(cfg))
+  specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract))
+  shps = nnx.to_pure_dict(abstract)
+  out = {}
+
+  def walk(node, spec, prefix):
+    for k, v in node.items():
+      if isinstance(v, dict):
+        walk(v, spec[k], prefix + (k,))
+      else:
+        out['/'.join(prefix + (k,))] = (tuple(v.shape), tuple(spec[k]))
+  walk(shps, specs, ())
+  return out
+
+
+def full_params(cfg) -> list[str]:
+  """Paths of the base params cfg.lora.train_params (a regex matched in full, '' = none)
+  trains fully, e.g. 'embed', 'embed|lm_head', 'final_norm/scale', '.*norm/scale'."""
+  pattern = _lora(cfg).get('train_params', '')
+  if not pattern:
+    return []
+  try:
+    rx = re.compile(pattern)
+  except re.error as e:
+    raise LoraError(f'lora.train_params={pattern!r} is not a valid regex: {e}') from None
+  paths = _param_paths(cfg)
+  chosen = [p for p in paths if rx.fullmatch(p)]
+  if not chosen:
+    raise LoraError(f'lora.train_params={pattern!r} matches no param (paths: '
+                    f'{", ".join(paths)})')
+  return chosen
+
+
 def validate(cfg) -> None:
   """Checks cfg.lora (raises LoraError naming the field)."""
   lc = _lora(cfg)
   select_targets(lc['targets'])
+  full_params(cfg)
   if int(lc['rank']) <= 0:
     raise LoraError(f'lora.rank must be positive, got {lc["rank"]}')
   if not 0.0 <= float(lc['dropout']) < 1.0:
@@ -171,19 +210,27 @@ def _layout(cfg):
 
 def logical_axes(cfg) -> dict:
   """PartitionSpecs of logical axis names for each adapter leaf: A takes its base
-  weight's input axes (rank unsharded), B its output axes, so `cfg.rules` shards them."""
+  weight's input axes (rank unsharded), B its output axes, so `cfg.rules` shards them;
+  a fully trained param (train_params) is sharded like its base."""
   tree: dict = {}
   for name, (a, b) in _layout(cfg).items():
     _set(tree, TARGETS[name][0], {'a': P(*a[1]), 'b': P(*b[1])})
+  paths = _param_paths(cfg)
+  for path in full_params(cfg):
+    _set(tree, ('full',) + tuple(path.split('/')), P(*paths[path][1]))
   return tree
 
 
 def shapes(cfg) -> dict:
-  """float32 ShapeDtypeStructs of the adapters."""
+  """float32 ShapeDtypeStructs of the adapters (and of the train_params copies)."""
   tree: dict = {}
   for name, (a, b) in _layout(cfg).items():
     _set(tree, TARGETS[name][0], {'a': jax.ShapeDtypeStruct(a[0], jnp.float32),
                                   'b': jax.ShapeDtypeStruct(b[0], jnp.float32)})
+  paths = _param_paths(cfg)
+  for path in full_params(cfg):
+    _set(tree, ('full',) + tuple(path.split('/')),
+         jax.ShapeDtypeStruct(paths[path][0], jnp.float32))
   return tree
 
 
@@ -194,11 +241,18 @@ def shardings(cfg, mesh, rules=None) -> dict:
 
 
 def init_fn(cfg):
-  """A pure key -> fresh adapters function (for use inside a jitted init)."""
-  layout = _layout(cfg)
+  """A pure (key, base params) -> fresh adapters function (for use inside a jitted init);
+  the params are read only for train_params (their float32 copies)."""
+  layout, full = _layout(cfg), full_params(cfg)
 
-  def init(key):
+  def init(key, params=None):
     tree: dict = {}
+    for path in full:
+      keys = tuple(path.split('/'))
+      if params is None:
+        raise LoraError(f'lora.train_params {path!r}: the adapters start from the base '
+                        'params; pass them')
+      _set(tree, ('full',) + keys, _get(params, keys).astype(jnp.float32))
     for i, (name, (a, b)) in enumerate(layout.items()):
       n_in = TARGETS[name][1]
       bound = 1.0 / math.sqrt(math.prod(a[0][1:1 + n_in]))
@@ -209,15 +263,28 @@ def init_fn(cfg):
   return init
 
 
-def init_adapters(key, cfg, mesh=None, rules=None) -> dict:
+def init_adapters(key, cfg, mesh=None, rules=None, params=None) -> dict:
   """Fresh float32 adapters: A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) per layer (PEFT's
-  kaiming_uniform_(a=sqrt(5))), B = 0. With `mesh`, created directly sharded."""
+  kaiming_uniform_(a=sqrt(5))), B = 0 (and copies of `params`' train_params leaves).
+  With `mesh`, created directly sharded."""
   init = init_fn(cfg)
   if mesh is None:
-    return jax.jit(init)(key)
+    return jax.jit(init)(key, params)
   rules = dict(cfg['rules'] if rules is None else rules)
   with sharding.use_mesh(mesh, rules):
-    return jax.jit(init, out_shardings=shardings(cfg, mesh, rules))(key)
+    return jax.jit(init, out_shardings=shardings(cfg, mesh, rules))(key, params)
+
+
+def effective_params(params: dict, adapters: dict | None) -> dict:
+  """params with adapters['full'] (train_params) in place of their base leaves, cast to
+  the base leaves' dtypes; the params themselves when there are none."""
+  if not adapters or 'full' not in adapters:
+    return params
+  out = jax.tree.map(lambda x: x, params)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(adapters['full']):
+    keys = tuple(str(getattr(k, 'key', k)) for k in path)
+    _set(out, keys, leaf.astype(_get(params, keys).dtype))
+  return out
 
 
 def adapter_param_count(cfg_or_adapters) -> int:
@@ -253,7 +320,7 @@ def merge(params: dict, adapters: dict, cfg) -> dict:
   """params with W + s·A@B for every adapted weight (computed in float32, stored in the
   weight's dtype); other leaves are the same arrays. Jit it for sharded params."""
   s = scale(cfg)
-  out = jax.tree.map(lambda x: x, params)
+  out = jax.tree.map(lambda x: x, effective_params(params, adapters))  # a new dict tree
   for name in targets_of(adapters):
     path = TARGETS[name][0]
     ad, w = _get(adapters, path), _get(params, path)
@@ -276,6 +343,10 @@ def to_peft_state_dict(adapters: dict, cfg=None) -> dict[str, np.ndarray]:
   self_attn.q_proj.lora_A.weight': [r, in], '... .lora_B.weight': [out, r]}), numpy
   float32 (gathered to the host)."""
   del cfg  # the layout follows from the adapters
+  if 'full' in adapters:
+    raise LoraError('lora.train_params: PEFT export of fully trained base params '
+                    '(modules_to_save) is not supported; merge the run instead '
+                    '(tools/merge_lora.py --out, or convert_hf.py export)')
   out = {}
   for name in targets_of(adapters):
     path, n_in, module = TARGETS[name]
@@ -391,7 +462,9 @@ def load_peft_adapter(in_dir: str, cfg) -> dict:
 def describe(cfg) -> str:
   """One line for logs: targets, rank, scale, trainable parameter count."""
   lc = _lora(cfg)
+  full = full_params(cfg)
   return (f'LoRA r={lc["rank"]} alpha={lc["alpha"]} scale={scale(cfg):.4g} '
           f'targets={",".join(select_targets(lc["targets"]))} '
-          f'params={adapter_param_count(cfg):,}')
+          + (f'train_params={",".join(full)} ' if full else '')
+          + f'params={adapter_param_count(cfg):,}')
 

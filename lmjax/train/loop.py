@@ -372,8 +372,11 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   if cfg.train.progress_bar and pi == 0:
     from tqdm.auto import tqdm
     progress = tqdm(total=cfg.train.steps, initial=start, desc='train', dynamic_ncols=True)
+  def report(msg):  # above the progress bar, when there is one
+    (progress.write(msg) if progress is not None else _print(msg))
+
   if start == 0 and cfg.train.eval_every > 0:
-    _print(_eval_line(0, run_eval(0)))
+    report(_eval_line(0, run_eval(0)))
   window_t, window_steps, data_s = time.perf_counter(), 0, 0.0
   window_tokens = np.zeros(len(mixture), np.int64)  # this process's, since the last log
   window_overlong = np.zeros(len(formats.COUNTS), np.int64)
@@ -408,8 +411,7 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
         window_t, window_steps, data_s = time.perf_counter(), 0, 0.0
 
       if cfg.train.eval_every > 0 and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
-        msg = _eval_line(done, run_eval(done))
-        (progress.write(msg) if progress is not None else _print(msg))
+        report(_eval_line(done, run_eval(done)))
 
       if preempt.requested or done == stop_after:
         _print(f'{"SIGTERM" if preempt.requested else "stop_after"}: saving a checkpoint '

@@ -164,7 +164,7 @@ def init_state(cfg, setup: Setup, params: Any | None = None) -> dict:
     if init_adapters is None:
       state.update(params=p, opt_state=setup.tx.init(p))
     else:
-      adapters = init_adapters(adapter_key(cfg))
+      adapters = init_adapters(adapter_key(cfg), p)
       state.update(params=lora_lib.base_params(p, cfg), adapters=adapters,
                    opt_state=setup.tx.init(adapters))
     return state

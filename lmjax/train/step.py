@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from lmjax import sharding
+from lmjax.models import lora as lora_lib
 from lmjax.train import losses
 from lmjax.train.state import Setup, lr_schedule
 
@@ -28,6 +29,7 @@ def model_logits(graphdef, params, batch, *, adapters=None, lora=None, dropout_r
 
 def loss_sums(graphdef, params, batch, z_loss, *, adapters=None, lora=None, dropout_rng=None):
   """(nll, z-loss) summed over the batch's loss tokens (LoRA adapters unmerged if given)."""
+  params = lora_lib.effective_params(params, adapters)
   logits = model_logits(graphdef, params, batch, adapters=adapters, lora=lora,
                         dropout_rng=dropout_rng)
   return losses.next_token(logits, batch['targets'], batch['loss_mask'], z_loss)
@@ -132,7 +134,6 @@ def make_merge(setup: Setup) -> Callable:
   generation runs on. Without LoRA the params themselves."""
   if setup.lora is None:
     return lambda weights: weights['params']
-  from lmjax.models import lora as lora_lib  # pylint: disable=import-outside-toplevel
   lcfg = setup.lora
   jitted = jax.jit(lambda w: lora_lib.merge(w['params'], w['adapters'], lcfg),
                    in_shardings=(setup.weight_shardings,),
