@@ -351,20 +351,16 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
                                       minlength=len(mixture) + 1)[1:len(mixture) + 1]
     return sharding.place_batch(host, mesh, cfg.rules)
 
-  def source_tokens():
-    counts = window_tokens.copy()
+  def window_counts():
+    """tokens/<source> and sft/{dropped,truncated} of this log window, all processes."""
+    counts = np.concatenate([window_tokens, window_overlong])
     if pc > 1:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       counts = np.asarray(multihost_utils.process_allgather(counts)).sum(axis=0)
-    window_tokens[:] = 0
+    window_tokens[:], window_overlong[:] = 0, 0
     out = {f'tokens/{name}': float(c) for name, c in zip(mixture, counts)}
     if sft:
-      overlong = window_overlong.copy()
-      if pc > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-        overlong = np.asarray(multihost_utils.process_allgather(overlong)).sum(axis=0)
-      window_overlong[:] = 0
-      out.update((f'sft/{k}', float(c)) for k, c in zip(formats.COUNTS, overlong))
+      out.update((f'sft/{k}', float(c)) for k, c in zip(formats.COUNTS, counts[len(mixture):]))
     return out
 
   # ---- Train -------------------------------------------------------------------------
@@ -403,7 +399,7 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
         m = {k: float(v) for k, v in m.items()}
         m.update(tokens_per_s=tps, step_s=dt / window_steps, data_wait_frac=data_s / dt,
                  mfu=(flops_per_step * window_steps / dt / (peak * n_dev)) if peak else None)
-        m.update(source_tokens())  # tokens/<name>: this log window's, all processes
+        m.update(window_counts())
         writer.write(done, m)
         history.append({'step': done, **m})
         if progress is not None:

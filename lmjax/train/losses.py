@@ -21,3 +21,63 @@ def next_token(logits: jax.Array, targets: jax.Array, mask: jax.Array,
   nll = jnp.sum((lse - target_logit) * mask)
   z = z_loss * jnp.sum(jnp.square(lse) * mask) if z_loss else jnp.zeros((), jnp.float32)
   return nll, z
+
+
+# ---- Preference optimisation (DPO and variants) --------------------------------------
+
+DPO_LOSSES = ('sigmoid', 'ipo', 'hinge', 'robust')
+
+
+def dpo(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: jax.Array,
+        ref_rejected: jax.Array, *, loss_type: str = 'sigmoid', beta: float = 0.1,
+        label_smoothing: float = 0.0, reference_free: bool = False,
+        chosen_tokens: jax.Array | None = None,
+        rejected_tokens: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  """Per-pair preference losses [B] and their rewards, as the DPO paper and TRL define them.
+
+  Inputs are [B] sequence log-probs summed over completion tokens (policy and reference;
+  the reference's are ignored with reference_free, i.e. a reference of log-prob 0). With
+  h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected):
+    sigmoid  -(1 - ε)·log σ(β·h) - ε·log σ(-β·h)            (DPO; ε > 0: conservative DPO)
+    robust   (-(1 - ε)·log σ(β·h) + ε·log σ(-β·h)) / (1 - 2ε) (robust DPO, unbiased under
+                                                             label noise ε)
+    hinge    max(0, 1 - β·h)                                 (SLiC)
+    ipo      (h - 1/(2β))²  on per-token averaged log-probs: pass chosen_tokens and
+             rejected_tokens (completion token counts) and sums are divided by them.
+  Rewards (no gradient): β·(policy - reference) of chosen and rejected, on the same
+  log-probs the loss used. With policy == reference: sigmoid = ln 2, hinge = 1,
+  IPO = (1/(2β))², every reward 0.
+  """
+  if loss_type not in DPO_LOSSES:
+    raise ValueError(f'dpo loss_type must be one of {DPO_LOSSES}, got {loss_type!r}')
+  if beta <= 0:
+    raise ValueError(f'dpo beta must be positive, got {beta}')
+  eps = float(label_smoothing)
+  if not 0.0 <= eps < 0.5:
+    raise ValueError(f'dpo label_smoothing must be in [0, 0.5), got {eps}')
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  pc, pr, rc, rr = map(f32, (policy_chosen, policy_rejected, ref_chosen, ref_rejected))
+  if loss_type == 'ipo':
+    if chosen_tokens is None or rejected_tokens is None:
+      raise ValueError('the ipo loss averages log-probs per token: pass chosen_tokens and '
+                       'rejected_tokens')
+    nc, nr = jnp.maximum(f32(chosen_tokens), 1.0), jnp.maximum(f32(rejected_tokens), 1.0)
+    pc, rc, pr, rr = pc / nc, rc / nc, pr / nr, rr / nr
+  if reference_free:
+    rc, rr = jnp.zeros_like(rc), jnp.zeros_like(rr)
+  h = (pc - pr) - (rc - rr)
+  if loss_type == 'sigmoid':
+    loss = -(1 - eps) * jax.nn.log_sigmoid(beta * h) - eps * jax.nn.log_sigmoid(-beta * h)
+  elif loss_type == 'robust':
+    loss = ((-(1 - eps) * jax.nn.log_sigmoid(beta * h) + eps * jax.nn.log_sigmoid(-beta * h))
+            / (1 - 2 * eps))
+  elif loss_type == 'hinge':
+    loss = jax.nn.relu(1.0 - beta * h)
+  else:  # ipo
+    loss = jnp.square(h - 1.0 / (2.0 * beta))
+  chosen_r = jax.lax.stop_gradient(beta * (pc - rc))
+  rejected_r = jax.lax.stop_gradient(beta * (pr - rr))
+  rewards = {'rewards/chosen': chosen_r, 'rewards/rejected': rejected_r,
+             'rewards/margins': chosen_r - rejected_r,
+             'rewards/accuracies': (chosen_r > rejected_r).astype(jnp.float32)}
+  return loss, rewards
