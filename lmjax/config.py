@@ -165,6 +165,23 @@ def base_config() -> ml_collections.ConfigDict:
       eval_max_new_tokens=32,
   )
 
+  # Preference data and loss (data/preference.py, train/losses.py `dpo`); the chat
+  # template is sft.template.
+  cfg.dpo = dict(
+      source='jsonl',         # jsonl | tfds ({"prompt", "chosen", "rejected"} records).
+      path='',                # JSONL with '{split}'; '' = the built-in preference task.
+      tfds_name='',
+      loss_type='sigmoid',    # sigmoid | robust | hinge | ipo (see losses.dpo).
+      beta=0.1,
+      label_smoothing=0.0,    # sigmoid: conservative DPO; robust: the assumed label noise.
+      reference_free=False,
+      overlong='truncate',    # truncate (completions; a prompt that fills seq_len drops
+                              # the pair, counted) | drop (any pair longer than seq_len).
+      on_error='skip',        # skip | fail: malformed JSONL lines.
+      task_sizes=dict(train=20000, validation=500, test=500),  # built-in task pairs.
+      task_seed=0,
+  )
+
   # LoRA adapters (models/lora.py): the base params are frozen, only adapters train.
   cfg.lora = dict(
       enabled=False,
@@ -437,6 +454,10 @@ _CHOICES = {
     'sft.template': ('llama3', 'chatml', 'plain'),
     'sft.overlong': ('truncate', 'drop'),
     'sft.on_error': ('skip', 'fail'),
+    'dpo.source': ('jsonl', 'tfds'),
+    'dpo.loss_type': ('sigmoid', 'robust', 'hinge', 'ipo'),
+    'dpo.overlong': ('truncate', 'drop'),
+    'dpo.on_error': ('skip', 'fail'),
 }
 
 

@@ -157,12 +157,18 @@ def split_files(cfg, split: str) -> list[str]:
     from lmjax.data import sft_task  # pylint: disable=g-import-not-at-top
     root = sft_task.ensure(cfg)
     return [os.path.join(root, f'{split}.jsonl')]
+  return split_files_of(s.path, split, 'sft.path')
+
+
+def split_files_of(path: str, split: str, field: str) -> list[str]:
+  """The files of `split` named by `path` ('{split}' filled in; a file, a glob or
+  comma-separated globs); DataError naming `field` if none."""
   files = []
-  for pattern in s.path.split(','):
+  for pattern in path.split(','):
     pattern = os.path.expanduser(pattern.strip().replace('{split}', split))
     files.extend(sorted(p for p in glob_lib.glob(pattern, recursive=True) if os.path.isfile(p)))
   if not files:
-    raise DataError(f'sft.path {s.path!r} matches no file for split {split!r}')
+    raise DataError(f'{field} {path!r} matches no file for split {split!r}')
   return files
 
 

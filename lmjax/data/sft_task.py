@@ -137,3 +137,79 @@ def eval_examples(path: str, template: str = 'llama3', limit: int | None = None
       if limit is not None and len(out) >= limit:
         break
   return out
+
+
+# ---- Preference pairs (DPO) ---------------------------------------------------------------
+
+def wrong_answer(task: str, question: str, answer: str, rng: random.Random) -> str:
+  """A plausible wrong answer: the other number, an off-by-one, the unchanged word."""
+  if task == 'next_letter':
+    c = question.rstrip('?').split()[-1]
+    return rng.choice([c, chr(ord(answer) + 1) if answer != 'z' else 'a'])
+  if task == 'larger':
+    a, b = (int(x) for x in question.rstrip('?').split(', ')[1].split(' or '))
+    return str(min(a, b))
+  if task in ('add', 'length'):
+    n = int(answer)
+    return str(n + 1 if n == 0 or rng.random() < 0.5 else n - 1)
+  if task == 'upper':
+    w = question.split(': ')[1]
+    return rng.choice([w, w[0].upper() + w[1:]])
+  if task == 'reverse':
+    w = question.split(': ')[1]
+    if w != answer:
+      return w
+    return w[:-1] + LETTERS[(LETTERS.index(w[-1]) + 1) % 26]  # a palindrome: change one
+  raise ValueError(f'unknown task {task!r}; known: {TASKS}')
+
+
+def make_pairs(n: int, seed: int = 0, split: str = 'train',
+               tasks: tuple[str, ...] = TASKS) -> list[dict]:
+  """n preference pairs {'prompt': [user], 'chosen': [assistant], 'rejected': [assistant],
+  'task'} from the SFT task's questions: chosen = the correct answer, rejected = a
+  plausible wrong one (never equal to it). Deterministic in (seed, split); the questions
+  are drawn from their own stream, not the SFT examples'."""
+  rng = random.Random(f'lmjax-pref-task/{seed}/{split}')
+  out = []
+  for i in range(n):
+    task = tasks[i % len(tasks)]
+    q, a = make_question(task, rng)
+    w = wrong_answer(task, q, a, rng)
+    assert w != a, (task, q, a, w)
+    out.append({'prompt': [{'role': 'user', 'content': q}],
+                'chosen': [{'role': 'assistant', 'content': a}],
+                'rejected': [{'role': 'assistant', 'content': w}], 'task': task})
+  return out
+
+
+def write_pairs(root: str, seed: int = 0, sizes: dict | None = None) -> str:
+  """Writes <root>/{split}.jsonl preference pairs atomically; returns root."""
+  sizes = dict(sizes or {'train': 20000, 'validation': 500, 'test': 500})
+  parent = os.path.dirname(os.path.abspath(root))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix='.pref-task-')
+  try:
+    for split, n in sizes.items():
+      with open(os.path.join(tmp, f'{split}.jsonl'), 'w', encoding='utf-8') as f:
+        for ex in make_pairs(int(n), seed, split):
+          f.write(json.dumps(ex) + '\n')
+    if os.path.isdir(root):
+      shutil.rmtree(root)
+    os.replace(tmp, root)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return root
+
+
+def ensure_pairs(cfg) -> str:
+  """The built-in preference task's directory for cfg.dpo, written if missing."""
+  d = cfg.dpo
+  sizes = json.dumps(dict(d.task_sizes), sort_keys=True)
+  tag = hashlib.sha256(sizes.encode()).hexdigest()[:8]
+  root = os.path.join(sources.default_data_dir(cfg.data), 'pref_task',
+                      f'seed{d.task_seed}_{tag}')
+  if not all(os.path.exists(os.path.join(root, f'{s}.jsonl')) for s in d.task_sizes):
+    write_pairs(root, d.task_seed, dict(d.task_sizes))
+    print(f'lmjax: wrote the synthetic preference task to {root}', flush=True)
+  return root

@@ -81,3 +81,20 @@ def dpo(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: jax.Ar
              'rewards/margins': chosen_r - rejected_r,
              'rewards/accuracies': (chosen_r > rejected_r).astype(jnp.float32)}
   return loss, rewards
+
+
+def sequence_logprobs(logits: jax.Array, targets: jax.Array, mask: jax.Array
+                      ) -> tuple[jax.Array, jax.Array]:
+  """Per-row sums of log p(target) over mask positions, and the mask counts: ([N], [N])
+  float32 from logits [N, T, V]. Padding (mask 0) adds nothing, so a row's sum does not
+  depend on how far it is padded."""
+  logits = logits.astype(jnp.float32)
+  mask = mask.astype(jnp.float32)
+  lp = (jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        - jax.nn.logsumexp(logits, axis=-1))
+  return jnp.sum(lp * mask, axis=-1), jnp.sum(mask, axis=-1)
+
+
+def split_pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Rows 2i (chosen) and 2i + 1 (rejected) of a pair batch (data/preference.py)."""
+  return x[0::2], x[1::2]

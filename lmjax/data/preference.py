@@ -1,0 +1,282 @@
+"""Preference pairs -> token rows for DPO: each pair is two rows, chosen then rejected.
+
+Examples (a JSONL line or a TFDS record), as TRL's DPOTrainer takes them:
+    {"prompt": str, "chosen": str, "rejected": str}
+    {"prompt": [messages], "chosen": [assistant messages], "rejected": [...]}
+    {"chosen": [messages], "rejected": [messages]}   (the shared leading turns = prompt)
+rendered with cfg.sft.template (formats.chunks: the prompt's chunks are encoded on their own,
+so prompt tokens are identical in both rows), [BOS] prompt completion [EOS], loss mask on
+the completion tokens (the assistant content, its end-of-turn marker and EOS).
+
+A row holds one sequence, padded to data.seq_len (segment id 0 on padding), so a batch of
+B pairs is [2B, seq_len] with pair i in rows 2i (chosen) and 2i + 1 (rejected): a pair
+stays on one device under data parallelism. Longer pairs (cfg.dpo.overlong): 'truncate'
+cuts each completion to fit, and drops the pair when its prompt leaves no completion token
+in either row; 'drop' drops any pair longer than seq_len. Chosen rows carry 'dropped' (pairs
+dropped since the previous pair) and 'truncated' (0/1) counts, as formats.COUNTS, 0 on
+rejected rows: sums over a batch are its totals.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grain
+import numpy as np
+
+from lmjax.data import formats
+from lmjax.data.pipeline import _JsonSafeState, _ThreadPrefetch, shuffle_seed
+from lmjax.data.sources import DataError
+
+COUNTS = formats.COUNTS
+
+
+def _turns(value, what: str) -> list[dict[str, str]]:
+  text = lambda v: v.decode('utf-8') if isinstance(v, bytes) else v
+  if isinstance(value, (str, bytes)):
+    return [{'role': 'assistant' if what != 'prompt' else 'user', 'content': text(value)}]
+  if isinstance(value, dict) and set(value) >= {'role', 'content'}:  # TFDS parallel arrays
+    value = [dict(role=r, content=c) for r, c in zip(value['role'], value['content'])]
+  if not isinstance(value, (list, tuple)) or not value:
+    raise ValueError(f'"{what}" must be a string or a non-empty list of messages')
+  turns = []
+  for i, m in enumerate(value):
+    if not isinstance(m, dict) or 'role' not in m or 'content' not in m:
+      raise ValueError(f'"{what}" message {i} needs "role" and "content"')
+    role, content = text(m['role']), text(m['content'])
+    if role not in formats.ROLES or not isinstance(content, str):
+      raise ValueError(f'"{what}" message {i}: role {role!r} must be one of '
+                       f'{formats.ROLES} and content a string')
+    turns.append({'role': role, 'content': content})
+  return turns
+
+
+def normalize_pair(obj: Any) -> tuple[list, list, list]:
+  """A pair object -> (prompt turns, chosen turns, rejected turns); ValueError if malformed.
+  Chosen and rejected end with an assistant turn; the prompt does not."""
+  if not isinstance(obj, dict):
+    raise ValueError(f'a pair must be a JSON object, got {type(obj).__name__}')
+  if 'chosen' not in obj or 'rejected' not in obj:
+    raise ValueError(f'a pair needs "chosen" and "rejected", has {sorted(obj)}')
+  chosen, rejected = _turns(obj['chosen'], 'chosen'), _turns(obj['rejected'], 'rejected')
+  if 'prompt' in obj:
+    prompt = _turns(obj['prompt'], 'prompt')
+    if isinstance(obj['prompt'], (str, bytes)) and isinstance(obj['chosen'], (str, bytes)):
+      prompt[0]['sep'] = ''  # plain template: prompt + completion exactly, as formats does
+  else:  # implicit prompt: the longest shared prefix of whole turns
+    n = 0
+    while (n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]):
+      n += 1
+    prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+  if not prompt:
+    raise ValueError('a pair needs a prompt (or chosen/rejected sharing leading turns)')
+  for name, turns in (('chosen', chosen), ('rejected', rejected)):
+    if turns[-1]['role'] != 'assistant':
+      raise ValueError(f'"{name}" must end with an assistant turn')
+  if prompt[-1]['role'] == 'assistant':
+    raise ValueError('the prompt must not end with an assistant turn')
+  return prompt, chosen, rejected
+
+
+def encode_pair(pair: tuple[list, list, list], tokenizer, template: str):
+  """(prompt_len, chosen tokens, chosen mask, rejected tokens, rejected mask): each row is
+  [BOS] prompt completion [EOS], mask 1 on the completion (the rows share prompt_len
+  tokens)."""
+  prompt, chosen, rejected = pair
+  rows = [formats.encode(prompt + c, tokenizer, template) for c in (chosen, rejected)]
+  starts = [int(np.argmax(m > 0)) for _, m in rows]
+  if starts[0] != starts[1] or not np.array_equal(rows[0][0][:starts[0]],
+                                                  rows[1][0][:starts[1]]):
+    raise ValueError('chosen and rejected render different prompts')  # cannot happen
+  return starts[0], rows[0][0], rows[0][1], rows[1][0], rows[1][1]
+
+
+def _row(tokens, mask, seq_len):
+  n = len(tokens)
+  inputs = np.zeros(seq_len, np.int32)
+  inputs[:n] = tokens
+  targets = np.zeros(seq_len, np.int32)
+  targets[:n - 1] = tokens[1:]
+  loss = np.zeros(seq_len, np.float32)
+  loss[:n - 1] = mask[1:]
+  seg = np.zeros(seq_len, np.int32)
+  seg[:n] = 1
+  return {'inputs': inputs, 'targets': targets, 'segment_ids': seg,
+          'positions': np.arange(seq_len, dtype=np.int32), 'loss_mask': loss}
+
+
+def pair_rows(encoded, seq_len: int, overlong: str = 'truncate'):
+  """Two rows (chosen, rejected) of seq_len for an encoded pair, and whether it was cut;
+  None when the pair is dropped (see the module doc)."""
+  start, ct, cm, rt, rm = encoded
+  if max(len(ct), len(rt)) <= seq_len:
+    return (_row(ct, cm, seq_len), _row(rt, rm, seq_len)), False
+  if overlong == 'drop' or start + 1 >= seq_len:  # no target token would be a completion's
+    return None
+  return (_row(ct[:seq_len], cm[:seq_len], seq_len),
+          _row(rt[:seq_len], rm[:seq_len], seq_len)), True
+
+
+def read_pairs(paths: list[str], on_error: str = 'skip') -> tuple[list, dict]:
+  """Normalized pairs of JSONL files and stats {'examples', 'skipped', 'first_error',
+  'tags'}; on_error='fail' raises DataError('file:line: ...')."""
+  if on_error not in ('skip', 'fail'):
+    raise DataError(f"dpo.on_error must be 'skip' or 'fail', got {on_error!r}")
+  out, tags, skipped, first = [], [], 0, None
+  for path in paths:
+    with open(path, encoding='utf-8') as f:
+      for n, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          obj = json.loads(line)
+          out.append(normalize_pair(obj))
+          tags.append(str(obj.get('task', '')))
+        except ValueError as e:
+          msg = f'{path}:{n}: malformed preference pair: {e}'
+          if on_error == 'fail':
+            raise DataError(msg) from None
+          skipped += 1
+          first = first or msg
+  return out, {'examples': len(out), 'skipped': skipped, 'first_error': first, 'tags': tags}
+
+
+class Pairs:
+  """Random-access normalized pairs of one split (len + __getitem__, for grain)."""
+
+  def __init__(self, items, name: str, stats: dict | None = None, raw: bool = False):
+    self._items, self.name, self.stats, self._raw = items, name, stats or {}, raw
+
+  def __len__(self) -> int:
+    return len(self._items)
+
+  def __getitem__(self, index: int):
+    item = self._items[int(index)]
+    if not self._raw:
+      return item
+    try:
+      return normalize_pair(dict(item))
+    except ValueError as e:
+      raise DataError(f'{self.name}[{index}]: malformed preference pair: {e}') from None
+
+
+def get_pairs(cfg, split: str) -> Pairs:
+  """The pairs of `split` from cfg.dpo (JSONL files, a TFDS dataset, or the built-in task)."""
+  d = cfg.dpo
+  if d.source == 'jsonl':
+    if d.path:
+      files = formats.split_files_of(d.path, split, 'dpo.path')
+    else:
+      from lmjax.data import sft_task  # pylint: disable=import-outside-toplevel
+      files = [f'{sft_task.ensure_pairs(cfg)}/{split}.jsonl']
+    items, stats = read_pairs(files, d.on_error)
+    name = files[0] if len(files) == 1 else f'{len(files)} files of {d.path}'
+    if stats['skipped']:
+      print(f'lmjax: dpo {split}: skipped {stats["skipped"]} malformed pairs of {name} '
+            f'(first: {stats["first_error"]})', flush=True)
+    pairs = Pairs(items, name, stats)
+  elif d.source == 'tfds':
+    from lmjax.data import sources  # pylint: disable=import-outside-toplevel
+    data = cfg.data.copy_and_resolve_references()
+    with data.unlocked():
+      data.source, data.tfds_name = 'tfds', d.tfds_name
+    src = sources.get_source(data, split)
+    pairs = Pairs(src._source, src.name, raw=True)  # pylint: disable=protected-access
+  else:
+    raise DataError(f"dpo.source must be 'jsonl' or 'tfds', got {d.source!r}")
+  if len(pairs) == 0:
+    raise DataError(f'dpo split {split!r} ({pairs.name}) has no usable pair')
+  return pairs
+
+
+class _Encode(grain.transforms.Map):
+
+  def __init__(self, tokenizer, template: str):
+    self.tokenizer, self.template = tokenizer, template
+
+  def map(self, pair):
+    return encode_pair(pair, self.tokenizer, self.template)
+
+
+class _RowsIterator(grain.DatasetIterator):
+  """Encoded pairs -> {feature: [2, seq_len]} row pairs with counts; drops and counts."""
+
+  def __init__(self, parent, seq_len: int, mode: str, limit: int, name: str):
+    super().__init__(parent)
+    self._seq_len, self._mode, self._limit, self._name = seq_len, mode, limit, name
+    self._pending = 0
+
+  def __next__(self):
+    while True:
+      out = pair_rows(next(self._parent), self._seq_len, self._mode)
+      if out is not None:
+        break
+      self._pending += 1
+      if self._pending >= self._limit:
+        raise DataError(f'{self._name}: {self._pending} pairs in a row do not fit '
+                        f'data.seq_len={self._seq_len} (dpo.overlong={self._mode!r}): raise '
+                        'data.seq_len')
+    (c, r), cut = out
+    rows = {k: np.stack([c[k], r[k]]) for k in c}
+    rows['dropped'] = np.array([self._pending, 0], np.int32)
+    rows['truncated'] = np.array([int(cut), 0], np.int32)
+    self._pending = 0
+    return rows
+
+  def get_state(self):
+    return {'parent': self._parent.get_state(), 'pending': self._pending}
+
+  def set_state(self, state):
+    self._parent.set_state(state['parent'])
+    self._pending = int(state['pending'])
+
+
+class _Rows(grain.IterDataset):
+
+  def __init__(self, parent, seq_len: int, mode: str, limit: int, name: str):
+    super().__init__(parent)
+    self._args = (seq_len, mode, limit, name)
+
+  def __iter__(self):
+    return _RowsIterator(self._parent.__iter__(), *self._args)
+
+
+def _flatten_pairs(batch):
+  """{k: [B, 2, ...]} -> {k: [2B, ...]}: rows 2i chosen, 2i + 1 rejected."""
+  return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
+
+
+def make_pair_iterator(cfg, tokenizer, split: str, *, batch_size: int, process_index: int = 0,
+                       process_count: int = 1, seed: int | None = None,
+                       repeat: bool = True) -> grain.DatasetIterator:
+  """Batches of `batch_size` pairs of this process's share of the cfg.dpo `split`:
+  {inputs, targets, segment_ids, positions, loss_mask} [2·batch_size, seq_len] (pair i in
+  rows 2i, 2i + 1) plus 'dropped'/'truncated' [2·batch_size] counts. The train split is
+  shuffled when cfg.data.shuffle; repeat=False: one pass. get_state()/set_state() resume
+  the exact stream (JSON-safe)."""
+  d = cfg.data
+  if batch_size <= 0:
+    raise ValueError(f'batch_size must be positive, got {batch_size}')
+  seed = cfg.seed if seed is None else seed
+  pairs = get_pairs(cfg, split)
+  ds = grain.MapDataset.source(pairs)
+  if process_count > 1:
+    if len(pairs) < process_count:
+      raise DataError(f'{pairs.name} has {len(pairs)} pairs, fewer than the '
+                      f'{process_count} processes that share it')
+    ds = ds[process_index::process_count]
+  if d.shuffle and split == d.train_split:
+    ds = ds.shuffle(seed=shuffle_seed(seed, '/dpo'))
+  share = len(ds)
+  if repeat:
+    ds = ds.repeat()
+  ds = ds.map(_Encode(tokenizer, cfg.sft.template))
+  threads = max(int(d.worker_threads), 0)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                            prefetch_buffer_size=16 * threads))
+  it = _Rows(it, d.seq_len, cfg.dpo.overlong, share if repeat else 2**62, pairs.name)
+  it = it.batch(batch_size, drop_remainder=True).map(_flatten_pairs)
+  if d.prefetch > 0:
+    it = _ThreadPrefetch(it, d.prefetch)
+  return iter(_JsonSafeState(it))
