@@ -175,6 +175,10 @@ def base_config() -> ml_collections.ConfigDict:
       beta=0.1,
       label_smoothing=0.0,    # sigmoid: conservative DPO; robust: the assumed label noise.
       reference_free=False,
+      # auto: adapters_off with LoRA (the base, in the same step: no second copy), else
+      # copy (a frozen copy of init_from's params); precomputed: reference log-probs in
+      # the batch ('ref_logps'; the loop does not compute them yet).
+      reference='auto',
       overlong='truncate',    # truncate (completions; a prompt that fills seq_len drops
                               # the pair, counted) | drop (any pair longer than seq_len).
       on_error='skip',        # skip | fail: malformed JSONL lines.
@@ -449,7 +453,8 @@ _CHOICES = {
     'model.rope_scaling.type': ('none', 'llama3'),
     'data.source': ('local_text', 'tfds'),
     'tokenizer.model_type': ('bpe', 'unigram'),
-    'stage': ('pretrain', 'sft'),
+    'stage': ('pretrain', 'sft', 'dpo'),
+    'dpo.reference': ('auto', 'adapters_off', 'copy', 'precomputed'),
     'sft.source': ('jsonl', 'tfds'),
     'sft.template': ('llama3', 'chatml', 'plain'),
     'sft.overlong': ('truncate', 'drop'),
@@ -527,6 +532,24 @@ def _validate_stage(cfg) -> None:
     for key in ('eval_examples', 'eval_max_new_tokens', 'packing_bins'):
       if cfg.sft[key] < 0 or (key != 'eval_examples' and cfg.sft[key] == 0):
         raise ConfigError(f'sft.{key} must be positive, got {cfg.sft[key]}')
+  if cfg.stage == 'dpo':
+    if cfg.data.mixture or cfg.data.eval_sources:
+      raise ConfigError("data.mixture / data.eval_sources are pretraining sources; with "
+                        "stage='dpo' the data is cfg.dpo")
+    if not cfg.init_from.path:
+      raise ConfigError("stage='dpo': set init_from.path (the SFT model to align; it is "
+                        'also the reference)')
+    if cfg.dpo.beta <= 0:
+      raise ConfigError(f'dpo.beta must be positive, got {cfg.dpo.beta}')
+    if not 0 <= cfg.dpo.label_smoothing < 0.5:
+      raise ConfigError(f'dpo.label_smoothing must be in [0, 0.5), got '
+                        f'{cfg.dpo.label_smoothing}')
+    if cfg.dpo.reference == 'adapters_off' and not cfg.lora.enabled:
+      raise ConfigError("dpo.reference='adapters_off' needs lora.enabled (the reference is "
+                        'the base without adapters)')
+    if cfg.dpo.reference == 'precomputed':
+      raise ConfigError("dpo.reference='precomputed': the training loop does not compute "
+                        "reference log-probs into the data yet; use 'auto'")
   if cfg.lora.enabled:
     from lmjax.models import lora  # pylint: disable=import-outside-toplevel
     try:

@@ -32,7 +32,7 @@ from lmjax import checkpoint as ckpt_lib
 from lmjax import config as config_lib
 from lmjax import generate, sharding
 from lmjax import evaluate as evaluate_lib
-from lmjax.data import formats, pipeline
+from lmjax.data import formats, pipeline, preference
 from lmjax.data import tokenizer as tokenizer_lib
 from lmjax.models import lora as lora_lib
 from lmjax.models import transformer
@@ -90,13 +90,18 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._prev)
 
 
+def rows_per_example(cfg) -> int:
+  """Rows of a batch per train.global_batch unit: 2 for DPO (a pair), else 1."""
+  return 2 if cfg.stage == 'dpo' else 1
+
+
 def check_batch(cfg, mesh) -> None:
   dp = sharding.data_parallel_size(mesh, cfg.rules)
-  micro = cfg.train.global_batch // cfg.train.grad_accum
+  micro = cfg.train.global_batch // cfg.train.grad_accum * rows_per_example(cfg)
   if micro % dp:
     raise config_lib.ConfigError(
         f'train.global_batch ({cfg.train.global_batch}) / train.grad_accum '
-        f'({cfg.train.grad_accum}) = {micro} sequences per micro-batch is not divisible '
+        f'({cfg.train.grad_accum}) = {micro} rows per micro-batch is not divisible '
         f'by the data-parallel size {dp} (mesh axes {cfg.rules.batch})')
   if cfg.train.global_batch % jax.process_count():
     raise config_lib.ConfigError(
@@ -173,6 +178,8 @@ def data_iterator(cfg, tok, split: str, *, batch_size: int, process_index: int =
             seed=seed, repeat=repeat)
   if cfg.stage == 'sft':
     return formats.make_sft_iterator(cfg, tok, split, **kw)
+  if cfg.stage == 'dpo':  # batch_size pairs: 2 * batch_size rows
+    return preference.make_pair_iterator(cfg, tok, split, **kw)
   return pipeline.make_lm_iterator(cfg, tok, split, source=source, **kw)
 
 
@@ -205,6 +212,8 @@ def evaluate(eval_step, weights, cfg, tok, mesh, process_index, process_count) -
                           'loss tokens')
     return nll, n
 
+  if cfg.stage == 'dpo':
+    return _evaluate_dpo(eval_step, weights, cfg, tok, mesh, process_index, process_count)
   named = {name: run(name) for name in config_lib.eval_sources(cfg.data)}
   mixture = config_lib.mixture_sources(cfg.data)
   if mixture:
@@ -213,6 +222,26 @@ def evaluate(eval_step, weights, cfg, tok, mesh, process_index, process_count) -
     nll, n = run(None)
   out = {'eval_loss': nll / n, 'eval_ppl': math.exp(min(nll / n, 50.0)), 'eval_tokens': n}
   out.update((f'eval/{name}/loss', a / b) for name, (a, b) in named.items())
+  return out
+
+
+def _evaluate_dpo(eval_step, weights, cfg, tok, mesh, process_index, process_count) -> dict:
+  """DPO loss and TRL's metrics over cfg.train.eval_batches batches of held-out pairs:
+  eval_loss, eval/rewards/accuracies, eval/rewards/margins, ..."""
+  it = data_iterator(cfg, tok, cfg.data.eval_split,
+                     batch_size=cfg.train.global_batch // process_count,
+                     process_index=process_index, process_count=process_count, repeat=True)
+  try:
+    sums = []
+    for _ in range(cfg.train.eval_batches):
+      host = {k: v for k, v in next(it).items() if k not in formats.COUNTS}
+      sums.append(eval_step(weights, sharding.place_batch(host, mesh, cfg.rules)))
+  finally:
+    it.close()
+  total = {k: float(np.sum([float(s[k]) for s in jax.device_get(sums)])) for k in sums[0]}
+  n = total.pop('pairs')
+  out = {'eval_loss': total.pop('loss') / n, 'eval_pairs': n}
+  out.update((f'eval/{k}', v / n) for k, v in total.items())
   return out
 
 
@@ -231,7 +260,9 @@ def sft_exact_match(cfg, graphdef, params, tok, mesh, examples: list[dict]) -> d
 def _eval_line(step: int, e: dict) -> str:
   def name(k):
     return k[5:-5] if k.endswith('/loss') else k[5:]
-  named = ''.join(f', {name(k)} {v:.4f}' for k, v in e.items() if k.startswith('eval/'))
+  shown = lambda k: k.startswith('eval/') and not k.startswith(('eval/logps/', 'eval/rewards/c',
+                                                                 'eval/rewards/rej'))
+  named = ''.join(f', {name(k)} {v:.4f}' for k, v in e.items() if shown(k))
   return f'step {step}: eval_loss {e["eval_loss"]:.4f}{named}'
 
 
@@ -254,10 +285,10 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   if ckpt.latest_step() is not None:
     check_resumable(ckpt.read_config(), cfg, ckpt.directory)
     resumed_meta = ckpt.read_meta()
-    if cfg.lora.enabled:  # adapter-only checkpoints: the base is the one recorded
+    if cfg.lora.enabled or cfg.stage == 'dpo':  # the base / reference: the recorded one
       if not resumed_meta.get('init_from'):
-        raise ckpt_lib.CheckpointError(f'{ckpt.directory} holds no LoRA run (no base model '
-                                       'in its meta): use a new --workdir')
+        raise ckpt_lib.CheckpointError(f'{ckpt.directory} holds no run started from a base '
+                                       'model (no init_from in its meta): use a new --workdir')
       source = ckpt_lib.base_source(resumed_meta['init_from'], ckpt.directory)
     elif cfg.init_from.path:
       _print(f'init_from.path ignored: resuming this workdir\'s own checkpoint '
@@ -275,8 +306,8 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   train_iter = data_iterator(cfg, tok, cfg.data.train_split,
                              batch_size=cfg.train.global_batch // pc,
                              process_index=pi, process_count=pc, seed=cfg.seed)
-  sft = cfg.stage == 'sft'
-  em_examples = []  # sft: the exact-match set (first N of the eval split)
+  sft = cfg.stage in ('sft', 'dpo')  # conversation data: overlong counts, exact match
+  em_examples = []  # the exact-match set: the first N of cfg.sft's eval split
   if sft and cfg.sft.eval_examples > 0 and cfg.train.eval_every > 0:
     em_examples = formats.answer_examples(cfg, cfg.data.eval_split, cfg.sft.eval_examples)
   mixture = list(config_lib.mixture_sources(cfg.data))  # rows tag tokens 1..len: tokens/<name>
@@ -287,6 +318,8 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
     state = ckpt.restore(setup.abstract_saved, data_iter=train_iter)
     if setup.lora is not None:  # the frozen base, from the recorded init_from
       state['params'] = source.load_params(cfg, setup)  # in lora.base_dtype
+    if setup.reference:  # DPO's frozen reference copy: the recorded init_from
+      state['ref_params'] = source.load_params(cfg, setup)
     _print(f'resumed from step {int(state["step"])} ({ckpt.directory})')
   elif source is not None:
     state = state_lib.init_state(cfg, setup, params=source.load_params(cfg, setup))
@@ -303,13 +336,20 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
 
   # ---- Compile up front, report memory ----------------------------------------------
   train_step = step_lib.make_train_step(cfg, setup)
-  eval_step = step_lib.make_eval_step(cfg, setup)
+  eval_step = (step_lib.make_dpo_eval_step(cfg, setup) if cfg.stage == 'dpo'
+               else step_lib.make_eval_step(cfg, setup))
   merged = step_lib.make_merge(setup)  # weights -> params to generate with
-  seq, gb = cfg.data.seq_len, cfg.train.global_batch
-  batch_sh = sharding.batch_sharding(mesh, cfg.rules)
-  batch_spec = {k: jax.ShapeDtypeStruct((gb, seq), jnp.float32 if k == 'loss_mask' else jnp.int32,
-                                        sharding=batch_sh)
-                for k in ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')}
+  seq, gb = cfg.data.seq_len, cfg.train.global_batch * rows_per_example(cfg)  # gb: rows
+
+  def spec(k):
+    shape, dtype = (gb, seq), jnp.int32
+    if k == 'loss_mask':
+      dtype = jnp.float32
+    if k == 'ref_logps':
+      shape, dtype = (gb,), jnp.float32
+    return jax.ShapeDtypeStruct(shape, dtype,
+                                sharding=sharding.batch_sharding(mesh, cfg.rules, len(shape)))
+  batch_spec = {k: spec(k) for k in step_lib.batch_keys(cfg)}
   t0 = time.perf_counter()
   with sharding.use_mesh(mesh, cfg.rules):
     compiled = train_step.jitted.lower(setup.abstract_state, batch_spec).compile()

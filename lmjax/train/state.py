@@ -68,6 +68,7 @@ class Setup:
   n_params: int              # the model's parameters
   n_trainable: int           # what the optimizer updates (= n_params without LoRA)
   lora: Any = None           # cfg.lora (frozen) when adapters train, else None
+  reference: bool = False    # DPO 'copy': state['ref_params'], a frozen copy of the params
 
   @property
   def trainable(self) -> str:
@@ -77,15 +78,17 @@ class Setup:
   def saved(self, state: dict) -> dict:
     """The part of `state` a checkpoint holds: all of it, or with LoRA all but the
     frozen base params (small, adapter-only checkpoints)."""
-    return {k: v for k, v in state.items() if k != 'params' or self.lora is None}
+    return {k: v for k, v in state.items()
+            if k != 'ref_params' and (k != 'params' or self.lora is None)}
 
   @property
   def abstract_saved(self) -> dict:
     return self.saved(self.abstract_state)
 
   def weights(self, state: dict) -> dict:
-    """What a forward pass needs: {'params'} or {'params', 'adapters'}."""
-    return {k: state[k] for k in ('params', 'adapters') if k in state}
+    """What a forward pass needs: {'params'} or {'params', 'adapters'} (and DPO's
+    'ref_params' when it keeps a copy)."""
+    return {k: state[k] for k in ('params', 'adapters', 'ref_params') if k in state}
 
   @property
   def weight_shardings(self) -> dict:
@@ -129,12 +132,22 @@ def make_setup(cfg, mesh: Mesh) -> Setup:
       tx, lambda _, s: s, abstract_opt, trainable_sh,
       transform_non_params=lambda _: sharding.replicated(mesh))
   abstract_state['opt_state'] = abstract_opt
+  reference = cfg.stage == 'dpo' and not cfg.dpo.reference_free and _ref_mode(cfg) == 'copy'
+  if reference:
+    abstract_state['ref_params'] = abstract_state['params']
+    state_sh['ref_params'] = param_sh
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, state_sh)
   return Setup(graphdef=graphdef, tx=tx, mesh=mesh, rules=rules,
                state_shardings=state_sh, abstract_state=abstract_state,
-               n_params=n_params, n_trainable=transformer.count_params(trainable), lora=lora)
+               n_params=n_params, n_trainable=transformer.count_params(trainable), lora=lora,
+               reference=reference)
+
+
+def _ref_mode(cfg) -> str:
+  from lmjax.train import step  # pylint: disable=import-outside-toplevel
+  return step.reference_mode(cfg)
 
 
 def adapter_key(cfg):
@@ -167,6 +180,8 @@ def init_state(cfg, setup: Setup, params: Any | None = None) -> dict:
       adapters = init_adapters(adapter_key(cfg), p)
       state.update(params=lora_lib.base_params(p, cfg), adapters=adapters,
                    opt_state=setup.tx.init(adapters))
+    if setup.reference:  # DPO's frozen reference: the starting params
+      state['ref_params'] = jax.tree.map(jnp.copy, state['params'])
     return state
 
   with sharding.use_mesh(setup.mesh, setup.rules):

@@ -42,60 +42,135 @@ def dropout_key(cfg, step):
   return jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), 2), step)
 
 
+def reference_mode(cfg) -> str:
+  """The DPO reference: 'adapters_off' (LoRA: the base, same step, no second copy),
+  'copy' (a frozen copy of the starting params, sharded like them) or 'precomputed'
+  (reference log-probs stored with the data, batch['ref_logps'])."""
+  mode = cfg.dpo.reference
+  if mode == 'auto':
+    return 'adapters_off' if cfg.lora.enabled else 'copy'
+  return mode
+
+
+def _weights(setup, trainable, state):
+  """(params, adapters) a forward pass uses: the trainable entry in its place."""
+  if setup.lora is None:
+    return trainable, None
+  return state['params'], trainable
+
+
+def lm_sums(cfg, setup):
+  """Next-token loss: (nll + z sums, {'loss', 'z_loss'} sums); normalised by loss tokens."""
+  graphdef, lora, z_coef = setup.graphdef, setup.lora, cfg.train.z_loss
+
+  def sums(trainable, state, batch, rng):
+    params, adapters = _weights(setup, trainable, state)
+    nll, z = loss_sums(graphdef, params, batch, z_coef, adapters=adapters, lora=lora,
+                       dropout_rng=rng)
+    return nll + z, {'loss': nll, 'z_loss': z}
+
+  return sums
+
+
+def pair_logps(graphdef, params, batch, *, adapters=None, lora=None, dropout_rng=None):
+  """Completion log-prob sums and token counts of a pair batch ([2B] rows -> [B] each):
+  (chosen, rejected, chosen tokens, rejected tokens), one stacked forward pass."""
+  params = lora_lib.effective_params(params, adapters)
+  logits = model_logits(graphdef, params, batch, adapters=adapters, lora=lora,
+                        dropout_rng=dropout_rng)
+  lp, n = losses.sequence_logprobs(logits, batch['targets'], batch['loss_mask'])
+  return (*losses.split_pairs(lp), *losses.split_pairs(n))
+
+
+def dpo_sums(cfg, setup):
+  """DPO (cfg.dpo): (sum of per-pair losses, sums of TRL's metrics); normalised by pairs."""
+  graphdef, lora, d = setup.graphdef, setup.lora, cfg.dpo
+  mode = reference_mode(cfg)
+
+  def sums(trainable, state, batch, rng):
+    params, adapters = _weights(setup, trainable, state)
+    pc, pr, nc, nr = pair_logps(graphdef, params, batch, adapters=adapters, lora=lora,
+                                dropout_rng=rng)
+    if d.reference_free:
+      rc, rr = jnp.zeros_like(pc), jnp.zeros_like(pr)
+    elif mode == 'precomputed':
+      rc, rr = losses.split_pairs(batch['ref_logps'])
+    else:
+      ref_params = state['params'] if mode == 'adapters_off' else state['ref_params']
+      rc, rr, _, _ = jax.lax.stop_gradient(pair_logps(graphdef, ref_params, batch))
+    loss, m = losses.dpo(pc, pr, rc, rr, loss_type=d.loss_type, beta=d.beta,
+                         label_smoothing=d.label_smoothing, reference_free=d.reference_free,
+                         chosen_tokens=nc, rejected_tokens=nr)
+    out = {'loss': jnp.sum(loss), 'logps/chosen': jnp.sum(pc), 'logps/rejected': jnp.sum(pr)}
+    out.update((k, jnp.sum(v)) for k, v in m.items())
+    return jnp.sum(loss), out
+
+  return sums
+
+
 def make_train_step(cfg, setup: Setup) -> Callable:
   """The optimizer updates state[setup.trainable]: the params, or with LoRA the adapters
-  (gradients are taken w.r.t. the adapters only; the base params are a constant)."""
-  graphdef, tx, lora = setup.graphdef, setup.tx, setup.lora
-  accum, z_coef = cfg.train.grad_accum, cfg.train.z_loss
-  schedule = lr_schedule(cfg)
+  (gradients are taken w.r.t. the adapters only; the base params are a constant).
 
-  def objective(trainable, frozen, batch, n_tokens, rng):
-    if lora is None:
-      nll, z = loss_sums(graphdef, trainable, batch, z_coef)
-    else:
-      nll, z = loss_sums(graphdef, frozen, batch, z_coef, adapters=trainable, lora=lora,
-                         dropout_rng=rng)
-    return (nll + z) / n_tokens, (nll, z)
+  The objective is the stage's: next-token loss averaged over every loss token of the
+  global batch (pretrain, sft), or the DPO loss averaged over its pairs (dpo). Under
+  gradient accumulation micro-batch gradients of *sums* are added, then divided once.
+  """
+  tx, lora = setup.tx, setup.lora
+  accum = cfg.train.grad_accum
+  schedule = lr_schedule(cfg)
+  dpo = cfg.stage == 'dpo'
+  sums = dpo_sums(cfg, setup) if dpo else lm_sums(cfg, setup)
+
+  def objective(trainable, state, batch, denom, rng):
+    total, aux = sums(trainable, state, batch, rng)
+    return total / denom, aux
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
 
   def step(state, batch):
     trainable = state[setup.trainable]
-    frozen = state['params'] if lora is not None else None
     rng = dropout_key(cfg, state['step'])
-    n_tokens = jnp.maximum(jnp.sum(batch['loss_mask'].astype(jnp.float32)), 1.0)
+    if dpo:
+      denom = jnp.float32(batch['inputs'].shape[0] // 2)  # pairs in the global batch
+    else:
+      denom = jnp.maximum(jnp.sum(batch['loss_mask'].astype(jnp.float32)), 1.0)
     if accum == 1:
-      (_, (nll, z)), grads = grad_fn(trainable, frozen, batch, n_tokens, rng)
+      (_, aux), grads = grad_fn(trainable, state, batch, denom, rng)
     else:
       def split(x):
         x = x.reshape((accum, x.shape[0] // accum) + x.shape[1:])
-        return sharding.constrain(x, (None, 'batch', 'length'))
+        return sharding.constrain(x, (None, 'batch') + ('length',) * (x.ndim - 2))
       micro = jax.tree.map(split, batch)
 
       def body(carry, xs):
         mb, i = xs
-        g_acc, nll_acc, z_acc = carry
+        g_acc, aux_acc = carry
         mrng = None if rng is None else jax.random.fold_in(rng, i)
-        (_, (nll, z)), g = grad_fn(trainable, frozen, mb, n_tokens, mrng)
-        return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll, z_acc + z), None
+        (_, aux), g = grad_fn(trainable, state, mb, denom, mrng)
+        return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, aux_acc, aux)), None
 
       zeros = jax.tree.map(jnp.zeros_like, trainable)
-      (grads, nll, z), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), (micro, jnp.arange(accum)))
+      aux0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                          jax.eval_shape(lambda: sums(trainable, state,
+                                                      jax.tree.map(lambda x: x[0], micro),
+                                                      rng)[1]))
+      (grads, aux), _ = jax.lax.scan(body, (zeros, aux0), (micro, jnp.arange(accum)))
     updates, opt_state = tx.update(grads, state['opt_state'], trainable)
     new_trainable = optax.apply_updates(trainable, updates)
-    metrics = {
-        'loss': nll / n_tokens,
-        'z_loss': z / n_tokens,
+    metrics = {k: v / denom for k, v in aux.items()}
+    metrics.update({
         'grad_norm': optax.tree.norm(grads),
         'param_norm': optax.tree.norm(new_trainable),  # of what trains (adapters w/ LoRA)
         'lr': schedule(state['step']),
-        'loss_tokens': n_tokens,
-    }
+    })
+    metrics['pairs' if dpo else 'loss_tokens'] = denom
     new_state = dict(state, step=state['step'] + 1, opt_state=opt_state)
     new_state[setup.trainable] = new_trainable
     return new_state, metrics
 
-  batch_sh = sharding.batch_sharding(setup.mesh, setup.rules)
+  batch_sh = {k: sharding.batch_sharding(setup.mesh, setup.rules, ndim=1 if k == 'ref_logps'
+                                         else 2) for k in batch_keys(cfg)}
   jitted = jax.jit(step, in_shardings=(setup.state_shardings, batch_sh),
                    out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
                    donate_argnums=(0,))
@@ -106,6 +181,17 @@ def make_train_step(cfg, setup: Setup) -> Callable:
 
   run.jitted = jitted
   return run
+
+
+BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
+
+
+def batch_keys(cfg) -> tuple[str, ...]:
+  """The arrays of a device batch for cfg's stage (DPO with precomputed references adds
+  'ref_logps' [2B])."""
+  if cfg.stage == 'dpo' and reference_mode(cfg) == 'precomputed':
+    return BATCH_KEYS + ('ref_logps',)
+  return BATCH_KEYS
 
 
 def make_eval_step(cfg, setup: Setup) -> Callable:
@@ -119,6 +205,27 @@ def make_eval_step(cfg, setup: Setup) -> Callable:
     return nll, jnp.sum(batch['loss_mask'].astype(jnp.float32))
 
   batch_sh = sharding.batch_sharding(setup.mesh, setup.rules)
+  jitted = jax.jit(step, in_shardings=(setup.weight_shardings, batch_sh),
+                   out_shardings=sharding.replicated(setup.mesh))
+
+  def run(weights, batch):
+    with sharding.use_mesh(setup.mesh, setup.rules):
+      return jitted(weights, batch)
+
+  return run
+
+
+def make_dpo_eval_step(cfg, setup: Setup) -> Callable:
+  """(weights, batch) -> sums of the DPO loss and TRL's metrics over the batch's pairs,
+  with 'pairs' (no dropout)."""
+  sums = dpo_sums(cfg, setup)
+
+  def step(weights, batch):
+    _, aux = sums(weights[setup.trainable], weights, batch, None)
+    return dict(aux, pairs=jnp.float32(batch['inputs'].shape[0] // 2))
+
+  batch_sh = {k: sharding.batch_sharding(setup.mesh, setup.rules, ndim=1 if k == 'ref_logps'
+                                         else 2) for k in batch_keys(cfg)}
   jitted = jax.jit(step, in_shardings=(setup.weight_shardings, batch_sh),
                    out_shardings=sharding.replicated(setup.mesh))
 

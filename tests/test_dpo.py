@@ -1,0 +1,134 @@
+"""DPO through the one loop: the three reference options agree, step-0 identities, TRL's
+metrics, LoRA (reference = adapters off) and full fine-tuning (a frozen copy), resume."""
+
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from lmjax import config as config_lib
+from lmjax import sharding
+from lmjax.data import preference
+from lmjax.train import loop
+from lmjax.train import metrics as metrics_lib
+from lmjax.train import state as state_lib
+from lmjax.train import step as step_lib
+from test_sft import _pretrain_cfg
+from util import write_corpus
+
+
+@pytest.fixture(scope='module')
+def base(tmp_path_factory):
+  root = tmp_path_factory.mktemp('dpo')
+  write_corpus(root / 'text', n_files=40)
+  workdir = str(root / 'base')
+  loop.train(_pretrain_cfg(root), workdir)
+  return root, workdir
+
+
+def _dpo_cfg(base, lora=True, **train):
+  root, workdir = base
+  cfg = _pretrain_cfg(root)
+  cfg.stage = 'dpo'
+  cfg.init_from.path = workdir
+  cfg.lora.update(enabled=lora, rank=4, alpha=8.0)
+  cfg.dpo.update(task_sizes=dict(train=400, validation=32, test=32), beta=0.1)
+  cfg.sft.update(task_sizes=dict(train=100, validation=16, test=16), eval_examples=4,
+                 eval_max_new_tokens=8)
+  cfg.data.seq_len = 64
+  cfg.train.update(global_batch=4, steps=4, eval_every=0, eval_batches=1)
+  cfg.train.update(**train)
+  cfg.optim.update(lr=1e-2, warmup_steps=0)
+  cfg.checkpoint.update(every=2, keep=5)
+  cfg.mesh.update(data=2, fsdp=2, tensor=2)
+  return cfg
+
+
+def _batch(cfg, out_tok):
+  it = preference.make_pair_iterator(cfg, out_tok, 'validation', batch_size=4)
+  b = {k: v for k, v in next(it).items() if k not in preference.COUNTS}
+  it.close()
+  return b
+
+
+def test_three_references_give_the_same_loss(base):
+  """Policy = base + random LoRA adapters; reference = the base, three ways."""
+  cfg = _dpo_cfg(base)
+  out = loop.train(_dpo_cfg(base, steps=1), os.path.join(base[0], 'ref_probe'))
+  adapters, params, tok = out.state['adapters'], out.state['params'], out.tokenizer
+  host = _batch(cfg, tok)
+  results = {}
+  for mode in ('adapters_off', 'copy', 'precomputed'):
+    c = cfg.copy_and_resolve_references()
+    c.dpo.reference = mode
+    mesh = sharding.make_mesh(c.mesh)
+    setup = state_lib.make_setup(c, mesh)
+    weights = {'params': params, 'adapters': adapters}
+    b = dict(host)
+    if mode == 'copy':
+      weights['ref_params'] = params
+    if mode == 'precomputed':
+      with sharding.use_mesh(mesh, c.rules):
+        pc, pr, _, _ = jax.jit(lambda p, x: step_lib.pair_logps(setup.graphdef, p, x))(
+            params, sharding.place_batch(host, mesh, c.rules))
+      b['ref_logps'] = np.stack([np.asarray(pc), np.asarray(pr)], 1).reshape(-1)
+    sums = step_lib.make_dpo_eval_step(c, setup)(weights, sharding.place_batch(b, mesh, c.rules))
+    results[mode] = {k: float(v) for k, v in jax.device_get(sums).items()}
+  a, c_, p = results['adapters_off'], results['copy'], results['precomputed']
+  assert a['loss'] / a['pairs'] != pytest.approx(math.log(2), abs=1e-4)  # not the identity
+  for k in a:
+    assert a[k] == pytest.approx(c_[k], rel=1e-5, abs=1e-5), k
+    assert a[k] == pytest.approx(p[k], rel=1e-4, abs=1e-4), k
+
+
+def test_lora_dpo_run_metrics_and_step_zero(base, tmp_path):
+  cfg = _dpo_cfg(base, eval_every=4)
+  out = loop.train(cfg, str(tmp_path / 'lora'))
+  assert 'ref_params' not in out.state  # the reference is the base: adapters off
+  e0 = out.evals[0]
+  assert e0['eval_loss'] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference
+  assert e0['eval/rewards/margins'] == pytest.approx(0.0, abs=1e-6)
+  assert 0.0 <= e0['eval/exact_match'] <= 1.0
+  rows = [r for r in metrics_lib.read_jsonl(str(tmp_path / 'lora' / 'metrics.jsonl'))
+          if 'loss' in r]
+  for key in ('rewards/chosen', 'rewards/rejected', 'rewards/margins', 'rewards/accuracies',
+              'logps/chosen', 'logps/rejected', 'grad_norm', 'pairs', 'sft/dropped'):
+    assert key in rows[0], key
+  assert rows[0]['loss'] == pytest.approx(math.log(2), abs=1e-5)
+  assert rows[-1]['rewards/margins'] > 0 and out.evals[-1]['eval_loss'] < e0['eval_loss']
+
+
+def test_full_dpo_keeps_a_frozen_copy_and_resumes_exactly(base, tmp_path):
+  straight = loop.train(_dpo_cfg(base, lora=False), str(tmp_path / 'straight'))
+  assert 'ref_params' in straight.state
+  split = str(tmp_path / 'split')
+  loop.train(_dpo_cfg(base, lora=False), split, stop_after=2)
+  second = loop.train(_dpo_cfg(base, lora=False), split)
+  a = {r['step']: r['loss'] for r in metrics_lib.read_jsonl(
+      str(tmp_path / 'straight' / 'metrics.jsonl')) if 'loss' in r}
+  b = {r['step']: r['loss'] for r in metrics_lib.read_jsonl(split + '/metrics.jsonl')
+       if 'loss' in r}
+  assert a == b and len(a) == 4
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight.state['params']),
+               jax.device_get(second.state['params']))
+  # The reference stayed the start: equal to the base's params.
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(second.state['ref_params']),
+               jax.device_get(straight.state['ref_params']))
+
+
+def test_dpo_config_errors(base):
+  cfg = _dpo_cfg(base)
+  cfg.init_from.path = ''
+  cfg.lora.enabled = False
+  with pytest.raises(config_lib.ConfigError, match="stage='dpo': set init_from.path"):
+    config_lib.validate(cfg)
+  cfg = _dpo_cfg(base, lora=False)
+  cfg.dpo.reference = 'adapters_off'
+  with pytest.raises(config_lib.ConfigError, match='needs lora.enabled'):
+    config_lib.validate(cfg)
+  cfg = _dpo_cfg(base)
+  cfg.dpo.loss_type = 'kto'
+  with pytest.raises(config_lib.ConfigError, match="'dpo.loss_type' must be one of"):
+    config_lib.validate(cfg)
