@@ -175,6 +175,7 @@ def base_config() -> ml_collections.ConfigDict:
       beta=0.1,
       label_smoothing=0.0,    # sigmoid: conservative DPO; robust: the assumed label noise.
       reference_free=False,
+      rpo_alpha=0.0,          # > 0: + alpha x the chosen answers' per-token NLL (RPO).
       # auto: adapters_off with LoRA (the base, in the same step: no second copy), else
       # copy (a frozen copy of init_from's params); precomputed: reference log-probs in
       # the batch ('ref_logps'; the loop does not compute them yet).

@@ -66,3 +66,18 @@ def test_sft_lora_config_and_eval_tool(smoke_run, tmp_path):
   assert evals[-1]['eval_loss'] < evals[0]['eval_loss']
   out = _run(['tools/eval_sft.py', f'--workdir={workdir}', '--split=test', '--limit=12'])
   assert 'exact match on test:' in out and 'larger' in out
+
+
+def test_dpo_config_runs_after_sft(smoke_run, tmp_path):
+  sft = str(tmp_path / 'sft')
+  _run(['-m', 'lmjax.train', f'--config=configs/sft_lora_tiny.py:smoke:{smoke_run}',
+        f'--workdir={sft}', '--config.train.steps=2', '--config.train.eval_every=0',
+        '--config.train.progress_bar=False', '--config.train.sample_at_end=False'])
+  workdir = str(tmp_path / 'dpo')
+  out = _run(['-m', 'lmjax.train', f'--config=configs/dpo_tiny.py:smoke:{sft}',
+              f'--workdir={workdir}', '--config.train.steps=4', '--config.train.eval_every=4',
+              '--config.sft.eval_examples=4', '--config.train.progress_bar=False'])
+  assert 'stage dpo' in out and 'rewards/accuracies' in out and '--- sample' in out
+  rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert [r['step'] for r in rows if 'eval/rewards/accuracies' in r] == [0, 4]
+  assert all('rewards/margins' in r for r in rows if 'loss' in r)

@@ -83,6 +83,15 @@ def test_gradient_flows_only_through_the_policy():
   np.testing.assert_allclose(np.asarray(gr), -want, rtol=1e-4)
 
 
+def test_rpo_adds_the_chosen_per_token_nll():
+  base, _ = losses.dpo(PC, PR, RC, RR, beta=0.1, chosen_tokens=NC, rejected_tokens=NR)
+  rpo, _ = losses.dpo(PC, PR, RC, RR, beta=0.1, chosen_tokens=NC, rejected_tokens=NR,
+                      rpo_alpha=0.5)
+  np.testing.assert_allclose(np.asarray(rpo) - np.asarray(base), 0.5 * -PC / NC, rtol=1e-4)
+  with pytest.raises(ValueError, match='rpo_alpha'):
+    losses.dpo(PC, PR, RC, RR, rpo_alpha=1.0)
+
+
 def test_bad_arguments_are_named():
   with pytest.raises(ValueError, match='loss_type must be one of'):
     losses.dpo(PC, PR, RC, RR, loss_type='kto')

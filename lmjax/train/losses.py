@@ -32,7 +32,8 @@ def dpo(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: jax.Ar
         ref_rejected: jax.Array, *, loss_type: str = 'sigmoid', beta: float = 0.1,
         label_smoothing: float = 0.0, reference_free: bool = False,
         chosen_tokens: jax.Array | None = None,
-        rejected_tokens: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        rejected_tokens: jax.Array | None = None,
+        rpo_alpha: float = 0.0) -> tuple[jax.Array, dict]:
   """Per-pair preference losses [B] and their rewards, as the DPO paper and TRL define them.
 
   Inputs are [B] sequence log-probs summed over completion tokens (policy and reference;
@@ -44,6 +45,9 @@ def dpo(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: jax.Ar
     hinge    max(0, 1 - β·h)                                 (SLiC)
     ipo      (h - 1/(2β))²  on per-token averaged log-probs: pass chosen_tokens and
              rejected_tokens (completion token counts) and sums are divided by them.
+  rpo_alpha > 0 adds α times the chosen completion's mean per-token negative log-likelihood
+  (RPO, Pang et al. 2024; TRL's rpo_alpha), which keeps DPO from lowering the chosen
+  answers' likelihood along with the rejected ones'; it needs chosen_tokens.
   Rewards (no gradient): β·(policy - reference) of chosen and rejected, on the same
   log-probs the loss used. With policy == reference: sigmoid = ln 2, hinge = 1,
   IPO = (1/(2β))², every reward 0.
@@ -57,6 +61,9 @@ def dpo(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: jax.Ar
     raise ValueError(f'dpo label_smoothing must be in [0, 0.5), got {eps}')
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   pc, pr, rc, rr = map(f32, (policy_chosen, policy_rejected, ref_chosen, ref_rejected))
+  if rpo_alpha and chosen_tokens is None:
+    raise ValueError('rpo_alpha averages the chosen NLL per token: pass chosen_tokens')
+  nll_chosen = -pc / jnp.maximum(f32(chosen_tokens), 1.0) if rpo_alpha else 0.0
   if loss_type == 'ipo':
     if chosen_tokens is None or rejected_tokens is None:
       raise ValueError('the ipo loss averages log-probs per token: pass chosen_tokens and '
@@ -75,6 +82,8 @@ def dpo(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: jax.Ar
     loss = jax.nn.relu(1.0 - beta * h)
   else:  # ipo
     loss = jnp.square(h - 1.0 / (2.0 * beta))
+  if rpo_alpha:
+    loss = loss + rpo_alpha * nll_chosen
   chosen_r = jax.lax.stop_gradient(beta * (pc - rc))
   rejected_r = jax.lax.stop_gradient(beta * (pr - rr))
   rewards = {'rewards/chosen': chosen_r, 'rewards/rejected': rejected_r,

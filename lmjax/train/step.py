@@ -100,7 +100,7 @@ def dpo_sums(cfg, setup):
       rc, rr, _, _ = jax.lax.stop_gradient(pair_logps(graphdef, ref_params, batch))
     loss, m = losses.dpo(pc, pr, rc, rr, loss_type=d.loss_type, beta=d.beta,
                          label_smoothing=d.label_smoothing, reference_free=d.reference_free,
-                         chosen_tokens=nc, rejected_tokens=nr)
+                         chosen_tokens=nc, rejected_tokens=nr, rpo_alpha=d.rpo_alpha)
     out = {'loss': jnp.sum(loss), 'logps/chosen': jnp.sum(pc), 'logps/rejected': jnp.sum(pr)}
     out.update((k, jnp.sum(v)) for k, v in m.items())
     return jnp.sum(loss), out
