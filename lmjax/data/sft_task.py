@@ -76,18 +76,16 @@ def make_examples(n: int, seed: int = 0, split: str = 'train',
   return out
 
 
-def write_task(root: str, seed: int = 0, sizes: dict | None = None,
-               tasks: tuple[str, ...] = TASKS) -> str:
-  """Writes <root>/{train,validation,test}.jsonl (atomically: a crash leaves no partial
-  files); returns root."""
-  sizes = dict(sizes or {'train': 20000, 'validation': 500, 'test': 500})
+def _write_splits(root: str, sizes: dict, make) -> str:
+  """Writes <root>/{split}.jsonl with make(n, split)'s examples, atomically (a crash leaves
+  no partial files); returns root."""
   parent = os.path.dirname(os.path.abspath(root))
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix='.sft-task-')
+  tmp = tempfile.mkdtemp(dir=parent, prefix='.task-')
   try:
     for split, n in sizes.items():
       with open(os.path.join(tmp, f'{split}.jsonl'), 'w', encoding='utf-8') as f:
-        for ex in make_examples(int(n), seed, split, tasks):
+        for ex in make(int(n), split):
           f.write(json.dumps(ex) + '\n')
     if os.path.isdir(root):
       shutil.rmtree(root)
@@ -96,6 +94,13 @@ def write_task(root: str, seed: int = 0, sizes: dict | None = None,
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return root
+
+
+def write_task(root: str, seed: int = 0, sizes: dict | None = None,
+               tasks: tuple[str, ...] = TASKS) -> str:
+  """Writes <root>/{train,validation,test}.jsonl (atomically); returns root."""
+  sizes = dict(sizes or {'train': 20000, 'validation': 500, 'test': 500})
+  return _write_splits(root, sizes, lambda n, split: make_examples(n, seed, split, tasks))
 
 
 def default_root(cfg) -> str:
@@ -185,21 +190,7 @@ def make_pairs(n: int, seed: int = 0, split: str = 'train',
 def write_pairs(root: str, seed: int = 0, sizes: dict | None = None) -> str:
   """Writes <root>/{split}.jsonl preference pairs atomically; returns root."""
   sizes = dict(sizes or {'train': 20000, 'validation': 500, 'test': 500})
-  parent = os.path.dirname(os.path.abspath(root))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix='.pref-task-')
-  try:
-    for split, n in sizes.items():
-      with open(os.path.join(tmp, f'{split}.jsonl'), 'w', encoding='utf-8') as f:
-        for ex in make_pairs(int(n), seed, split):
-          f.write(json.dumps(ex) + '\n')
-    if os.path.isdir(root):
-      shutil.rmtree(root)
-    os.replace(tmp, root)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return root
+  return _write_splits(root, sizes, lambda n, split: make_pairs(n, seed, split))
 
 
 def ensure_pairs(cfg) -> str:

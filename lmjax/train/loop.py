@@ -183,6 +183,24 @@ def data_iterator(cfg, tok, split: str, *, batch_size: int, process_index: int =
   return pipeline.make_lm_iterator(cfg, tok, split, source=source, **kw)
 
 
+def _eval_sums(eval_step, weights, cfg, tok, mesh, process_index, process_count,
+               source=None) -> list:
+  """eval_step's outputs (on the host) for cfg.train.eval_batches batches of the eval split
+  (repeated if this process's share is shorter)."""
+  it = data_iterator(cfg, tok, cfg.data.eval_split,
+                     batch_size=cfg.train.global_batch // process_count,
+                     process_index=process_index, process_count=process_count,
+                     repeat=True, source=source)
+  try:
+    sums = []
+    for _ in range(cfg.train.eval_batches):
+      host = {k: v for k, v in next(it).items() if k not in formats.COUNTS}
+      sums.append(eval_step(weights, sharding.place_batch(host, mesh, cfg.rules)))
+  finally:
+    it.close()  # stops its prefetch thread
+  return jax.device_get(sums)
+
+
 def evaluate(eval_step, weights, cfg, tok, mesh, process_index, process_count) -> dict:
   """Mean next-token loss over exactly cfg.train.eval_batches batches of each eval set.
 
@@ -195,17 +213,7 @@ def evaluate(eval_step, weights, cfg, tok, mesh, process_index, process_count) -
   a small split then counts some documents twice.
   """
   def run(source):
-    it = data_iterator(cfg, tok, cfg.data.eval_split,
-                       batch_size=cfg.train.global_batch // process_count,
-                       process_index=process_index, process_count=process_count,
-                       repeat=True, source=source)
-    try:
-      sums = []
-      for _ in range(cfg.train.eval_batches):
-        host = {k: v for k, v in next(it).items() if k not in formats.COUNTS}
-        sums.append(eval_step(weights, sharding.place_batch(host, mesh, cfg.rules)))
-    finally:
-      it.close()  # stops its prefetch thread
+    sums = _eval_sums(eval_step, weights, cfg, tok, mesh, process_index, process_count, source)
     nll, n = np.sum(np.asarray(jax.device_get(sums), np.float64), axis=0).tolist()
     if n == 0:
       raise TrainingError(f'eval split {cfg.data.eval_split!r} ({source or "data"}) has no '
@@ -228,17 +236,8 @@ def evaluate(eval_step, weights, cfg, tok, mesh, process_index, process_count) -
 def _evaluate_dpo(eval_step, weights, cfg, tok, mesh, process_index, process_count) -> dict:
   """DPO loss and TRL's metrics over cfg.train.eval_batches batches of held-out pairs:
   eval_loss, eval/rewards/accuracies, eval/rewards/margins, ..."""
-  it = data_iterator(cfg, tok, cfg.data.eval_split,
-                     batch_size=cfg.train.global_batch // process_count,
-                     process_index=process_index, process_count=process_count, repeat=True)
-  try:
-    sums = []
-    for _ in range(cfg.train.eval_batches):
-      host = {k: v for k, v in next(it).items() if k not in formats.COUNTS}
-      sums.append(eval_step(weights, sharding.place_batch(host, mesh, cfg.rules)))
-  finally:
-    it.close()
-  total = {k: float(np.sum([float(s[k]) for s in jax.device_get(sums)])) for k in sums[0]}
+  sums = _eval_sums(eval_step, weights, cfg, tok, mesh, process_index, process_count)
+  total = {k: float(np.sum([float(s[k]) for s in sums])) for k in sums[0]}
   n = total.pop('pairs')
   out = {'eval_loss': total.pop('loss') / n, 'eval_pairs': n}
   out.update((f'eval/{k}', v / n) for k, v in total.items())

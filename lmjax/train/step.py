@@ -169,8 +169,7 @@ def make_train_step(cfg, setup: Setup) -> Callable:
     new_state[setup.trainable] = new_trainable
     return new_state, metrics
 
-  batch_sh = {k: sharding.batch_sharding(setup.mesh, setup.rules, ndim=1 if k == 'ref_logps'
-                                         else 2) for k in batch_keys(cfg)}
+  batch_sh = _batch_shardings(cfg, setup)
   jitted = jax.jit(step, in_shardings=(setup.state_shardings, batch_sh),
                    out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
                    donate_argnums=(0,))
@@ -204,7 +203,10 @@ def make_eval_step(cfg, setup: Setup) -> Callable:
                        adapters=weights.get('adapters'), lora=lora)
     return nll, jnp.sum(batch['loss_mask'].astype(jnp.float32))
 
-  batch_sh = sharding.batch_sharding(setup.mesh, setup.rules)
+  return _jit_eval(setup, step, sharding.batch_sharding(setup.mesh, setup.rules))
+
+
+def _jit_eval(setup, step, batch_sh) -> Callable:
   jitted = jax.jit(step, in_shardings=(setup.weight_shardings, batch_sh),
                    out_shardings=sharding.replicated(setup.mesh))
 
@@ -213,6 +215,11 @@ def make_eval_step(cfg, setup: Setup) -> Callable:
       return jitted(weights, batch)
 
   return run
+
+
+def _batch_shardings(cfg, setup) -> dict:
+  return {k: sharding.batch_sharding(setup.mesh, setup.rules, ndim=1 if k == 'ref_logps'
+                                     else 2) for k in batch_keys(cfg)}
 
 
 def make_dpo_eval_step(cfg, setup: Setup) -> Callable:
@@ -224,16 +231,7 @@ def make_dpo_eval_step(cfg, setup: Setup) -> Callable:
     _, aux = sums(weights[setup.trainable], weights, batch, None)
     return dict(aux, pairs=jnp.float32(batch['inputs'].shape[0] // 2))
 
-  batch_sh = {k: sharding.batch_sharding(setup.mesh, setup.rules, ndim=1 if k == 'ref_logps'
-                                         else 2) for k in batch_keys(cfg)}
-  jitted = jax.jit(step, in_shardings=(setup.weight_shardings, batch_sh),
-                   out_shardings=sharding.replicated(setup.mesh))
-
-  def run(weights, batch):
-    with sharding.use_mesh(setup.mesh, setup.rules):
-      return jitted(weights, batch)
-
-  return run
+  return _jit_eval(setup, step, _batch_shardings(cfg, setup))
 
 
 def make_merge(setup: Setup) -> Callable:
