@@ -52,12 +52,19 @@ def test_dapt_config_continues_the_smoke_run(smoke_run, tmp_path):
   assert train[-1]['tokens/domain'] > 0 and train[-1]['tokens/general'] > 0
 
 
-def test_sft_lora_config_and_eval_tool(smoke_run, tmp_path):
-  workdir = str(tmp_path / 'sft')
+@pytest.fixture(scope='module')
+def sft_run(smoke_run, tmp_path_factory):
+  """configs/sft_lora_tiny.py:smoke from the smoke run, 6 steps (its stdout, workdir)."""
+  workdir = str(tmp_path_factory.mktemp('sft') / 'sft')
   out = _run(['-m', 'lmjax.train', f'--config=configs/sft_lora_tiny.py:smoke:{smoke_run}',
               f'--workdir={workdir}', '--config.train.steps=6', '--config.train.eval_every=6',
               '--config.train.log_every=3', '--config.train.eval_batches=1',
               '--config.sft.eval_examples=6', '--config.train.progress_bar=False'])
+  return out, workdir
+
+
+def test_sft_lora_config_and_eval_tool(sft_run):
+  out, workdir = sft_run
   assert 'LoRA r=16' in out and 'train_params=embed' in out
   assert 'step 6: eval_loss' in out and 'exact_match' in out and '--- sample' in out
   rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
@@ -68,11 +75,8 @@ def test_sft_lora_config_and_eval_tool(smoke_run, tmp_path):
   assert 'exact match on test:' in out and 'larger' in out
 
 
-def test_dpo_config_runs_after_sft(smoke_run, tmp_path):
-  sft = str(tmp_path / 'sft')
-  _run(['-m', 'lmjax.train', f'--config=configs/sft_lora_tiny.py:smoke:{smoke_run}',
-        f'--workdir={sft}', '--config.train.steps=2', '--config.train.eval_every=0',
-        '--config.train.progress_bar=False', '--config.train.sample_at_end=False'])
+def test_dpo_config_runs_after_sft(sft_run, tmp_path):
+  _, sft = sft_run
   workdir = str(tmp_path / 'dpo')
   out = _run(['-m', 'lmjax.train', f'--config=configs/dpo_tiny.py:smoke:{sft}',
               f'--workdir={workdir}', '--config.train.steps=4', '--config.train.eval_every=4',
