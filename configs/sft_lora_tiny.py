@@ -29,9 +29,7 @@ def get_config(arg=None):
   # The pretraining config: the model must match the base run's.
   cfg = config_lib.build(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                       'pretrain_tiny.py'))
-  head, _, rest = (arg or '').partition(':')
-  smoke = head == 'smoke'
-  base = rest if smoke else (arg or '')
+  smoke, base = config_lib.smoke_arg(arg)
   cfg.stage = 'sft'
   cfg.init_from.update(path=base or DEFAULT_SOURCE)
   cfg.tokenizer.update(train_if_missing=False)  # init_from's tokenizer

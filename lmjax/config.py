@@ -294,6 +294,14 @@ def build(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   return _import_config_module(path).get_config(arg)
 
 
+def smoke_arg(arg: str | None) -> tuple[bool, str]:
+  """A stage config's arg: 'smoke', 'smoke:PATH', 'PATH' or None -> (smoke, PATH or '')."""
+  head, _, rest = (arg or '').partition(':')
+  if head == 'smoke':
+    return True, rest
+  return False, arg or ''
+
+
 def load(path: str, overrides: Mapping[str, Any] | None = None,
          arg: str | None = None) -> ml_collections.ConfigDict:
   """Loads configs/<name>.py (optionally 'path:arg', as --config takes it: everything

@@ -10,3 +10,19 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import jax  # noqa: E402
 
 jax.config.update('jax_threefry_partitionable', True)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def base(tmp_path_factory):
+  """(root, workdir) of a tiny pretrained run (tokenizer recorded in its meta): the base
+  model of the SFT and DPO tests."""
+  from lmjax.train import loop  # pylint: disable=import-outside-toplevel
+  from util import pretrain_cfg, write_corpus  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp('base')
+  write_corpus(root / 'text', n_files=40)
+  workdir = str(root / 'base')
+  loop.train(pretrain_cfg(root), workdir)
+  return root, workdir

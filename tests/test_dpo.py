@@ -15,22 +15,12 @@ from lmjax.train import loop
 from lmjax.train import metrics as metrics_lib
 from lmjax.train import state as state_lib
 from lmjax.train import step as step_lib
-from test_sft import _pretrain_cfg
-from util import write_corpus
-
-
-@pytest.fixture(scope='module')
-def base(tmp_path_factory):
-  root = tmp_path_factory.mktemp('dpo')
-  write_corpus(root / 'text', n_files=40)
-  workdir = str(root / 'base')
-  loop.train(_pretrain_cfg(root), workdir)
-  return root, workdir
+from util import pretrain_cfg
 
 
 def _dpo_cfg(base, lora=True, **train):
   root, workdir = base
-  cfg = _pretrain_cfg(root)
+  cfg = pretrain_cfg(root)
   cfg.stage = 'dpo'
   cfg.init_from.path = workdir
   cfg.lora.update(enabled=lora, rank=4, alpha=8.0)

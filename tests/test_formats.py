@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from lmjax import config as config_lib
-from lmjax.data import formats, sft_task, tokenizer
+from lmjax.data import formats, sft_task
 from lmjax.data.sources import DataError
+from util import sft_tokenizer
 
 SEQ = 64
 VOCAB = 384
@@ -16,11 +17,7 @@ VOCAB = 384
 
 @pytest.fixture(scope='module')
 def tok(tmp_path_factory):
-  root = tmp_path_factory.mktemp('tok')
-  texts = [json.dumps(ex) for ex in sft_task.make_examples(600, seed=1)]
-  texts += ['<|start_header_id|>user<|end_header_id|>\n\n<|eot_id|><|im_start|>'
-            'assistant\n<|im_end|>\n'] * 20
-  return tokenizer.train_sentencepiece(texts, str(root / 'sp'), VOCAB)
+  return sft_tokenizer(tmp_path_factory.mktemp('tok'), VOCAB)
 
 
 def make_cfg(path, **sft):

@@ -4,18 +4,17 @@ truncation/drop counts, the built-in pair task, and padding-invariant sequence l
 import json
 import re
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from flax import nnx
 
 from lmjax import config as config_lib
-from lmjax.data import formats, preference, sft_task, tokenizer
+from lmjax.data import preference, sft_task
 from lmjax.data.sources import DataError
 from lmjax.models import transformer
 from lmjax.train import losses
+from util import sft_tokenizer
 
 SEQ = 64
 VOCAB = 384
@@ -23,10 +22,7 @@ VOCAB = 384
 
 @pytest.fixture(scope='module')
 def tok(tmp_path_factory):
-  root = tmp_path_factory.mktemp('tok')
-  texts = [json.dumps(ex) for ex in sft_task.make_examples(600, seed=1)]
-  texts += ['<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n'] * 20
-  return tokenizer.train_sentencepiece(texts, str(root / 'sp'), VOCAB)
+  return sft_tokenizer(tmp_path_factory.mktemp('tok'), VOCAB)
 
 
 def make_cfg(path='', **dpo):

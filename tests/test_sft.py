@@ -21,36 +21,15 @@ from lmjax.train import loop
 from lmjax.train import metrics as metrics_lib
 from lmjax.train import state as state_lib
 from lmjax.train import step as step_lib
-from util import random_batch, tiny_config, write_corpus
+from util import pretrain_cfg, random_batch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tools'))
 import merge_lora  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
-def _pretrain_cfg(root):
-  cfg = tiny_config()
-  cfg.data.update(source='local_text', text_glob=str(root / 'text' / '*.txt'),
-                  data_dir=str(root / 'tfds'), val_fraction=0.1)
-  cfg.tokenizer.update(vocab_size=384, max_sentences=20_000)
-  cfg.model.vocab_size = 384
-  cfg.train.update(steps=3)
-  cfg.mesh.update(data=-1)
-  return cfg
-
-
-@pytest.fixture(scope='module')
-def base(tmp_path_factory):
-  """A tiny pretrained run (its workdir; tokenizer recorded in its meta)."""
-  root = tmp_path_factory.mktemp('sft')
-  write_corpus(root / 'text', n_files=40)
-  workdir = str(root / 'base')
-  loop.train(_pretrain_cfg(root), workdir)
-  return root, workdir
-
-
 def _sft_cfg(base, **train):
   root, workdir = base
-  cfg = _pretrain_cfg(root)
+  cfg = pretrain_cfg(root)
   cfg.stage = 'sft'
   cfg.init_from.path = workdir
   cfg.lora.update(enabled=True, rank=4, alpha=8.0)

@@ -56,3 +56,25 @@ def write_corpus(root, n_files=40, seed=0):
         lines.append(' '.join(rng.choice(words, int(rng.integers(4, 12)))) + '.')
     (root / f'doc_{i:03d}.txt').write_text('\n'.join(lines) + '\n', encoding='utf-8')
   return str(root / '*.txt')
+
+
+def sft_tokenizer(root, vocab_size=384):
+  """A sentencepiece model trained on the built-in SFT task's text and the chat markers."""
+  import json  # pylint: disable=import-outside-toplevel
+  from lmjax.data import sft_task, tokenizer  # pylint: disable=import-outside-toplevel
+  texts = [json.dumps(ex) for ex in sft_task.make_examples(600, seed=1)]
+  texts += ['<|start_header_id|>user<|end_header_id|>\n\n<|eot_id|><|im_start|>'
+            'assistant\n<|im_end|>\n'] * 20
+  return tokenizer.train_sentencepiece(texts, str(root / 'sp'), vocab_size)
+
+
+def pretrain_cfg(root):
+  """A 3-step tiny pretraining run on write_corpus(root / 'text'), on all 8 devices."""
+  cfg = tiny_config()
+  cfg.data.update(source='local_text', text_glob=str(root / 'text' / '*.txt'),
+                  data_dir=str(root / 'tfds'), val_fraction=0.1)
+  cfg.tokenizer.update(vocab_size=384, max_sentences=20_000)
+  cfg.model.vocab_size = 384
+  cfg.train.update(steps=3)
+  cfg.mesh.update(data=-1)
+  return cfg

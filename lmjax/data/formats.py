@@ -386,35 +386,51 @@ def make_sft_dataset(cfg, tokenizer, split: str, *, batch_size: int, process_ind
                      repeat: bool = True) -> grain.IterDataset:
   """The grain dataset behind make_sft_iterator (same arguments)."""
   d, s = cfg.data, cfg.sft
-  if batch_size <= 0:
-    raise ValueError(f'batch_size must be positive, got {batch_size}')
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} is not in [0, {process_count})')
   seed = cfg.seed if seed is None else seed
   conv = get_conversations(cfg, split)
-  ds = grain.MapDataset.source(conv)
-  if process_count > 1:
-    if len(conv) < process_count:
-      raise DataError(f'{conv.name} has {len(conv)} examples, fewer than the '
-                      f'{process_count} processes that share it')
-    ds = ds[process_index::process_count]
-  if d.shuffle and split == d.train_split:
-    ds = ds.shuffle(seed=shuffle_seed(seed, '/sft'))
-  share = len(ds)
-  if repeat:
-    ds = ds.repeat()
-  ds = ds.map(_Encode(tokenizer, s.template))
-  threads = max(int(d.worker_threads), 0)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                            prefetch_buffer_size=16 * threads))
+  it, share = encoded_stream(cfg, conv, split, _Encode(tokenizer, s.template), '/sft',
+                             batch_size=batch_size, process_index=process_index,
+                             process_count=process_count, seed=seed, repeat=repeat)
   it = _Overlong(it, d.seq_len, s.overlong, share if repeat else 2**62, conv.name)
   lengths = {k: d.seq_len for k in ('tokens', 'mask') + COUNTS}
   it = FirstFitPackIterDataset(it, length_struct=lengths, num_packing_bins=s.packing_bins,
                                seed=shuffle_seed(seed, '/sft-bins'),
                                meta_features=('mask',) + COUNTS)
-  it = it.map(_to_example).batch(batch_size, drop_remainder=True)
-  if d.prefetch > 0:
-    it = _ThreadPrefetch(it, d.prefetch)
+  return finish(cfg, it.map(_to_example).batch(batch_size, drop_remainder=True))
+
+
+def encoded_stream(cfg, examples, split: str, encode: grain.transforms.Map, salt: str, *,
+                   batch_size: int, process_index: int, process_count: int, seed: int,
+                   repeat: bool) -> tuple[grain.IterDataset, int]:
+  """The head of an example pipeline (SFT conversations, DPO pairs): this process's share
+  of `examples` (len + __getitem__, with .name), shuffled for the train split, repeated,
+  mapped by `encode` on cfg.data.worker_threads threads. Returns (the stream, the share's
+  size)."""
+  d = cfg.data
+  if batch_size <= 0:
+    raise ValueError(f'batch_size must be positive, got {batch_size}')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} is not in [0, {process_count})')
+  ds = grain.MapDataset.source(examples)
+  if process_count > 1:
+    if len(examples) < process_count:
+      raise DataError(f'{examples.name} has {len(examples)} examples, fewer than the '
+                      f'{process_count} processes that share it')
+    ds = ds[process_index::process_count]
+  if d.shuffle and split == d.train_split:
+    ds = ds.shuffle(seed=shuffle_seed(seed, salt))
+  share = len(ds)
+  if repeat:
+    ds = ds.repeat()
+  threads = max(int(d.worker_threads), 0)
+  return ds.map(encode).to_iter_dataset(
+      grain.ReadOptions(num_threads=threads, prefetch_buffer_size=16 * threads)), share
+
+
+def finish(cfg, it: grain.IterDataset) -> grain.IterDataset:
+  """The tail of a batch pipeline: cfg.data.prefetch batches ahead, JSON-safe state."""
+  if cfg.data.prefetch > 0:
+    it = _ThreadPrefetch(it, cfg.data.prefetch)
   return _JsonSafeState(it)
 
 

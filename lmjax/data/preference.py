@@ -26,7 +26,6 @@ import grain
 import numpy as np
 
 from lmjax.data import formats
-from lmjax.data.pipeline import _JsonSafeState, _ThreadPrefetch, shuffle_seed
 from lmjax.data.sources import DataError
 
 COUNTS = formats.COUNTS
@@ -255,28 +254,12 @@ def make_pair_iterator(cfg, tokenizer, split: str, *, batch_size: int, process_i
   rows 2i, 2i + 1) plus 'dropped'/'truncated' [2·batch_size] counts. The train split is
   shuffled when cfg.data.shuffle; repeat=False: one pass. get_state()/set_state() resume
   the exact stream (JSON-safe)."""
-  d = cfg.data
-  if batch_size <= 0:
-    raise ValueError(f'batch_size must be positive, got {batch_size}')
   seed = cfg.seed if seed is None else seed
   pairs = get_pairs(cfg, split)
-  ds = grain.MapDataset.source(pairs)
-  if process_count > 1:
-    if len(pairs) < process_count:
-      raise DataError(f'{pairs.name} has {len(pairs)} pairs, fewer than the '
-                      f'{process_count} processes that share it')
-    ds = ds[process_index::process_count]
-  if d.shuffle and split == d.train_split:
-    ds = ds.shuffle(seed=shuffle_seed(seed, '/dpo'))
-  share = len(ds)
-  if repeat:
-    ds = ds.repeat()
-  ds = ds.map(_Encode(tokenizer, cfg.sft.template))
-  threads = max(int(d.worker_threads), 0)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                            prefetch_buffer_size=16 * threads))
-  it = _Rows(it, d.seq_len, cfg.dpo.overlong, share if repeat else 2**62, pairs.name)
-  it = it.batch(batch_size, drop_remainder=True).map(_flatten_pairs)
-  if d.prefetch > 0:
-    it = _ThreadPrefetch(it, d.prefetch)
-  return iter(_JsonSafeState(it))
+  it, share = formats.encoded_stream(cfg, pairs, split, _Encode(tokenizer, cfg.sft.template),
+                                     '/dpo', batch_size=batch_size,
+                                     process_index=process_index,
+                                     process_count=process_count, seed=seed, repeat=repeat)
+  it = _Rows(it, cfg.data.seq_len, cfg.dpo.overlong, share if repeat else 2**62, pairs.name)
+  return iter(formats.finish(cfg, it.batch(batch_size, drop_remainder=True)
+                             .map(_flatten_pairs)))
