@@ -5,7 +5,9 @@ train (log, eval, checkpoint) -> sample.
 A stage is a batch format plus a loss, not a loop: cfg.stage='pretrain' reads documents
 (data/pipeline.py), 'sft' reads conversations (data/formats.py: loss on assistant tokens
 only, overlong counts logged as sft/dropped and sft/truncated, and greedy exact-match
-accuracy on the eval split at each eval). Either trains every weight or, with
+accuracy on the eval split at each eval), 'dpo' reads preference pairs (data/preference.py:
+chosen/rejected rows, the DPO loss of train/losses.py against a reference that is the base
+with the adapters off or a frozen copy). Each trains every weight or, with
 cfg.lora.enabled, LoRA adapters on the frozen init_from model (adapter-only checkpoints
 whose meta points to that base).
 
@@ -172,8 +174,9 @@ def load_tokenizer(cfg, resumed_meta: dict | None,
 def data_iterator(cfg, tok, split: str, *, batch_size: int, process_index: int = 0,
                   process_count: int = 1, seed: int | None = None, repeat: bool = True,
                   source: str | None = None):
-  """The stage's batches: documents (pretrain; `source` = a named mixture/eval source) or
-  conversations (sft; with 'dropped'/'truncated' per-row counts to strip)."""
+  """The stage's batches: documents (pretrain; `source` = a named mixture/eval source),
+  conversations (sft) or preference pairs (dpo: batch_size pairs, 2 * batch_size rows);
+  sft and dpo rows carry 'dropped'/'truncated' counts to strip."""
   kw = dict(batch_size=batch_size, process_index=process_index, process_count=process_count,
             seed=seed, repeat=repeat)
   if cfg.stage == 'sft':
