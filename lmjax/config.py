@@ -177,8 +177,9 @@ def base_config() -> ml_collections.ConfigDict:
       reference_free=False,
       rpo_alpha=0.0,          # > 0: + alpha x the chosen answers' per-token NLL (RPO).
       # auto: adapters_off with LoRA (the base, in the same step: no second copy), else
-      # copy (a frozen copy of init_from's params); precomputed: reference log-probs in
-      # the batch ('ref_logps'; the loop does not compute them yet).
+      # copy (a frozen copy of init_from's params); precomputed: the reference's log-probs
+      # computed once before training, cached in the workdir and read with the data
+      # (train/ref_logps.py): no reference forward pass or weights during training.
       reference='auto',
       overlong='truncate',    # truncate (completions; a prompt that fills seq_len drops
                               # the pair, counted) | drop (any pair longer than seq_len).
@@ -556,9 +557,6 @@ def _validate_stage(cfg) -> None:
     if cfg.dpo.reference == 'adapters_off' and not cfg.lora.enabled:
       raise ConfigError("dpo.reference='adapters_off' needs lora.enabled (the reference is "
                         'the base without adapters)')
-    if cfg.dpo.reference == 'precomputed':
-      raise ConfigError("dpo.reference='precomputed': the training loop does not compute "
-                        "reference log-probs into the data yet; use 'auto'")
   if cfg.lora.enabled:
     from lmjax.models import lora  # pylint: disable=import-outside-toplevel
     try:

@@ -1,5 +1,6 @@
 """DPO through the one loop: the three reference options agree, step-0 identities, TRL's
-metrics, LoRA (reference = adapters off) and full fine-tuning (a frozen copy), resume."""
+metrics, LoRA (reference = adapters off) and full fine-tuning (a frozen copy, or reference
+log-probs precomputed into the data), resume."""
 
 import math
 import os
@@ -13,18 +14,20 @@ from lmjax import sharding
 from lmjax.data import preference
 from lmjax.train import loop
 from lmjax.train import metrics as metrics_lib
+from lmjax.train import ref_logps
 from lmjax.train import state as state_lib
 from lmjax.train import step as step_lib
 from util import pretrain_cfg
 
 
-def _dpo_cfg(base, lora=True, **train):
+def _dpo_cfg(base, lora=True, reference='auto', **train):
   root, workdir = base
   cfg = pretrain_cfg(root)
   cfg.stage = 'dpo'
   cfg.init_from.path = workdir
   cfg.lora.update(enabled=lora, rank=4, alpha=8.0)
-  cfg.dpo.update(task_sizes=dict(train=400, validation=32, test=32), beta=0.1)
+  cfg.dpo.update(task_sizes=dict(train=400, validation=32, test=32), beta=0.1,
+                 reference=reference)
   cfg.sft.update(task_sizes=dict(train=100, validation=16, test=16), eval_examples=4,
                  eval_max_new_tokens=8)
   cfg.data.seq_len = 64
@@ -36,16 +39,19 @@ def _dpo_cfg(base, lora=True, **train):
   return cfg
 
 
-def _batch(cfg, out_tok):
-  it = preference.make_pair_iterator(cfg, out_tok, 'validation', batch_size=4)
+def _batch(cfg, out_tok, **kw):
+  it = preference.make_pair_iterator(cfg, out_tok, 'validation', batch_size=4, **kw)
   b = {k: v for k, v in next(it).items() if k not in preference.COUNTS}
   it.close()
   return b
 
 
 def test_three_references_give_the_same_loss(base):
-  """Policy = base + random LoRA adapters; reference = the base, three ways."""
+  """Policy = base + random LoRA adapters; reference = the base, three ways (precomputed:
+  the table the loop computes, read back through the pair iterator)."""
   cfg = _dpo_cfg(base)
+  cfg.dpo.overlong = 'drop'
+  cfg.data.seq_len = 72  # about half the validation pairs are dropped: NaN rows, skipped
   out = loop.train(_dpo_cfg(base, steps=1), os.path.join(base[0], 'ref_probe'))
   adapters, params, tok = out.state['adapters'], out.state['params'], out.tokenizer
   host = _batch(cfg, tok)
@@ -60,10 +66,12 @@ def test_three_references_give_the_same_loss(base):
     if mode == 'copy':
       weights['ref_params'] = params
     if mode == 'precomputed':
-      with sharding.use_mesh(mesh, c.rules):
-        pc, pr, _, _ = jax.jit(lambda p, x: step_lib.pair_logps(setup.graphdef, p, x))(
-            params, sharding.place_batch(host, mesh, c.rules))
-      b['ref_logps'] = np.stack([np.asarray(pc), np.asarray(pr)], 1).reshape(-1)
+      table = ref_logps.compute(c, setup, params, tok, 'validation', 32)
+      assert np.isnan(table).any() and np.isfinite(table).sum() >= 8
+      b = _batch(c, tok, ref_logps=table)
+      assert set(b) == set(host) | {'ref_logps'} and b['ref_logps'].shape == (8,)
+      for k in host:
+        np.testing.assert_array_equal(b[k], host[k])
     sums = step_lib.make_dpo_eval_step(c, setup)(weights, sharding.place_batch(b, mesh, c.rules))
     results[mode] = {k: float(v) for k, v in jax.device_get(sums).items()}
   a, c_, p = results['adapters_off'], results['copy'], results['precomputed']
@@ -106,6 +114,20 @@ def test_full_dpo_keeps_a_frozen_copy_and_resumes_exactly(base, tmp_path):
   # The reference stayed the start: equal to the base's params.
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(second.state['ref_params']),
                jax.device_get(straight.state['ref_params']))
+  # Precomputed references: no copy in the state, the same run (to float tolerance),
+  # and a resume reads the cached tables instead of recomputing them.
+  pre = str(tmp_path / 'pre')
+  first = loop.train(_dpo_cfg(base, lora=False, reference='precomputed', eval_every=4),
+                     pre, stop_after=2)
+  assert 'ref_params' not in first.state
+  table = os.path.join(pre, 'ref_logps', 'train.npz')
+  stamp = os.stat(table).st_mtime_ns
+  loop.train(_dpo_cfg(base, lora=False, reference='precomputed', eval_every=4), pre)
+  assert os.stat(table).st_mtime_ns == stamp
+  assert os.path.exists(os.path.join(pre, 'ref_logps', 'validation.npz'))
+  c = {r['step']: r['loss'] for r in metrics_lib.read_jsonl(pre + '/metrics.jsonl')
+       if 'loss' in r}
+  assert c == pytest.approx(a, rel=1e-4, abs=1e-5)
 
 
 def test_dpo_config_errors(base):

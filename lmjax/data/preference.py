@@ -189,26 +189,44 @@ def get_pairs(cfg, split: str) -> Pairs:
   return pairs
 
 
+class _Indexed:
+  """pairs[i] -> (i, pairs[i]): a pair keeps its index in the split through shuffling and
+  sharding (the key of its precomputed reference log-probs)."""
+
+  def __init__(self, pairs: Pairs):
+    self._pairs, self.name = pairs, pairs.name
+
+  def __len__(self) -> int:
+    return len(self._pairs)
+
+  def __getitem__(self, index: int):
+    return int(index), self._pairs[index]
+
+
 class _Encode(grain.transforms.Map):
 
   def __init__(self, tokenizer, template: str):
     self.tokenizer, self.template = tokenizer, template
 
-  def map(self, pair):
-    return encode_pair(pair, self.tokenizer, self.template)
+  def map(self, item):
+    index, pair = item
+    return index, encode_pair(pair, self.tokenizer, self.template)
 
 
 class _RowsIterator(grain.DatasetIterator):
   """Encoded pairs -> {feature: [2, seq_len]} row pairs with counts; drops and counts."""
 
-  def __init__(self, parent, seq_len: int, mode: str, limit: int, name: str):
+  def __init__(self, parent, seq_len: int, mode: str, limit: int, name: str,
+               with_index: bool, ref_logps):
     super().__init__(parent)
     self._seq_len, self._mode, self._limit, self._name = seq_len, mode, limit, name
+    self._with_index, self._ref = with_index, ref_logps
     self._pending = 0
 
   def __next__(self):
     while True:
-      out = pair_rows(next(self._parent), self._seq_len, self._mode)
+      index, encoded = next(self._parent)
+      out = pair_rows(encoded, self._seq_len, self._mode)
       if out is not None:
         break
       self._pending += 1
@@ -220,6 +238,13 @@ class _RowsIterator(grain.DatasetIterator):
     rows = {k: np.stack([c[k], r[k]]) for k in c}
     rows['dropped'] = np.array([self._pending, 0], np.int32)
     rows['truncated'] = np.array([int(cut), 0], np.int32)
+    if self._with_index:
+      rows['index'] = np.array([index, index], np.int32)
+    if self._ref is not None:
+      rows['ref_logps'] = np.asarray(self._ref[index], np.float32)
+      if not np.all(np.isfinite(rows['ref_logps'])):
+        raise DataError(f'{self._name}[{index}]: no precomputed reference log-probs for this '
+                        'pair (the table was computed for other data or settings)')
     self._pending = 0
     return rows
 
@@ -233,9 +258,9 @@ class _RowsIterator(grain.DatasetIterator):
 
 class _Rows(grain.IterDataset):
 
-  def __init__(self, parent, seq_len: int, mode: str, limit: int, name: str):
+  def __init__(self, parent, *args):
     super().__init__(parent)
-    self._args = (seq_len, mode, limit, name)
+    self._args = args
 
   def __iter__(self):
     return _RowsIterator(self._parent.__iter__(), *self._args)
@@ -248,18 +273,28 @@ def _flatten_pairs(batch):
 
 def make_pair_iterator(cfg, tokenizer, split: str, *, batch_size: int, process_index: int = 0,
                        process_count: int = 1, seed: int | None = None,
-                       repeat: bool = True) -> grain.DatasetIterator:
+                       repeat: bool = True, with_index: bool = False,
+                       ref_logps: np.ndarray | None = None) -> grain.DatasetIterator:
   """Batches of `batch_size` pairs of this process's share of the cfg.dpo `split`:
   {inputs, targets, segment_ids, positions, loss_mask} [2·batch_size, seq_len] (pair i in
   rows 2i, 2i + 1) plus 'dropped'/'truncated' [2·batch_size] counts. The train split is
   shuffled when cfg.data.shuffle; repeat=False: one pass. get_state()/set_state() resume
-  the exact stream (JSON-safe)."""
+  the exact stream (JSON-safe).
+
+  with_index: rows carry 'index' [2·batch_size] int32, the pair's index in the split.
+  ref_logps: the split's precomputed reference log-probs, [n_pairs, 2] (chosen, rejected;
+  train/ref_logps.py): rows carry 'ref_logps' [2·batch_size] float32.
+  """
   seed = cfg.seed if seed is None else seed
   pairs = get_pairs(cfg, split)
-  it, share = formats.encoded_stream(cfg, pairs, split, _Encode(tokenizer, cfg.sft.template),
-                                     '/dpo', batch_size=batch_size,
-                                     process_index=process_index,
+  if ref_logps is not None and np.shape(ref_logps) != (len(pairs), 2):
+    raise DataError(f'precomputed reference log-probs of shape {np.shape(ref_logps)} do not '
+                    f'match the {len(pairs)} pairs of {pairs.name}')
+  it, share = formats.encoded_stream(cfg, _Indexed(pairs), split,
+                                     _Encode(tokenizer, cfg.sft.template), '/dpo',
+                                     batch_size=batch_size, process_index=process_index,
                                      process_count=process_count, seed=seed, repeat=repeat)
-  it = _Rows(it, cfg.data.seq_len, cfg.dpo.overlong, share if repeat else 2**62, pairs.name)
+  it = _Rows(it, cfg.data.seq_len, cfg.dpo.overlong, share if repeat else 2**62, pairs.name,
+             with_index, ref_logps)
   return iter(formats.finish(cfg, it.batch(batch_size, drop_remainder=True)
                              .map(_flatten_pairs)))

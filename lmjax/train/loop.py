@@ -7,9 +7,9 @@ A stage is a batch format plus a loss, not a loop: cfg.stage='pretrain' reads do
 only, overlong counts logged as sft/dropped and sft/truncated, and greedy exact-match
 accuracy on the eval split at each eval), 'dpo' reads preference pairs (data/preference.py:
 chosen/rejected rows, the DPO loss of train/losses.py against a reference that is the base
-with the adapters off or a frozen copy). Each trains every weight or, with
-cfg.lora.enabled, LoRA adapters on the frozen init_from model (adapter-only checkpoints
-whose meta points to that base).
+with the adapters off, a frozen copy, or log-probs precomputed into the data). Each trains
+every weight or, with cfg.lora.enabled, LoRA adapters on the frozen init_from model
+(adapter-only checkpoints whose meta points to that base).
 
 Continued pretraining: with cfg.init_from.path set and no checkpoint in the workdir yet,
 the params come from that run (resharded onto this mesh), with a fresh optimizer at step 0
@@ -39,6 +39,7 @@ from lmjax.data import tokenizer as tokenizer_lib
 from lmjax.models import lora as lora_lib
 from lmjax.models import transformer
 from lmjax.train import metrics as metrics_lib
+from lmjax.train import ref_logps
 from lmjax.train import state as state_lib
 from lmjax.train import step as step_lib
 
@@ -173,27 +174,29 @@ def load_tokenizer(cfg, resumed_meta: dict | None,
 
 def data_iterator(cfg, tok, split: str, *, batch_size: int, process_index: int = 0,
                   process_count: int = 1, seed: int | None = None, repeat: bool = True,
-                  source: str | None = None):
+                  source: str | None = None, refs: dict | None = None):
   """The stage's batches: documents (pretrain; `source` = a named mixture/eval source),
-  conversations (sft) or preference pairs (dpo: batch_size pairs, 2 * batch_size rows);
-  sft and dpo rows carry 'dropped'/'truncated' counts to strip."""
+  conversations (sft) or preference pairs (dpo: batch_size pairs, 2 * batch_size rows,
+  with 'ref_logps' from refs[split] when given); sft and dpo rows carry
+  'dropped'/'truncated' counts to strip."""
   kw = dict(batch_size=batch_size, process_index=process_index, process_count=process_count,
             seed=seed, repeat=repeat)
   if cfg.stage == 'sft':
     return formats.make_sft_iterator(cfg, tok, split, **kw)
   if cfg.stage == 'dpo':  # batch_size pairs: 2 * batch_size rows
-    return preference.make_pair_iterator(cfg, tok, split, **kw)
+    return preference.make_pair_iterator(cfg, tok, split, ref_logps=(refs or {}).get(split),
+                                         **kw)
   return pipeline.make_lm_iterator(cfg, tok, split, source=source, **kw)
 
 
 def _eval_sums(eval_step, weights, cfg, tok, mesh, process_index, process_count,
-               source=None) -> list:
+               source=None, refs=None) -> list:
   """eval_step's outputs (on the host) for cfg.train.eval_batches batches of the eval split
   (repeated if this process's share is shorter)."""
   it = data_iterator(cfg, tok, cfg.data.eval_split,
                      batch_size=cfg.train.global_batch // process_count,
                      process_index=process_index, process_count=process_count,
-                     repeat=True, source=source)
+                     repeat=True, source=source, refs=refs)
   try:
     sums = []
     for _ in range(cfg.train.eval_batches):
@@ -204,7 +207,8 @@ def _eval_sums(eval_step, weights, cfg, tok, mesh, process_index, process_count,
   return jax.device_get(sums)
 
 
-def evaluate(eval_step, weights, cfg, tok, mesh, process_index, process_count) -> dict:
+def evaluate(eval_step, weights, cfg, tok, mesh, process_index, process_count,
+             refs=None) -> dict:
   """Mean next-token loss over exactly cfg.train.eval_batches batches of each eval set.
 
   weights: what eval_step takes (setup.weights(state): params, and adapters with LoRA).
@@ -213,7 +217,8 @@ def evaluate(eval_step, weights, cfg, tok, mesh, process_index, process_count) -
   data.eval_sources entry ('eval/<name>/loss'). An eval split is read in order and
   repeated when this process's share holds fewer batches, so every process runs the same
   number of eval steps (each is a collective: uneven counts would hang a multi-host run);
-  a small split then counts some documents twice.
+  a small split then counts some documents twice. DPO: refs = the precomputed reference
+  log-probs (train/ref_logps.py), if the run uses them.
   """
   def run(source):
     sums = _eval_sums(eval_step, weights, cfg, tok, mesh, process_index, process_count, source)
@@ -224,7 +229,8 @@ def evaluate(eval_step, weights, cfg, tok, mesh, process_index, process_count) -
     return nll, n
 
   if cfg.stage == 'dpo':
-    return _evaluate_dpo(eval_step, weights, cfg, tok, mesh, process_index, process_count)
+    return _evaluate_dpo(eval_step, weights, cfg, tok, mesh, process_index, process_count,
+                         refs)
   named = {name: run(name) for name in config_lib.eval_sources(cfg.data)}
   mixture = config_lib.mixture_sources(cfg.data)
   if mixture:
@@ -236,10 +242,12 @@ def evaluate(eval_step, weights, cfg, tok, mesh, process_index, process_count) -
   return out
 
 
-def _evaluate_dpo(eval_step, weights, cfg, tok, mesh, process_index, process_count) -> dict:
+def _evaluate_dpo(eval_step, weights, cfg, tok, mesh, process_index, process_count,
+                  refs) -> dict:
   """DPO loss and TRL's metrics over cfg.train.eval_batches batches of held-out pairs:
   eval_loss, eval/rewards/accuracies, eval/rewards/margins, ..."""
-  sums = _eval_sums(eval_step, weights, cfg, tok, mesh, process_index, process_count)
+  sums = _eval_sums(eval_step, weights, cfg, tok, mesh, process_index, process_count,
+                    refs=refs)
   total = {k: float(np.sum([float(s[k]) for s in sums])) for k in sums[0]}
   n = total.pop('pairs')
   out = {'eval_loss': total.pop('loss') / n, 'eval_pairs': n}
@@ -302,12 +310,21 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   if source is not None:
     run_meta['init_from'] = {'path': source.path, 'format': source.format, 'step': source.step}
 
-  # ---- Data: tokenizer and the training stream --------------------------------------
+  # ---- Data: tokenizer, precomputed DPO references, the training stream -------------
   tok = load_tokenizer(cfg, resumed_meta, source)
   run_meta['tokenizer'] = tok.path
+  setup = state_lib.make_setup(cfg, mesh)
+  refs = None
+  if cfg.stage == 'dpo' and not cfg.dpo.reference_free and \
+      step_lib.reference_mode(cfg) == 'precomputed':  # the reference = init_from's params
+    splits = [cfg.data.train_split] + ([cfg.data.eval_split] if cfg.train.eval_every > 0
+                                       else [])
+    refs = ref_logps.tables(cfg, setup, tok, splits, workdir=workdir,
+                            reference=run_meta['init_from'],
+                            load_params=lambda: source.load_params(cfg, setup))
   train_iter = data_iterator(cfg, tok, cfg.data.train_split,
                              batch_size=cfg.train.global_batch // pc,
-                             process_index=pi, process_count=pc, seed=cfg.seed)
+                             process_index=pi, process_count=pc, seed=cfg.seed, refs=refs)
   sft = cfg.stage in ('sft', 'dpo')  # conversation data: overlong counts, exact match
   em_examples = []  # the exact-match set: the first N of cfg.sft's eval split
   if sft and cfg.sft.eval_examples > 0 and cfg.train.eval_every > 0:
@@ -315,7 +332,6 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   mixture = list(config_lib.mixture_sources(cfg.data))  # rows tag tokens 1..len: tokens/<name>
 
   # ---- State: resume the workdir's latest checkpoint, start from init_from, or init --
-  setup = state_lib.make_setup(cfg, mesh)
   if resumed_meta is not None:
     state = ckpt.restore(setup.abstract_saved, data_iter=train_iter)
     if setup.lora is not None:  # the frozen base, from the recorded init_from
@@ -372,7 +388,7 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   stopped_early = False
 
   def run_eval(step):
-    e = evaluate(eval_step, setup.weights(state), cfg, tok, mesh, pi, pc)
+    e = evaluate(eval_step, setup.weights(state), cfg, tok, mesh, pi, pc, refs)
     if em_examples:
       em = sft_exact_match(cfg, setup.graphdef, merged(setup.weights(state)), tok, mesh,
                            em_examples)

@@ -188,7 +188,8 @@ BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
 def batch_keys(cfg) -> tuple[str, ...]:
   """The arrays of a device batch for cfg's stage (DPO with precomputed references adds
   'ref_logps' [2B])."""
-  if cfg.stage == 'dpo' and reference_mode(cfg) == 'precomputed':
+  if cfg.stage == 'dpo' and not cfg.dpo.reference_free and \
+      reference_mode(cfg) == 'precomputed':
     return BATCH_KEYS + ('ref_logps',)
   return BATCH_KEYS
 
@@ -232,6 +233,29 @@ def make_dpo_eval_step(cfg, setup: Setup) -> Callable:
     return dict(aux, pairs=jnp.float32(batch['inputs'].shape[0] // 2))
 
   return _jit_eval(setup, step, _batch_shardings(cfg, setup))
+
+
+def make_ref_logps_step(setup: Setup) -> Callable:
+  """(params, batch with 'index' [2B]) -> (index, completion log-prob sums) [2B] each,
+  replicated to every process: what dpo.reference='precomputed' stores per pair.
+  params: the reference's, sharded like setup's params."""
+  graphdef = setup.graphdef
+
+  def step(params, batch):
+    logits = model_logits(graphdef, params, batch)
+    lp, _ = losses.sequence_logprobs(logits, batch['targets'], batch['loss_mask'])
+    return batch['index'], lp
+
+  batch_sh = {k: sharding.batch_sharding(setup.mesh, setup.rules, ndim=1 if k == 'index'
+                                         else 2) for k in BATCH_KEYS + ('index',)}
+  jitted = jax.jit(step, in_shardings=(setup.state_shardings['params'], batch_sh),
+                   out_shardings=sharding.replicated(setup.mesh))
+
+  def run(params, batch):
+    with sharding.use_mesh(setup.mesh, setup.rules):
+      return jitted(params, batch)
+
+  return run
 
 
 def make_merge(setup: Setup) -> Callable:

@@ -1,0 +1,117 @@
+"""dpo.reference='precomputed': the reference model's log-probs, computed once before
+training and stored with the data (TRL's precompute_ref_log_probs).
+
+Each split's table is [n_pairs, 2] float32: the completion log-prob sums of the pair's
+chosen and rejected rows, exactly as the pipeline builds them (template, data.seq_len,
+dpo.overlong truncation); NaN for pairs the pipeline drops. The pair iterator attaches a
+pair's two values as batch['ref_logps'], so the train step runs the policy's forward pass
+only and holds no reference weights: full fine-tuning without a second copy of the model.
+
+Tables are cached in <workdir>/ref_logps/<split>.npz with a fingerprint of everything they
+depend on (the reference checkpoint, model and dtype, tokenizer, template, seq_len,
+overlong policy, the pairs' source); a resume reuses them, any change recomputes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+from lmjax import sharding
+from lmjax.data import preference
+from lmjax.train import step as step_lib
+
+
+def fingerprint(cfg, reference: dict, tokenizer_path: str, split: str, n_pairs: int) -> str:
+  """What a split's table depends on, as a canonical JSON string."""
+  from lmjax.data import sources  # pylint: disable=import-outside-toplevel
+  d = cfg.dpo
+  key = {
+      'reference': reference, 'model': cfg.model.to_dict(),
+      'dtype': cfg.lora.base_dtype if cfg.lora.enabled else cfg.model.param_dtype,
+      'tokenizer': os.path.abspath(tokenizer_path) if tokenizer_path else '',
+      'template': cfg.sft.template, 'seq_len': cfg.data.seq_len, 'overlong': d.overlong,
+      'source': d.source, 'path': d.path, 'tfds_name': d.tfds_name,
+      'task': [dict(d.task_sizes), d.task_seed, sources.default_data_dir(cfg.data)],
+      'split': split, 'pairs': n_pairs,
+  }
+  return json.dumps(key, sort_keys=True, default=str)
+
+
+def compute(cfg, setup, params, tokenizer, split: str, n_pairs: int) -> np.ndarray:
+  """The [n_pairs, 2] table of `split` under `params` (the reference, sharded like setup's
+  params). Every process reads its share of the split in batches of
+  train.global_batch / processes pairs; all processes run the same number of batches (a
+  shorter share repeats) and every process ends with the whole table."""
+  pi, pc = jax.process_index(), jax.process_count()
+  local = cfg.train.global_batch // pc
+  share = -(-n_pairs // pc)  # the largest process share
+  batches = -(-share // local)
+  ref_step = step_lib.make_ref_logps_step(setup)
+  table = np.full((n_pairs, 2), np.nan, np.float32)
+  it = preference.make_pair_iterator(cfg, tokenizer, split, batch_size=local,
+                                     process_index=pi, process_count=pc, repeat=True,
+                                     with_index=True)
+  try:
+    for _ in range(batches):
+      host = {k: v for k, v in next(it).items() if k not in preference.COUNTS}
+      index, lp = jax.device_get(ref_step(params, sharding.place_batch(host, setup.mesh,
+                                                                       setup.rules)))
+      table[index[0::2], 0] = lp[0::2]
+      table[index[1::2], 1] = lp[1::2]
+  finally:
+    it.close()
+  return table
+
+
+def tables(cfg, setup, tokenizer, splits, *, workdir: str, reference: dict,
+           load_params: Callable[[], object]) -> dict[str, np.ndarray]:
+  """{split: table} for `splits`, from the workdir's cache or computed (then cached) with
+  load_params() (called at most once: the reference's params)."""
+  params, out = None, {}
+  for split in dict.fromkeys(splits):
+    n = len(preference.get_pairs(cfg, split))
+    key = fingerprint(cfg, reference, tokenizer.path, split, n)
+    path = os.path.join(workdir, 'ref_logps', f'{split}.npz')
+    cached = _read(path, key)
+    if cached is not None:
+      out[split] = cached
+      _print(f'dpo: reference log-probs of {split} ({n} pairs) from {path}')
+      continue
+    if params is None:
+      params = load_params()
+    t0 = time.perf_counter()
+    out[split] = compute(cfg, setup, params, tokenizer, split, n)
+    if jax.process_index() == 0:
+      _write(path, key, out[split])
+    dropped = int(np.sum(np.isnan(out[split][:, 0])))
+    _print(f'dpo: reference log-probs of {split}: {n} pairs ({dropped} dropped as overlong) '
+           f'in {time.perf_counter() - t0:.1f}s -> {path}')
+  return out
+
+
+def _read(path: str, key: str) -> np.ndarray | None:
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as f:
+    if str(f['fingerprint']) != key:
+      _print(f'dpo: {path} was computed for other data or settings; recomputing')
+      return None
+    return np.asarray(f['logps'], np.float32)
+
+
+def _write(path: str, key: str, table: np.ndarray) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + '.tmp.npz'
+  np.savez(tmp, logps=table, fingerprint=np.array(key))
+  os.replace(tmp, path)  # atomic: a crash never leaves a partial table
+
+
+def _print(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
