@@ -1,6 +1,7 @@
-"""The shipped configs and the notebook example run end to end (short versions): the
-smoke pretraining on the default corpus, the notebook script on its checkpoint, and the
-DAPT config continuing it on the jax/flax/optax sources."""
+"""The shipped configs and experiments run end to end (short versions): the recipe
+(pretraining on the default corpus -> LoRA SFT -> DPO, the stage configs' smoke runs),
+the notebook script on its pretraining checkpoint, the DAPT config continuing it on the
+jax/flax/optax sources, and the task-accuracy tool on its SFT run."""
 
 import json
 import os
@@ -21,13 +22,41 @@ def _run(args, cwd=ROOT, timeout=900):
 
 
 @pytest.fixture(scope='module')
-def smoke_run(tmp_path_factory):
-  """configs/pretrain_tiny.py:smoke through the CLI, as the README runs it."""
-  workdir = str(tmp_path_factory.mktemp('smoke'))
-  out = _run(['-m', 'lmjax.train', '--config=configs/pretrain_tiny.py:smoke',
-              f'--workdir={workdir}', '--config.train.progress_bar=False'])
-  assert 'step 20: eval_loss' in out and '--- sample' in out
-  return workdir
+def recipe(tmp_path_factory):
+  """experiments/recipe_tiny.py --smoke: the three shipped stage configs chained
+  (pretrain_tiny:smoke -> sft_lora_tiny:smoke -> dpo_tiny:smoke). (stdout, root)"""
+  root = str(tmp_path_factory.mktemp('recipe'))
+  quiet = [f'--set={s}.train.progress_bar=False' for s in ('pretrain', 'sft', 'dpo')]
+  out = _run(['experiments/recipe_tiny.py', '--smoke', f'--root={root}', '--test_limit=24',
+              '--set=sft.train.steps=10'] + quiet)
+  return out, root
+
+
+@pytest.fixture(scope='module')
+def smoke_run(recipe):
+  """The recipe's pretraining workdir (configs/pretrain_tiny.py:smoke)."""
+  return os.path.join(recipe[1], 'pretrain')
+
+
+def test_recipe_chains_the_stages_and_prints_their_metrics(recipe):
+  out, root = recipe
+  assert out.count('--- sample') == 3 and 'step 20: eval_loss' in out
+  assert 'LoRA r=16' in out and 'train_params=embed' in out  # the SFT config
+  assert f'params from init_from {root}/pretrain' in out
+  assert f'params from init_from {root}/sft' in out and 'stage dpo' in out
+  table = out[out.index('| stage |'):].splitlines()
+  assert [line.split('|')[1].strip() for line in table[2:5]] == ['pretrain', 'sft', 'dpo']
+  res = json.load(open(os.path.join(root, 'recipe.json')))
+  assert [res[s]['steps'] for s in ('pretrain', 'sft', 'dpo')] == [20, 10, 10]
+  for stage in ('pretrain', 'sft'):
+    assert res[stage]['eval_loss'] < res[stage]['eval_loss_start']
+  assert res['sft']['val_exact_match'] is not None and res['pretrain']['val_exact_match'] is None
+  assert 0.0 <= res['dpo']['reward_accuracy'] <= 1.0
+  assert all(res[s]['test_n'] == 24 for s in res)
+  # A second run finds every stage done and only measures.
+  again = _run(['experiments/recipe_tiny.py', '--smoke', f'--root={root}', '--test_limit=4',
+                '--set=sft.train.steps=10'])
+  assert again.count('(done: not retrained)') == 3 and 'compiled train step' not in again
 
 
 def test_notebook_example_runs(smoke_run):
@@ -52,36 +81,6 @@ def test_dapt_config_continues_the_smoke_run(smoke_run, tmp_path):
   assert train[-1]['tokens/domain'] > 0 and train[-1]['tokens/general'] > 0
 
 
-@pytest.fixture(scope='module')
-def sft_run(smoke_run, tmp_path_factory):
-  """configs/sft_lora_tiny.py:smoke from the smoke run, 6 steps (its stdout, workdir)."""
-  workdir = str(tmp_path_factory.mktemp('sft') / 'sft')
-  out = _run(['-m', 'lmjax.train', f'--config=configs/sft_lora_tiny.py:smoke:{smoke_run}',
-              f'--workdir={workdir}', '--config.train.steps=6', '--config.train.eval_every=6',
-              '--config.train.log_every=3', '--config.train.eval_batches=1',
-              '--config.sft.eval_examples=6', '--config.train.progress_bar=False'])
-  return out, workdir
-
-
-def test_sft_lora_config_and_eval_tool(sft_run):
-  out, workdir = sft_run
-  assert 'LoRA r=16' in out and 'train_params=embed' in out
-  assert 'step 6: eval_loss' in out and 'exact_match' in out and '--- sample' in out
-  rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
-  evals = [r for r in rows if 'eval/exact_match' in r]
-  assert [r['step'] for r in evals] == [0, 6]
-  assert evals[-1]['eval_loss'] < evals[0]['eval_loss']
-  out = _run(['tools/eval_sft.py', f'--workdir={workdir}', '--split=test', '--limit=12'])
+def test_eval_tool_on_the_recipe_sft_run(recipe):
+  out = _run(['tools/eval_sft.py', f'--workdir={recipe[1]}/sft', '--split=test', '--limit=12'])
   assert 'exact match on test:' in out and 'larger' in out
-
-
-def test_dpo_config_runs_after_sft(sft_run, tmp_path):
-  _, sft = sft_run
-  workdir = str(tmp_path / 'dpo')
-  out = _run(['-m', 'lmjax.train', f'--config=configs/dpo_tiny.py:smoke:{sft}',
-              f'--workdir={workdir}', '--config.train.steps=4', '--config.train.eval_every=4',
-              '--config.sft.eval_examples=4', '--config.train.progress_bar=False'])
-  assert 'stage dpo' in out and 'rewards/accuracies' in out and '--- sample' in out
-  rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
-  assert [r['step'] for r in rows if 'eval/rewards/accuracies' in r] == [0, 4]
-  assert all('rewards/margins' in r for r in rows if 'loss' in r)
