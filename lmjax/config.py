@@ -56,8 +56,13 @@ def base_config() -> ml_collections.ConfigDict:
       param_dtype='float32',  # float32 or bfloat16.
       dtype='float32',        # compute dtype: float32 or bfloat16.
       scan_layers=True,       # lax.scan over layers (fast compile) or unrolled.
-      remat='none',           # none | dots | dots_no_batch | full.
+      remat='none',           # none | dots | dots_no_batch | full | offload_dots
+                              # (dots_no_batch's saved values in pinned host memory).
       attention='xla',        # xla | cudnn (GPU only).
+      # Cross-entropy over this many positions at a time, each chunk's logits recomputed
+      # in the backward pass: float32 logits of the whole batch [B, T, vocab] never exist.
+      # Must divide data.seq_len; 0 = all at once.
+      loss_chunk=0,
   )
 
   cfg.data = dict(
@@ -458,7 +463,7 @@ def _compatible(ref, value) -> bool:
 _CHOICES = {
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.dtype': ('float32', 'bfloat16'),
-    'model.remat': ('none', 'dots', 'dots_no_batch', 'full'),
+    'model.remat': ('none', 'dots', 'dots_no_batch', 'full', 'offload_dots'),
     'model.attention': ('xla', 'cudnn'),
     'model.rope_scaling.type': ('none', 'llama3'),
     'data.source': ('local_text', 'tfds'),
@@ -507,6 +512,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                       f'train.grad_accum ({t.grad_accum})')
   if cfg.data.seq_len < 2:
     raise ConfigError(f'data.seq_len must be >= 2, got {cfg.data.seq_len}')
+  if m.loss_chunk < 0 or (m.loss_chunk and cfg.data.seq_len % m.loss_chunk):
+    raise ConfigError(f'model.loss_chunk ({m.loss_chunk}) must be 0 or divide data.seq_len '
+                      f'({cfg.data.seq_len})')
   if cfg.data.source == 'tfds' and not cfg.data.tfds_name and not cfg.data.mixture:
     raise ConfigError("data.tfds_name must be set when data.source='tfds'")
   _validate_sources(cfg)

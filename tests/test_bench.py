@@ -23,8 +23,8 @@ def test_bench_full_vs_lora(tmp_path, capsys):
     argv += ['--set', s]
   assert bench.main(argv) == 0
   text = capsys.readouterr().out
-  assert '| device | mode | params | trainable | opt state |' in text
-  assert 'LoRA vs full:' in text
+  assert '| device | mode | objective | params | trainable | opt state |' in text
+  assert 'lm: LoRA vs full:' in text
   full, lora = [json.loads(line) for line in out.read_text().splitlines()]
   assert full['mode'] == 'full' and lora['mode'] == 'lora'
   assert full['device'] == f'8 x {jax.devices()[0].device_kind}'
@@ -47,3 +47,42 @@ def test_bench_mfu_with_a_given_peak_and_bad_override(capsys):
   assert bench.main(['--config', os.path.join(ROOT, 'configs', 'pretrain_tiny.py'),
                      '--set', 'optim.lrr=1']) == 2
   assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
+
+
+def test_bench_dpo_step_against_the_lm_step(tmp_path, capsys):
+  """DPO rows: twice the rows of the LM step; the reference per mode (LoRA: adapters off,
+  full: a frozen copy, counted in memory; precomputed: read from the batch)."""
+  out = tmp_path / 'rows.jsonl'
+  common = ['--config', os.path.join(ROOT, 'configs', 'pretrain_tiny.py'), '--steps', '1',
+            '--warmup', '1'] + [a for s in SMALL for a in ('--set', s)]
+  assert bench.main(common + ['--mode', 'both', '--objective', 'both', '--json', str(out)]) == 0
+  text = capsys.readouterr().out
+  assert 'full: DPO vs LM step:' in text and 'lora: DPO vs LM step:' in text
+  rows = {(r['mode'], r['objective']): r for r in map(json.loads, out.read_text().splitlines())}
+  assert set(rows) == {('full', 'lm'), ('lora', 'lm'), ('full', 'dpo (copy)'),
+                       ('lora', 'dpo (adapters_off)')}
+  assert rows['full', 'dpo (copy)']['batch'] == 2 * rows['full', 'lm']['batch']
+  for r in rows.values():
+    assert r['loss'] > 0 and r['step_s'] > 0
+  pre = tmp_path / 'pre.jsonl'
+  assert bench.main(common + ['--mode', 'full', '--objective', 'dpo', '--json', str(pre),
+                              '--set', 'dpo.reference=precomputed']) == 0
+  (row,) = map(json.loads, pre.read_text().splitlines())
+  assert row['objective'] == 'dpo (precomputed)'
+  # No reference copy: the step's arguments hold one set of params fewer.
+  assert row['peak_mem_bytes'] < rows['full', 'dpo (copy)']['peak_mem_bytes']
+
+
+@pytest.mark.parametrize('name,params', [('llama_125m', 125.8e6), ('llama_1b', 1107.4e6)])
+def test_bench_configs_load_and_size(name, params):
+  """The GPU benchmark configs (issue 6): their model sizes; ':cpu' swaps cuDNN for xla."""
+  from lmjax import config as config_lib
+  from lmjax import sharding
+  from lmjax.train import state as state_lib
+  path = os.path.join(ROOT, 'configs', 'bench', f'{name}.py')
+  assert config_lib.load(path).model.attention == 'cudnn'
+  cfg = config_lib.load(path + ':cpu')
+  assert cfg.model.attention == 'xla' and cfg.data.seq_len == 2048
+  assert cfg.model.dtype == 'bfloat16' and cfg.model.param_dtype == 'float32'
+  setup = state_lib.make_setup(cfg, sharding.make_mesh(cfg.mesh))  # abstract: no memory
+  assert setup.n_params == pytest.approx(params, rel=1e-3)

@@ -101,3 +101,22 @@ def test_bad_arguments_are_named():
     losses.dpo(PC, PR, RC, RR, label_smoothing=0.5)
   with pytest.raises(ValueError, match='chosen_tokens'):
     losses.dpo(PC, PR, RC, RR, loss_type='ipo')
+
+
+def test_chunked_logit_stats_values_and_gradients():
+  rng = np.random.default_rng(0)
+  h = jnp.asarray(rng.normal(size=(2, 16, 8)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(8, 50)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 50, (2, 16)), jnp.int32)
+  mask = jnp.asarray(rng.integers(0, 2, (2, 16)), jnp.float32)
+
+  def loss(h, w, chunk):
+    lse, tl = losses.chunked_logit_stats(h, lambda x: x @ w, y, chunk)
+    return losses.nll_sums(lse, tl, mask, 1e-2)[0] + losses.sequence_sums(lse, tl, mask)[0][1]
+
+  ref = jax.value_and_grad(loss, argnums=(0, 1))(h, w, 0)
+  for chunk in (4, 8, 16):
+    got = jax.value_and_grad(loss, argnums=(0, 1))(h, w, chunk)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, ref)
+  with pytest.raises(ValueError, match='must divide the sequence length 16'):
+    losses.chunked_logit_stats(h, lambda x: x @ w, y, 5)

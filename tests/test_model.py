@@ -80,7 +80,8 @@ def _loss_and_grads(cfg_overrides, batch):
 
 
 @pytest.mark.parametrize('variant', [dict(scan_layers=False), dict(remat='full'),
-                                     dict(remat='dots'), dict(remat='dots_no_batch')])
+                                     dict(remat='dots'), dict(remat='dots_no_batch'),
+                                     dict(remat='offload_dots')])
 def test_scan_and_remat_do_not_change_results(variant):
   cfg = tiny_config()
   batch = {k: jnp.asarray(v) for k, v in random_batch(cfg, docs_per_row=3).items()}

@@ -101,3 +101,35 @@ def test_mesh_and_batch_errors_name_the_fields():
   cfg.mesh.update(data=4, fsdp=1, tensor=2)
   with pytest.raises(config_lib.ConfigError, match=r'train.global_batch \(6\).*data-parallel size 4'):
     loop.check_batch(cfg, sharding.make_mesh(cfg.mesh))
+
+
+def test_chunked_cross_entropy_matches_and_never_holds_the_batch_logits():
+  """model.loss_chunk: the same losses and updates (8 devices, z-loss on), and the
+  compiled step's temporaries shrink (float32 logits [B, T, V] are never materialised)."""
+  batches = [random_batch(tiny_config(), seed=i, docs_per_row=2) for i in range(3)]
+  runs = {}
+  for chunk in (0, 8):
+    cfg = tiny_config(loss_chunk=chunk)
+    cfg.mesh.update(data=2, fsdp=2, tensor=2)
+    cfg.train.z_loss = 1e-3
+    runs[chunk] = _run(cfg, jax.devices(), batches)
+  np.testing.assert_allclose(runs[8][0], runs[0][0], rtol=1e-5)
+  assert_params_close(runs[8][1], runs[0][1])
+
+  def temp_bytes(chunk):
+    cfg = tiny_config(vocab_size=8192, loss_chunk=chunk)
+    cfg.tokenizer.vocab_size = 8192
+    cfg.data.seq_len = 128
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+    setup = state_lib.make_setup(cfg, mesh)
+    step = step_lib.make_train_step(cfg, setup)
+    with sharding.use_mesh(mesh, cfg.rules):
+      compiled = step.jitted.lower(setup.abstract_state,
+                                   step_lib.batch_spec(cfg, mesh, 8)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+  logits_bytes = 8 * 128 * 8192 * 4  # one float32 copy of the batch's logits: 32 MiB
+  full, chunked = temp_bytes(0), temp_bytes(16)
+  assert full > logits_bytes and full - chunked > logits_bytes, (full, chunked)
+  with pytest.raises(config_lib.ConfigError, match=r'model.loss_chunk \(24\) must be 0 or '
+                     r'divide data.seq_len \(32\)'):
+    config_lib.validate(tiny_config(loss_chunk=24))

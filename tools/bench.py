@@ -1,10 +1,12 @@
 """Benchmarks a config's train step: one table row per mode.
 
   python tools/bench.py --config=configs/pretrain_tiny.py [--steps=10] [--warmup=2]
-      [--mode=full|lora|both] [--data=synthetic|real] [--set KEY=VALUE ...]
-      [--peak_tflops=X] [--json=out.json]
+      [--mode=full|lora|both] [--objective=lm|dpo|both] [--data=synthetic|real]
+      [--set KEY=VALUE ...] [--peak_tflops=X] [--json=out.json]
 
-Columns: device (count x kind), mode, params (the model's), trainable (what the optimizer
+Columns: device (count x kind), mode, objective (lm: next-token, the pretraining and SFT
+step; dpo: train.global_batch pairs = twice the rows, with its reference: adapters_off /
+copy / precomputed), params (the model's), trainable (what the optimizer
 updates), optimizer-state bytes (all devices), batch x seq, tokens/s, MFU, step time,
 peak memory per device (compiled.memory_analysis(): arguments + outputs + temporaries -
 aliased), compile time.
@@ -18,7 +20,10 @@ H100 SXM 989 TFLOP/s); on CPU there is none unless --peak_tflops is given.
 
 --mode=lora trains LoRA adapters (the config's lora group, targets/rank) on a frozen
 random base, as `lora.enabled=True` would with init_from; both = full then LoRA on the
-same model and batch. --data=real times the config's own input pipeline (tokenizer and
+same model and batch. A DPO row's tokens/s counts both rows of a pair and its MFU the
+policy's 6N + attention per token only: the reference's forward pass (2N per token,
+unless precomputed) is work the formula does not credit.
+--data=real times the config's own input pipeline (tokenizer and
 dataset built if missing) and reports the fraction of time spent waiting for it;
 synthetic = one random batch placed once (isolates the step).
 """
@@ -46,12 +51,12 @@ def _parse_set(items):
   return out
 
 
-def run(cfg, *, mode: str = 'full', steps: int = 10, warmup: int = 2, data: str = 'synthetic',
-        peak_tflops: float | None = None, devices=None) -> dict:
-  """Times `steps` train steps (after `warmup`) of `cfg` in `mode` ('full' | 'lora');
-  returns the table row as a dict."""
+def run(cfg, *, mode: str = 'full', objective: str = 'lm', steps: int = 10, warmup: int = 2,
+        data: str = 'synthetic', peak_tflops: float | None = None, devices=None) -> dict:
+  """Times `steps` train steps (after `warmup`) of `cfg` in `mode` ('full' | 'lora') with
+  `objective` ('lm': next-token, the pretraining/SFT step; 'dpo': train.global_batch
+  pairs, 2x the rows, against cfg.dpo.reference); returns the table row as a dict."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
 
   from lmjax import sharding
@@ -65,6 +70,10 @@ def run(cfg, *, mode: str = 'full', steps: int = 10, warmup: int = 2, data: str 
   cfg = cfg.copy_and_resolve_references()
   with cfg.unlocked():
     cfg.lora.enabled = mode == 'lora'
+    if objective == 'dpo':
+      cfg.stage = 'dpo'
+    elif cfg.stage == 'dpo':
+      raise ValueError("objective='lm' with a stage='dpo' config: use objective='dpo'")
   if mode == 'lora':
     lora_lib.validate(cfg)
   mesh = sharding.make_mesh(cfg.mesh, devices)
@@ -72,11 +81,14 @@ def run(cfg, *, mode: str = 'full', steps: int = 10, warmup: int = 2, data: str 
   setup = state_lib.make_setup(cfg, mesh)
   state = state_lib.init_state(cfg, setup)
   train_step = step_lib.make_train_step(cfg, setup)
-  gb, seq = cfg.train.global_batch, cfg.data.seq_len
-  batch_sh = sharding.batch_sharding(mesh, cfg.rules)
-  keys = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
-  spec = {k: jax.ShapeDtypeStruct((gb, seq), jnp.float32 if k == 'loss_mask' else jnp.int32,
-                                  sharding=batch_sh) for k in keys}
+  gb, seq = cfg.train.global_batch * loop.rows_per_example(cfg), cfg.data.seq_len  # rows
+  spec = step_lib.batch_spec(cfg, mesh, gb)
+  keys = tuple(spec)
+  reference = (step_lib.reference_mode(cfg) if objective == 'dpo' and
+               not cfg.dpo.reference_free else None)
+  if data == 'real' and reference == 'precomputed':
+    raise ValueError("--data=real with dpo.reference='precomputed' needs the tables the "
+                     'training loop computes: bench it with --data=synthetic')
   t0 = time.perf_counter()
   with sharding.use_mesh(mesh, cfg.rules):
     compiled = train_step.jitted.lower(setup.abstract_state, spec).compile()
@@ -94,12 +106,15 @@ def run(cfg, *, mode: str = 'full', steps: int = 10, warmup: int = 2, data: str 
             'segment_ids': np.ones((gb, seq), np.int32),
             'positions': np.tile(np.arange(seq, dtype=np.int32), (gb, 1)),
             'loss_mask': np.ones((gb, seq), np.float32)}
+    if 'ref_logps' in keys:  # any finite reference log-probs: the step's work is the same
+      host['ref_logps'] = np.full((gb,), -float(seq), np.float32)
     fixed = sharding.place_batch(host, mesh, cfg.rules)
     it = None
     next_batch = lambda: fixed
   else:
     tok = loop.load_tokenizer(cfg, None, None)
-    it = loop.data_iterator(cfg, tok, cfg.data.train_split, batch_size=gb // jax.process_count(),
+    it = loop.data_iterator(cfg, tok, cfg.data.train_split,
+                            batch_size=cfg.train.global_batch // jax.process_count(),
                             process_index=jax.process_index(),
                             process_count=jax.process_count())
 
@@ -132,7 +147,8 @@ def run(cfg, *, mode: str = 'full', steps: int = 10, warmup: int = 2, data: str 
                   for x in jax.tree.leaves(setup.abstract_state['opt_state']))
   return {
       'device': f'{mesh.devices.size} x {dev.device_kind}',
-      'mode': mode, 'params': setup.n_params, 'trainable': setup.n_trainable,
+      'mode': mode, 'objective': objective + (f' ({reference})' if reference else ''),
+      'params': setup.n_params, 'trainable': setup.n_trainable,
       'opt_state_bytes': opt_bytes, 'batch': gb, 'seq_len': seq,
       'tokens_per_s': tps, 'mfu': flops / (peak * mesh.devices.size) if peak else None,
       'step_s': dt / steps, 'peak_mem_bytes': peak_mem, 'compile_s': compile_s,
@@ -141,7 +157,7 @@ def run(cfg, *, mode: str = 'full', steps: int = 10, warmup: int = 2, data: str 
   }
 
 
-HEADER = ('device', 'mode', 'params', 'trainable', 'opt state', 'batch x seq', 'tokens/s',
+HEADER = ('device', 'mode', 'objective', 'params', 'trainable', 'opt state', 'batch x seq', 'tokens/s',
           'MFU', 'step', 'peak mem/dev', 'compile')
 
 
@@ -150,7 +166,7 @@ def _mib(b):
 
 
 def format_row(r: dict) -> tuple:
-  return (r['device'], r['mode'], f'{r["params"] / 1e6:,.2f}M',
+  return (r['device'], r['mode'], r['objective'], f'{r["params"] / 1e6:,.2f}M',
           f'{r["trainable"] / 1e6:,.3f}M', _mib(r['opt_state_bytes']),
           f'{r["batch"]} x {r["seq_len"]}', f'{r["tokens_per_s"]:,.0f}',
           'n/a' if r['mfu'] is None else f'{r["mfu"]:.1%}', f'{r["step_s"] * 1e3:,.1f} ms',
@@ -172,6 +188,7 @@ def main(argv=None) -> int:
   parser.add_argument('--steps', type=int, default=10)
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--mode', default='full', choices=('full', 'lora', 'both'))
+  parser.add_argument('--objective', default='lm', choices=('lm', 'dpo', 'both'))
   parser.add_argument('--data', default='synthetic', choices=('synthetic', 'real'))
   parser.add_argument('--set', action='append', metavar='KEY=VALUE',
                       help='config override, e.g. --set model.remat=dots (repeatable)')
@@ -188,17 +205,32 @@ def main(argv=None) -> int:
     print(f'bench: {e}', file=sys.stderr)
     return 2
   modes = ('full', 'lora') if args.mode == 'both' else (args.mode,)
+  objectives = ('lm', 'dpo') if args.objective == 'both' else (args.objective,)
   rows = []
-  for mode in modes:
-    rows.append(run(cfg, mode=mode, steps=args.steps, warmup=args.warmup, data=args.data,
-                    peak_tflops=args.peak_tflops))
-    rows[-1].update(config=args.config, overrides=overrides)
+  try:
+    for objective in objectives:
+      for mode in modes:
+        rows.append(run(cfg, mode=mode, objective=objective, steps=args.steps,
+                        warmup=args.warmup, data=args.data, peak_tflops=args.peak_tflops))
+        rows[-1].update(config=args.config, overrides=overrides)
+  except ValueError as e:
+    print(f'bench: {e}', file=sys.stderr)
+    return 2
   print(table(rows))
-  if len(rows) == 2:
-    full, lo = rows
-    print(f'LoRA vs full: {lo["tokens_per_s"] / full["tokens_per_s"]:.2f}x tokens/s, '
-          f'{lo["opt_state_bytes"] / full["opt_state_bytes"]:.2%} of the optimizer state, '
-          f'{lo["trainable"] / full["trainable"]:.2%} of the trainable params')
+  by = {(r['mode'], r['objective'].split()[0]): r for r in rows}
+  for o in objectives:
+    full, lo = by.get(('full', o)), by.get(('lora', o))
+    if full and lo:
+      print(f'{o}: LoRA vs full: {lo["tokens_per_s"] / full["tokens_per_s"]:.2f}x tokens/s, '
+            f'{lo["opt_state_bytes"] / full["opt_state_bytes"]:.2%} of the optimizer state, '
+            f'{lo["trainable"] / full["trainable"]:.2%} of the trainable params')
+  for m in modes:
+    lm, dpo = by.get((m, 'lm')), by.get((m, 'dpo'))
+    if lm and dpo:
+      print(f'{m}: DPO vs LM step: {lm["tokens_per_s"] / dpo["tokens_per_s"]:.2f}x the time '
+            f'per token ({dpo["step_s"] / lm["step_s"]:.2f}x the step time for '
+            f'{dpo["batch"] / lm["batch"]:.0f}x the rows; reference '
+            f'{dpo["objective"].split("(")[-1].rstrip(")")})')
   if args.json:
     with open(args.json, 'a') as f:
       for r in rows:

@@ -29,6 +29,10 @@ REMAT_POLICIES = {
     'dots': jax.checkpoint_policies.checkpoint_dots,
     'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     'full': None,
+    # Saves the weight matmuls' outputs like 'dots_no_batch', in pinned host memory
+    # instead of device memory (copied back for the backward pass).
+    'offload_dots': jax.checkpoint_policies.offload_dot_with_no_batch_dims('device',
+                                                                           'pinned_host'),
 }
 
 

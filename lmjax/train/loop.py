@@ -27,7 +27,6 @@ import threading
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lmjax import checkpoint as ckpt_lib
@@ -358,16 +357,7 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
                else step_lib.make_eval_step(cfg, setup))
   merged = step_lib.make_merge(setup)  # weights -> params to generate with
   seq, gb = cfg.data.seq_len, cfg.train.global_batch * rows_per_example(cfg)  # gb: rows
-
-  def spec(k):
-    shape, dtype = (gb, seq), jnp.int32
-    if k == 'loss_mask':
-      dtype = jnp.float32
-    if k == 'ref_logps':
-      shape, dtype = (gb,), jnp.float32
-    return jax.ShapeDtypeStruct(shape, dtype,
-                                sharding=sharding.batch_sharding(mesh, cfg.rules, len(shape)))
-  batch_spec = {k: spec(k) for k in step_lib.batch_keys(cfg)}
+  batch_spec = step_lib.batch_spec(cfg, mesh, gb)
   t0 = time.perf_counter()
   with sharding.use_mesh(mesh, cfg.rules):
     compiled = train_step.jitted.lower(setup.abstract_state, batch_spec).compile()

@@ -3,8 +3,47 @@ tokens of the whole global batch (also across gradient-accumulation micro-batche
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
+
+
+def logit_stats(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(logsumexp, target logit) per position, float32 [..., T], of logits [..., T, V]:
+  everything the token losses need (log p(target) = target logit - logsumexp)."""
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  return lse, jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
+def chunked_logit_stats(hidden: jax.Array, unembed: Callable[[jax.Array], jax.Array],
+                        targets: jax.Array, chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+  """logit_stats of unembed(hidden) ([B, T, D] -> [B, T, V]) computed `chunk` positions
+  at a time (chunk 0 or >= T: at once). Each chunk's logits are rematerialised in the
+  backward pass (jax.checkpoint inside a scan), so float32 logits for the whole batch
+  never exist: peak logits memory is B x chunk x V instead of B x T x V."""
+  b, t = targets.shape
+  if not chunk or chunk >= t:
+    return logit_stats(unembed(hidden), targets)
+  if t % chunk:
+    raise ValueError(f'model.loss_chunk={chunk} must divide the sequence length {t}')
+  n = t // chunk
+  split = lambda x: jnp.swapaxes(x.reshape((b, n, chunk) + x.shape[2:]), 0, 1)
+  stats = jax.checkpoint(lambda h, y: logit_stats(unembed(h), y))
+  _, (lse, tl) = jax.lax.scan(lambda c, xs: (c, stats(*xs)), None,
+                              (split(hidden), split(targets)))
+  join = lambda x: jnp.swapaxes(x, 0, 1).reshape(b, t)
+  return join(lse), join(tl)
+
+
+def nll_sums(lse: jax.Array, target_logit: jax.Array, mask: jax.Array,
+             z_loss: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """(nll_sum, z_loss_sum) over positions where mask is 1, from logit_stats."""
+  mask = mask.astype(jnp.float32)
+  nll = jnp.sum((lse - target_logit) * mask)
+  z = z_loss * jnp.sum(jnp.square(lse) * mask) if z_loss else jnp.zeros((), jnp.float32)
+  return nll, z
 
 
 def next_token(logits: jax.Array, targets: jax.Array, mask: jax.Array,
@@ -14,13 +53,7 @@ def next_token(logits: jax.Array, targets: jax.Array, mask: jax.Array,
   Returns (nll_sum, z_loss_sum): the sums over positions where mask is 1.
   z-loss is coef * logsumexp(logits)^2 (PaLM), which keeps the softmax normaliser near 1.
   """
-  logits = logits.astype(jnp.float32)
-  mask = mask.astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  nll = jnp.sum((lse - target_logit) * mask)
-  z = z_loss * jnp.sum(jnp.square(lse) * mask) if z_loss else jnp.zeros((), jnp.float32)
-  return nll, z
+  return nll_sums(*logit_stats(logits, targets), mask, z_loss)
 
 
 # ---- Preference optimisation (DPO and variants) --------------------------------------
@@ -97,11 +130,14 @@ def sequence_logprobs(logits: jax.Array, targets: jax.Array, mask: jax.Array
   """Per-row sums of log p(target) over mask positions, and the mask counts: ([N], [N])
   float32 from logits [N, T, V]. Padding (mask 0) adds nothing, so a row's sum does not
   depend on how far it is padded."""
-  logits = logits.astype(jnp.float32)
+  return sequence_sums(*logit_stats(logits, targets), mask)
+
+
+def sequence_sums(lse: jax.Array, target_logit: jax.Array, mask: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+  """sequence_logprobs from logit_stats."""
   mask = mask.astype(jnp.float32)
-  lp = (jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        - jax.nn.logsumexp(logits, axis=-1))
-  return jnp.sum(lp * mask, axis=-1), jnp.sum(mask, axis=-1)
+  return jnp.sum((target_logit - lse) * mask, axis=-1), jnp.sum(mask, axis=-1)
 
 
 def split_pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:

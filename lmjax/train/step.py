@@ -21,18 +21,22 @@ from lmjax.train import losses
 from lmjax.train.state import Setup, lr_schedule
 
 
-def model_logits(graphdef, params, batch, *, adapters=None, lora=None, dropout_rng=None):
+def model_stats(graphdef, params, batch, *, adapters=None, lora=None, dropout_rng=None):
+  """(logsumexp, target logit) [B, T] of the model's logits for the batch (losses.
+  logit_stats), computed model.loss_chunk positions at a time when set."""
   model = nnx.merge(graphdef, params)
-  return model(batch['inputs'], batch['positions'], batch['segment_ids'], adapters=adapters,
-               lora=lora, dropout_rng=dropout_rng)
+  h = model.hidden(batch['inputs'], batch['positions'], batch['segment_ids'],
+                   adapters=adapters, lora=lora, dropout_rng=dropout_rng)
+  unembed = lambda x: sharding.constrain(model.unembed(x), ('batch', 'length', 'vocab'))
+  return losses.chunked_logit_stats(h, unembed, batch['targets'], model.cfg.loss_chunk)
 
 
 def loss_sums(graphdef, params, batch, z_loss, *, adapters=None, lora=None, dropout_rng=None):
   """(nll, z-loss) summed over the batch's loss tokens (LoRA adapters unmerged if given)."""
   params = lora_lib.effective_params(params, adapters)
-  logits = model_logits(graphdef, params, batch, adapters=adapters, lora=lora,
-                        dropout_rng=dropout_rng)
-  return losses.next_token(logits, batch['targets'], batch['loss_mask'], z_loss)
+  stats = model_stats(graphdef, params, batch, adapters=adapters, lora=lora,
+                      dropout_rng=dropout_rng)
+  return losses.nll_sums(*stats, batch['loss_mask'], z_loss)
 
 
 def dropout_key(cfg, step):
@@ -76,9 +80,9 @@ def pair_logps(graphdef, params, batch, *, adapters=None, lora=None, dropout_rng
   """Completion log-prob sums and token counts of a pair batch ([2B] rows -> [B] each):
   (chosen, rejected, chosen tokens, rejected tokens), one stacked forward pass."""
   params = lora_lib.effective_params(params, adapters)
-  logits = model_logits(graphdef, params, batch, adapters=adapters, lora=lora,
-                        dropout_rng=dropout_rng)
-  lp, n = losses.sequence_logprobs(logits, batch['targets'], batch['loss_mask'])
+  stats = model_stats(graphdef, params, batch, adapters=adapters, lora=lora,
+                      dropout_rng=dropout_rng)
+  lp, n = losses.sequence_sums(*stats, batch['loss_mask'])
   return (*losses.split_pairs(lp), *losses.split_pairs(n))
 
 
@@ -194,6 +198,19 @@ def batch_keys(cfg) -> tuple[str, ...]:
   return BATCH_KEYS
 
 
+def batch_spec(cfg, mesh, rows: int) -> dict:
+  """ShapeDtypeStructs (with shardings) of a global batch of `rows` rows: what the train
+  step is compiled for."""
+  def spec(k):
+    if k == 'ref_logps':
+      return jax.ShapeDtypeStruct((rows,), jnp.float32,
+                                  sharding=sharding.batch_sharding(mesh, cfg.rules, 1))
+    return jax.ShapeDtypeStruct((rows, cfg.data.seq_len),
+                                jnp.float32 if k == 'loss_mask' else jnp.int32,
+                                sharding=sharding.batch_sharding(mesh, cfg.rules))
+  return {k: spec(k) for k in batch_keys(cfg)}
+
+
 def make_eval_step(cfg, setup: Setup) -> Callable:
   """(weights, batch) -> (nll sum, loss tokens); weights = setup.weights(state)."""
   del cfg
@@ -242,8 +259,7 @@ def make_ref_logps_step(setup: Setup) -> Callable:
   graphdef = setup.graphdef
 
   def step(params, batch):
-    logits = model_logits(graphdef, params, batch)
-    lp, _ = losses.sequence_logprobs(logits, batch['targets'], batch['loss_mask'])
+    lp, _ = losses.sequence_sums(*model_stats(graphdef, params, batch), batch['loss_mask'])
     return batch['index'], lp
 
   batch_sh = {k: sharding.batch_sharding(setup.mesh, setup.rules, ndim=1 if k == 'index'
