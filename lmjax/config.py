@@ -81,7 +81,15 @@ def base_config() -> ml_collections.ConfigDict:
       add_bos=True,
       add_eos=True,
       worker_threads=2,       # grain read/map threads per process (and per mixture source).
+      # Read token ids from an array_record copy of each split (built on first use under
+      # <data_dir>/tokenized/, keyed by source and tokenizer; tools/pretokenize.py builds
+      # it ahead) instead of tokenizing on the fly. The stream is the same.
+      pretokenize=False,
       prefetch=2,             # batches prepared ahead of the step.
+      # Data shards of the global batch (0 = one per process), a multiple of the process
+      # count: each process reads shards/processes of them. The batches depend on this, not
+      # on the process count: 1 process with shards=2 sees a 2-process run's batches.
+      shards=0,
       # Named training sources mixed by documents with the given weights ({} = the single
       # source above): {name: data_source(weight=..., text_glob=...)}. Each is also
       # evaluated on its eval split (eval/<name>/loss).

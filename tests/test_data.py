@@ -421,3 +421,81 @@ def test_train_tokenizer_tool(setup, tmp_path):
                         '--config=configs/pretrain_tiny.py', '--config.data.text_glob=/no/*.x'],
                        capture_output=True, text=True, timeout=120)
   assert res.returncode == 2 and "error: data.text_glob '/no/*.x' matches no files" in res.stderr
+
+
+# ---- Pre-tokenized data ------------------------------------------------------------------
+
+def test_pretokenized_stream_equals_the_on_the_fly_stream(setup, tmp_path):
+  """data.pretokenize: the ids come from an array_record copy built on first use (keyed by
+  source and tokenizer); the batches and a resume are identical, a rebuild is not done."""
+  from lmjax.data import tokenized
+  cfg, tok = setup
+  pre = copy_cfg(cfg, pretokenize=True)
+  make = lambda c: pipeline.make_lm_iterator(c, tok, 'train', batch_size=4, seed=5)
+  it = make(cfg)
+  want = [next(it) for _ in range(12)]
+  it = make(pre)
+  got = [next(it) for _ in range(12)]
+  _assert_same(want, got)
+  root, text, _ = tokenized.directory(cfg.data, 'train', tok)
+  meta = json.load(open(os.path.join(root, 'meta.json')))
+  assert meta['documents'] == len(text) and meta['tokens'] > 1000
+  assert meta['tokenizer_sha256'] == tokenized.file_sha256(tok.path)
+  stamp = os.stat(os.path.join(root, 'meta.json')).st_mtime_ns
+  it = make(pre)
+  for _ in range(5):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  fresh = make(pre)
+  fresh.set_state(state)
+  _assert_same(want[5:9], [next(fresh) for _ in range(4)])
+  assert os.stat(os.path.join(root, 'meta.json')).st_mtime_ns == stamp  # reused
+  assert not [p for p in os.listdir(os.path.dirname(root)) if '.tmp' in p]
+  # Another tokenizer gets another directory, never the stale ids.
+  other = tokenizer.train_sentencepiece([text[i] for i in range(len(text))],
+                                        str(tmp_path / 'other'), VOCAB - 10)
+  assert tokenized.directory(cfg.data, 'train', other)[0] != root
+
+
+def test_pretokenize_tool(setup):
+  cfg, tok = setup
+  res = subprocess.run([sys.executable, 'tools/pretokenize.py',
+                        '--config=configs/pretrain_tiny.py',
+                        f'--config.data.text_glob={cfg.data.text_glob}',
+                        f'--config.data.data_dir={cfg.data.data_dir}',
+                        '--config.data.val_fraction=0.2', f'--config.tokenizer.path={tok.path}',
+                        '--config.model.vocab_size=320', '--config.tokenizer.vocab_size=320'],
+                       capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert 'data[train]:' in res.stdout and 'data[validation]:' in res.stdout
+  assert 'pretokenized:' in res.stdout
+  res = subprocess.run([sys.executable, 'tools/pretokenize.py',
+                        '--config=configs/sft_lora_tiny.py'],
+                       capture_output=True, text=True, timeout=300)
+  assert res.returncode == 2 and "stage='sft': pretokenize is for the pretraining" in res.stderr
+
+
+def test_data_shards_make_batches_independent_of_the_process_count(setup):
+  """data.shards=2 read by one process = the two processes' batches of a 2-process run,
+  row-concatenated (process 0's rows first, as the global batch places them); its state
+  round-trips through JSON."""
+  cfg, tok = setup
+
+  def make(**kw):
+    return pipeline.make_lm_iterator(cfg, tok, 'train', seed=4, **kw)
+  one = pipeline.shard_iterator(make, 2, batch_size=4, process_index=0, process_count=1)
+  two = [pipeline.shard_iterator(make, 2, batch_size=2, process_index=p, process_count=2)
+         for p in (0, 1)]
+  for _ in range(3):
+    parts = [next(it) for it in two]
+    want = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    _assert_same([want], [next(one)])
+  state = json.loads(json.dumps(one.get_state()))
+  want = [next(one) for _ in range(2)]
+  again = pipeline.shard_iterator(make, 2, batch_size=4, process_index=0, process_count=1)
+  again.set_state(state)
+  _assert_same(want, [next(again) for _ in range(2)])
+  with pytest.raises(sources.DataError, match=r'data.shards \(3\) must be a multiple of the 2'):
+    pipeline.shard_iterator(make, 3, batch_size=4, process_index=0, process_count=2)
+  with pytest.raises(sources.DataError, match='holds 1 shards, this process reads 2'):
+    again.set_state({'shards': [state['shards'][0]]})

@@ -1,7 +1,8 @@
 """grain input pipeline for language modelling.
 
 source -> shard by process -> shuffle (train; reshuffled every epoch) -> repeat ->
-tokenize ([bos] + ids + [eos]) -> pack (concat-then-split into rows of seq_len, with
+tokenize ([bos] + ids + [eos]; with data.pretokenize the ids come from an array_record
+copy of the split, data/tokenized.py) -> pack (concat-then-split into rows of seq_len, with
 segment ids and per-segment positions) -> next-token targets -> batch -> threaded prefetch.
 
 Every row is [seq_len]; `targets[t] = inputs[t + 1]` where both belong to the same
@@ -32,7 +33,7 @@ import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset, ThreadPrefetchDatasetIterator
 
 from lmjax import config as config_lib
-from lmjax.data import sources
+from lmjax.data import sources, tokenized
 
 FEATURES = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
 SOURCE = 'source'  # the extra per-token feature of a mixture's rows
@@ -46,8 +47,11 @@ class _Tokenize(grain.transforms.Map):
     self.eos = [tokenizer.eos_id] if add_eos else []
     self.source_id = source_id  # > 0: tag every token with it (mixtures)
 
-  def map(self, text: str) -> dict[str, np.ndarray]:
-    ids = np.asarray(self.bos + self.tokenizer.encode(text) + self.eos, np.int32)
+  def map(self, text) -> dict[str, np.ndarray]:
+    # A str document, or its ids already (data.pretokenize: data/tokenized.py).
+    ids = text if isinstance(text, np.ndarray) else self.tokenizer.encode(text)
+    ids = np.concatenate([np.asarray(self.bos, np.int32), np.asarray(ids, np.int32),
+                          np.asarray(self.eos, np.int32)])
     if self.source_id:
       return {'tokens': ids, SOURCE: np.full(ids.shape, self.source_id, np.int32)}
     return {'tokens': ids}
@@ -153,11 +157,66 @@ class _ThreadPrefetch(grain.IterDataset):
     return _ThreadPrefetchIterator(self._parent.__iter__(), self._buffer)
 
 
+class ShardsIterator(grain.DatasetIterator):
+  """The batches of several data shards, concatenated along rows: a process that reads
+  shards k..k+n-1 of data.shards (see shard_iterators). State: the shards' states."""
+
+  def __init__(self, parents: list[grain.DatasetIterator]):
+    super().__init__(parents)
+    self._shards = list(parents)
+    _LIVE.add(self)
+
+  def __next__(self):
+    batches = [next(it) for it in self._shards]
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+  def get_state(self) -> dict[str, Any]:
+    return {'shards': [it.get_state() for it in self._shards]}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if len(state['shards']) != len(self._shards):
+      raise sources.DataError(
+          f'the data state holds {len(state["shards"])} shards, this process reads '
+          f'{len(self._shards)}: data.shards / the process count changed since it was saved')
+    for it, st in zip(self._shards, state['shards']):
+      it.set_state(st)
+
+  def close(self) -> None:
+    for it in self._shards:
+      it.close()
+
+
+def shard_iterator(make, shards: int, *, batch_size: int, process_index: int,
+                   process_count: int):
+  """make(batch_size=, process_index=, process_count=) for this process's share of a
+  global batch split into `shards` data shards (0 = one per process): with more shards than
+  processes, each process reads shards/processes of them (batch_size / that many rows
+  each) and concatenates their batches, so the global batches depend on data.shards only,
+  not on how many processes read them (a 1-process run with shards=2 sees a 2-process
+  run's batches)."""
+  if not shards or shards == process_count:
+    return make(batch_size=batch_size, process_index=process_index,
+                process_count=process_count)
+  if shards % process_count:
+    raise sources.DataError(f'data.shards ({shards}) must be a multiple of the '
+                            f'{process_count} processes')
+  per = shards // process_count
+  if batch_size % per:
+    raise sources.DataError(f'this process\'s batch ({batch_size} rows) is not divisible by '
+                            f'its {per} data shards (data.shards={shards})')
+  return ShardsIterator([make(batch_size=batch_size // per, process_index=process_index * per
+                              + j, process_count=shards) for j in range(per)])
+
+
 def _documents(d, tokenizer, split: str, *, process_index: int, process_count: int,
                seed: int, salt: str, repeat: bool, source_id: int = 0) -> grain.MapDataset:
   """Tokenized documents of one source's split: this process's share, shuffled (train
-  split, when d.shuffle), repeated; empty documents dropped."""
-  source = sources.get_source(d, split)
+  split, when d.shuffle), repeated; empty documents dropped. With d.pretokenize the ids
+  are read from the split's array_record copy (built on first use)."""
+  if d.pretokenize:
+    source = tokenized.get_source(d, split, tokenizer, max(int(d.worker_threads), 1))
+  else:
+    source = sources.get_source(d, split)
   ds = grain.MapDataset.source(source)
   if process_count > 1:
     if len(source) < process_count:
@@ -171,7 +230,7 @@ def _documents(d, tokenizer, split: str, *, process_index: int, process_count: i
   return ds.map(_Tokenize(tokenizer, d.add_bos, d.add_eos, source_id)).filter(_has_tokens)
 
 
-def _source_split(d, source_d, split: str) -> str:
+def source_split(d, source_d, split: str) -> str:
   """cfg.data's train/eval split names stand for each source's own train/eval split."""
   if split == d.train_split:
     return source_d.train_split
@@ -201,7 +260,7 @@ def make_lm_dataset(cfg, tokenizer, split: str, *, batch_size: int, process_inde
       raise ValueError(f'no data source named {source!r} (data.mixture and '
                        f'data.eval_sources name {sorted(named)})')
     one = named[source]
-    docs = _documents(one, tokenizer, _source_split(d, one, split), salt=f'/{source}', **shard)
+    docs = _documents(one, tokenizer, source_split(d, one, split), salt=f'/{source}', **shard)
     it, lengths = docs.to_iter_dataset(read), {'tokens': d.seq_len}
   elif not mixture:
     docs = _documents(d, tokenizer, split, salt='', **shard)
@@ -209,7 +268,7 @@ def make_lm_dataset(cfg, tokenizer, split: str, *, batch_size: int, process_inde
   else:
     streams, weights = {}, {}
     for i, (name, (weight, sd)) in enumerate(mixture.items()):
-      docs = _documents(sd, tokenizer, _source_split(d, sd, split), salt=f'/{name}',
+      docs = _documents(sd, tokenizer, source_split(d, sd, split), salt=f'/{name}',
                         source_id=i + 1, **shard)
       streams[name], weights[name] = docs.to_iter_dataset(read), weight
     # By documents, in proportion to the weights; keyed by name, so a checkpoint restores

@@ -177,15 +177,18 @@ def data_iterator(cfg, tok, split: str, *, batch_size: int, process_index: int =
   """The stage's batches: documents (pretrain; `source` = a named mixture/eval source),
   conversations (sft) or preference pairs (dpo: batch_size pairs, 2 * batch_size rows,
   with 'ref_logps' from refs[split] when given); sft and dpo rows carry
-  'dropped'/'truncated' counts to strip."""
-  kw = dict(batch_size=batch_size, process_index=process_index, process_count=process_count,
-            seed=seed, repeat=repeat)
-  if cfg.stage == 'sft':
-    return formats.make_sft_iterator(cfg, tok, split, **kw)
-  if cfg.stage == 'dpo':  # batch_size pairs: 2 * batch_size rows
-    return preference.make_pair_iterator(cfg, tok, split, ref_logps=(refs or {}).get(split),
-                                         **kw)
-  return pipeline.make_lm_iterator(cfg, tok, split, source=source, **kw)
+  'dropped'/'truncated' counts to strip. This process's share of cfg.data.shards data
+  shards (pipeline.shard_iterator)."""
+  def make(**shard):
+    if cfg.stage == 'sft':
+      return formats.make_sft_iterator(cfg, tok, split, seed=seed, repeat=repeat, **shard)
+    if cfg.stage == 'dpo':  # batch_size pairs: 2 * batch_size rows
+      return preference.make_pair_iterator(cfg, tok, split, ref_logps=(refs or {}).get(split),
+                                           seed=seed, repeat=repeat, **shard)
+    return pipeline.make_lm_iterator(cfg, tok, split, source=source, seed=seed,
+                                     repeat=repeat, **shard)
+  return pipeline.shard_iterator(make, cfg.data.shards, batch_size=batch_size,
+                                 process_index=process_index, process_count=process_count)
 
 
 def _eval_sums(eval_step, weights, cfg, tok, mesh, process_index, process_count,

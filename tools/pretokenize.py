@@ -1,0 +1,70 @@
+"""Tokenizes a config's pretraining data once, into array_record files (data/tokenized.py).
+
+  python tools/pretokenize.py --config=configs/pretrain_tiny.py [--splits=train,validation] \\
+      [--threads=N] [--config.KEY=VALUE ...]
+
+Every source of the config (data, or each data.mixture / data.eval_sources entry) and
+split is written to <data_dir>/tokenized/<source>-<key>/ with the run's tokenizer (the
+config's, or init_from's when the config starts from another run); existing copies are
+reused. A run with --config.data.pretokenize=True then reads ids instead of text. On a
+multi-host pod, run this once (on a shared data_dir) before launching. Prints documents,
+tokens and tokens/s per split. Exit code 2 on bad input, with the reason.
+"""
+
+import argparse
+import ast
+import sys
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=__doc__.split('\n\n', 1)[1])
+  parser.add_argument('--config', required=True, help='experiment config (configs/*.py[:arg])')
+  parser.add_argument('--splits', default=None,
+                      help='comma-separated (default: data.train_split,data.eval_split)')
+  parser.add_argument('--threads', type=int, default=None,
+                      help='tokenizer threads (default: data.worker_threads)')
+  args, rest = parser.parse_known_args(argv)
+  overrides = {}
+  for item in rest:
+    if not item.startswith('--config.') or '=' not in item:
+      parser.error(f'unexpected argument {item!r} (overrides are --config.KEY=VALUE)')
+    key, value = item[len('--config.'):].split('=', 1)
+    try:
+      overrides[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      overrides[key] = value
+
+  from lmjax import checkpoint as ckpt_lib
+  from lmjax import config as config_lib
+  from lmjax.data import pipeline, tokenized
+  from lmjax.data.sources import DataError
+  from lmjax.train import loop
+  try:
+    cfg = config_lib.load(args.config, overrides=overrides)
+    if cfg.stage != 'pretrain':
+      raise config_lib.ConfigError(f"stage={cfg.stage!r}: pretokenize is for the pretraining "
+                                   'pipeline (cfg.data)')
+    source = ckpt_lib.open_init_source(cfg.init_from) if cfg.init_from.path else None
+    tok = loop.load_tokenizer(cfg, None, source)
+    d = cfg.data
+    splits = args.splits.split(',') if args.splits else [d.train_split, d.eval_split]
+    groups = config_lib.eval_sources(d)  # the mixture's sources and the extra eval sets
+    if not config_lib.mixture_sources(d):
+      groups = {'data': d, **groups}
+    threads = args.threads or max(int(d.worker_threads), 1)
+    for name, group in groups.items():
+      for split in splits:
+        split = pipeline.source_split(d, group, split)
+        src = tokenized.get_source(group, split, tok, threads)
+        print(f'{name}[{split}]: {src.meta["documents"]} documents, '
+              f'{src.meta["tokens"]:,} tokens -> {src.name}', flush=True)
+  except (config_lib.ConfigError, DataError, ckpt_lib.CheckpointError, FileNotFoundError) as e:
+    print(f'pretokenize: {e}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
