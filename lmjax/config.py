@@ -137,6 +137,17 @@ def base_config() -> ml_collections.ConfigDict:
       clip_norm=1.0,          # 0 disables clipping.
   )
 
+  # Multi-process runs (lmjax/distributed.py): auto starts jax.distributed when a
+  # coordinator is given (here or $LMJAX_COORDINATOR_ADDRESS, with the process count and
+  # id) or on a Cloud TPU VM / SLURM / Open MPI job; manual requires the coordinator.
+  cfg.distributed = dict(
+      mode='auto',            # auto | manual | off.
+      coordinator_address='',  # host:port of process 0; '' = $LMJAX_COORDINATOR_ADDRESS.
+      num_processes=0,        # 0 = $LMJAX_NUM_PROCESSES.
+      process_id=-1,          # -1 = $LMJAX_PROCESS_ID.
+      timeout_s=300,          # waiting for every process to join.
+  )
+
   # Mesh axis sizes; -1 takes the devices left over. Product must equal the devices.
   cfg.mesh = dict(data=-1, fsdp=1, tensor=1)
   # Logical axis -> mesh axis (or tuple of axes, or None = replicated).

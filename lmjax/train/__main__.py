@@ -28,7 +28,12 @@ def main(argv):
     config_lib.validate(cfg)
   except config_lib.ConfigError as e:
     raise app.UsageError(str(e)) from None
-  from lmjax.train import loop  # imported late: flag errors come before jax starts.
+  from lmjax import distributed  # imported late: flag errors come before jax starts.
+  try:
+    distributed.initialize(cfg)  # before any device is touched
+  except config_lib.ConfigError as e:
+    raise app.UsageError(str(e)) from None
+  from lmjax.train import loop
   loop.train(cfg, _WORKDIR.value)
 
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from lmjax import checkpoint as ckpt_lib
 from lmjax import config as config_lib
-from lmjax import generate, sharding
+from lmjax import distributed, generate, sharding
 from lmjax import evaluate as evaluate_lib
 from lmjax.data import formats, pipeline, preference
 from lmjax.data import tokenizer as tokenizer_lib
@@ -286,6 +286,7 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   """
   # ---- Setup: config, devices, mesh, where the run starts ---------------------------
   config_lib.validate(cfg)
+  distributed.initialize(cfg)  # multi-process runs (a no-op if started already, or single)
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(cfg.mesh, devices)
   check_batch(cfg, mesh)
