@@ -122,6 +122,13 @@ def base_config() -> ml_collections.ConfigDict:
       eval_every=200,
       eval_batches=8,
       z_loss=0.0,             # coefficient of log(Z)^2; 1e-4 is common.
+      # Skip (no update, counted as skipped_steps) a step whose gradients are not finite
+      # or, with spike_threshold > 0, whose gradient norm exceeds spike_threshold x the
+      # running mean of the accepted steps'; more than max_skips_in_a_row skips in a row
+      # stop the run. Off: a non-finite loss stops the run at once.
+      skip_bad_steps=False,
+      spike_threshold=0.0,    # e.g. 5.0; 0 = skip non-finite steps only.
+      max_skips_in_a_row=10,
       progress_bar=True,
       sample_at_end=True,
   )

@@ -133,3 +133,43 @@ def test_chunked_cross_entropy_matches_and_never_holds_the_batch_logits():
   with pytest.raises(config_lib.ConfigError, match=r'model.loss_chunk \(24\) must be 0 or '
                      r'divide data.seq_len \(32\)'):
     config_lib.validate(tiny_config(loss_chunk=24))
+
+
+def test_skip_bad_steps_guard():
+  """state.skip_bad_steps: non-finite gradients and spikes (> threshold x the running mean
+  norm) change nothing and are counted; other steps are the inner optimizer's."""
+  import jax.numpy as jnp
+  import optax
+  tx = state_lib.skip_bad_steps(optax.sgd(1.0), spike_threshold=5.0, ema_decay=0.5)
+  params = {'w': jnp.ones(3)}
+  s = tx.init(params)
+  norms = []
+  for g in ([1.0, 0, 0], [np.nan, 0, 0], [2.0, 0, 0], [100.0, 0, 0], [np.inf, 0, 0],
+            [1.0, 0, 0]):
+    u, s = tx.update({'w': jnp.asarray(g)}, s, params)
+    params = optax.apply_updates(params, u)
+    norms.append((float(params['w'][0]), int(s.skipped), int(s.consecutive)))
+  assert norms == [(0.0, 0, 0), (0.0, 1, 1), (-2.0, 1, 0), (-2.0, 2, 1), (-2.0, 3, 2),
+                   (-3.0, 3, 0)]
+  assert float(s.grad_norm_ema) == pytest.approx(0.5 * (0.5 * 1 + 0.5 * 2) + 0.5 * 1)
+
+
+def test_skipped_step_leaves_the_state_and_reports_it():
+  cfg = tiny_config()
+  cfg.train.skip_bad_steps = True
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  setup = state_lib.make_setup(cfg, mesh)
+  state = state_lib.init_state(cfg, setup)
+  step = step_lib.make_train_step(cfg, setup)
+  good = random_batch(cfg)
+  bad = dict(good, loss_mask=np.where(good['loss_mask'] > 0, np.nan, 0).astype(np.float32))
+  state, m = step(state, sharding.place_batch(good, mesh, cfg.rules))
+  assert not bool(m['skipped']) and int(m['skipped_steps']) == 0
+  before = jax.device_get(state['params'])
+  state, m = step(state, sharding.place_batch(bad, mesh, cfg.rules))
+  assert bool(m['skipped']) and int(m['skipped_steps']) == 1 and not np.isfinite(m['loss'])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state['params']), before)
+  assert int(state['step']) == 2  # the data moved on
+  state, m = step(state, sharding.place_batch(good, mesh, cfg.rules))
+  assert not bool(m['skipped']) and int(m['skipped_in_a_row']) == 0
+  assert np.isfinite(jax.device_get(state['params'])['embed']).all()

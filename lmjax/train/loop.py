@@ -442,10 +442,18 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
 
       if done % cfg.train.log_every == 0 or done == cfg.train.steps:
         m = jax.device_get(m)
-        if not np.isfinite(m['loss']) or not np.isfinite(m['grad_norm']):
+        if m.get('skipped_in_a_row', 0) > cfg.train.max_skips_in_a_row:
+          raise TrainingError(
+              f'{int(m["skipped_in_a_row"])} steps in a row skipped (train.skip_bad_steps; '
+              f'the last: loss {m["loss"]}, grad norm {m["grad_norm"]}) at step {done}; '
+              f'last checkpoint: step {ckpt.latest_step()} in {ckpt.directory}')
+        if not m.get('skipped', False) and (not np.isfinite(m['loss'])
+                                            or not np.isfinite(m['grad_norm'])):
           raise TrainingError(
               f'non-finite loss {m["loss"]} / grad norm {m["grad_norm"]} at step {done}; '
-              f'last checkpoint: step {ckpt.latest_step()} in {ckpt.directory}')
+              f'last checkpoint: step {ckpt.latest_step()} in {ckpt.directory}'
+              + ('' if state_lib.guarded(cfg) else '; train.skip_bad_steps=True skips such '
+                 'steps'))
         dt = time.perf_counter() - window_t
         tps = window_steps * gb * seq / dt
         m = {k: float(v) for k, v in m.items()}
@@ -468,7 +476,8 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
         stopped_early = True
         break
       if (cfg.checkpoint.every > 0 and done % cfg.checkpoint.every == 0) or done == cfg.train.steps:
-        if done % cfg.train.log_every:  # never checkpoint params we have not checked
+        if done % cfg.train.log_every and not state_lib.guarded(cfg):
+          # never checkpoint params we have not checked (guarded steps never apply bad ones)
           loss = float(jax.device_get(m['loss']))
           if not np.isfinite(loss):
             raise TrainingError(f'non-finite loss {loss} at step {done}; not saving')

@@ -12,7 +12,7 @@ re-read from the run's init_from, recorded in the checkpoint's meta.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +46,46 @@ def _decay_mask(params):
   return jax.tree_util.tree_map_with_path(leaf_mask, params)
 
 
+class GuardState(NamedTuple):
+  inner: Any
+  grad_norm_ema: jax.Array   # running mean of accepted steps' gradient norms (0: none yet)
+  skipped: jax.Array         # steps skipped so far
+  consecutive: jax.Array     # steps skipped in a row, up to the last one
+
+
+def skip_bad_steps(inner: optax.GradientTransformation, spike_threshold: float = 0.0,
+                   ema_decay: float = 0.99) -> optax.GradientTransformation:
+  """`inner`, except that a step whose gradients are not finite, or (spike_threshold > 0)
+  whose global gradient norm exceeds spike_threshold x the running mean of the accepted
+  steps' norms, changes nothing: zero updates, inner state kept (as optax.apply_if_finite
+  does for non-finite gradients, plus the spike test). Counts in GuardState."""
+
+  def init(params):
+    zero = jnp.zeros((), jnp.int32)
+    return GuardState(inner.init(params), jnp.zeros((), jnp.float32), zero, zero)
+
+  def update(grads, state, params=None):
+    norm = optax.tree.norm(grads)
+    bad = ~jnp.isfinite(norm)
+    if spike_threshold > 0:
+      bad |= (state.grad_norm_ema > 0) & (norm > spike_threshold * state.grad_norm_ema)
+    updates, inner_state = inner.update(grads, state.inner, params)
+    keep = lambda new, old: jnp.where(bad, old, new)
+    updates = jax.tree.map(lambda u: jnp.where(bad, jnp.zeros_like(u), u), updates)
+    ema = jnp.where(state.grad_norm_ema > 0,
+                    ema_decay * state.grad_norm_ema + (1 - ema_decay) * norm, norm)
+    return updates, GuardState(
+        jax.tree.map(keep, inner_state, state.inner), keep(ema, state.grad_norm_ema),
+        state.skipped + bad.astype(jnp.int32),
+        jnp.where(bad, state.consecutive + 1, 0).astype(jnp.int32))
+
+  return optax.GradientTransformation(init, update)
+
+
+def guarded(cfg) -> bool:
+  return bool(cfg.train.skip_bad_steps)
+
+
 def optimizer(cfg) -> optax.GradientTransformation:
   o = cfg.optim
   parts = []
@@ -53,7 +93,10 @@ def optimizer(cfg) -> optax.GradientTransformation:
     parts.append(optax.clip_by_global_norm(o.clip_norm))
   parts.append(optax.adamw(lr_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps,
                            weight_decay=o.weight_decay, mask=_decay_mask))
-  return optax.chain(*parts)
+  tx = optax.chain(*parts)
+  if guarded(cfg):
+    tx = skip_bad_steps(tx, cfg.train.spike_threshold)
+  return tx
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,7 @@ from flax import nnx
 from lmjax import sharding
 from lmjax.models import lora as lora_lib
 from lmjax.train import losses
+from lmjax.train import state as state_lib
 from lmjax.train.state import Setup, lr_schedule
 
 
@@ -163,6 +164,9 @@ def make_train_step(cfg, setup: Setup) -> Callable:
     updates, opt_state = tx.update(grads, state['opt_state'], trainable)
     new_trainable = optax.apply_updates(trainable, updates)
     metrics = {k: v / denom for k, v in aux.items()}
+    if isinstance(opt_state, state_lib.GuardState):  # train.skip_bad_steps
+      metrics.update(skipped=opt_state.consecutive > 0, skipped_steps=opt_state.skipped,
+                     skipped_in_a_row=opt_state.consecutive)
     metrics.update({
         'grad_norm': optax.tree.norm(grads),
         'param_norm': optax.tree.norm(new_trainable),  # of what trains (adapters w/ LoRA)
