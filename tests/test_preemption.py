@@ -1,6 +1,8 @@
 """SIGTERM (what Cloud TPU VMs send before maintenance) mid-run: the loop saves a
 checkpoint at the current step and exits cleanly; a new process resumes from it with the
-same data stream."""
+same data stream. kill -9 in the middle of a checkpoint write: the partial checkpoint is
+never taken for a complete one (Orbax's atomic commit), the last complete one restores
+exactly and the run resumes from it."""
 
 import json
 import os
@@ -36,7 +38,10 @@ SCRIPT = textwrap.dedent('''
       return cfg
 
     if __name__ == '__main__':
-      out = loop.train(config(), sys.argv[1])
+      cfg = config()
+      if len(sys.argv) > 2:  # checkpoint every N steps
+        cfg.checkpoint.update(every=int(sys.argv[2]), keep=1000)
+      out = loop.train(cfg, sys.argv[1])
       print('stopped_early', out.stopped_early, int(out.state['step']), flush=True)
 ''')
 
@@ -82,4 +87,49 @@ def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path):
   a = {r['step']: r['loss'] for r in resumed.history}
   b = {r['step']: r['loss'] for r in straight.history}
   for step in (saved + 1, saved + 2):
+    assert a[step] == b[step], step
+
+
+def test_kill_9_mid_save_leaves_the_last_complete_checkpoint(tmp_path):
+  glob_ = write_corpus(tmp_path / 'text', n_files=30)
+  script = tmp_path / 'run9.py'
+  script.write_text(SCRIPT.format(here=HERE, glob=glob_, data_dir=str(tmp_path / 'tfds')))
+  workdir = str(tmp_path / 'run')
+  ckdir = os.path.join(workdir, 'checkpoints')
+  proc = subprocess.Popen([sys.executable, str(script), workdir, '1'],  # save every step
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  caught = None
+  try:
+    deadline = time.time() + 300
+    while time.time() < deadline and caught is None:
+      assert proc.poll() is None, proc.stdout.read()
+      names = os.listdir(ckdir) if os.path.isdir(ckdir) else []
+      done = [n for n in names if n.isdigit()]
+      partial = [n for n in names if 'tmp' in n]
+      if partial and len(done) >= 3:  # a write in progress, after a few complete ones
+        proc.send_signal(signal.SIGKILL)
+        caught = partial
+  finally:
+    proc.kill()
+    proc.communicate()
+  assert caught, 'never saw a checkpoint being written'
+  ckpt = ckpt_lib.Checkpointer(workdir, None, read_only=True)
+  latest = ckpt.latest_step()
+  ckpt.close()
+  assert latest is not None and latest >= 3
+
+  sys.path.insert(0, str(tmp_path))
+  try:
+    import run9 as run_mod  # the script above, as a module
+  finally:
+    sys.path.remove(str(tmp_path))
+  cfg = run_mod.config()
+  cfg.train.update(progress_bar=False)
+  # The last complete checkpoint restores to exactly what an uninterrupted run has there,
+  # and the resumed run continues like it.
+  resumed = loop.train(cfg, workdir, stop_after=latest + 2)
+  straight = loop.train(cfg, str(tmp_path / 'straight'), stop_after=latest + 2)
+  a = {r['step']: r['loss'] for r in resumed.history}
+  b = {r['step']: r['loss'] for r in straight.history}
+  for step in (latest + 1, latest + 2):
     assert a[step] == b[step], step
