@@ -85,13 +85,35 @@ class Checkpointer:
     self.manager.close()
 
   def read_config(self, step: int | None = None):
-    step = self.resolve_step(step)
-    d = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return config_lib.from_dict(d['config'])
+    return config_lib.from_dict(self._read_json(step, 'config'))
 
   def read_meta(self, step: int | None = None) -> dict:
+    return self._read_json(step, 'meta')
+
+  def _read_json(self, step: int | None, item: str) -> dict:
     step = self.resolve_step(step)
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    self._check_items(step, (item,))
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(
+          **{item: ocp.args.JsonRestore()}))[item]
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._unreadable(step, item, e) from e
+
+  def _check_items(self, step: int, items) -> None:
+    """CheckpointError naming the first of `items` missing from checkpoint `step`."""
+    for item in items:
+      if not os.path.isdir(os.path.join(self.directory, str(step), item)):
+        raise self._unreadable(step, item, FileNotFoundError(
+            f'{os.path.join(self.directory, str(step), item)} is missing'))
+
+  def _unreadable(self, step: int, item: str, e: BaseException) -> CheckpointError:
+    """A checkpoint whose files are missing or corrupt: what failed, and what to do."""
+    detail = str(e).strip().split('\n')[0][:300]
+    earlier = [s for s in self.all_steps() if s < step]
+    hint = (f'delete {self.directory}/{step} to resume from step {earlier[-1]}, the previous '
+            'checkpoint' if earlier else 'there is no earlier checkpoint in this workdir')
+    return CheckpointError(f'checkpoint {self.directory}/{step} is unreadable: its {item!r} '
+                           f'item ({type(e).__name__}: {detail}); {hint}')
 
   def resolve_step(self, step: int | None = None) -> int:
     """`step`, checked to exist; None = the latest."""
@@ -117,6 +139,7 @@ class Checkpointer:
     checkpoint of any mesh loads onto any other."""
     step = self.resolve_step(step)
     self._check_format(step)
+    self._check_items(step, ('state',))
     item = {key: abstract_params}
     args = ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
@@ -126,6 +149,8 @@ class Checkpointer:
     except (ValueError, KeyError, TypeError) as e:
       raise CheckpointError(f'the {key} of checkpoint {self.directory}/{step} do not match '
                             f'this model config: {str(e)[:500]}') from e
+    except Exception as e:  # pylint: disable=broad-except  (TensorStore: truncated files)
+      raise self._unreadable(step, 'state', e) from e
     return out['state'][key]
 
   def restore(self, abstract_state: Any, step: int | None = None, data_iter=None):
@@ -135,12 +160,15 @@ class Checkpointer:
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
       items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
+    self._check_items(step, items)
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError) as e:
       raise CheckpointError(
           f'checkpoint {self.directory}/{step} does not match this model config '
           f'(different sizes, layers or tied embeddings?): {str(e)[:500]}') from e
+    except Exception as e:  # pylint: disable=broad-except  (TensorStore: truncated files)
+      raise self._unreadable(step, 'state', e) from e
     return out['state']
 
 
