@@ -92,3 +92,35 @@ def test_resume_refuses_a_different_model(corpus, tmp_path):
   with pytest.raises(ckpt_lib.CheckpointError, match=r'model.d_model: checkpoint 64 vs config 32'):
     loop.train(other, str(tmp_path / 'run'))
 
+
+
+def test_checkpoint_reshards_onto_other_meshes(corpus, tmp_path):
+  """Saved under fsdp=8; restored (the whole train state) under data=2 x tensor=4 and
+  onto one device: identical values, the new meshes' shardings; a resume under another
+  mesh continues the run."""
+  from lmjax import sharding
+  from lmjax.train import state as state_lib
+  cfg = _cfg(corpus, steps=4)
+  cfg.mesh.update(data=1, fsdp=8, tensor=1)
+  workdir = str(tmp_path / 'run')
+  first = loop.train(cfg, workdir, stop_after=2)
+  saved = jax.device_get(first.state)
+  q = first.state['params']['layers']['attn']['q']
+  assert 'fsdp' in tuple(q.sharding.spec)
+  ckpt = ckpt_lib.Checkpointer(workdir, None, read_only=True)
+  for mesh_cfg, devices in (({'data': 2, 'fsdp': 1, 'tensor': 4}, jax.devices()),
+                            ({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])):
+    c = cfg.copy_and_resolve_references()
+    c.mesh.update(**mesh_cfg)
+    mesh = sharding.make_mesh(c.mesh, devices)
+    setup = state_lib.make_setup(c, mesh)
+    restored = ckpt.restore(setup.abstract_saved)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), saved)
+    rq = restored['params']['layers']['attn']['q']
+    assert rq.sharding.mesh.shape == mesh.shape and len(rq.sharding.device_set) == len(devices)
+  ckpt.close()
+  other = cfg.copy_and_resolve_references()
+  other.mesh.update(data=2, fsdp=1, tensor=4)
+  resumed = loop.train(other, workdir)
+  assert int(resumed.state['step']) == 4
+  assert tuple(resumed.state['params']['layers']['attn']['q'].sharding.spec)[2] == 'tensor'
