@@ -20,11 +20,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 SCRIPT = textwrap.dedent('''
     import os, sys
-    os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=' + sys.argv[1]
-    os.environ['JAX_PLATFORMS'] = 'cpu'
     sys.path.insert(0, {here!r})
     from util import tiny_config
-    from lmjax.train import loop
 
     def config(shards=0, **distributed):
       cfg = tiny_config(vocab_size=384)
@@ -39,6 +36,9 @@ SCRIPT = textwrap.dedent('''
 
     if __name__ == '__main__':
       _, devices, workdir, stop_after, pid, port = sys.argv
+      os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=' + devices
+      os.environ['JAX_PLATFORMS'] = 'cpu'
+      from lmjax.train import loop  # jax starts here, with the flags above
       if pid == '-':  # one process, 8 devices, the 2-process run's data shards
         cfg = config(shards=2)
       else:
@@ -84,12 +84,12 @@ def _losses(workdir):
 
 def test_two_processes_match_one_process_and_resume(tmp_path):
   glob_ = write_corpus(tmp_path / 'text', n_files=40)
-  script = tmp_path / 'run.py'
+  script = tmp_path / 'mh_run.py'  # a module name no other test imports
   script.write_text(SCRIPT.format(here=HERE, glob=glob_, data_dir=str(tmp_path / 'tfds')))
   # The dataset and tokenizer once, before the processes share them.
   sys.path.insert(0, str(tmp_path))
   try:
-    import run as run_mod  # the script above, as a module
+    import mh_run as run_mod  # the script above, as a module (its main part not run)
   finally:
     sys.path.remove(str(tmp_path))
   tokenizer_lib.load_tokenizer(run_mod.config())
