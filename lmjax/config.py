@@ -326,6 +326,23 @@ def build(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   return _import_config_module(path).get_config(arg)
 
 
+def cli_overrides(args: list[str], prefix: str = '--config.') -> dict[str, Any]:
+  """['--config.optim.lr=1e-3', ...] -> {'optim.lr': 0.001, ...} (values as Python
+  literals, else strings), for tools that take config overrides as absl's flags do.
+  ValueError names an argument that is not PREFIXKEY=VALUE."""
+  import ast  # pylint: disable=import-outside-toplevel
+  out = {}
+  for item in args:
+    if not item.startswith(prefix) or '=' not in item:
+      raise ValueError(f'unexpected argument {item!r} (overrides are {prefix}KEY=VALUE)')
+    key, value = item[len(prefix):].split('=', 1)
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value  # a plain string: a glob, a path, a name
+  return out
+
+
 def smoke_arg(arg: str | None) -> tuple[bool, str]:
   """A stage config's arg: 'smoke', 'smoke:PATH', 'PATH' or None -> (smoke, PATH or '')."""
   head, _, rest = (arg or '').partition(':')

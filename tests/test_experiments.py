@@ -84,3 +84,21 @@ def test_dapt_config_continues_the_smoke_run(smoke_run, tmp_path):
 def test_eval_tool_on_the_recipe_sft_run(recipe):
   out = _run(['tools/eval_sft.py', f'--workdir={recipe[1]}/sft', '--split=test', '--limit=12'])
   assert 'exact match on test:' in out and 'larger' in out
+
+
+def test_lr_sweep_runs_collects_and_plots(tmp_path):
+  root = str(tmp_path / 'sweep')
+  out = _run(['experiments/sweep_lr_tiny.py', '--smoke', f'--root={root}'])
+  assert '[3/3] lr0.005' in out and '| optim.lr | steps | train loss |' in out
+  assert out.count('**best**') == 1
+  rows = json.load(open(os.path.join(root, 'sweep.json')))
+  assert [r['overrides']['optim.lr'] for r in rows] == [5e-4, 1.5e-3, 5e-3]
+  assert all(r['steps'] == 10 and len(r['eval_curve']) == 3 for r in rows)
+  assert open(os.path.join(root, 'sweep.png'), 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+  again = _run(['experiments/sweep_lr_tiny.py', '--smoke', f'--root={root}'])
+  assert again.count(': done') == 3  # finished runs are not retrained
+  emitted = _run(['experiments/sweep_lr_tiny.py', '--random=2', '--emit=local']).splitlines()
+  assert len(emitted) == 2 and all('python -m lmjax.train' in e for e in emitted)
+  tpu = _run(['experiments/sweep_lr_tiny.py', '--emit=tpu', '--bucket=bkt']).splitlines()
+  assert len(tpu) == 3 and all('tools/launch_tpu.py' in t and '/mnt/bkt/sweeps/' in t
+                               for t in tpu)

@@ -24,7 +24,6 @@ The default --steps is create,install,run.
 from __future__ import annotations
 
 import argparse
-import ast
 import shlex
 import subprocess
 import sys
@@ -136,15 +135,8 @@ def main(argv=None) -> int:
   args, overrides = parse(sys.argv[1:] if argv is None else argv)
   if 'run' in args.steps:  # the config and overrides are checked here, not on the VM
     from lmjax import config as config_lib  # pylint: disable=import-outside-toplevel
-    flat = {}
-    for item in overrides:
-      key, value = item[len('--config.'):].split('=', 1)
-      try:
-        flat[key] = ast.literal_eval(value)
-      except (ValueError, SyntaxError):
-        flat[key] = value
     try:
-      config_lib.load(args.config, overrides=flat)
+      config_lib.load(args.config, overrides=config_lib.cli_overrides(overrides))
     except (config_lib.ConfigError, FileNotFoundError) as e:
       print(f'launch_tpu: {e}', file=sys.stderr)
       return 2

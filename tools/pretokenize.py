@@ -12,7 +12,6 @@ tokens and tokens/s per split. Exit code 2 on bad input, with the reason.
 """
 
 import argparse
-import ast
 import sys
 
 
@@ -26,18 +25,12 @@ def main(argv=None) -> int:
   parser.add_argument('--threads', type=int, default=None,
                       help='tokenizer threads (default: data.worker_threads)')
   args, rest = parser.parse_known_args(argv)
-  overrides = {}
-  for item in rest:
-    if not item.startswith('--config.') or '=' not in item:
-      parser.error(f'unexpected argument {item!r} (overrides are --config.KEY=VALUE)')
-    key, value = item[len('--config.'):].split('=', 1)
-    try:
-      overrides[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      overrides[key] = value
-
   from lmjax import checkpoint as ckpt_lib
   from lmjax import config as config_lib
+  try:
+    overrides = config_lib.cli_overrides(rest)
+  except ValueError as e:
+    parser.error(str(e))
   from lmjax.data import pipeline, tokenized
   from lmjax.data.sources import DataError
   from lmjax.train import loop

@@ -10,7 +10,6 @@ Prints the time taken and the compression (UTF-8 bytes per token) on the eval sp
 """
 
 import argparse
-import ast
 import sys
 
 from lmjax import config as config_lib
@@ -25,16 +24,10 @@ def _parse(argv):
   parser.add_argument('--vocab_size', type=int, default=None,
                       help='pieces (default: the config\'s tokenizer.vocab_size)')
   args, rest = parser.parse_known_args(argv)
-  overrides = {}
-  for arg in rest:
-    if not arg.startswith('--config.') or '=' not in arg:
-      parser.error(f'unexpected argument {arg!r} (overrides are --config.KEY=VALUE)')
-    key, value = arg[len('--config.'):].split('=', 1)
-    try:
-      overrides[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      overrides[key] = value  # a plain string: a glob, a path, a name
-  return args, overrides
+  try:
+    return args, config_lib.cli_overrides(rest)
+  except ValueError as e:
+    parser.error(str(e))
 
 
 def main(argv=None) -> int:
