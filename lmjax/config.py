@@ -70,7 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
       # 'stdlib' = this Python's standard library sources; 'site:jax,flax' = the installed
       # sources of those packages; else globs separated by commas.
       text_glob='stdlib',
-      tfds_name='',           # e.g. 'c4/en:3.1.0' with data_dir='gs://bucket/tfds'.
+      tfds_name='',           # e.g. 'c4/en:3.1.0' with data_dir='gs://bucket/tfds', or a
+                              # prepared dataset's directory (tools/prepare_data.py).
       data_dir='',            # TFDS data_dir; '' = ~/.cache/lmjax/tfds.
       text_key='text',
       train_split='train',

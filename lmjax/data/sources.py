@@ -362,7 +362,11 @@ def get_source(cfg_data, split: str) -> TextSource:
     data_dir = default_data_dir(cfg_data)
     with _quiet_tfds():
       try:
-        builder = tfds.builder(name, data_dir=data_dir)
+        if os.path.isfile(os.path.join(os.path.expanduser(name), 'dataset_info.json')):
+          # A prepared dataset's directory (e.g. tools/prepare_data.py's output).
+          builder = tfds.builder_from_directory(os.path.expanduser(name))
+        else:
+          builder = tfds.builder(name, data_dir=data_dir)
       except Exception as e:  # TFDS raises several types for unknown names/configs
         first_line = str(e).strip().split('\n')[0]  # (it goes on to list every dataset)
         raise DataError(f'data.tfds_name {name!r}: {first_line}') from e

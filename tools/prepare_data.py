@@ -1,0 +1,52 @@
+"""Cleans a corpus into a new TFDS dataset: dedup, quality filters, decontamination.
+
+  python tools/prepare_data.py --config=configs/prepare_stdlib.py --out=/tmp/stdlib_clean \\
+      [--config.workers=4] [--config.near_dedup.threshold=0.7] [--config.quality.enabled=False]
+
+The config (lmjax.data.quality.default_config() fields: the source as cfg.data, each step's
+switch and thresholds, workers) is a Python file like the training configs; --config.KEY=
+VALUE overrides a field. Writes <out>/tfds/prepared_text/<name>/1.0.0 (array_record),
+<out>/report.json and <out>/report.md (documents and tokens in/out per step, examples of
+removed documents, throughput), and prints the summary. Train on the result with
+--config.data.source=tfds --config.data.tfds_name=<that directory>. Exit code 2 on bad
+input, with the reason.
+"""
+
+import argparse
+import os
+import sys
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=__doc__.split('\n\n', 1)[1])
+  parser.add_argument('--config', required=True, help='a preparation config (configs/*.py)')
+  parser.add_argument('--out', required=True, help='output folder')
+  args, rest = parser.parse_known_args(argv)
+  from lmjax import config as config_lib
+  from lmjax.data import quality
+  from lmjax.data.sources import DataError
+  try:
+    overrides = config_lib.cli_overrides(rest)
+  except ValueError as e:
+    parser.error(str(e))
+  try:
+    cfg = config_lib.build(args.config)
+    for key, value in overrides.items():
+      node, *path, leaf = [cfg] + key.split('.')
+      for part in path:
+        node = node[part]
+      if leaf not in node:
+        raise config_lib.ConfigError(f'unknown config key {key!r}')
+      node[leaf] = value
+    report = quality.prepare(cfg, os.path.abspath(args.out))
+  except (config_lib.ConfigError, DataError, TypeError, KeyError) as e:
+    print(f'prepare_data: {e}', file=sys.stderr)
+    return 2
+  print(quality.summary(report))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
