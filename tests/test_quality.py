@@ -213,3 +213,40 @@ def test_near_duplicates_follow_the_jaccard_threshold():
     got = {every for every, k in zip(variants, keep[1:]) if not k}
     assert got == removed, (threshold, jac)
     assert keep[0] and counts['near_dedup'].docs_in == 5
+
+
+def _only(rule, value):
+  """A quality config with one rule on (at `value`), the others off."""
+  q = quality.default_config().quality
+  for k in q:
+    if k != 'enabled':
+      q[k] = -1 if isinstance(q[k], int) else -1.0
+  q[rule] = value
+  return q
+
+
+W = 'word '
+BOUNDARIES = [  # (rule, threshold, text exactly at the threshold, text just past it)
+    ('min_words', 10, W * 10, W * 9),
+    ('max_words', 10, W * 10, W * 11),
+    ('min_mean_word_len', 3.0, 'abc ' * 10, 'abc ' * 9 + 'ab'),
+    ('max_mean_word_len', 4.0, 'abcd ' * 10, 'abcd ' * 9 + 'abcde'),
+    ('max_symbol_word_ratio', 0.1, W * 9 + '#', W * 8 + '# #'),
+    ('max_digit_frac', 0.25, 'aaa1' * 10, 'aaa1' * 10 + '1'),
+    ('max_dup_line_frac', 0.5, 'a.\nb.\na.\nb.', 'a.\na.\na.\na.\nb.'),  # 1 - 2/4, 1 - 2/5
+    ('min_punct_line_frac', 0.5, 'a.\nb\nc!\nd', 'a.\nb\nc\nd'),
+    # the most frequent 2-gram ('x y' twice: 4 of 10 characters) vs 3 times (6 of 6)
+    ('max_top_2gram_frac', 0.4, 'x y x y aaaaaa', 'x y x y x y'),
+    ('max_top_3gram_frac', 0.5, 'a b c a b c ddd eee', 'a b c a b c a b c'),
+    ('max_top_4gram_frac', 0.5, 'a b c d a b c d eee fff hh', 'a b c d a b c d a b c d'),
+    # duplicated 5-grams' characters: 10 of 20 vs 10 of 15
+    ('max_dup_5gram_frac', 0.5, 'a b c d e a b c d e fffff ggggg', 'a b c d e a b c d e fffff'),
+]
+
+
+@pytest.mark.parametrize('rule,threshold,at,past', BOUNDARIES, ids=[b[0] for b in BOUNDARIES])
+def test_each_quality_rule_at_its_boundary(rule, threshold, at, past):
+  q = _only(rule, threshold)
+  assert quality.quality_reasons(at, q) == []
+  reasons = quality.quality_reasons(past, q)
+  assert len(reasons) == 1, reasons
