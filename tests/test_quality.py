@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lmjax.data import quality, sources
+from util import sft_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RNG = np.random.default_rng(0)
@@ -183,12 +184,17 @@ def test_switches_and_the_tool(corpus, tmp_path):
        f'--out={out}', f'--config.data.text_glob={corpus}/corpus/*.txt',
        f'--config.data.data_dir={corpus}/tfds', '--config.data.val_fraction=0.0',
        "--config.splits=('train',)", '--config.near_dedup.enabled=False',
-       '--config.quality.enabled=False', '--config.workers=0'],
+       '--config.quality.enabled=False', '--config.workers=0',
+       f'--config.tokenizer_path={sft_tokenizer(tmp_path).path}'],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert res.returncode == 0, res.stderr[-3000:]
   report = json.load(open(out / 'report.json'))
   assert list(report['splits']['train']['steps']) == ['sanity', 'exact_dedup']
   assert report['splits']['train']['documents_out'] == 35  # junk and exact removed
+  assert report['unit'] == 'tokens'  # counted with the given sentencepiece model
+  s = report['splits']['train']
+  assert s['tokens_in'] > sum(len(open(p).read().split())
+                              for p in (corpus / 'corpus').glob('*.txt'))
   assert '# stdlib_clean: cleaned' in res.stdout
   bad = subprocess.run([sys.executable, 'tools/prepare_data.py',
                         '--config=configs/prepare_stdlib.py', f'--out={out}2',
