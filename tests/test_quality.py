@@ -180,7 +180,7 @@ def test_prepare_removes_exactly_the_planted_documents(corpus, tmp_path):
 def test_switches_and_the_tool(corpus, tmp_path):
   out = tmp_path / 'tool'
   res = subprocess.run(
-      [sys.executable, 'tools/prepare_data.py', '--config=configs/prepare_stdlib.py',
+      [sys.executable, 'tools/prepare_data.py', '--config=configs/data/prepare_stdlib.py',
        f'--out={out}', f'--config.data.text_glob={corpus}/corpus/*.txt',
        f'--config.data.data_dir={corpus}/tfds', '--config.data.val_fraction=0.0',
        "--config.splits=('train',)", '--config.near_dedup.enabled=False',
@@ -197,7 +197,7 @@ def test_switches_and_the_tool(corpus, tmp_path):
                               for p in (corpus / 'corpus').glob('*.txt'))
   assert '# stdlib_clean: cleaned' in res.stdout
   bad = subprocess.run([sys.executable, 'tools/prepare_data.py',
-                        '--config=configs/prepare_stdlib.py', f'--out={out}2',
+                        '--config=configs/data/prepare_stdlib.py', f'--out={out}2',
                         '--config.quality.min_wordz=3'], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
   assert bad.returncode == 2 and "unknown config key 'quality.min_wordz'" in bad.stderr

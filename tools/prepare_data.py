@@ -1,6 +1,6 @@
 """Cleans a corpus into a new TFDS dataset: dedup, quality filters, decontamination.
 
-  python tools/prepare_data.py --config=configs/prepare_stdlib.py --out=/tmp/stdlib_clean \\
+  python tools/prepare_data.py --config=configs/data/prepare_stdlib.py --out=/tmp/stdlib_clean \\
       [--config.workers=4] [--config.near_dedup.threshold=0.7] [--config.quality.enabled=False]
 
 The config (lmjax.data.quality.default_config() fields: the source as cfg.data, each step's

@@ -1,6 +1,6 @@
 """Cleaning the default corpus (this Python's standard library sources) before training.
 
-  python tools/prepare_data.py --config=configs/prepare_stdlib.py --out=/tmp/stdlib_clean
+  python tools/prepare_data.py --config=configs/data/prepare_stdlib.py --out=/tmp/stdlib_clean
   python -m lmjax.train --config=configs/pretrain_tiny.py --workdir=/tmp/tiny_clean \\
       --config.data.source=tfds \\
       --config.data.tfds_name=/tmp/stdlib_clean/tfds/prepared_text/stdlib_clean/1.0.0
