@@ -21,7 +21,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog=__doc__.split('\n\n', 1)[1])
-  parser.add_argument('--config', required=True, help='a preparation config (configs/*.py)')
+  parser.add_argument('--config', required=True, help='a preparation config (configs/data/*.py)')
   parser.add_argument('--out', required=True, help='output folder')
   args, rest = parser.parse_known_args(argv)
   from lmjax import config as config_lib
