@@ -80,6 +80,14 @@ def initialize(cfg) -> bool:
   if jax.distributed.is_initialized():
     return True
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU only; else unused
-  jax.distributed.initialize(**args,
-                             initialization_timeout=int(cfg.distributed.timeout_s))
+  try:
+    jax.distributed.initialize(**args,
+                               initialization_timeout=int(cfg.distributed.timeout_s))
+  except RuntimeError as e:
+    if args:  # an explicit coordinator: a run that cannot join must not go on alone
+      raise
+    # Auto-detected (e.g. a notebook on a TPU VM that has used JAX already): one process.
+    print(f'lmjax: jax.distributed not started ({str(e).splitlines()[0][:200]}); '
+          'running as a single process', flush=True)
+    return False
   return True

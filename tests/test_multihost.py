@@ -147,3 +147,25 @@ def test_distributed_settings_from_config_and_environment(monkeypatch):
   cfg.distributed.mode = 'manual'
   with pytest.raises(config_lib.ConfigError, match='needs distributed.coordinator_address'):
     distributed.settings(cfg)
+
+
+def test_auto_detected_start_failure_falls_back_to_one_process(monkeypatch, capsys):
+  from lmjax import config as config_lib
+  from lmjax import distributed
+  import jax
+
+  def fail(**kwargs):
+    raise RuntimeError('jax.distributed.initialize() must be called before any JAX '
+                       'computations are executed.')
+  monkeypatch.setattr(jax.distributed, 'initialize', fail)
+  monkeypatch.setattr(jax.config, 'update', lambda *args: None)  # no gloo switch here
+  monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: False)
+  monkeypatch.setattr(distributed, '_tpu_vm', lambda: True)
+  for var in distributed.ENV.values():
+    monkeypatch.delenv(var, raising=False)
+  cfg = config_lib.base_config()
+  assert distributed.initialize(cfg) is False
+  assert 'running as a single process' in capsys.readouterr().out
+  cfg.distributed.update(coordinator_address='localhost:1', num_processes=2, process_id=0)
+  with pytest.raises(RuntimeError, match='must be called before'):
+    distributed.initialize(cfg)
