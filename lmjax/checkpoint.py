@@ -48,6 +48,15 @@ def _meta(cfg) -> dict:
           'scan_layers': bool(cfg.model.scan_layers)}
 
 
+# TensorStore's words for files it could not read (a truncated or corrupt checkpoint),
+# as opposed to a checkpoint that reads fine but holds other shapes.
+_STORAGE_ERRORS = ('DATA_LOSS', 'OUT_OF_RANGE', 'Error reading', 'is not valid for value of size')
+
+
+def _storage_error(e: BaseException) -> bool:
+  return any(w in str(e) for w in _STORAGE_ERRORS)
+
+
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` that knows lmjax's items."""
 
@@ -147,6 +156,8 @@ class Checkpointer:
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(state=args))
     except (ValueError, KeyError, TypeError) as e:
+      if _storage_error(e):
+        raise self._unreadable(step, 'state', e) from e
       raise CheckpointError(f'the {key} of checkpoint {self.directory}/{step} do not match '
                             f'this model config: {str(e)[:500]}') from e
     except Exception as e:  # pylint: disable=broad-except  (TensorStore: truncated files)
@@ -164,6 +175,8 @@ class Checkpointer:
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError) as e:
+      if _storage_error(e):
+        raise self._unreadable(step, 'state', e) from e
       raise CheckpointError(
           f'checkpoint {self.directory}/{step} does not match this model config '
           f'(different sizes, layers or tied embeddings?): {str(e)[:500]}') from e

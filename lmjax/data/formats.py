@@ -89,12 +89,14 @@ def normalize_example(obj: Any) -> list[dict[str, str]]:
   return turns
 
 
-def read_jsonl(paths: list[str], on_error: str = 'skip') -> tuple[list, dict]:
-  """Conversations (lists of turns) of the JSONL files, in order; and stats
-  {'examples', 'skipped', 'first_error', 'tags': each example's 'task' field or ''}.
-  on_error='fail' raises DataError('file:line: ...')."""
+def read_records(paths: list[str], normalize, *, on_error: str = 'skip',
+                 what: str = 'example', field: str = 'sft.on_error') -> tuple[list, dict]:
+  """normalize(obj) of every JSON line of the files, in order; and stats {'examples',
+  'skipped', 'first_error', 'tags': each line's 'task' field or ''}. A line that is not
+  JSON or that normalize rejects (ValueError) is skipped and counted, or with
+  on_error='fail' raises DataError('file:line: malformed <what>: ...')."""
   if on_error not in ('skip', 'fail'):
-    raise DataError(f"sft.on_error must be 'skip' or 'fail', got {on_error!r}")
+    raise DataError(f"{field} must be 'skip' or 'fail', got {on_error!r}")
   out, tags, skipped, first = [], [], 0, None
   for path in paths:
     with open(path, encoding='utf-8') as f:
@@ -103,15 +105,20 @@ def read_jsonl(paths: list[str], on_error: str = 'skip') -> tuple[list, dict]:
           continue
         try:
           obj = json.loads(line)
-          out.append(normalize_example(obj))
+          out.append(normalize(obj))
           tags.append(str(obj.get('task', '')))
         except ValueError as e:  # json.JSONDecodeError is a ValueError
-          msg = f'{path}:{n}: malformed example: {e}'
+          msg = f'{path}:{n}: malformed {what}: {e}'
           if on_error == 'fail':
             raise DataError(msg) from None
           skipped += 1
           first = first or msg
   return out, {'examples': len(out), 'skipped': skipped, 'first_error': first, 'tags': tags}
+
+
+def read_jsonl(paths: list[str], on_error: str = 'skip') -> tuple[list, dict]:
+  """Conversations (lists of turns) of the JSONL files (read_records)."""
+  return read_records(paths, normalize_example, on_error=on_error)
 
 
 class Conversations:

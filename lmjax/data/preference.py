@@ -19,7 +19,6 @@ rejected rows: sums over a batch are its totals.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import grain
@@ -118,27 +117,10 @@ def pair_rows(encoded, seq_len: int, overlong: str = 'truncate'):
 
 
 def read_pairs(paths: list[str], on_error: str = 'skip') -> tuple[list, dict]:
-  """Normalized pairs of JSONL files and stats {'examples', 'skipped', 'first_error',
-  'tags'}; on_error='fail' raises DataError('file:line: ...')."""
-  if on_error not in ('skip', 'fail'):
-    raise DataError(f"dpo.on_error must be 'skip' or 'fail', got {on_error!r}")
-  out, tags, skipped, first = [], [], 0, None
-  for path in paths:
-    with open(path, encoding='utf-8') as f:
-      for n, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          obj = json.loads(line)
-          out.append(normalize_pair(obj))
-          tags.append(str(obj.get('task', '')))
-        except ValueError as e:
-          msg = f'{path}:{n}: malformed preference pair: {e}'
-          if on_error == 'fail':
-            raise DataError(msg) from None
-          skipped += 1
-          first = first or msg
-  return out, {'examples': len(out), 'skipped': skipped, 'first_error': first, 'tags': tags}
+  """Normalized pairs of JSONL files and stats (formats.read_records); on_error='fail'
+  raises DataError('file:line: ...')."""
+  return formats.read_records(paths, normalize_pair, on_error=on_error,
+                              what='preference pair', field='dpo.on_error')
 
 
 class Pairs:
