@@ -84,8 +84,7 @@ def run(cfg, *, mode: str = 'full', objective: str = 'lm', steps: int = 10, warm
   gb, seq = cfg.train.global_batch * loop.rows_per_example(cfg), cfg.data.seq_len  # rows
   spec = step_lib.batch_spec(cfg, mesh, gb)
   keys = tuple(spec)
-  reference = (step_lib.reference_mode(cfg) if objective == 'dpo' and
-               not cfg.dpo.reference_free else None)
+  reference = step_lib.reference_mode(cfg)  # None unless a DPO step with a reference
   if data == 'real' and reference == 'precomputed':
     raise ValueError("--data=real with dpo.reference='precomputed' needs the tables the "
                      'training loop computes: bench it with --data=synthetic')

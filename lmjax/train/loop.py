@@ -318,8 +318,7 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   run_meta['tokenizer'] = tok.path
   setup = state_lib.make_setup(cfg, mesh)
   refs = None
-  if cfg.stage == 'dpo' and not cfg.dpo.reference_free and \
-      step_lib.reference_mode(cfg) == 'precomputed':  # the reference = init_from's params
+  if step_lib.reference_mode(cfg) == 'precomputed':  # the reference = init_from's params
     splits = [cfg.data.train_split] + ([cfg.data.eval_split] if cfg.train.eval_every > 0
                                        else [])
     refs = ref_logps.tables(cfg, setup, tok, splits, workdir=workdir,

@@ -175,7 +175,7 @@ def make_setup(cfg, mesh: Mesh) -> Setup:
       tx, lambda _, s: s, abstract_opt, trainable_sh,
       transform_non_params=lambda _: sharding.replicated(mesh))
   abstract_state['opt_state'] = abstract_opt
-  reference = cfg.stage == 'dpo' and not cfg.dpo.reference_free and _ref_mode(cfg) == 'copy'
+  reference = _ref_mode(cfg) == 'copy'
   if reference:
     abstract_state['ref_params'] = abstract_state['params']
     state_sh['ref_params'] = param_sh
@@ -188,7 +188,7 @@ def make_setup(cfg, mesh: Mesh) -> Setup:
                reference=reference)
 
 
-def _ref_mode(cfg) -> str:
+def _ref_mode(cfg) -> str | None:
   from lmjax.train import step  # pylint: disable=import-outside-toplevel
   return step.reference_mode(cfg)
 

@@ -47,10 +47,13 @@ def dropout_key(cfg, step):
   return jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), 2), step)
 
 
-def reference_mode(cfg) -> str:
+def reference_mode(cfg) -> str | None:
   """The DPO reference: 'adapters_off' (LoRA: the base, same step, no second copy),
   'copy' (a frozen copy of the starting params, sharded like them) or 'precomputed'
-  (reference log-probs stored with the data, batch['ref_logps'])."""
+  (reference log-probs stored with the data, batch['ref_logps']); None when the run has
+  none (not DPO, or dpo.reference_free)."""
+  if cfg.stage != 'dpo' or cfg.dpo.reference_free:
+    return None
   mode = cfg.dpo.reference
   if mode == 'auto':
     return 'adapters_off' if cfg.lora.enabled else 'copy'
@@ -96,7 +99,7 @@ def dpo_sums(cfg, setup):
     params, adapters = _weights(setup, trainable, state)
     pc, pr, nc, nr = pair_logps(graphdef, params, batch, adapters=adapters, lora=lora,
                                 dropout_rng=rng)
-    if d.reference_free:
+    if mode is None:  # dpo.reference_free: a reference of log-prob 0
       rc, rr = jnp.zeros_like(pc), jnp.zeros_like(pr)
     elif mode == 'precomputed':
       rc, rr = losses.split_pairs(batch['ref_logps'])
@@ -177,7 +180,7 @@ def make_train_step(cfg, setup: Setup) -> Callable:
     new_state[setup.trainable] = new_trainable
     return new_state, metrics
 
-  batch_sh = _batch_shardings(cfg, setup)
+  batch_sh = _batch_shardings(setup, batch_keys(cfg))
   jitted = jax.jit(step, in_shardings=(setup.state_shardings, batch_sh),
                    out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
                    donate_argnums=(0,))
@@ -191,13 +194,13 @@ def make_train_step(cfg, setup: Setup) -> Callable:
 
 
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
+ROW_KEYS = ('ref_logps', 'index')  # one value per row: [rows], not [rows, seq_len]
 
 
 def batch_keys(cfg) -> tuple[str, ...]:
   """The arrays of a device batch for cfg's stage (DPO with precomputed references adds
   'ref_logps' [2B])."""
-  if cfg.stage == 'dpo' and not cfg.dpo.reference_free and \
-      reference_mode(cfg) == 'precomputed':
+  if reference_mode(cfg) == 'precomputed':
     return BATCH_KEYS + ('ref_logps',)
   return BATCH_KEYS
 
@@ -206,12 +209,10 @@ def batch_spec(cfg, mesh, rows: int) -> dict:
   """ShapeDtypeStructs (with shardings) of a global batch of `rows` rows: what the train
   step is compiled for."""
   def spec(k):
-    if k == 'ref_logps':
-      return jax.ShapeDtypeStruct((rows,), jnp.float32,
-                                  sharding=sharding.batch_sharding(mesh, cfg.rules, 1))
-    return jax.ShapeDtypeStruct((rows, cfg.data.seq_len),
-                                jnp.float32 if k == 'loss_mask' else jnp.int32,
-                                sharding=sharding.batch_sharding(mesh, cfg.rules))
+    shape = (rows,) if k in ROW_KEYS else (rows, cfg.data.seq_len)
+    return jax.ShapeDtypeStruct(shape, jnp.float32 if k in ('loss_mask', 'ref_logps')
+                                else jnp.int32,
+                                sharding=sharding.batch_sharding(mesh, cfg.rules, len(shape)))
   return {k: spec(k) for k in batch_keys(cfg)}
 
 
@@ -228,8 +229,11 @@ def make_eval_step(cfg, setup: Setup) -> Callable:
   return _jit_eval(setup, step, sharding.batch_sharding(setup.mesh, setup.rules))
 
 
-def _jit_eval(setup, step, batch_sh) -> Callable:
-  jitted = jax.jit(step, in_shardings=(setup.weight_shardings, batch_sh),
+def _jit_eval(setup, step, batch_sh, weights_sh=None) -> Callable:
+  """step(weights, batch) jitted with replicated outputs, run under the mesh; weights_sh:
+  the first argument's shardings (default setup.weight_shardings)."""
+  weights_sh = setup.weight_shardings if weights_sh is None else weights_sh
+  jitted = jax.jit(step, in_shardings=(weights_sh, batch_sh),
                    out_shardings=sharding.replicated(setup.mesh))
 
   def run(weights, batch):
@@ -239,9 +243,9 @@ def _jit_eval(setup, step, batch_sh) -> Callable:
   return run
 
 
-def _batch_shardings(cfg, setup) -> dict:
-  return {k: sharding.batch_sharding(setup.mesh, setup.rules, ndim=1 if k == 'ref_logps'
-                                     else 2) for k in batch_keys(cfg)}
+def _batch_shardings(setup, keys) -> dict:
+  return {k: sharding.batch_sharding(setup.mesh, setup.rules, ndim=1 if k in ROW_KEYS
+                                     else 2) for k in keys}
 
 
 def make_dpo_eval_step(cfg, setup: Setup) -> Callable:
@@ -253,7 +257,7 @@ def make_dpo_eval_step(cfg, setup: Setup) -> Callable:
     _, aux = sums(weights[setup.trainable], weights, batch, None)
     return dict(aux, pairs=jnp.float32(batch['inputs'].shape[0] // 2))
 
-  return _jit_eval(setup, step, _batch_shardings(cfg, setup))
+  return _jit_eval(setup, step, _batch_shardings(setup, batch_keys(cfg)))
 
 
 def make_ref_logps_step(setup: Setup) -> Callable:
@@ -266,16 +270,8 @@ def make_ref_logps_step(setup: Setup) -> Callable:
     lp, _ = losses.sequence_sums(*model_stats(graphdef, params, batch), batch['loss_mask'])
     return batch['index'], lp
 
-  batch_sh = {k: sharding.batch_sharding(setup.mesh, setup.rules, ndim=1 if k == 'index'
-                                         else 2) for k in BATCH_KEYS + ('index',)}
-  jitted = jax.jit(step, in_shardings=(setup.state_shardings['params'], batch_sh),
-                   out_shardings=sharding.replicated(setup.mesh))
-
-  def run(params, batch):
-    with sharding.use_mesh(setup.mesh, setup.rules):
-      return jitted(params, batch)
-
-  return run
+  return _jit_eval(setup, step, _batch_shardings(setup, BATCH_KEYS + ('index',)),
+                   weights_sh=setup.state_shardings['params'])
 
 
 def make_merge(setup: Setup) -> Callable:
