@@ -50,7 +50,8 @@ def _meta(cfg) -> dict:
 
 # TensorStore's words for files it could not read (a truncated or corrupt checkpoint),
 # as opposed to a checkpoint that reads fine but holds other shapes.
-_STORAGE_ERRORS = ('DATA_LOSS', 'OUT_OF_RANGE', 'Error reading', 'is not valid for value of size')
+_STORAGE_ERRORS = ('DATA_LOSS', 'OUT_OF_RANGE', 'Error reading',
+                   'is not valid for value of size')
 
 
 def _storage_error(e: BaseException) -> bool:
@@ -148,21 +149,13 @@ class Checkpointer:
     checkpoint of any mesh loads onto any other."""
     step = self.resolve_step(step)
     self._check_format(step)
-    self._check_items(step, ('state',))
     item = {key: abstract_params}
     args = ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
         partial_restore=True)
-    try:
-      out = self.manager.restore(step, args=ocp.args.Composite(state=args))
-    except (ValueError, KeyError, TypeError) as e:
-      if _storage_error(e):
-        raise self._unreadable(step, 'state', e) from e
-      raise CheckpointError(f'the {key} of checkpoint {self.directory}/{step} do not match '
-                            f'this model config: {str(e)[:500]}') from e
-    except Exception as e:  # pylint: disable=broad-except  (TensorStore: truncated files)
-      raise self._unreadable(step, 'state', e) from e
-    return out['state'][key]
+    return self._restore_state(
+        step, {'state': args},
+        f'the {key} of checkpoint {self.directory}/{step} do not match this model config')[key]
 
   def restore(self, abstract_state: Any, step: int | None = None, data_iter=None):
     """Restores into `abstract_state`'s shardings (resharding if the mesh changed)."""
@@ -171,18 +164,23 @@ class Checkpointer:
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
       items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
+    return self._restore_state(
+        step, items, f'checkpoint {self.directory}/{step} does not match this model config '
+        '(different sizes, layers or tied embeddings?)')
+
+  def _restore_state(self, step: int, items: dict, mismatch: str) -> Any:
+    """The restored 'state' of `items` (Orbax args by item). Files that cannot be read
+    (missing, truncated: TensorStore errors) -> _unreadable; a checkpoint that reads but
+    holds other shapes or structure -> CheckpointError(mismatch: detail)."""
     self._check_items(step, items)
     try:
-      out = self.manager.restore(step, args=ocp.args.Composite(**items))
+      return self.manager.restore(step, args=ocp.args.Composite(**items))['state']
     except (ValueError, KeyError, TypeError) as e:
       if _storage_error(e):
         raise self._unreadable(step, 'state', e) from e
-      raise CheckpointError(
-          f'checkpoint {self.directory}/{step} does not match this model config '
-          f'(different sizes, layers or tied embeddings?): {str(e)[:500]}') from e
+      raise CheckpointError(f'{mismatch}: {str(e)[:500]}') from e
     except Exception as e:  # pylint: disable=broad-except  (TensorStore: truncated files)
       raise self._unreadable(step, 'state', e) from e
-    return out['state']
 
 
 # ---- Starting from another run (cfg.init_from) ------------------------------------------
