@@ -48,10 +48,11 @@ class _Tokenize(grain.transforms.Map):
     self.source_id = source_id  # > 0: tag every token with it (mixtures)
 
   def map(self, text) -> dict[str, np.ndarray]:
-    # A str document, or its ids already (data.pretokenize: data/tokenized.py).
-    ids = text if isinstance(text, np.ndarray) else self.tokenizer.encode(text)
-    ids = np.concatenate([np.asarray(self.bos, np.int32), np.asarray(ids, np.int32),
-                          np.asarray(self.eos, np.int32)])
+    if isinstance(text, np.ndarray):  # its ids already (data.pretokenize: data/tokenized.py)
+      ids = np.concatenate([np.asarray(self.bos, np.int32), text,
+                            np.asarray(self.eos, np.int32)])
+    else:
+      ids = np.asarray(self.bos + self.tokenizer.encode(text) + self.eos, np.int32)
     if self.source_id:
       return {'tokens': ids, SOURCE: np.full(ids.shape, self.source_id, np.int32)}
     return {'tokens': ids}
