@@ -59,6 +59,10 @@ def base_config() -> ml_collections.ConfigDict:
       remat='none',           # none | dots | dots_no_batch | full | offload_dots
                               # (dots_no_batch's saved values in pinned host memory).
       attention='xla',        # xla | cudnn (GPU only).
+      # cudnn: the most segments (documents, and a padding run) one row may hold, a static
+      # bound of cuDNN's packed attention; the loop refuses a batch that exceeds it.
+      # 1 = rows are never packed or padded (plain causal kernel).
+      max_segments=32,
       # Cross-entropy over this many positions at a time, each chunk's logits recomputed
       # in the backward pass: float32 logits of the whole batch [B, T, vocab] never exist.
       # Must divide data.seq_len; 0 = all at once.
@@ -556,6 +560,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                       f'train.grad_accum ({t.grad_accum})')
   if cfg.data.seq_len < 2:
     raise ConfigError(f'data.seq_len must be >= 2, got {cfg.data.seq_len}')
+  if m.max_segments < 1:
+    raise ConfigError(f'model.max_segments must be >= 1, got {m.max_segments}')
   if m.loss_chunk < 0 or (m.loss_chunk and cfg.data.seq_len % m.loss_chunk):
     raise ConfigError(f'model.loss_chunk ({m.loss_chunk}) must be 0 or divide data.seq_len '
                       f'({cfg.data.seq_len})')

@@ -86,3 +86,31 @@ def test_bench_configs_load_and_size(name, params):
   assert cfg.model.dtype == 'bfloat16' and cfg.model.param_dtype == 'float32'
   setup = state_lib.make_setup(cfg, sharding.make_mesh(cfg.mesh))  # abstract: no memory
   assert setup.n_params == pytest.approx(params, rel=1e-3)
+
+
+def test_bench_suite_cases_and_driver(tmp_path, capsys):
+  """tools/bench_suite.py (the prepared GPU check): every case's config, full size and
+  smoke, is valid; a smoke run of three cases writes their rows, the table and the target
+  lines; a failing case is recorded and the rest still run."""
+  import bench_suite  # pylint: disable=import-outside-toplevel
+  for case in bench_suite.SUITES['gpu']:
+    for smoke in (False, True):
+      cfg, _ = bench_suite.case_config(case, smoke)
+      assert cfg.model.attention == ('xla' if smoke or 'xla' in case.name else 'cudnn')
+  out, md = tmp_path / 'rows.jsonl', tmp_path / 'table.md'
+  argv = ['--smoke', '--only', '125m,1b lora,1b lora dpo', '--json', str(out), '--md', str(md)]
+  assert bench_suite.main(argv) == 0
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r['case'] for r in rows] == ['125m', '1b lora', '1b lora dpo']
+  assert all(r['status'] == 'ok' and r['tokens_per_s'] > 0 for r in rows)
+  assert rows[2]['objective'] == 'dpo (adapters_off)' and rows[2]['batch'] == 2 * rows[1]['batch']
+  text = md.read_text()
+  assert '| 1b lora dpo | 8 x cpu | lora | dpo (adapters_off) |' in text
+  assert '- 125m MFU: not measured (target >= 40.0%)' in text  # no CPU peak
+  assert '- 1b LoRA DPO / SFT time per token: ' in text and 'x, ' in text
+  assert bench_suite.main(['--smoke', '--only', 'nope']) == 2
+  capsys.readouterr()
+  assert bench_suite.main(['--smoke', '--only', '125m,1b', '--budget_s', '0',
+                           '--json', str(tmp_path / 'b.jsonl')]) == 1  # nothing measured
+  rows = [json.loads(x) for x in (tmp_path / 'b.jsonl').read_text().splitlines()]
+  assert [r['status'] for r in rows] == ['skipped', 'skipped']

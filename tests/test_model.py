@@ -134,3 +134,105 @@ def test_flops_per_token_formula():
   cfg = tiny_config().model
   n = cfg.n_layers * (64 * 16 * (2 * 4 + 2 * 2) + 3 * 64 * 128) + 64 * 256
   assert transformer.flops_per_token(cfg, 32) == 6 * n + 6 * 2 * 32 * 64
+
+
+def _packed_rows(rng, b, t, max_docs):
+  """[b, t] segment ids: a few documents (ids 1, 2, ...) and sometimes a padding tail (0)."""
+  rows = []
+  for _ in range(b):
+    n = rng.integers(1, max_docs + 1)
+    cuts = np.sort(rng.choice(np.arange(1, t), n - 1, replace=False)) if n > 1 else []
+    row = np.zeros(t, np.int32)
+    for i, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, t])):
+      row[lo:hi] = i + 1
+    if rng.random() < 0.5:  # padding tail
+      row[t - rng.integers(1, t // 4):] = 0
+    rows.append(row)
+  return np.stack(rows)
+
+
+def test_segment_runs_describe_the_segment_mask():
+  """cuDNN's packed description (offsets, lengths) covers every token once and puts two
+  tokens in one segment exactly when their segment ids agree (contiguous documents)."""
+  rng = np.random.default_rng(0)
+  seg = _packed_rows(rng, 16, 48, 5)
+  offsets, lengths, n_runs = jax.device_get(attention.segment_runs(jnp.asarray(seg), 8))
+  assert offsets.shape == (16, 9) and lengths.shape == (16, 8)
+  np.testing.assert_array_equal(n_runs, attention.count_runs(seg, np))
+  np.testing.assert_array_equal(n_runs, jax.device_get(attention.count_runs(jnp.asarray(seg))))
+  for r in range(16):
+    which = np.full(48, -1)
+    for m in range(n_runs[r]):
+      assert which[offsets[r, m]:offsets[r, m] + lengths[r, m]].max() == -1
+      which[offsets[r, m]:offsets[r, m] + lengths[r, m]] = m
+    assert (which >= 0).all()
+    assert (offsets[r, n_runs[r]:] == -1).all() and (lengths[r, n_runs[r]:] == -1).all()
+    np.testing.assert_array_equal(which[:, None] == which[None, :],
+                                  seg[r][:, None] == seg[r][None, :])
+
+
+def _packed_reference(q, k, v, offsets, lengths):
+  """Attention as cuDNN's packed layout defines it: each described segment on its own,
+  causal (the xla kernel per segment, no mask)."""
+  out = np.full(q.shape, np.nan, np.float32)
+  for r in range(q.shape[0]):
+    for lo, n in zip(offsets[r], lengths[r]):
+      if n <= 0:
+        continue
+      sl = slice(lo, lo + n)
+      out[r, sl] = jax.nn.dot_product_attention(q[r:r + 1, sl], k[r:r + 1, sl],
+                                                v[r:r + 1, sl], is_causal=True)[0]
+  return out
+
+
+def test_packed_description_computes_the_masked_attention():
+  """The xla path with a segment mask == attention segment by segment over the runs that
+  `segment_runs` describes (the function the cuDNN packed path is asked to compute)."""
+  rng = np.random.default_rng(1)
+  seg = _packed_rows(rng, 4, 32, 4)
+  q = jnp.asarray(rng.normal(size=(4, 32, 4, 8)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(4, 32, 2, 8)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(4, 32, 2, 8)), jnp.float32)
+  offsets, lengths, _ = jax.device_get(attention.segment_runs(jnp.asarray(seg), 6))
+  want = attention.attention(q, k, v, jnp.asarray(seg))
+  np.testing.assert_allclose(_packed_reference(q, k, v, offsets, lengths), want, atol=1e-5)
+
+
+def test_too_many_segments_for_cudnn_is_a_clear_error():
+  seg = np.array([[1, 1, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1]], np.int32)  # 4 runs, 1 run
+  attention.check_segments(seg, 4)
+  with pytest.raises(ValueError, match='holds 4 segments .* model.max_segments is 3'):
+    attention.check_segments(seg, 3)
+  _, lengths, n_runs = attention.segment_runs(jnp.asarray(seg), 3)
+  assert n_runs.tolist() == [4, 1] and lengths.tolist() == [[2, 1, 1], [6, -1, -1]]
+  cfg = tiny_config()
+  with cfg.unlocked():
+    cfg.model.attention, cfg.model.max_segments = 'cudnn', 3
+  from lmjax.train import step as step_lib
+  with pytest.raises(ValueError, match='model.max_segments is 3'):
+    step_lib.check_host_batch(cfg, {'segment_ids': seg})
+  cfg.model.attention = 'xla'
+  step_lib.check_host_batch(cfg, {'segment_ids': seg})  # no bound on the xla path
+
+
+def test_cudnn_call_type_checks_against_this_jax(monkeypatch):
+  """The cuDNN path calls jax's fused_attention_stablehlo API (private): trace it here
+  (its hardware checks stubbed) so a jax upgrade that changes it fails on CPU, not on a
+  GPU. The packed call carries no [B, 1, T, T] mask; the values are tests/test_gpu.py's."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+  monkeypatch.setattr(cudnn, 'check_cudnn_version', lambda: 91000)
+  monkeypatch.setattr(cudnn, 'check_compute_capability', lambda c: True)
+  monkeypatch.setattr(cudnn, 'is_cuda_compute_capability_equal', lambda c: False)
+  q = jax.ShapeDtypeStruct((4, 256, 8, 64), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((4, 256, 2, 64), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((4, 256), jnp.int32)
+  for m in (1, 8):
+    f = lambda q, k, v, s, m=m: attention._cudnn_attention(q, k, v, s, m)  # pylint: disable=protected-access
+    grads = jax.eval_shape(lambda q, k, v, s: jax.vjp(lambda *a: f(*a, s), q, k, v)[1](q),
+                           q, kv, kv, seg)
+    assert [g.shape for g in grads] == [q.shape, kv.shape, kv.shape]
+    jaxpr = str(jax.make_jaxpr(f)(q, kv, kv, seg))
+    assert 'dot_product_attention' in jaxpr or 'fmha' in jaxpr
+    assert '4,1,256,256' not in jaxpr
+  out = jax.eval_shape(lambda q, k, v: attention._cudnn_attention(q, k, v, None, 1), q, kv, kv)  # pylint: disable=protected-access
+  assert out.shape == q.shape

@@ -400,9 +400,12 @@ def make_sft_dataset(cfg, tokenizer, split: str, *, batch_size: int, process_ind
                              process_count=process_count, seed=seed, repeat=repeat)
   it = _Overlong(it, d.seq_len, s.overlong, share if repeat else 2**62, conv.name)
   lengths = {k: d.seq_len for k in ('tokens', 'mask') + COUNTS}
+  # cuDNN attention takes at most model.max_segments runs a row: conversations + padding.
+  per_bin = cfg.model.max_segments - 1 if cfg.model.attention == 'cudnn' else None
   it = FirstFitPackIterDataset(it, length_struct=lengths, num_packing_bins=s.packing_bins,
                                seed=shuffle_seed(seed, '/sft-bins'),
-                               meta_features=('mask',) + COUNTS)
+                               meta_features=('mask',) + COUNTS,
+                               max_sequences_per_bin=per_bin or None)
   return finish(cfg, it.map(_to_example).batch(batch_size, drop_remainder=True))
 
 

@@ -48,15 +48,88 @@ def segment_mask(segment_ids: jax.Array | None) -> jax.Array | None:
   return same[:, None, :, :]
 
 
-def attention(q, k, v, segment_ids=None, implementation: str = 'xla'):
-  """Causal GQA attention. q: [B, T, N, H]; k, v: [B, S, K, H] with N % K == 0."""
-  impl = None if implementation == 'xla' else implementation
-  if impl == 'cudnn' and jax.default_backend() != 'gpu':
-    raise ValueError("model.attention='cudnn' needs a GPU; use 'xla' on "
-                     f'{jax.default_backend()}')
+def segment_runs(segment_ids: jax.Array, max_segments: int):
+  """cuDNN's packed-sequence description of rows of segment ids.
+
+  Every maximal run of equal ids in a row is one segment (a run of padding too, so each
+  token lies in exactly one segment and is computed). Returns (offsets [B, M + 1]: each
+  segment's first position, then -1; lengths [B, M]: its length, then -1; n_runs [B]),
+  M = max_segments. Runs past the M-th are left out: a row with n_runs > M is not
+  described (`attention` poisons it with NaN; the train loop refuses such a batch first).
+  """
+  b, t = segment_ids.shape
+  m = max_segments
+  starts = jnp.concatenate([jnp.ones((b, 1), bool),
+                            segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  run = jnp.cumsum(starts, axis=1, dtype=jnp.int32) - 1                  # [B, T]
+  n_runs = run[:, -1] + 1
+  rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+  at = jnp.where(starts, run, m + 1)                                      # m + 1: dropped
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  offsets = jnp.full((b, m + 1), -1, jnp.int32).at[rows, at].set(pos, mode='drop')
+  lengths = jnp.zeros((b, m), jnp.int32).at[rows, run].add(1, mode='drop')
+  lengths = jnp.where(jnp.arange(m) < n_runs[:, None], lengths, -1)
+  return offsets, lengths, n_runs
+
+
+def count_runs(segment_ids, xp=jnp):
+  """Runs of equal ids per row ([B, T] -> [B]), what `segment_runs` counts; xp=np on host."""
+  return 1 + xp.sum(segment_ids[:, 1:] != segment_ids[:, :-1], axis=1)
+
+
+def check_segments(segment_ids, max_segments: int) -> None:
+  """Host check of a batch for the cuDNN path: every row within model.max_segments."""
+  n = count_runs(np.asarray(segment_ids), np)
+  worst = int(n.max(initial=0))
+  if worst > max_segments:
+    raise ValueError(
+        f'a batch row holds {worst} segments (documents and padding runs) but '
+        f"model.max_segments is {max_segments}: cuDNN's packed attention takes a static "
+        'bound; raise model.max_segments (or use model.attention=xla)')
+
+
+# cuDNN mask for packed rows: causal inside each segment described by offsets/lengths.
+PACKED_MASK = 'PADDING_CAUSAL'
+
+
+def _cudnn_attention(q, k, v, segment_ids, max_segments: int):
+  """cuDNN fused (flash) attention, causal; packed documents through cuDNN's segment
+  offsets (jax's fused_attention_stablehlo API; jax.nn.dot_product_attention would turn a
+  segment mask into a [B, 1, T, T] bias and compute its gradient). tests/test_gpu.py
+  pins both paths against the xla one."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=g-import-not-at-top
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  if segment_ids is None:
+    return cudnn.dot_product_attention(q, k, v, scale=scale,
+                                       mask_type=cudnn.MaskType.CAUSAL)
+  if max_segments == 1:  # rows are one run each (checked): plain causal
+    out = cudnn.dot_product_attention(q, k, v, scale=scale,
+                                      mask_type=cudnn.MaskType.CAUSAL)
+    n_runs = count_runs(segment_ids)
+  else:
+    offsets, lengths, n_runs = segment_runs(segment_ids, max_segments)
+    out = cudnn.dot_product_attention(
+        q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
+        kv_offsets=offsets, scale=scale, mask_type=getattr(cudnn.MaskType, PACKED_MASK))
+  # A row with more runs than described would silently attend across documents: NaN.
+  bad = (n_runs > max_segments)[:, None, None, None]
+  return jnp.where(bad, jnp.asarray(jnp.nan, out.dtype), out)
+
+
+def attention(q, k, v, segment_ids=None, implementation: str = 'xla', max_segments: int = 32):
+  """Causal GQA attention. q: [B, T, N, H]; k, v: [B, S, K, H] with N % K == 0.
+
+  segment_ids [B, T] keep each token inside its document. 'xla' masks the scores;
+  'cudnn' (GPU) runs cuDNN's fused kernel, rows of at most `max_segments` runs of equal
+  segment ids (model.max_segments; 1: no packing, plain causal).
+  """
+  if implementation == 'cudnn':
+    if jax.default_backend() != 'gpu':
+      raise ValueError("model.attention='cudnn' needs a GPU; use 'xla' on "
+                       f'{jax.default_backend()}')
+    return _cudnn_attention(q, k, v, segment_ids, max_segments)
   return jax.nn.dot_product_attention(
-      q, k, v, mask=segment_mask(segment_ids), is_causal=True,
-      implementation='xla' if impl is None else impl)
+      q, k, v, mask=segment_mask(segment_ids), is_causal=True, implementation='xla')
 
 
 def cached_attention(q, k, v, cache_index, kv_mask):

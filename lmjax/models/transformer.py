@@ -132,7 +132,9 @@ class Attention(nnx.Module):
 
   def __call__(self, x, positions, segment_ids, lora=None):
     q, k, v = self._qkv(x, positions, lora)
-    return self._out(attn_lib.attention(q, k, v, segment_ids, self.cfg.attention), lora)
+    out = attn_lib.attention(q, k, v, segment_ids, self.cfg.attention,
+                             self.cfg.get('max_segments', 32))
+    return self._out(out, lora)
 
   def decode(self, x, positions, cache_k, cache_v, cache_index, kv_mask):
     """Attention with a KV cache (one layer's slice [B, S, K, H]).

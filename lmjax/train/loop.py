@@ -203,6 +203,7 @@ def _eval_sums(eval_step, weights, cfg, tok, mesh, process_index, process_count,
     sums = []
     for _ in range(cfg.train.eval_batches):
       host = {k: v for k, v in next(it).items() if k not in formats.COUNTS}
+      step_lib.check_host_batch(cfg, host)
       sums.append(eval_step(weights, sharding.place_batch(host, mesh, cfg.rules)))
   finally:
     it.close()  # stops its prefetch thread
@@ -400,6 +401,7 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
     if mixture:  # count each source's tokens on host, then drop the tag
       window_tokens[:] += np.bincount(host.pop(pipeline.SOURCE).ravel(),
                                       minlength=len(mixture) + 1)[1:len(mixture) + 1]
+    step_lib.check_host_batch(cfg, host)
     return sharding.place_batch(host, mesh, cfg.rules)
 
   def window_counts():

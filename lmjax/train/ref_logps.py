@@ -60,6 +60,7 @@ def compute(cfg, setup, params, tokenizer, split: str, n_pairs: int) -> np.ndarr
   try:
     for _ in range(batches):
       host = {k: v for k, v in next(it).items() if k not in preference.COUNTS}
+      step_lib.check_host_batch(cfg, host)
       index, lp = jax.device_get(ref_step(params, sharding.place_batch(host, setup.mesh,
                                                                        setup.rules)))
       table[index[0::2], 0] = lp[0::2]

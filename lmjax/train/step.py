@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from lmjax import sharding
+from lmjax.models import attention as attn_lib
 from lmjax.models import lora as lora_lib
 from lmjax.train import losses
 from lmjax.train import state as state_lib
@@ -203,6 +204,13 @@ def batch_keys(cfg) -> tuple[str, ...]:
   if reference_mode(cfg) == 'precomputed':
     return BATCH_KEYS + ('ref_logps',)
   return BATCH_KEYS
+
+
+def check_host_batch(cfg, host: dict) -> None:
+  """What the step cannot check on device: with model.attention='cudnn', every row holds
+  at most model.max_segments runs of segment ids (a clear error, before the step)."""
+  if cfg.model.attention == 'cudnn' and 'segment_ids' in host:
+    attn_lib.check_segments(host['segment_ids'], cfg.model.max_segments)
 
 
 def batch_spec(cfg, mesh, rows: int) -> dict:

@@ -1,0 +1,196 @@
+"""Runs a named suite of tools/bench.py cases in one process, within a time budget, and
+checks issue 6's targets: the prepared device check (tools/gpu_check.sh runs it on a GPU).
+
+  python tools/bench_suite.py --suite=gpu [--budget_s=420] [--json=rows.jsonl] [--md=t.md]
+  python tools/bench_suite.py --suite=gpu --smoke   # the same cases, tiny, on CPU (CI)
+
+Cases run in priority order (the headline rows first); a case that fails is recorded
+with its error and the suite goes on; once --budget_s has passed, the remaining cases
+are recorded as skipped. Each row is appended to --json as soon as it is measured, so a
+run cut short keeps what it measured. The last lines printed are the table and the
+target checks (MFU of the 125M and 1B configs, LoRA vs full tokens/s, DPO vs SFT step).
+
+--smoke swaps each config's cuDNN attention for xla (the ':cpu' arg) and shrinks the
+model, batch and sequence (SMOKE), one step each: it checks that every case's config
+and overrides are valid and that the driver works, not speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402  pylint: disable=g-import-not-at-top
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  name: str
+  config: str                      # configs/... relative to the repository root
+  overrides: tuple = ()            # (key, value) pairs
+  mode: str = 'full'               # full | lora
+  objective: str = 'lm'            # lm | dpo
+  steps: int = 20
+
+
+B125, B1 = 'configs/bench/llama_125m.py', 'configs/bench/llama_1b.py'
+# Synthetic rows are one document each: model.max_segments=1 runs cuDNN's plain causal
+# kernel, what an unpacked run gets; the 'packed' cases measure the segment-offset path.
+ONE = (('model.max_segments', 1),)
+
+SUITES = {
+    'gpu': (
+        Case('125m', B125, ONE),
+        Case('1b', B1, ONE),
+        Case('1b lora', B1, ONE, mode='lora'),
+        Case('1b lora dpo', B1, ONE, mode='lora', objective='dpo'),
+        Case('125m packed (max_segments 32)', B125, (('model.max_segments', 32),)),
+        Case('1b packed (max_segments 32)', B1, (('model.max_segments', 32),)),
+        Case('125m xla attention', B125, (('model.attention', 'xla'),)),
+        Case('125m unrolled layers', B125, ONE + (('model.scan_layers', False),)),
+        Case('125m loss_chunk 512', B125, ONE + (('model.loss_chunk', 512),)),
+        Case('125m batch 64, remat dots_no_batch', B125,
+             ONE + (('train.global_batch', 64), ('model.remat', 'dots_no_batch'))),
+        Case('1b remat none', B1, ONE + (('model.remat', 'none'),)),
+        Case('1b remat full, batch 32', B1,
+             ONE + (('model.remat', 'full'), ('train.global_batch', 32))),
+        Case('1b bf16 params', B1, ONE + (('model.param_dtype', 'bfloat16'),)),
+        Case('1b loss_chunk 512', B1, ONE + (('model.loss_chunk', 512),)),
+        Case('1b full dpo (copy)', B1, ONE, objective='dpo'),
+        Case('1b full dpo (precomputed)', B1, ONE + (('dpo.reference', 'precomputed'),),
+             objective='dpo'),
+    ),
+}
+
+SMOKE = (('model.d_model', 64), ('model.n_layers', 2), ('model.n_heads', 4),
+         ('model.n_kv_heads', 2), ('model.d_ff', 128), ('model.vocab_size', 512),
+         ('tokenizer.vocab_size', 512), ('data.seq_len', 64), ('train.global_batch', 8))
+
+# Issue 6's targets: (label, value from the rows, bound, 'min' | 'max').
+def targets(rows: dict) -> list[tuple[str, float | None, float, str]]:
+  def get(name, key):
+    r = rows.get(name)
+    return None if r is None or r.get('status') != 'ok' else r[key]
+
+  def ratio(a, b):
+    return None if a is None or b is None else a / b
+  return [
+      ('125m MFU', get('125m', 'mfu'), 0.40, 'min'),
+      ('1b MFU', get('1b', 'mfu'), 0.55, 'min'),
+      ('1b LoRA / full tokens/s', ratio(get('1b lora', 'tokens_per_s'),
+                                        get('1b', 'tokens_per_s')), 1.3, 'min'),
+      # On the same tokens: a DPO step has 2x the rows of the LM (SFT) step.
+      ('1b LoRA DPO / SFT time per token', ratio(get('1b lora', 'tokens_per_s'),
+                                                 get('1b lora dpo', 'tokens_per_s')), 2.2,
+       'max'),
+  ]
+
+
+def case_config(case: Case, smoke: bool):
+  """(the case's validated ConfigDict, its overrides)."""
+  from lmjax import config as config_lib  # pylint: disable=import-outside-toplevel
+  path = os.path.join(ROOT, case.config) + (':cpu' if smoke else '')
+  overrides = dict(case.overrides + (SMOKE if smoke else ()))
+  if smoke and overrides.get('model.attention') == 'cudnn':
+    overrides['model.attention'] = 'xla'
+  if smoke and 'train.global_batch' in dict(case.overrides):
+    overrides['train.global_batch'] = 16
+  if smoke and overrides.get('model.loss_chunk'):
+    overrides['model.loss_chunk'] = 16
+  return config_lib.load(path, overrides={'lora.enabled': False, **overrides}), overrides
+
+
+def run_case(case: Case, smoke: bool, peak_tflops: float | None) -> dict:
+  cfg, overrides = case_config(case, smoke)
+  steps, warmup = (1, 1) if smoke else (case.steps, 2)
+  row = bench.run(cfg, mode=case.mode, objective=case.objective, steps=steps, warmup=warmup,
+                  peak_tflops=peak_tflops)
+  row.update(config=case.config, overrides=overrides)
+  return row
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=__doc__.split('\n\n', 1)[1])
+  parser.add_argument('--suite', default='gpu', choices=sorted(SUITES))
+  parser.add_argument('--budget_s', type=float, default=420.0,
+                      help='start no case after this many seconds')
+  parser.add_argument('--only', default='', help='comma-separated case names to run')
+  parser.add_argument('--smoke', action='store_true', help='tiny cases on CPU (see above)')
+  parser.add_argument('--peak_tflops', type=float, default=None)
+  parser.add_argument('--json', default=None, help='append each row to this JSONL file')
+  parser.add_argument('--md', default=None, help='write the table and checks here')
+  args = parser.parse_args(argv)
+
+  import jax  # pylint: disable=import-outside-toplevel
+  cases = SUITES[args.suite]
+  if args.only:
+    names = [n.strip() for n in args.only.split(',')]
+    unknown = sorted(set(names) - {c.name for c in cases})
+    if unknown:
+      print(f'bench_suite: unknown case(s) {unknown}; known: {[c.name for c in cases]}',
+            file=sys.stderr)
+      return 2
+    cases = tuple(c for c in cases if c.name in names)
+  print(f'bench_suite: {len(cases)} cases on {jax.device_count()} x '
+        f'{jax.devices()[0].device_kind}, jax {jax.__version__}, budget {args.budget_s:.0f} s',
+        flush=True)
+  t0 = time.perf_counter()
+  rows = {}
+  for case in cases:
+    elapsed = time.perf_counter() - t0
+    if elapsed > args.budget_s:
+      row = {'status': 'skipped', 'error': f'budget ({elapsed:.0f} s elapsed)'}
+    else:
+      try:
+        row = {'status': 'ok', **run_case(case, args.smoke, args.peak_tflops)}
+      except Exception as e:  # pylint: disable=broad-except
+        traceback.print_exc()
+        row = {'status': 'failed', 'error': f'{type(e).__name__}: {str(e)[:300]}'}
+      gc.collect()
+      jax.clear_caches()
+    row.update(case=case.name, suite=args.suite, smoke=args.smoke,
+               date=time.strftime('%Y-%m-%d'), wall_s=time.perf_counter() - t0)
+    rows[case.name] = row
+    line = (bench.format_row(row) if row['status'] == 'ok' else (row['status'], row['error']))
+    print(f'[{row["wall_s"]:6.0f} s] {case.name}: ' + ' | '.join(map(str, line)), flush=True)
+    if args.json:
+      with open(args.json, 'a') as f:
+        f.write(json.dumps(row) + '\n')
+
+  ok = [r for r in rows.values() if r['status'] == 'ok']
+  lines = ['| case | ' + ' | '.join(bench.HEADER) + ' |',
+           '|' + '---|' * (len(bench.HEADER) + 1)]
+  lines += [f'| {r["case"]} | ' + ' | '.join(bench.format_row(r)) + ' |' for r in ok]
+  lines += [f'| {r["case"]} | {r["status"]}: {r["error"]} |' for r in rows.values()
+            if r['status'] != 'ok']
+  lines.append('')
+  for label, value, bound, kind in targets(rows):
+    fmt = (lambda x: f'{x:.1%}') if 'MFU' in label else (lambda x: f'{x:.2f}x')
+    if value is None:
+      verdict = 'not measured'
+    else:
+      good = value >= bound if kind == 'min' else value <= bound
+      verdict = f'{fmt(value)}, {"meets" if good else "misses"}'
+    lines.append(f'- {label}: {verdict} (target {">=" if kind == "min" else "<="} '
+                 f'{fmt(bound)})')
+  text = '\n'.join(lines)
+  print(text)
+  if args.md:
+    with open(args.md, 'w') as f:
+      f.write(text + '\n')
+  return 0 if ok else 1
+
+
+if __name__ == '__main__':
+  sys.exit(main())
