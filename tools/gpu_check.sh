@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Issue 6's device check in one call of the device tool (about 8 minutes on one H100/H200):
+#   here, once:   bash tools/fetch_device_wheels.sh        # .whl/
+#   the device:   run(command="bash tools/gpu_check.sh", carry=[".whl"], timeout_s=600)
+# 1. environment (GPU, driver, jax, cuDNN); 2. tests/test_gpu.py (cuDNN attention against
+# xla on packed rows); 3. tools/bench_suite.py --suite=gpu within $BENCH_BUDGET seconds.
+# BENCH_ARGS adds bench_suite flags (e.g. --only=...; tests/test_bench.py runs this script on
+# CPU with --smoke). Writes under $OUT (or /tmp/gpu_check): env.txt, test_gpu.log, bench.log, bench.err,
+# rows.jsonl, table.md; the last lines printed are the bench table and issue 6's targets.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+BUDGET=${BENCH_BUDGET:-330}
+WHEELS=${WHEELS:-.whl}
+if compgen -G "$WHEELS/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "$WHEELS"/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  python3 -c "import jax; print('jax', jax.__version__, jax.devices())
+from jax._src.lib import cuda_versions
+print('cudnn', cuda_versions.cudnn_get_version() if cuda_versions else None)"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/test_gpu.log" 2>&1
+echo "tests/test_gpu.py exit $?: $(tail -1 "$OUT/test_gpu.log")"
+grep -E '^(FAILED|ERROR)|^E ' "$OUT/test_gpu.log" | head -20
+timeout $((BUDGET + 200)) python3 tools/bench_suite.py --suite=gpu --budget_s="$BUDGET" \
+  --json="$OUT/rows.jsonl" --md="$OUT/table.md" ${BENCH_ARGS:-} 2> "$OUT/bench.err" \
+  | tee "$OUT/bench.log"
+echo "bench_suite exit ${PIPESTATUS[0]}"
