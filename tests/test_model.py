@@ -236,3 +236,25 @@ def test_cudnn_call_type_checks_against_this_jax(monkeypatch):
     assert '4,1,256,256' not in jaxpr
   out = jax.eval_shape(lambda q, k, v: attention._cudnn_attention(q, k, v, None, 1), q, kv, kv)  # pylint: disable=protected-access
   assert out.shape == q.shape
+
+
+@pytest.mark.parametrize('d,layers,t,vocab,tie', [(64, 2, 64, 256, False),
+                                                  (128, 4, 128, 512, True)])
+def test_flops_formula_against_xla_count(d, layers, t, vocab, tie):
+  """MFU's numerator against XLA's own FLOP count of the compiled loss gradient (layers
+  unrolled: XLA's cost analysis counts a scan body once). XLA computes the masked half of
+  causal attention too, so its count is the formula with attention counted twice, plus a
+  few percent of elementwise work."""
+  from lmjax.train import step as step_lib
+  cfg = tiny_config(d_model=d, n_layers=layers, d_ff=2 * d, vocab_size=vocab, n_heads=4,
+                    n_kv_heads=2, scan_layers=False, tie_embeddings=tie)
+  cfg.data.seq_len = t
+  model = transformer.build(ml_collections.FrozenConfigDict(cfg.model))
+  graphdef, params = nnx.split(model)
+  batch = {k: jnp.asarray(v) for k, v in random_batch(cfg).items()}
+  grad = jax.jit(jax.grad(lambda p: step_lib.loss_sums(graphdef, p, batch, 0.0)[0]))
+  cost = grad.lower(params).compile().cost_analysis()
+  xla = (cost[0] if isinstance(cost, list) else cost)['flops'] / batch['inputs'].size
+  formula = transformer.flops_per_token(cfg.model, t)
+  both_halves = formula + 6 * layers * t * 4 * (d // 4)
+  assert 1.0 <= xla / both_halves < 1.06, (xla, both_halves)
