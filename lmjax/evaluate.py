@@ -64,6 +64,7 @@ def perplexity(graphdef, params, cfg, tokenizer, split: str | None = None, *,
       for batch in it:
         if max_batches is not None and n >= max_batches:
           break
+        step_lib.check_host_batch(cfg, batch)
         nll, k = _nll_sums(graphdef, params, sharding.place_batch(batch, mesh, rules))
         total, count, n = total + float(nll), count + float(k), n + 1
   finally:

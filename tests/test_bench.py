@@ -93,6 +93,8 @@ def test_bench_suite_cases_and_driver(tmp_path, capsys):
   smoke, is valid; a smoke run of three cases writes their rows, the table and the target
   lines; a failing case is recorded and the rest still run."""
   import bench_suite  # pylint: disable=import-outside-toplevel
+  names = [c.name for c in bench_suite.SUITES['gpu']]
+  assert len(set(names)) == len(names) and not any(',' in n for n in names)  # --only splits on ','
   for case in bench_suite.SUITES['gpu']:
     for smoke in (False, True):
       cfg, _ = bench_suite.case_config(case, smoke)

@@ -65,6 +65,19 @@ def test_cudnn_packed_matches_xla_values_and_grads(max_docs):
     assert _rel(a, b) < 2e-2, (name, _rel(a, b))
 
 
+@pytest.mark.parametrize('mask', ['CAUSAL', 'PADDING_CAUSAL'])
+def test_cudnn_packed_mask_types(mask, monkeypatch):
+  """Which of cuDNN's mask types computes causal attention inside each packed segment (a
+  diagnostic for attention.PACKED_MASK, PADDING_CAUSAL, which the test above pins)."""
+  monkeypatch.setattr(attention, 'PACKED_MASK', mask)
+  q, k, v, g = _qkv(4)
+  seg = _rows(np.random.default_rng(4), 4, 256, 4)
+  want = _out_and_grads('xla', q, k, v, g, seg)
+  got = jax.jit(lambda *a: _out_and_grads('cudnn', *a))(q, k, v, g, seg)
+  errors = [_rel(a, b) for a, b in zip(got, want)]
+  assert max(errors) < 2e-2, errors
+
+
 def test_cudnn_single_run_rows_use_the_plain_kernel():
   q, k, v, g = _qkv(1)
   seg = jnp.ones((4, 256), jnp.int32)
