@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from lmjax.models import attention, transformer
-from util import random_batch, tiny_config
+from util import packed_segment_ids, random_batch, tiny_config
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != 'gpu', reason='needs a GPU')
 
@@ -26,16 +26,8 @@ def _rel(a, b):
 
 
 def _rows(rng, b, t, max_docs):
-  rows = []
-  for _ in range(b):
-    n = int(rng.integers(1, max_docs + 1))
-    cuts = np.sort(rng.choice(np.arange(8, t - 8), n - 1, replace=False)) if n > 1 else []
-    row = np.zeros(t, np.int32)
-    for i, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, t])):
-      row[lo:hi] = i + 1
-    row[t - int(rng.integers(1, t // 8)):] = 0  # padding tail
-    rows.append(row)
-  return jnp.asarray(np.stack(rows))
+  """Packed rows, every one with a padding tail."""
+  return jnp.asarray(packed_segment_ids(rng, b, t, max_docs, pad=1.0, margin=8))
 
 
 def _qkv(seed, b=4, t=256, n=8, k=2, h=64):

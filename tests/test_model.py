@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from lmjax.models import attention, transformer
-from util import random_batch, tiny_config
+from util import packed_segment_ids, random_batch, tiny_config
 
 
 def _model(**kw):
@@ -136,26 +136,11 @@ def test_flops_per_token_formula():
   assert transformer.flops_per_token(cfg, 32) == 6 * n + 6 * 2 * 32 * 64
 
 
-def _packed_rows(rng, b, t, max_docs):
-  """[b, t] segment ids: a few documents (ids 1, 2, ...) and sometimes a padding tail (0)."""
-  rows = []
-  for _ in range(b):
-    n = rng.integers(1, max_docs + 1)
-    cuts = np.sort(rng.choice(np.arange(1, t), n - 1, replace=False)) if n > 1 else []
-    row = np.zeros(t, np.int32)
-    for i, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, t])):
-      row[lo:hi] = i + 1
-    if rng.random() < 0.5:  # padding tail
-      row[t - rng.integers(1, t // 4):] = 0
-    rows.append(row)
-  return np.stack(rows)
-
-
 def test_segment_runs_describe_the_segment_mask():
   """cuDNN's packed description (offsets, lengths) covers every token once and puts two
   tokens in one segment exactly when their segment ids agree (contiguous documents)."""
   rng = np.random.default_rng(0)
-  seg = _packed_rows(rng, 16, 48, 5)
+  seg = packed_segment_ids(rng, 16, 48, 5)
   offsets, lengths, n_runs = jax.device_get(attention.segment_runs(jnp.asarray(seg), 8))
   assert offsets.shape == (16, 9) and lengths.shape == (16, 8)
   np.testing.assert_array_equal(n_runs, attention.count_runs(seg, np))
@@ -189,7 +174,7 @@ def test_packed_description_computes_the_masked_attention():
   """The xla path with a segment mask == attention segment by segment over the runs that
   `segment_runs` describes (the function the cuDNN packed path is asked to compute)."""
   rng = np.random.default_rng(1)
-  seg = _packed_rows(rng, 4, 32, 4)
+  seg = packed_segment_ids(rng, 4, 32, 4)
   q = jnp.asarray(rng.normal(size=(4, 32, 4, 8)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(4, 32, 2, 8)), jnp.float32)
   v = jnp.asarray(rng.normal(size=(4, 32, 2, 8)), jnp.float32)

@@ -41,6 +41,23 @@ def random_batch(cfg, seed=0, docs_per_row=1):
               positions=pos, loss_mask=mask)
 
 
+def packed_segment_ids(rng, b, t, max_docs, pad=0.5, margin=1):
+  """[b, t] int32 segment ids: 1..n documents a row (cut at least `margin` from the row's
+  ends), with a padding tail (id 0) in a `pad` fraction of rows."""
+  rows = []
+  for _ in range(b):
+    n = int(rng.integers(1, max_docs + 1))
+    cuts = (np.sort(rng.choice(np.arange(margin, t - margin + 1), n - 1, replace=False))
+            if n > 1 else [])
+    row = np.zeros(t, np.int32)
+    for i, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, t])):
+      row[lo:hi] = i + 1
+    if rng.random() < pad:
+      row[t - int(rng.integers(1, t // 4)):] = 0
+    rows.append(row)
+  return np.stack(rows)
+
+
 def write_corpus(root, n_files=40, seed=0):
   """A small corpus of text files with real structure (code-like and prose lines)."""
   rng = np.random.default_rng(seed)
