@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from lmjax.models import attention, transformer
-from util import packed_segment_ids, random_batch, tiny_config
+from util import packed_and_alone, packed_segment_ids, random_batch, tiny_config
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != 'gpu', reason='needs a GPU')
 
@@ -106,19 +106,10 @@ def _model(attn, **kw):
 
 def test_cudnn_packed_rows_equal_separate_documents():
   model, _ = _model('cudnn')
-  rng = np.random.default_rng(0)
-  a = rng.integers(4, 256, 40).astype(np.int32)
-  b = rng.integers(4, 256, 24).astype(np.int32)
-  packed = jnp.asarray(np.concatenate([a, b])[None])
-  seg = jnp.asarray(np.array([[1] * 40 + [2] * 24], np.int32))
-  pos = jnp.asarray(np.array([list(range(40)) + list(range(24))], np.int32))
-  out = np.asarray(model(packed, pos, seg)[0])
-  alone_a = np.asarray(model(jnp.asarray(a[None]))[0])
-  alone_b = np.asarray(model(jnp.asarray(b[None]))[0])
-  assert _rel(out[:40], alone_a) < 2e-2 and _rel(out[40:], alone_b) < 2e-2
+  packed, alone, leaky = packed_and_alone(model, [40, 24])
+  assert all(_rel(p, a) < 2e-2 for p, a in zip(packed, alone))
   # The second document's logits differ when it can see the first (the test can fail).
-  leaky = np.asarray(model(packed, pos, jnp.ones_like(seg))[0])
-  assert _rel(leaky[40:], alone_b) > 5 * _rel(out[40:], alone_b)
+  assert _rel(leaky[1], alone[1]) > 5 * _rel(packed[1], alone[1])
 
 
 def test_cudnn_model_loss_and_grads_match_xla():

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from lmjax.models import attention, transformer
-from util import packed_segment_ids, random_batch, tiny_config
+from util import packed_and_alone, packed_segment_ids, random_batch, tiny_config
 
 
 def _model(**kw):
@@ -15,21 +15,12 @@ def _model(**kw):
 
 
 def test_packed_rows_equal_separate_documents():
-  model, cfg = _model()
-  rng = np.random.default_rng(0)
-  a = rng.integers(4, 256, 13).astype(np.int32)
-  b = rng.integers(4, 256, 19).astype(np.int32)
-  packed = jnp.asarray(np.concatenate([a, b])[None])
-  seg = jnp.asarray(np.array([[1] * 13 + [2] * 19], np.int32))
-  pos = jnp.asarray(np.array([list(range(13)) + list(range(19))], np.int32))
-  out = model(packed, pos, seg)[0]
-  alone_a = model(jnp.asarray(a[None]))[0]
-  alone_b = model(jnp.asarray(b[None]))[0]
-  np.testing.assert_allclose(out[:13], alone_a, atol=1e-5)
-  np.testing.assert_allclose(out[13:], alone_b, atol=1e-5)
+  model, _ = _model()
+  packed, alone, leaky = packed_and_alone(model, [13, 19])
+  for p, a in zip(packed, alone):
+    np.testing.assert_allclose(p, a, atol=1e-5)
   # Without segment ids the second document would see the first: the test can fail.
-  leaky = model(packed, pos)[0]
-  assert np.max(np.abs(leaky[13:] - alone_b)) > 1e-3
+  assert np.max(np.abs(leaky[1] - alone[1])) > 1e-3
 
 
 @pytest.mark.parametrize('variant', [

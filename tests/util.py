@@ -58,6 +58,23 @@ def packed_segment_ids(rng, b, t, max_docs, pad=0.5, margin=1):
   return np.stack(rows)
 
 
+def packed_and_alone(model, lengths, vocab=256, seed=0):
+  """Logits of documents of `lengths` packed into one row (segment ids, restarted
+  positions), of each run alone, and of the packed row with one segment for all (what a
+  kernel that attends across documents computes): three lists of [len, V] arrays."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  docs = [rng.integers(4, vocab, n).astype(np.int32) for n in lengths]
+  packed = jnp.asarray(np.concatenate(docs)[None])
+  seg = jnp.asarray(np.concatenate([np.full(n, i + 1, np.int32)
+                                    for i, n in enumerate(lengths)])[None])
+  pos = jnp.asarray(np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])[None])
+  cut = np.cumsum(lengths)[:-1]
+  split = lambda x: np.split(np.asarray(x[0], np.float32), cut)
+  alone = [np.asarray(model(jnp.asarray(d[None]))[0], np.float32) for d in docs]
+  return split(model(packed, pos, seg)), alone, split(model(packed, pos, jnp.ones_like(seg)))
+
+
 def write_corpus(root, n_files=40, seed=0):
   """A small corpus of text files with real structure (code-like and prose lines)."""
   rng = np.random.default_rng(seed)

@@ -101,8 +101,6 @@ def case_config(case: Case, smoke: bool):
   from lmjax import config as config_lib  # pylint: disable=import-outside-toplevel
   path = os.path.join(ROOT, case.config) + (':cpu' if smoke else '')
   overrides = dict(case.overrides + (SMOKE if smoke else ()))
-  if smoke and overrides.get('model.attention') == 'cudnn':
-    overrides['model.attention'] = 'xla'
   if smoke and 'train.global_batch' in dict(case.overrides):
     overrides['train.global_batch'] = 16
   if smoke and overrides.get('model.loss_chunk'):

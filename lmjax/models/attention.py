@@ -99,12 +99,10 @@ def _cudnn_attention(q, k, v, segment_ids, max_segments: int):
   pins both paths against the xla one."""
   from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=g-import-not-at-top
   scale = 1.0 / math.sqrt(q.shape[-1])
-  if segment_ids is None:
-    return cudnn.dot_product_attention(q, k, v, scale=scale,
-                                       mask_type=cudnn.MaskType.CAUSAL)
-  if max_segments == 1:  # rows are one run each (checked): plain causal
-    out = cudnn.dot_product_attention(q, k, v, scale=scale,
-                                      mask_type=cudnn.MaskType.CAUSAL)
+  if segment_ids is None or max_segments == 1:  # one run a row (checked below): plain causal
+    out = cudnn.dot_product_attention(q, k, v, scale=scale, mask_type=cudnn.MaskType.CAUSAL)
+    if segment_ids is None:
+      return out
     n_runs = count_runs(segment_ids)
   else:
     offsets, lengths, n_runs = segment_runs(segment_ids, max_segments)
