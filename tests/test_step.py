@@ -173,3 +173,32 @@ def test_skipped_step_leaves_the_state_and_reports_it():
   state, m = step(state, sharding.place_batch(good, mesh, cfg.rules))
   assert not bool(m['skipped']) and int(m['skipped_in_a_row']) == 0
   assert np.isfinite(jax.device_get(state['params'])['embed']).all()
+
+
+@pytest.mark.parametrize('mode,stage,tie,chunk', [
+    ('full', 'pretrain', False, 0), ('full', 'pretrain', True, 8), ('lora', 'sft', False, 0),
+    ('full', 'dpo', False, 8), ('lora', 'dpo', True, 0)])
+def test_bfloat16_step_has_no_float32_matmul(mode, stage, tie, chunk):
+  """With model.dtype bfloat16 every matmul of the train step (forward and gradient,
+  LM head, LoRA, DPO) multiplies bf16 operands, or runs the BF16_BF16_F32 algorithm:
+  a float32 operand under the default precision is a float32 matmul on a GPU (the LM
+  head's gradient was one, 12% of the 125M bench step's matmul FLOPs)."""
+  from lmjax.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  from util import dot_generals  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config(dtype='bfloat16', tie_embeddings=tie, loss_chunk=chunk)
+  cfg.stage = stage
+  cfg.lora.enabled = mode == 'lora'
+  if mode == 'lora':
+    lora_lib.validate(cfg)
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  setup = state_lib.make_setup(cfg, mesh)
+  step = step_lib.make_train_step(cfg, setup)
+  rows = cfg.train.global_batch * loop.rows_per_example(cfg)
+  with sharding.use_mesh(mesh, cfg.rules):
+    jaxpr = jax.make_jaxpr(step.jitted)(setup.abstract_state,
+                                        step_lib.batch_spec(cfg, mesh, rows))
+  dots = dot_generals(jaxpr)
+  bf16_algo = jax.lax.DotAlgorithmPreset.BF16_BF16_F32
+  slow = [(a.str_short(), b.str_short()) for a, b, prec in dots
+          if not (a.dtype == b.dtype == jax.numpy.bfloat16 or prec == bf16_algo)]
+  assert len(dots) > 20 and not slow, slow
