@@ -220,6 +220,14 @@ def test_cudnn_call_type_checks_against_this_jax(monkeypatch):
     assert '4,1,256,256' not in jaxpr
   out = jax.eval_shape(lambda q, k, v: attention._cudnn_attention(q, k, v, None, 1), q, kv, kv)  # pylint: disable=protected-access
   assert out.shape == q.shape
+  # A jax whose private API lost the offsets: the packed rows fall back to the public
+  # API's mask (a bias), with a warning, rather than failing.
+  assert attention._has_segment_offsets(cudnn.dot_product_attention)  # pylint: disable=protected-access
+  monkeypatch.setattr(cudnn, 'dot_product_attention', lambda q, k, v, bias=None, mask=None: q)
+  with pytest.warns(UserWarning, match='no segment offsets'):
+    jaxpr = str(jax.make_jaxpr(lambda q, k, v, s: attention._cudnn_attention(q, k, v, s, 8))(  # pylint: disable=protected-access
+        q, kv, kv, seg))
+  assert 'dot_product_attention' in jaxpr or 'fmha' in jaxpr
 
 
 @pytest.mark.parametrize('d,layers,t,vocab,tie', [(64, 2, 64, 256, False),

@@ -26,7 +26,12 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   python3 -c "import jax; print('jax', jax.__version__, jax.devices())
 from jax._src.lib import cuda_versions
-print('cudnn', cuda_versions.cudnn_get_version() if cuda_versions else None)"
+print('cudnn', cuda_versions.cudnn_get_version() if cuda_versions else None)
+import importlib.metadata as md
+for p in ('jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'ml-collections',
+          'tensorflow-datasets', 'sentencepiece', 'numpy'):
+  try: print(p, md.version(p))
+  except md.PackageNotFoundError: print(p, 'missing')"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/test_gpu.log" 2>&1

@@ -6,7 +6,9 @@ attention inside its own document, and `positions` restart at 0 for each one.
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -93,18 +95,28 @@ PACKED_MASK = 'PADDING_CAUSAL'
 
 
 def _cudnn_attention(q, k, v, segment_ids, max_segments: int):
-  """cuDNN fused (flash) attention, causal; packed documents through cuDNN's segment
-  offsets (jax's fused_attention_stablehlo API; jax.nn.dot_product_attention would turn a
-  segment mask into a [B, 1, T, T] bias and compute its gradient). tests/test_gpu.py
-  pins both paths against the xla one."""
-  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=g-import-not-at-top
+  """cuDNN fused (flash) attention, causal. Rows of one document: jax's public API (no
+  mask: cuDNN's causal kernel). Packed documents: cuDNN's segment offsets, through jax's
+  fused_attention_stablehlo API (private: jax.nn.dot_product_attention would turn a
+  segment mask into a [B, 1, T, T] bias and compute its gradient; that is the fallback,
+  with a warning, for a jax whose private API lacks the offsets). tests/test_gpu.py pins
+  both paths against the xla one."""
   scale = 1.0 / math.sqrt(q.shape[-1])
   if segment_ids is None or max_segments == 1:  # one run a row (checked below): plain causal
-    out = cudnn.dot_product_attention(q, k, v, scale=scale, mask_type=cudnn.MaskType.CAUSAL)
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                       implementation='cudnn')
     if segment_ids is None:
       return out
     n_runs = count_runs(segment_ids)
   else:
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=g-import-not-at-top
+    if not _has_segment_offsets(cudnn.dot_product_attention):
+      _warn_once('this jax\'s cuDNN attention API takes no segment offsets: packed rows '
+                 'run with a [B, 1, T, T] mask (slower); model.max_segments=1 (one '
+                 'document a row) keeps the plain causal kernel')
+      return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids),
+                                          scale=scale, is_causal=True,
+                                          implementation='cudnn')
     offsets, lengths, n_runs = segment_runs(segment_ids, max_segments)
     out = cudnn.dot_product_attention(
         q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
@@ -112,6 +124,21 @@ def _cudnn_attention(q, k, v, segment_ids, max_segments: int):
   # A row with more runs than described would silently attend across documents: NaN.
   bad = (n_runs > max_segments)[:, None, None, None]
   return jnp.where(bad, jnp.asarray(jnp.nan, out.dtype), out)
+
+
+def _has_segment_offsets(fn) -> bool:
+  params = inspect.signature(fn).parameters
+  return all(p in params for p in ('q_seqlen', 'kv_seqlen', 'q_offsets', 'kv_offsets',
+                                   'mask_type'))
+
+
+_WARNED = set()
+
+
+def _warn_once(msg: str) -> None:
+  if msg not in _WARNED:
+    _WARNED.add(msg)
+    warnings.warn(msg, stacklevel=3)
 
 
 def attention(q, k, v, segment_ids=None, implementation: str = 'xla', max_segments: int = 32):
