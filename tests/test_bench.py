@@ -135,3 +135,29 @@ def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
   assert 'jax ' in (tmp_path / 'env.txt').read_text()
   (row,) = [json.loads(line) for line in (tmp_path / 'rows.jsonl').read_text().splitlines()]
   assert row['case'] == '125m' and row['status'] == 'ok'
+
+
+def test_bench_matmul_count_matches_the_formula(capsys):
+  """--matmuls: a float32 step without remat does 6N + xla attention's full T x T (both
+  halves, 12·L·T·heads·head_dim per token: the formula's causal 6 plus 6) in matmuls, all
+  float32; in bfloat16, no float32 operand runs at the default precision."""
+  from lmjax import config as config_lib
+  from lmjax.models import transformer
+  small = dict((kv.split('=')[0], int(kv.split('=')[1])) for kv in SMALL)
+  cfg = config_lib.load(os.path.join(ROOT, 'configs', 'pretrain_tiny.py'),
+                        overrides={**small, 'model.dtype': 'float32', 'model.remat': 'none',
+                                   'lora.enabled': False})
+  m = cfg.model
+  got = bench.matmul_shares(cfg)
+  extra = 6 * m.n_layers * cfg.data.seq_len * m.n_heads * transformer.head_dim(m)
+  assert got['formula_flops_per_token'] == transformer.flops_per_token(m, cfg.data.seq_len)
+  assert got['matmul_flops_per_token'] == pytest.approx(got['formula_flops_per_token'] + extra,
+                                                        rel=1e-9)
+  assert got['shares'] == {'float32 x float32 (default)': 1.0}
+  argv = ['--config', os.path.join(ROOT, 'configs', 'pretrain_tiny.py'), '--matmuls',
+          '--mode', 'both', '--set', 'model.dtype=bfloat16']
+  assert bench.main(argv + [a for s in SMALL for a in ('--set', s)]) == 0
+  text = capsys.readouterr().out
+  assert text.count('| operands (precision) | share of matmul FLOPs |') == 2
+  assert 'full lm:' in text and 'lora lm:' in text and '| bfloat16 x bfloat16 (default) |' in text
+  assert 'float32 x bfloat16 (default)' not in text and 'float32 (default)' not in text

@@ -184,7 +184,7 @@ def test_bfloat16_step_has_no_float32_matmul(mode, stage, tie, chunk):
   a float32 operand under the default precision is a float32 matmul on a GPU (the LM
   head's gradient was one, 12% of the 125M bench step's matmul FLOPs)."""
   from lmjax.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
-  from util import dot_generals  # pylint: disable=g-import-not-at-top
+  from lmjax.train import metrics  # pylint: disable=g-import-not-at-top
   cfg = tiny_config(dtype='bfloat16', tie_embeddings=tie, loss_chunk=chunk)
   cfg.stage = stage
   cfg.lora.enabled = mode == 'lora'
@@ -197,8 +197,8 @@ def test_bfloat16_step_has_no_float32_matmul(mode, stage, tie, chunk):
   with sharding.use_mesh(mesh, cfg.rules):
     jaxpr = jax.make_jaxpr(step.jitted)(setup.abstract_state,
                                         step_lib.batch_spec(cfg, mesh, rows))
-  dots = dot_generals(jaxpr)
+  dots = metrics.matmuls(jaxpr)
   bf16_algo = jax.lax.DotAlgorithmPreset.BF16_BF16_F32
-  slow = [(a.str_short(), b.str_short()) for a, b, prec in dots
+  slow = [(a.str_short(), b.str_short()) for a, b, prec, _ in dots
           if not (a.dtype == b.dtype == jax.numpy.bfloat16 or prec == bf16_algo)]
   assert len(dots) > 20 and not slow, slow

@@ -113,23 +113,3 @@ def pretrain_cfg(root):
   cfg.mesh.update(data=-1)
   return cfg
 
-
-def dot_generals(closed_jaxpr):
-  """Every dot_general of a jaxpr, nested jaxprs (scan, remat, pjit, custom_vjp) included:
-  (lhs aval, rhs aval, precision) each."""
-  from jax.extend import core as jcore  # pylint: disable=g-import-not-at-top
-  found = []
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == 'dot_general':
-        found.append((eqn.invars[0].aval, eqn.invars[1].aval, eqn.params.get('precision')))
-      for v in eqn.params.values():
-        for sub in v if isinstance(v, (list, tuple)) else (v,):
-          if isinstance(sub, jcore.ClosedJaxpr):
-            walk(sub.jaxpr)
-          elif isinstance(sub, jcore.Jaxpr):
-            walk(sub)
-
-  walk(closed_jaxpr.jaxpr)
-  return found

@@ -2,7 +2,7 @@
 
   python tools/bench.py --config=configs/pretrain_tiny.py [--steps=10] [--warmup=2]
       [--mode=full|lora|both] [--objective=lm|dpo|both] [--data=synthetic|real]
-      [--set KEY=VALUE ...] [--peak_tflops=X] [--json=out.json]
+      [--set KEY=VALUE ...] [--peak_tflops=X] [--json=out.json] [--matmuls]
 
 Columns: device (count x kind), mode, objective (lm: next-token, the pretraining and SFT
 step; dpo: train.global_batch pairs = twice the rows, with its reference: adapters_off /
@@ -26,6 +26,11 @@ unless precomputed) is work the formula does not credit.
 --data=real times the config's own input pipeline (tokenizer and
 dataset built if missing) and reports the fraction of time spent waiting for it;
 synthetic = one random batch placed once (isolates the step).
+--matmuls traces the step instead of timing it (seconds, on any machine, at the full
+bench size) and prints its matmul FLOPs per token, forward and gradient (remat's
+recomputation included; xla attention counts both halves of T x T), beside the MFU
+formula's, and their shares by operand dtypes and precision: a float32 operand under the
+default precision is a float32 (at best TF32) matmul on a GPU, half the bf16 rate or less.
 """
 
 from __future__ import annotations
@@ -51,19 +56,12 @@ def _parse_set(items):
   return out
 
 
-def run(cfg, *, mode: str = 'full', objective: str = 'lm', steps: int = 10, warmup: int = 2,
-        data: str = 'synthetic', peak_tflops: float | None = None, devices=None) -> dict:
-  """Times `steps` train steps (after `warmup`) of `cfg` in `mode` ('full' | 'lora') with
-  `objective` ('lm': next-token, the pretraining/SFT step; 'dpo': train.global_batch
-  pairs, 2x the rows, against cfg.dpo.reference); returns the table row as a dict."""
-  import jax
-  import numpy as np
-
+def _prepare(cfg, mode: str, objective: str, devices=None):
+  """(cfg for mode/objective, mesh, setup, train step, batch spec): what `run` times and
+  `matmul_shares` traces."""
   from lmjax import sharding
   from lmjax.models import lora as lora_lib
-  from lmjax.models import transformer
   from lmjax.train import loop
-  from lmjax.train import metrics as metrics_lib
   from lmjax.train import state as state_lib
   from lmjax.train import step as step_lib
 
@@ -79,10 +77,63 @@ def run(cfg, *, mode: str = 'full', objective: str = 'lm', steps: int = 10, warm
   mesh = sharding.make_mesh(cfg.mesh, devices)
   loop.check_batch(cfg, mesh)
   setup = state_lib.make_setup(cfg, mesh)
-  state = state_lib.init_state(cfg, setup)
   train_step = step_lib.make_train_step(cfg, setup)
+  spec = step_lib.batch_spec(cfg, mesh, cfg.train.global_batch * loop.rows_per_example(cfg))
+  return cfg, mesh, setup, train_step, spec
+
+
+def matmul_shares(cfg, *, mode: str = 'full', objective: str = 'lm', devices=None) -> dict:
+  """The traced train step's matmul FLOPs per token (forward and gradient; no compile, no
+  memory), and their shares by operand dtypes and precision: a float32 operand without a
+  bf16 algorithm is a float32 matmul on a GPU."""
+  import collections  # pylint: disable=g-import-not-at-top
+  import jax
+  from lmjax import sharding
+  from lmjax.models import transformer
+  from lmjax.train import metrics as metrics_lib
+
+  cfg, mesh, setup, train_step, spec = _prepare(cfg, mode, objective, devices)
+  with sharding.use_mesh(mesh, cfg.rules):
+    jaxpr = jax.make_jaxpr(train_step.jitted)(setup.abstract_state, spec)
+  by = collections.Counter()
+  for lhs, rhs, precision, flops in metrics_lib.matmuls(jaxpr):
+    prec = getattr(precision, 'name', None) or 'default'
+    by[f'{lhs.dtype} x {rhs.dtype} ({prec})'] += flops
+  total = sum(by.values())
+  tokens = next(iter(spec.values())).shape[0] * cfg.data.seq_len
+  return {'mode': mode, 'objective': objective, 'matmul_flops_per_token': total / tokens,
+          'formula_flops_per_token': transformer.flops_per_token(cfg.model, cfg.data.seq_len),
+          'shares': {k: v / total for k, v in by.most_common()}}
+
+
+def matmul_table(shares: dict) -> str:
+  """`matmul_shares` as a heading line and a markdown table."""
+  lines = [f'{shares["mode"]} {shares["objective"]}: '
+           f'{shares["matmul_flops_per_token"] / 1e6:,.1f} MFLOP/token in matmuls, '
+           f'{shares["formula_flops_per_token"] / 1e6:,.1f} by the MFU formula',
+           '| operands (precision) | share of matmul FLOPs |', '|---|---|']
+  lines += [f'| {k} | {v:.3f} |' for k, v in shares['shares'].items()]
+  return '\n'.join(lines)
+
+
+def run(cfg, *, mode: str = 'full', objective: str = 'lm', steps: int = 10, warmup: int = 2,
+        data: str = 'synthetic', peak_tflops: float | None = None, devices=None) -> dict:
+  """Times `steps` train steps (after `warmup`) of `cfg` in `mode` ('full' | 'lora') with
+  `objective` ('lm': next-token, the pretraining/SFT step; 'dpo': train.global_batch
+  pairs, 2x the rows, against cfg.dpo.reference); returns the table row as a dict."""
+  import jax
+  import numpy as np
+
+  from lmjax import sharding
+  from lmjax.models import transformer
+  from lmjax.train import loop
+  from lmjax.train import metrics as metrics_lib
+  from lmjax.train import state as state_lib
+  from lmjax.train import step as step_lib
+
+  cfg, mesh, setup, train_step, spec = _prepare(cfg, mode, objective, devices)
+  state = state_lib.init_state(cfg, setup)
   gb, seq = cfg.train.global_batch * loop.rows_per_example(cfg), cfg.data.seq_len  # rows
-  spec = step_lib.batch_spec(cfg, mesh, gb)
   keys = tuple(spec)
   reference = step_lib.reference_mode(cfg)  # None unless a DPO step with a reference
   if data == 'real' and reference == 'precomputed':
@@ -194,6 +245,9 @@ def main(argv=None) -> int:
   parser.add_argument('--peak_tflops', type=float, default=None,
                       help='per-device peak for MFU (default: the datasheet bf16 figure)')
   parser.add_argument('--json', default=None, help='append the rows to this JSONL file')
+  parser.add_argument('--matmuls', action='store_true',
+                      help='trace the step (no compile, no timing) and print its matmul '
+                      'FLOPs per token and their shares by operand dtype and precision')
   args = parser.parse_args(argv)
 
   from lmjax import config as config_lib
@@ -205,6 +259,15 @@ def main(argv=None) -> int:
     return 2
   modes = ('full', 'lora') if args.mode == 'both' else (args.mode,)
   objectives = ('lm', 'dpo') if args.objective == 'both' else (args.objective,)
+  if args.matmuls:
+    try:
+      for objective in objectives:
+        for mode in modes:
+          print(matmul_table(matmul_shares(cfg, mode=mode, objective=objective)))
+    except ValueError as e:
+      print(f'bench: {e}', file=sys.stderr)
+      return 2
+    return 0
   rows = []
   try:
     for objective in objectives:

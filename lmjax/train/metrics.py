@@ -1,4 +1,5 @@
-"""Metric writers (JSONL + TensorBoard) and the peak-FLOPs table behind MFU."""
+"""Metric writers (JSONL + TensorBoard), the peak-FLOPs table behind MFU, and a count of
+a traced step's matmuls by operand dtype."""
 
 from __future__ import annotations
 
@@ -65,6 +66,33 @@ class MetricWriter:
       self._file.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def matmuls(closed_jaxpr) -> list[tuple]:
+  """Every dot_general of a jaxpr, nested jaxprs included (scan bodies counted `length`
+  times; remat, pjit, custom_vjp): (lhs aval, rhs aval, precision, FLOPs) each."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.extend import core as jcore  # pylint: disable=g-import-not-at-top
+  found = []
+
+  def walk(jaxpr, times):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'dot_general':
+        lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
+        (contract, _), _ = eqn.params['dimension_numbers']
+        k = int(np.prod([lhs.shape[i] for i in contract]))
+        flops = 2 * int(np.prod(eqn.outvars[0].aval.shape)) * k * times
+        found.append((lhs, rhs, eqn.params.get('precision'), flops))
+      inner = times * (eqn.params['length'] if eqn.primitive.name == 'scan' else 1)
+      for v in eqn.params.values():
+        for sub in v if isinstance(v, (list, tuple)) else (v,):
+          if isinstance(sub, jcore.ClosedJaxpr):
+            walk(sub.jaxpr, inner)
+          elif isinstance(sub, jcore.Jaxpr):
+            walk(sub, inner)
+
+  walk(closed_jaxpr.jaxpr, 1)
+  return found
 
 
 def read_jsonl(path: str) -> list[dict]:
