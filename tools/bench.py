@@ -90,6 +90,7 @@ def matmul_shares(cfg, *, mode: str = 'full', objective: str = 'lm', devices=Non
   import jax
   from lmjax import sharding
   from lmjax.models import transformer
+  from lmjax.train import loop
   from lmjax.train import metrics as metrics_lib
 
   cfg, mesh, setup, train_step, spec = _prepare(cfg, mode, objective, devices)
@@ -100,7 +101,7 @@ def matmul_shares(cfg, *, mode: str = 'full', objective: str = 'lm', devices=Non
     prec = getattr(precision, 'name', None) or 'default'
     by[f'{lhs.dtype} x {rhs.dtype} ({prec})'] += flops
   total = sum(by.values())
-  tokens = next(iter(spec.values())).shape[0] * cfg.data.seq_len
+  tokens = cfg.train.global_batch * loop.rows_per_example(cfg) * cfg.data.seq_len
   return {'mode': mode, 'objective': objective, 'matmul_flops_per_token': total / tokens,
           'formula_flops_per_token': transformer.flops_per_token(cfg.model, cfg.data.seq_len),
           'shares': {k: v / total for k, v in by.most_common()}}
@@ -259,17 +260,13 @@ def main(argv=None) -> int:
     return 2
   modes = ('full', 'lora') if args.mode == 'both' else (args.mode,)
   objectives = ('lm', 'dpo') if args.objective == 'both' else (args.objective,)
-  if args.matmuls:
-    try:
+  rows = []
+  try:
+    if args.matmuls:
       for objective in objectives:
         for mode in modes:
           print(matmul_table(matmul_shares(cfg, mode=mode, objective=objective)))
-    except ValueError as e:
-      print(f'bench: {e}', file=sys.stderr)
-      return 2
-    return 0
-  rows = []
-  try:
+      return 0
     for objective in objectives:
       for mode in modes:
         rows.append(run(cfg, mode=mode, objective=objective, steps=args.steps,
