@@ -4,7 +4,9 @@
     m = lmjax.load('/tmp/lmjax_tiny')            # an lmjax workdir (latest step) ...
     m = lmjax.load('/models/Llama-3.2-1B')       # ... or a Hugging Face model directory
     m.generate(['def fib(n):'], max_new_tokens=32)
+    m.chat([{'role': 'user', 'content': 'Hi!'}])  # the model's chat template, an answer
     m.score(['import os\\n'])[0].logprobs       # per-token log-probs
+    m.logits('import os')                        # [tokens, vocab]
     m.config.model.d_model
 
 The parameters are restored onto the devices this process has (all of them, FSDP-sharded
@@ -46,9 +48,15 @@ class Scored:
 
 class Model:
   """A model ready for inference: `.config`, `.tokenizer`, `.params`, `.graphdef`,
-  `.mesh`, and `.generate` / `.score` / `.perplexity`."""
+  `.mesh`, and `.generate` / `.chat` / `.score` / `.logits` / `.perplexity`.
 
-  def __init__(self, config, params, graphdef, mesh, tokenizer, source: str, step=None):
+  max_len: the longest sequence the model computes faithfully (a Hugging Face model with
+  a sliding attention window: the window, since lmjax attends to the whole context), or
+  None; longer inputs are refused.
+  """
+
+  def __init__(self, config, params, graphdef, mesh, tokenizer, source: str, step=None,
+               max_len: int | None = None):
     self.config = config
     self.params = params
     self.graphdef = graphdef
@@ -56,6 +64,7 @@ class Model:
     self.tokenizer = tokenizer
     self.source = source
     self.step = step
+    self.max_len = max_len
 
   def __repr__(self) -> str:
     m = self.config.model
@@ -66,41 +75,96 @@ class Model:
 
   def _tok(self):
     if self.tokenizer is None:
-      raise ValueError(f'{self.source} has no tokenizer (no tokenizer.model): pass token '
-                       'ids to generate_ids / score_ids, or load with tokenizer=PATH')
+      raise ValueError(f'{self.source} has no tokenizer (no tokenizer.json or '
+                       'tokenizer.model): pass token ids to generate_ids / score_ids / '
+                       'logits, or load with tokenizer=PATH')
     return self.tokenizer
 
+  def _check_len(self, n: int, what: str) -> None:
+    if self.max_len is not None and n > self.max_len:
+      raise ValueError(f'{what} of {n} tokens exceeds {self.max_len}, the longest this model '
+                       f'computes faithfully (its sliding attention window; lmjax attends to '
+                       'the whole context)')
+
   def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+    """The text's ids, after BOS when add_bos (default: the run's data.add_bos) and the
+    tokenizer has one. Special-token text stays text."""
     tok = self._tok()
     add_bos = self.config.data.add_bos if add_bos is None else add_bos
-    return ([tok.bos_id] if add_bos else []) + tok.encode(text)
+    return (list(tok.bos) if add_bos else []) + tok.encode(text)
 
   def generate_ids(self, prompt_tokens: Sequence[Sequence[int]], **kwargs):
     """generate.generate on token ids; returns its GenerateOutput (tokens, lengths, ...)."""
     from lmjax import generate
+    prompts = [list(p) for p in prompt_tokens]
+    self._check_len(max(map(len, prompts), default=0) + kwargs.get('max_new_tokens', 0),
+                    'a prompt plus max_new_tokens')
     with sharding.use_mesh(self.mesh, self.config.rules):
-      return generate.generate(self.graphdef, self.params, [list(p) for p in prompt_tokens],
-                               **kwargs)
+      return generate.generate(self.graphdef, self.params, prompts, **kwargs)
 
   def generate(self, prompts: str | Sequence[str], *, max_new_tokens: int = 64,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                stop_tokens: Sequence[int] | None = None, seed: int = 0,
                add_bos: bool | None = None) -> str | list[str]:
     """Continuations of `prompts` (prompt excluded), cut before the first stop token
-    (default: the tokenizer's EOS). Greedy unless temperature > 0. A str in, a str out."""
+    (default: the tokenizer's stop_ids: EOS and a chat template's end of turn). Greedy
+    unless temperature > 0. A str in, a str out."""
     single = isinstance(prompts, str)
     prompts = [prompts] if single else list(prompts)
+    texts = self._complete([self.encode(p, add_bos) for p in prompts], max_new_tokens,
+                           temperature, top_k, top_p, stop_tokens, seed)
+    return texts[0] if single else texts
+
+  def _complete(self, ids, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed):
     tok = self._tok()
-    stops = (tok.eos_id,) if stop_tokens is None else tuple(stop_tokens)
-    out = self.generate_ids([self.encode(p, add_bos) for p in prompts],
-                            max_new_tokens=max_new_tokens, temperature=temperature,
+    stops = tok.stop_ids if stop_tokens is None else tuple(stop_tokens)
+    out = self.generate_ids(ids, max_new_tokens=max_new_tokens, temperature=temperature,
                             top_k=top_k, top_p=top_p, stop_tokens=stops, seed=seed)
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-    texts = [tok.decode(tokens[i, :lengths[i]].tolist()) for i in range(len(prompts))]
-    return texts[0] if single else texts
+    return [tok.decode(tokens[i, :lengths[i]].tolist()) for i in range(len(ids))]
+
+  def chat(self, conversations, *, max_new_tokens: int = 256, temperature: float = 0.0,
+           top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+           template: str | None = None) -> str | list[str]:
+    """The assistant's answer to each conversation ([{'role', 'content'}, ...], ending
+    with a user turn), rendered with `template` (default the run's sft.template: 'auto' is
+    the tokenizer's own chat template when it has one) and its generation prompt. One
+    conversation in, a str out; a list of them, a list of str."""
+    from lmjax.data import formats
+    single = bool(conversations) and isinstance(conversations[0], dict)
+    convs = [conversations] if single else list(conversations)
+    tok = self._tok()
+    template = formats.resolve_template(template or self.config.sft.template, tok)
+    ids = []
+    for n, conv in enumerate(convs):
+      turns = formats.normalize_example({'messages': list(conv) + [
+          {'role': 'assistant', 'content': ''}]})
+      if len(turns) > 1 and turns[-2]['role'] == 'assistant':
+        raise ValueError(f'chat: conversation {n} ends with an assistant turn; end it with '
+                         'the user turn to answer')
+      ids.append(formats.prompt_ids(formats.render_prompt(turns, template, tok), tok,
+                                    template))
+    answers = self._complete(ids, max_new_tokens, temperature, top_k, top_p, None, seed)
+    end = formats.end_marker(template)
+    answers = [a.split(end, 1)[0] if end else a for a in answers]
+    return answers[0] if single else answers
+
+  def logits(self, inputs, add_bos: bool | None = None):
+    """The model's logits (float32 numpy [tokens, vocab]) at every position of each input:
+    a text (encoded as `encode` does) or a list of token ids. One input in (a str, or a
+    list of ints), one array out; a list of inputs, a list of arrays."""
+    single = isinstance(inputs, str) or (len(inputs) > 0 and isinstance(inputs[0], (int, np.integer)))
+    items = [inputs] if single else list(inputs)
+    seqs = [self.encode(x, add_bos) if isinstance(x, str) else [int(i) for i in x]
+            for x in items]
+    self._check_len(max(map(len, seqs), default=0), 'an input')
+    out = evaluate.token_logits(self.graphdef, self.params, seqs, mesh=self.mesh,
+                                rules=self.config.rules)
+    return out[0] if single else out
 
   def score_ids(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
     """log p(seq[t] | seq[:t]) for t >= 1 of each token sequence."""
+    self._check_len(max(map(len, sequences), default=0), 'a sequence')
     return evaluate.token_logprobs(self.graphdef, self.params, sequences, mesh=self.mesh,
                                    rules=self.config.rules)
 
@@ -115,7 +179,7 @@ class Model:
     out = []
     for seq, lp in zip(seqs, self.score_ids(seqs)):
       scored = seq[1:]
-      out.append(Scored(tokens=scored, pieces=[tok.sp.id_to_piece(i) for i in scored],
+      out.append(Scored(tokens=scored, pieces=[tok.id_to_piece(i) for i in scored],
                         logprobs=lp))
     return out
 
@@ -130,10 +194,13 @@ class Model:
     cfg = self.config.copy_and_resolve_references()
     if sft:
       config_lib.apply_overrides(cfg, {f'sft.{k}': v for k, v in sft.items()})
-    examples = formats.answer_examples(cfg, split, limit)
-    gen = lambda prompts: self.generate(prompts, max_new_tokens=max_new_tokens)
+    tok = self._tok()
+    examples = formats.answer_examples(cfg, split, limit, tok)
+    gen = lambda prompts: self._complete(
+        [formats.prompt_ids(p, tok, cfg.sft.template) for p in prompts], max_new_tokens,
+        0.0, 0, 1.0, None, 0)
     return evaluate.exact_match(gen, examples, batch_size=batch_size, keep=keep,
-                                normalize=formats.answer_normalizer(cfg.sft.template))
+                                normalize=formats.answer_normalizer(cfg.sft.template, tok))
 
   def perplexity(self, split: str | None = None, **kwargs) -> dict:
     """evaluate.perplexity of a split of the config's dataset (or `data={...}` overrides)."""
@@ -142,46 +209,60 @@ class Model:
 
 
 def load(path: str, step: int | None = None, *, devices: Sequence[Any] | None = None,
-         mesh: dict | None = None, tokenizer: str | None = None) -> Model:
+         mesh: dict | None = None, tokenizer: str | None = None,
+         seq_len: int | None = None) -> Model:
   """Loads an lmjax workdir (checkpoint `step`, default latest) or a Hugging Face model
   directory onto `devices` (default: all), sharded by `mesh` (default: all on fsdp).
 
-  tokenizer: a sentencepiece .model to use instead of the one the run used (or the
-  directory's tokenizer.model).
+  tokenizer: a tokenizer to use instead of the one the run used (or the directory's): a
+  sentencepiece .model, a tokenizer.json, or a directory holding either.
+  seq_len: the length the model is used at (cfg.data.seq_len, e.g. perplexity's rows).
+  A Hugging Face model with a sliding attention window is used at most at its window
+  (lmjax attends to the whole context): seq_len defaults to the shorter of the window
+  and the base config's 256, and longer inputs are refused.
   """
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isdir(path):
     raise FileNotFoundError(f'lmjax.load: {path} is not a directory (an lmjax workdir or a '
                             'Hugging Face model directory)')
+  if seq_len is not None and seq_len < 2:
+    raise ValueError(f'lmjax.load: seq_len must be >= 2, got {seq_len}')
   device_mesh_cfg = dict(DEFAULT_MESH if mesh is None else mesh)
   if ckpt_lib.is_hf_dir(path):
-    return _load_hf(path, device_mesh_cfg, devices, tokenizer)
-  return _load_workdir(path, step, device_mesh_cfg, devices, tokenizer)
+    return _load_hf(path, device_mesh_cfg, devices, tokenizer, seq_len)
+  return _load_workdir(path, step, device_mesh_cfg, devices, tokenizer, seq_len)
 
 
-def _with_mesh(cfg, mesh_cfg):
+def _with_mesh(cfg, mesh_cfg, seq_len=None):
   cfg = cfg.copy_and_resolve_references()
   with cfg.unlocked():
     cfg.mesh.update(mesh_cfg)
+    if seq_len:
+      cfg.data.seq_len = int(seq_len)
   return cfg
 
 
-def _load_workdir(path, step, mesh_cfg, devices, tokenizer_path) -> Model:
+def _load_workdir(path, step, mesh_cfg, devices, tokenizer_path, seq_len) -> Model:
   if not os.path.isdir(os.path.join(path, 'checkpoints')):
     raise ckpt_lib.CheckpointError(f'lmjax.load: {path} holds neither checkpoints/ (an lmjax '
                                    'workdir) nor config.json + *.safetensors (Hugging Face)')
   m = sharding.make_mesh(mesh_cfg, devices)
   params, saved, meta, step = ckpt_lib.load_params(path, step, m)
-  cfg = _with_mesh(saved, mesh_cfg)
+  cfg = _with_mesh(saved, mesh_cfg, seq_len)
   graphdef, _, _ = state_lib.logical_param_specs(cfg)
-  tok = _tokenizer(cfg, tokenizer_path or meta.get('tokenizer', ''))
+  if tokenizer_path:
+    tok = _tokenizer(cfg, tokenizer_path)
+  elif meta.get('tokenizer') == '' and not cfg.tokenizer.path:
+    tok = None  # recorded as none: an imported model that ships no tokenizer
+  else:
+    tok = _tokenizer(cfg, meta.get('tokenizer', ''))
   return Model(cfg, params, graphdef, m, tok, source=path, step=step)
 
 
 def _tokenizer(cfg, path):
   """`path` (given, or recorded in the checkpoint), else the run's config resolves it."""
   if path and os.path.exists(path):
-    return tokenizer_lib.Tokenizer(path)
+    return tokenizer_lib.from_path(path)
   with cfg.unlocked():
     cfg.tokenizer.train_if_missing = False  # never silently train a different tokenizer
   try:
@@ -191,12 +272,17 @@ def _tokenizer(cfg, path):
                             f'({e}); pass tokenizer=PATH') from e
 
 
-def _load_hf(path, mesh_cfg, devices, tokenizer_path) -> Model:
+def _load_hf(path, mesh_cfg, devices, tokenizer_path, seq_len) -> Model:
   from lmjax import hf
-  cfg = _with_mesh(hf.config_from_hf(path), mesh_cfg)
+  window = hf.attention_window(hf.read_hf_config(path))
+  base = config_lib.base_config()
+  base.data.seq_len = seq_len or min(base.data.seq_len, window or base.data.seq_len)
+  cfg = _with_mesh(hf.config_from_hf(path, base), mesh_cfg)
   m = sharding.make_mesh(cfg.mesh, devices)
   graphdef, _, _ = state_lib.logical_param_specs(cfg)
   params = hf.load_params(path, cfg, m, dict(cfg.rules))
-  tok_file = tokenizer_path or os.path.join(path, 'tokenizer.model')
-  tok = tokenizer_lib.Tokenizer(tok_file) if os.path.exists(tok_file) else None
-  return Model(cfg, params, graphdef, m, tok, source=path)
+  if tokenizer_path:
+    tok = tokenizer_lib.from_path(tokenizer_path)
+  else:
+    tok = tokenizer_lib.from_path(path) if tokenizer_lib.is_tokenizer_dir(path) else None
+  return Model(cfg, params, graphdef, m, tok, source=path, max_len=window)

@@ -297,8 +297,9 @@ def open_init_source(cfg_init) -> InitSource:
   if fmt == 'hf':
     from lmjax import hf  # pylint: disable=import-outside-toplevel
     model = dict(hf.model_overrides_from_hf(hf.read_hf_config(path)))
-    tok = os.path.join(path, 'tokenizer.model')
-    return InitSource(path, fmt, None, model, tok if os.path.exists(tok) else '')
+    from lmjax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+    tok = path if tokenizer_lib.is_tokenizer_dir(path) else ''  # tokenizer.json / .model
+    return InitSource(path, fmt, None, model, tok)
   raise CheckpointError(f"init_from.format must be 'auto', 'lmjax' or 'hf', got {fmt!r}")
 
 

@@ -110,11 +110,14 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.init_from = dict(path='', step=-1, format='auto')  # format: auto | lmjax | hf.
 
   cfg.tokenizer = dict(
-      # sentencepiece .model; '' = init_from's tokenizer when set, else
+      # A sentencepiece .model, a Hugging Face tokenizer.json, or a directory holding
+      # either (with its tokenizer_config.json: special tokens, chat template); '' =
+      # init_from's tokenizer when set, else
       # <data_dir>/tokenizers/<dataset>_<model_type>_<vocab_size>.model.
       path='',
       vocab_size=32000,
-      train_if_missing=True,  # train one on the train split if `path` does not exist.
+      train_if_missing=True,  # train a sentencepiece model on the train split if `path`
+                              # (a .model) does not exist.
       model_type='bpe',
       max_sentences=200_000,  # lines sampled for sentencepiece training.
   )
@@ -189,7 +192,9 @@ def base_config() -> ml_collections.ConfigDict:
       # '' = the built-in synthetic task (data/sft_task.py), written on first use.
       path='',
       tfds_name='',
-      template='chatml',      # chatml | llama3 | plain (markers are text, see formats.py).
+      # auto: the tokenizer's own chat template ('model') when it has one, else chatml.
+      # model | chatml | llama3 | plain (built-in templates: see data/formats.py).
+      template='auto',
       overlong='truncate',    # truncate | drop: conversations longer than data.seq_len.
       on_error='skip',        # skip | fail: malformed JSONL lines (counted / file:line).
       packing_bins=16,        # grain first-fit bins filled at once (more: less padding).
@@ -519,7 +524,7 @@ _CHOICES = {
     'stage': ('pretrain', 'sft', 'dpo'),
     'dpo.reference': ('auto', 'adapters_off', 'copy', 'precomputed'),
     'sft.source': ('jsonl', 'tfds'),
-    'sft.template': ('llama3', 'chatml', 'plain'),
+    'sft.template': ('auto', 'model', 'llama3', 'chatml', 'plain'),
     'sft.overlong': ('truncate', 'drop'),
     'sft.on_error': ('skip', 'fail'),
     'dpo.source': ('jsonl', 'tfds'),

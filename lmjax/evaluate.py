@@ -124,9 +124,27 @@ def token_logprobs(graphdef, params, sequences: Sequence[Sequence[int]], *,
   """
   if not sequences:
     return []
+  lp, lengths = _padded_call(_logprobs, graphdef, params, sequences, mesh, rules, pad_to,
+                             'token_logprobs')
+  return [lp[i, :n - 1] for i, n in enumerate(lengths)]
+
+
+def token_logits(graphdef, params, sequences: Sequence[Sequence[int]], *,
+                 mesh=None, rules=None, pad_to: int = 64) -> list[np.ndarray]:
+  """The model's output logits [n, vocab] (float32 numpy) at every position of each
+  sequence (padded and batched as token_logprobs)."""
+  if not sequences:
+    return []
+  out, lengths = _padded_call(_logits, graphdef, params, sequences, mesh, rules, pad_to,
+                              'token_logits')
+  return [out[i, :n] for i, n in enumerate(lengths)]
+
+
+def _padded_call(fn, graphdef, params, sequences, mesh, rules, pad_to, name):
+  """fn(graphdef, params, tokens) on the sequences right-padded to a multiple of pad_to."""
   lengths = [len(s) for s in sequences]
   if min(lengths) < 1:
-    raise ValueError('token_logprobs: an empty sequence has nothing to score')
+    raise ValueError(f'{name}: an empty sequence has nothing to score')
   t = -(-max(lengths) // pad_to) * pad_to
   buf = np.zeros((len(sequences), t), np.int32)
   for i, s in enumerate(sequences):
@@ -134,8 +152,12 @@ def token_logprobs(graphdef, params, sequences: Sequence[Sequence[int]], *,
   ctx = (sharding.use_mesh(mesh, rules) if mesh is not None and rules is not None
          else contextlib.nullcontext())
   with ctx:
-    lp = np.asarray(_logprobs(graphdef, params, jnp.asarray(buf)))
-  return [lp[i, :n - 1] for i, n in enumerate(lengths)]
+    return np.asarray(fn(graphdef, params, jnp.asarray(buf))), lengths
+
+
+@partial(jax.jit, static_argnames=('graphdef',))
+def _logits(graphdef, params, tokens):
+  return nnx.merge(graphdef, params)(tokens).astype(jnp.float32)
 
 
 @partial(jax.jit, static_argnames=('graphdef',))

@@ -215,13 +215,16 @@ def generate(graphdef, params, prompt_tokens: Sequence[Sequence[int]], *, max_ne
                         stopped=np.asarray(stopped)[:b], steps=int(steps))
 
 
-def sample(graphdef, params, tokenizer, prompts: list[str], *, max_new_tokens: int = 64,
+def sample(graphdef, params, tokenizer, prompts: list, *, max_new_tokens: int = 64,
            temperature: float = 0.8, top_k: int = 40, top_p: float = 1.0, seed: int = 0,
            add_bos: bool = True, mesh=None, rules=None) -> list[str]:
-  """Continues each prompt; returns the generated text (prompt excluded), cut at EOS."""
-  encoded = [([tokenizer.bos_id] if add_bos else []) + tokenizer.encode(p) for p in prompts]
+  """Continues each prompt (a string, encoded after the tokenizer's BOS when add_bos, or
+  a list of token ids); returns the generated text (prompt excluded), cut at the
+  tokenizer's first stop token (EOS, or a chat template's end of turn)."""
+  encoded = [list(p) if not isinstance(p, str) else
+             (list(tokenizer.bos) if add_bos else []) + tokenizer.encode(p) for p in prompts]
   out = generate(graphdef, params, encoded, max_new_tokens=max_new_tokens,
                  temperature=temperature, top_k=top_k, top_p=top_p,
-                 stop_tokens=(tokenizer.eos_id,), seed=seed,
+                 stop_tokens=tokenizer.stop_ids, seed=seed,
                  pad_id=getattr(tokenizer, 'pad_id', 0), mesh=mesh, rules=rules)
   return [tokenizer.decode(ids) for ids in out.ids()]

@@ -45,6 +45,7 @@ from lmjax.train import state as state_lib
 ARCHS = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
          'qwen2': 'Qwen2ForCausalLM'}
 TOKENIZER_FILE = 'tokenizer.model'
+TOKENIZER_DIR = 'tokenizer'  # an imported workdir's copy of the model's tokenizer files
 SINGLE_FILE = 'model.safetensors'
 INDEX_FILE = 'model.safetensors.index.json'
 DEFAULT_SHARD_BYTES = 4 * 2**30
@@ -105,6 +106,16 @@ def _rope(c: dict) -> tuple[float, dict]:
                 "(supported: 'default', 'llama3')")
 
 
+def attention_window(hf_config: dict) -> int | None:
+  """The sliding attention window config.json gives the model (Mistral's sliding_window;
+  Qwen2's when use_sliding_window), or None."""
+  window = hf_config.get('sliding_window')
+  if window is None or (hf_config.get('model_type') == 'qwen2'
+                        and not hf_config.get('use_sliding_window')):
+    return None
+  return int(window)
+
+
 def model_overrides_from_hf(hf_config: dict, seq_len: int | None = None) -> dict:
   """config.json -> {cfg.model field: value}. Raises HFError, naming the config.json field,
   for what the lmjax model cannot represent. With `seq_len` (the length trained or
@@ -127,12 +138,13 @@ def model_overrides_from_hf(hf_config: dict, seq_len: int | None = None) -> dict
   if c.get('partial_rotary_factor', 1.0) != 1.0:
     raise HFError(f'config.json partial_rotary_factor={c["partial_rotary_factor"]}: '
                   'only full-width RoPE is supported')
-  window = c.get('sliding_window')
-  if window is not None and (arch != 'qwen2' or c.get('use_sliding_window')):
+  window = attention_window(c)
+  if window is not None:
     if seq_len is not None and window < seq_len:
       raise HFError(f'config.json sliding_window={window} is shorter than data.seq_len='
                     f'{seq_len}: lmjax attends to the whole causal context (no sliding '
-                    f'window), so it matches this model only for sequences <= {window}')
+                    f'window), so it matches this model only for sequences <= {window} '
+                    f'(set data.seq_len, or lmjax.load(..., seq_len=N), to at most {window})')
   theta, scaling = _rope(c)
   n_heads = c['num_attention_heads']
   head_dim = c.get('head_dim') or c['hidden_size'] // n_heads
@@ -202,18 +214,19 @@ def _flatten(d: dict, prefix: str) -> dict:
 
 def config_from_hf(hf_dir: str, base_cfg=None):
   """An lmjax config for the model in `hf_dir`: `base_cfg` (default `base_config()`) with
-  the model fields from config.json, and the tokenizer set to `<hf_dir>/tokenizer.model`
-  when there is one. Without one, tokenizer.train_if_missing is turned off (a tokenizer
-  trained anew would not match the pretrained embeddings), unless tokenizer.path is set."""
-  from lmjax.data import tokenizer as tokenizer_lib  # sentencepiece, only needed here
+  the model fields from config.json, and the tokenizer set to `hf_dir` when it holds one
+  (tokenizer.json or tokenizer.model, with its tokenizer_config.json and chat template).
+  Without one, tokenizer.train_if_missing is turned off (a tokenizer trained anew would
+  not match the pretrained embeddings), unless tokenizer.path is set."""
+  from lmjax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
   cfg = config_lib.base_config() if base_cfg is None else copy.deepcopy(base_cfg)
   model = model_overrides_from_hf(read_hf_config(hf_dir), seq_len=cfg.data.seq_len)
   config_lib.apply_overrides(cfg, _flatten(model, 'model.'))
-  tok_path = os.path.join(os.path.abspath(hf_dir), TOKENIZER_FILE)
-  if os.path.exists(tok_path):
-    tok = tokenizer_lib.Tokenizer(tok_path)
+  hf_dir = os.path.abspath(hf_dir)
+  if tokenizer_lib.is_tokenizer_dir(hf_dir):
+    tok = tokenizer_lib.from_path(hf_dir)
     tokenizer_lib.check_vocab(tok, cfg.model.vocab_size)
-    cfg.tokenizer.update(path=tok_path, vocab_size=tok.vocab_size)
+    cfg.tokenizer.update(path=hf_dir, vocab_size=tok.vocab_size, train_if_missing=False)
   else:
     cfg.tokenizer.vocab_size = min(cfg.tokenizer.vocab_size, cfg.model.vocab_size)
     if not cfg.tokenizer.path:
@@ -499,8 +512,9 @@ def save_hf(params: dict, cfg, out_dir: str, arch: str | None = None,
             dtype: str | None = None, overwrite: bool = False) -> list[str]:
   """Writes `params` (an lmjax params dict, sharded or not) as a Hugging Face model dir:
   config.json, model.safetensors (or shards of at most `max_shard_bytes` plus
-  model.safetensors.index.json) and, with `tokenizer_path`, tokenizer.model and
-  generation_config.json (its bos/eos/pad ids, also set in config.json).
+  model.safetensors.index.json) and, with `tokenizer_path` (a .model, a tokenizer.json or a
+  tokenizer directory), the tokenizer's files and generation_config.json (its bos/eos/pad
+  ids, also set in config.json).
 
   arch: 'llama' | 'mistral' | 'qwen2'; default 'qwen2' when model.qkv_bias else 'llama'.
   dtype: 'float32' | 'bfloat16' for the files (default cfg.model.param_dtype).
@@ -516,10 +530,11 @@ def save_hf(params: dict, cfg, out_dir: str, arch: str | None = None,
   extra = {}
   if tokenizer_path:
     from lmjax.data import tokenizer as tokenizer_lib
-    tok = tokenizer_lib.Tokenizer(tokenizer_path)
+    tok = tokenizer_lib.from_path(tokenizer_path)
     tokenizer_lib.check_vocab(tok, mcfg.vocab_size)
+    pad = tok.pad_id if 'pad_token' in tok.special_tokens else None
     extra = {k: v for k, v in (('bos_token_id', tok.bos_id), ('eos_token_id', tok.eos_id),
-                               ('pad_token_id', tok.sp.pad_id())) if v >= 0}
+                               ('pad_token_id', pad)) if v is not None and v >= 0}
   max_pos = cfg.data.seq_len if 'data' in cfg else None
   hf_cfg = hf_config_from_model(mcfg, arch, max_position_embeddings=max_pos, dtype=dtype,
                                 **extra)
@@ -583,10 +598,30 @@ def save_hf(params: dict, cfg, out_dir: str, arch: str | None = None,
     if gen:
       written.append(_write_json(os.path.join(out_dir, 'generation_config.json'), gen))
     if tokenizer_path:
-      dst = os.path.join(out_dir, TOKENIZER_FILE)
-      if os.path.abspath(tokenizer_path) != os.path.abspath(dst):
-        shutil.copyfile(tokenizer_path, dst)
-      written.append(dst)
+      written += copy_tokenizer(tok, out_dir)
+  return written
+
+
+def copy_tokenizer(tok, out_dir: str, generation_config: bool = False) -> list[str]:
+  """Copies the files that define `tok` (tokenizer.json / tokenizer.model and the
+  tokenizer_config.json, special-token map and chat template beside it; with
+  `generation_config`, its directory's generation_config.json too) into `out_dir`, under
+  their Hugging Face names (a lone sentencepiece model becomes tokenizer.model)."""
+  from lmjax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  os.makedirs(out_dir, exist_ok=True)
+  files = list(tok.files())
+  if generation_config and tok.config_dir:
+    gen = os.path.join(tok.config_dir, tokenizer_lib.GENERATION_CONFIG)
+    files += [gen] if os.path.exists(gen) else []
+  written = []
+  for src in files:
+    name = os.path.basename(src)
+    if src == tok.path and tok.kind == 'sentencepiece':
+      name = TOKENIZER_FILE
+    dst = os.path.join(out_dir, name)
+    if os.path.abspath(src) != os.path.abspath(dst):
+      shutil.copyfile(src, dst)
+    written.append(dst)
   return written
 
 
@@ -601,9 +636,10 @@ def _write_json(path: str, obj) -> str:
 
 def import_hf(hf_dir: str, workdir: str, base_cfg=None, mesh=None):
   """HF model dir -> step-0 lmjax checkpoint in `workdir`: train state with fresh
-  optimizer state, the config, and meta recording the source and its tokenizer (copied
-  to `<workdir>/tokenizer.model` when the model ships one), so that
+  optimizer state, the config, and meta recording the source and its tokenizer (its
+  files copied to `<workdir>/tokenizer/` when the model ships one), so that
   `python -m lmjax.train --workdir=...` continues from it. Returns the config."""
+  from lmjax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
   hf_dir = os.path.abspath(hf_dir)
   cfg = config_from_hf(hf_dir, base_cfg)
   ckpt = ckpt_lib.Checkpointer(workdir, cfg)
@@ -612,10 +648,10 @@ def import_hf(hf_dir: str, workdir: str, base_cfg=None, mesh=None):
       raise HFError(f'{workdir} already holds checkpoints (latest step {ckpt.latest_step()}); '
                     'import into a new workdir')
     tok = ''
-    if cfg.tokenizer.path == os.path.join(hf_dir, TOKENIZER_FILE):
-      tok = os.path.join(os.path.abspath(workdir), TOKENIZER_FILE)
+    if cfg.tokenizer.path == hf_dir:  # the model's tokenizer: a self-contained copy
+      tok = os.path.join(os.path.abspath(workdir), TOKENIZER_DIR)
       if jax.process_index() == 0:
-        shutil.copyfile(cfg.tokenizer.path, tok)
+        copy_tokenizer(tokenizer_lib.from_path(hf_dir), tok, generation_config=True)
       cfg.tokenizer.path = tok
     mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
     setup = state_lib.make_setup(cfg, mesh)
@@ -636,7 +672,7 @@ def import_hf(hf_dir: str, workdir: str, base_cfg=None, mesh=None):
 def export_workdir(workdir: str, out_dir: str, step: int | None = None, arch: str | None = None,
                    mesh=None, **kwargs) -> list[str]:
   """lmjax workdir checkpoint (latest, or `step`) -> HF model dir, with the run's
-  sentencepiece tokenizer when it has one (its meta's, else where its config points).
+  tokenizer files when it has one (its meta's, else where its config points).
   kwargs go to `save_hf`."""
   from lmjax.data import tokenizer as tokenizer_lib
   params, cfg, meta, _ = ckpt_lib.load_params(workdir, step, mesh)

@@ -184,7 +184,7 @@ def test_mixture_follows_the_weights_by_document(corpora, source):
   cfg.data.seq_len = 512
   cfg.data.mixture.general.weight = 0.25
   cfg.data.mixture.domain.weight = 0.75
-  tok = tokenizer_lib.Tokenizer(src_tok)
+  tok = tokenizer_lib.from_path(src_tok)
   it = pipeline.make_lm_iterator(cfg, tok, 'train', batch_size=8)
   docs = np.zeros(3, int)
   for _ in range(80):
@@ -217,7 +217,7 @@ def test_eval_runs_the_same_batches_on_every_process(corpora, source):
   _, src_tok = source
   cfg = _base(corpora, corpora['general'])
   cfg.train.update(eval_batches=16, global_batch=8)
-  tok = tokenizer_lib.Tokenizer(src_tok)
+  tok = tokenizer_lib.from_path(src_tok)
   one_pass = [sum(1 for _ in pipeline.make_lm_iterator(
       cfg, tok, 'validation', batch_size=4, process_index=p, process_count=2, repeat=False))
       for p in range(2)]

@@ -380,7 +380,7 @@ def test_tokenizer_errors(setup, tmp_path):
     tokenizer.load_tokenizer(small)
   missing = cfg.copy_and_resolve_references()
   missing.tokenizer.update(path=str(tmp_path / 'none.model'), train_if_missing=False)
-  with pytest.raises(FileNotFoundError, match=r'tokenizer.path: no sentencepiece model at '
+  with pytest.raises(FileNotFoundError, match=r'tokenizer.path: no tokenizer at '
                                               r'.*none.model'):
     tokenizer.load_tokenizer(missing)
   with pytest.raises(ValueError, match=r'could not train a 262-piece bpe model '
@@ -416,7 +416,7 @@ def test_train_tokenizer_tool(setup, tmp_path):
   assert res.returncode == 0, res.stderr[-2000:]
   assert 'trained a 310-piece bpe tokenizer' in res.stdout
   assert "'validation'" in res.stdout and 'bytes/token' in res.stdout
-  assert tokenizer.Tokenizer(str(out)).vocab_size == 310
+  assert tokenizer.from_path(str(out)).vocab_size == 310
   res = subprocess.run([sys.executable, 'tools/train_tokenizer.py',
                         '--config=configs/pretrain_tiny.py', '--config.data.text_glob=/no/*.x'],
                        capture_output=True, text=True, timeout=120)
@@ -440,7 +440,7 @@ def test_pretokenized_stream_equals_the_on_the_fly_stream(setup, tmp_path):
   root, text, _ = tokenized.directory(cfg.data, 'train', tok)
   meta = json.load(open(os.path.join(root, 'meta.json')))
   assert meta['documents'] == len(text) and meta['tokens'] > 1000
-  assert meta['tokenizer_sha256'] == tokenized.file_sha256(tok.path)
+  assert meta['tokenizer_sha256'] == tok.sha256()
   stamp = os.stat(os.path.join(root, 'meta.json')).st_mtime_ns
   it = make(pre)
   for _ in range(5):

@@ -52,7 +52,7 @@ def masked_runs(tokens, mask):
   return runs + ([cur] if cur else [])
 
 
-@pytest.mark.parametrize('template', formats.TEMPLATES)
+@pytest.mark.parametrize('template', formats.BUILTIN_TEMPLATES)
 def test_mask_is_exactly_the_assistant_turns(tok, template):
   tokens, mask = formats.encode(MULTI, tok, template)
   assert tokens[0] == tok.bos_id and (tokens == tok.bos_id).sum() == 1
@@ -83,7 +83,7 @@ def test_template_texts(tok):
   assert norm(' 81<|eot_id|>junk') == '81' and norm('81\nmore') == '81'
 
 
-@pytest.mark.parametrize('template', formats.TEMPLATES)
+@pytest.mark.parametrize('template', formats.BUILTIN_TEMPLATES)
 def test_prompt_completion_format(tok, template):
   turns = formats.normalize_example({'prompt': 'Q: 2+2? A: ', 'completion': '4'})
   assert [(t['role'], t['content']) for t in turns] == [('user', 'Q: 2+2? A: '),

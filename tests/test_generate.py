@@ -237,7 +237,16 @@ def test_sharded_params_on_8_device_mesh_match_one_device(tiny, prompts, greedy)
 
 
 class _ByteTokenizer:
+  """The part of lmjax.data.tokenizer.Tokenizer that generate.sample uses."""
   bos_id, eos_id, pad_id = 1, 2, 0
+
+  @property
+  def bos(self):
+    return [self.bos_id]
+
+  @property
+  def stop_ids(self):
+    return (self.eos_id,)
 
   def encode(self, text):
     return [b + 3 for b in text.encode()]

@@ -323,6 +323,10 @@ def _cli():
   return module.main
 
 
+def tok_bytes(path):
+  return (path / 'tokenizer.model').read_bytes()
+
+
 def test_convert_hf_cli_round_trip(tmp_path, capsys):
   src, work, out = tmp_path / 'hf', tmp_path / 'work', tmp_path / 'out'
   model = make_hf(src, 'llama', vocab_size=384)
@@ -335,7 +339,8 @@ def test_convert_hf_cli_round_trip(tmp_path, capsys):
   ckpt = ckpt_lib.Checkpointer(str(work), None, read_only=True)
   cfg, meta = ckpt.read_config(), ckpt.read_meta()
   assert ckpt.all_steps() == [0] and cfg.data.seq_len == 64 and cfg.model.vocab_size == 384
-  assert meta['tokenizer'] == str(work / 'tokenizer.model') == cfg.tokenizer.path
+  assert meta['tokenizer'] == str(work / 'tokenizer') == cfg.tokenizer.path  # a copy
+  assert (work / 'tokenizer' / 'tokenizer.model').read_bytes() == tok_bytes(src)
   assert meta['init_from']['format'] == 'hf'
   setup = state_lib.make_setup(cfg, sharding.make_mesh(cfg.mesh))
   state = ckpt.restore(setup.abstract_state)

@@ -6,19 +6,26 @@ Examples (one JSON object per line of a JSONL file, or a TFDS record):
 A conversation must end with an assistant turn. Malformed lines are skipped and counted
 (cfg.sft.on_error='skip') or raise DataError naming file:line ('fail').
 
-Templates (cfg.sft.template). The tokenizer is a plain sentencepiece model with no chat
-special tokens, so markers such as '<|start_header_id|>' are ordinary text that the
-tokenizer splits into several pieces; only BOS and EOS are real special ids.
+Templates (cfg.sft.template):
+    model:  the tokenizer's own Jinja chat template (data/chat_template.py), rendered as
+            transformers' apply_chat_template renders it; the template writes BOS and the
+            end-of-turn tokens itself, and the mask is 1 on the assistant tokens (generation
+            tags, or prefix renders), as transformers' return_assistant_tokens_mask.
+    auto:   'model' when the tokenizer has a chat template, else 'chatml' (the default).
+    Built-in templates, for models without one; their markers such as '<|im_start|>' are
+    text (the tokenizer's special ids when it has them as special tokens, else several
+    ordinary pieces):
     llama3: [BOS] <|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|> ... [EOS]
     chatml: [BOS] <|im_start|>{role}\\n{content}<|im_end|>\\n ... [EOS]
     plain:  [BOS] {prompt}{completion} [EOS]   (messages: {content}\\n per turn, the
             final assistant turn without it; no role names)
-A conversation is rendered as alternating text chunks, prompt (system/user turns and the
-assistant header) and assistant (content + end-of-turn marker), each encoded on its own
-(so the mask boundary is exact), then [BOS] + ... + [EOS]: one BOS, one EOS after the
-final assistant turn. The per-token mask is 1 on assistant chunks and the final EOS.
-`render_prompt` gives the text of chunk 0 of a one-turn conversation: [BOS] +
-tok.encode(prompt) (what lmjax.api encodes) is then exactly the training prefix.
+A built-in template renders a conversation as alternating text chunks, prompt (system/user
+turns and the assistant header) and assistant (content + end-of-turn marker), each
+encoded on its own (so the mask boundary is exact), then [BOS] + ... + [EOS]: one BOS (none
+for a tokenizer without one), one EOS after the final assistant turn. The per-token mask
+is 1 on assistant chunks and the final EOS. `render_prompt` gives the text of a
+conversation up to the final assistant turn's header; `prompt_ids` its token ids (for a
+built-in template [BOS] + its encoding, exactly the training prefix).
 
 Packing (grain FirstFitPackIterDataset): whole conversations into rows of seq_len with
 segment ids and per-conversation positions; one is never split across rows. As in
@@ -44,7 +51,8 @@ from lmjax.data.pipeline import (_JsonSafeState, _ThreadPrefetch, shuffle_seed)
 from lmjax.data.sources import DataError
 
 ROLES = ('system', 'user', 'assistant')
-TEMPLATES = ('llama3', 'chatml', 'plain')
+TEMPLATES = ('auto', 'model', 'llama3', 'chatml', 'plain')
+BUILTIN_TEMPLATES = ('llama3', 'chatml', 'plain')
 COUNTS = ('dropped', 'truncated')  # per-row extra features (strip before the step)
 
 
@@ -222,13 +230,33 @@ def _spec(template: str):
   return _SPEC[template]
 
 
+def resolve_template(template: str, tokenizer=None) -> str:
+  """'auto' -> 'model' when the tokenizer has a chat template, else 'chatml'; other names
+  are checked and returned."""
+  if template not in TEMPLATES:
+    raise DataError(f'sft.template must be one of {TEMPLATES}, got {template!r}')
+  if template == 'auto':
+    return 'model' if getattr(tokenizer, 'chat_template', None) else 'chatml'
+  return template
+
+
+def _model_template(tokenizer):
+  from lmjax.data import chat_template  # pylint: disable=import-outside-toplevel
+  if tokenizer is None:
+    raise DataError("sft.template='model' renders with the tokenizer's chat template: "
+                    'pass the tokenizer')
+  return chat_template.ModelTemplate(tokenizer)
+
+
 def end_marker(template: str) -> str:
-  """The text that ends an assistant turn ('' for plain: EOS alone ends it)."""
-  return _spec(template)[1]
+  """The text that ends an assistant turn of a built-in template ('' for plain: EOS alone
+  ends it; '' for the model's template, whose end-of-turn token is a stop token)."""
+  return '' if template == 'model' else _spec(template)[1]
 
 
 def chunks(turns: list[dict[str, str]], template: str) -> list[tuple[str, bool]]:
-  """(text, is_assistant) chunks of a conversation, alternating, prompt chunks merged.
+  """(text, is_assistant) chunks of a conversation under a built-in template, alternating,
+  prompt chunks merged.
 
   plain: a turn's content then its 'sep' (default '\\n'); a prompt/completion example's
   prompt has sep '' (exactly prompt + completion: the data decides the spacing).
@@ -254,19 +282,38 @@ def chunks(turns: list[dict[str, str]], template: str) -> list[tuple[str, bool]]
   return out
 
 
-def render_prompt(turns: list[dict[str, str]], template: str) -> str:
-  """The prompt text up to (and including) the header of the final assistant turn."""
+def render_prompt(turns: list[dict[str, str]], template: str, tokenizer=None) -> str:
+  """The prompt text up to (and including) the header of the final assistant turn (for
+  'model' and 'auto', the tokenizer's template with its generation prompt)."""
+  template = resolve_template(template, tokenizer)
+  if template == 'model':
+    return _model_template(tokenizer).render(turns[:-1], add_generation_prompt=True)
   cs = chunks(turns, template)
   return ''.join(text for text, _ in cs[:-1])
 
 
+def prompt_ids(prompt: str, tokenizer, template: str) -> list[int]:
+  """Token ids of a rendered prompt (render_prompt's text) to generate from: [BOS] + its
+  encoding for a built-in template; for the model's template its encoding alone (the
+  template writes BOS itself)."""
+  if resolve_template(template, tokenizer) == 'model':
+    return tokenizer.encode(prompt, specials=True)
+  return tokenizer.bos + tokenizer.encode(prompt, specials=True)
+
+
 def encode(turns: list[dict[str, str]], tokenizer, template: str
            ) -> tuple[np.ndarray, np.ndarray]:
-  """(tokens, mask) int32 of one conversation: [BOS] chunks [EOS]; mask 1 on assistant
-  chunks and the EOS."""
-  ids, mask = [tokenizer.bos_id], [0]
+  """(tokens, mask) int32 of one conversation. Built-in templates: [BOS] chunks [EOS],
+  mask 1 on assistant chunks and the EOS; the model's template: its rendering, mask 1 on
+  the assistant tokens."""
+  template = resolve_template(template, tokenizer)
+  if template == 'model':
+    ids, mask = _model_template(tokenizer).encode(turns)
+    return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
+  ids = list(tokenizer.bos)
+  mask = [0] * len(ids)
   for text, assistant in chunks(turns, template):
-    piece = tokenizer.encode(text) if text else []
+    piece = tokenizer.encode(text, specials=True) if text else []
     ids += piece
     mask += [int(assistant)] * len(piece)
   ids.append(tokenizer.eos_id)
@@ -274,27 +321,29 @@ def encode(turns: list[dict[str, str]], tokenizer, template: str
   return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
 
 
-def answer_examples(cfg, split: str, limit: int | None = None) -> list[dict[str, str]]:
+def answer_examples(cfg, split: str, limit: int | None = None, tokenizer=None
+                    ) -> list[dict[str, str]]:
   """[{'prompt', 'answer', 'task'}] of the first `limit` conversations of a cfg.sft split,
   for evaluate.exact_match: prompt = the rendered chat up to the final assistant turn's
-  header (encode it as [BOS] + tokenizer.encode(prompt)), answer = that turn's content,
-  task = the example's 'task' field ('' if none)."""
+  header (encode it with prompt_ids), answer = that turn's content, task = the example's
+  'task' field ('' if none). The tokenizer renders 'model' / 'auto' templates."""
   conv = get_conversations(cfg, split)
   n = len(conv) if limit is None else min(limit, len(conv))
   out = []
   for i in range(n):
     turns = conv[i]
-    out.append({'prompt': render_prompt(turns, cfg.sft.template),
+    out.append({'prompt': render_prompt(turns, cfg.sft.template, tokenizer),
                 'answer': turns[-1]['content'], 'task': conv.tag(i)})
   return out
 
 
-def answer_normalizer(template: str):
-  """For evaluate.exact_match(normalize=...): cuts a generation at the template's
+def answer_normalizer(template: str, tokenizer=None):
+  """For evaluate.exact_match(normalize=...): cuts a generation at a built-in template's
   end-of-turn marker (and, for the marker templates, at the first '<|', where any
   marker starts: a generation cut by max_new_tokens mid-marker still yields its answer),
-  then keeps the first line, stripped."""
-  end = end_marker(template)
+  then keeps the first line, stripped. (The model's template ends answers with a special
+  stop token, which generation stops at.)"""
+  end = end_marker(resolve_template(template, tokenizer))
 
   def normalize(text: str) -> str:
     if end:
@@ -309,8 +358,9 @@ def answer_normalizer(template: str):
 class _Encode(grain.transforms.Map):
 
   def __init__(self, tokenizer, template: str):
-    self.tokenizer, self.template = tokenizer, template
-    _spec(template)
+    self.tokenizer, self.template = tokenizer, resolve_template(template, tokenizer)
+    if self.template == 'model':
+      _model_template(tokenizer)  # fails now, not in a data thread, without a template
 
   def map(self, turns) -> dict[str, np.ndarray]:
     tokens, mask = encode(turns, self.tokenizer, self.template)

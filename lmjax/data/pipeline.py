@@ -43,8 +43,8 @@ class _Tokenize(grain.transforms.Map):
 
   def __init__(self, tokenizer, add_bos: bool, add_eos: bool, source_id: int = 0):
     self.tokenizer = tokenizer
-    self.bos = [tokenizer.bos_id] if add_bos else []
-    self.eos = [tokenizer.eos_id] if add_eos else []
+    self.bos = list(tokenizer.bos) if add_bos else []  # none for a tokenizer without BOS
+    self.eos = [tokenizer.eos_id] if add_eos and tokenizer.eos_id is not None else []
     self.source_id = source_id  # > 0: tag every token with it (mixtures)
 
   def map(self, text) -> dict[str, np.ndarray]:

@@ -79,11 +79,23 @@ def normalize_pair(obj: Any) -> tuple[list, list, list]:
 
 def encode_pair(pair: tuple[list, list, list], tokenizer, template: str):
   """(prompt_len, chosen tokens, chosen mask, rejected tokens, rejected mask): each row is
-  [BOS] prompt completion [EOS], mask 1 on the completion (the rows share prompt_len
-  tokens)."""
+  [BOS] prompt completion [EOS] under a built-in template, mask 1 on the completion; under
+  the model's template, the prompt rendered with its generation prompt and encoded alone,
+  then the rest of the conversation, mask 1 on its assistant tokens (no extra EOS: the
+  template ends the turn). The rows share prompt_len tokens."""
   prompt, chosen, rejected = pair
-  rows = [formats.encode(prompt + c, tokenizer, template) for c in (chosen, rejected)]
-  starts = [int(np.argmax(m > 0)) for _, m in rows]
+  if formats.resolve_template(template, tokenizer) == 'model':
+    from lmjax.data import chat_template  # pylint: disable=import-outside-toplevel
+    tmpl = chat_template.ModelTemplate(tokenizer)
+    rows = []
+    for c in (chosen, rejected):
+      p_ids, c_ids, c_mask = tmpl.encode_completion(prompt, c)
+      rows.append((np.asarray(p_ids + c_ids, np.int32),
+                   np.asarray([0] * len(p_ids) + c_mask, np.int32)))
+    starts = [len(p_ids)] * 2
+  else:
+    rows = [formats.encode(prompt + c, tokenizer, template) for c in (chosen, rejected)]
+    starts = [int(np.argmax(m > 0)) for _, m in rows]
   if starts[0] != starts[1] or not np.array_equal(rows[0][0][:starts[0]],
                                                   rows[1][0][:starts[1]]):
     raise ValueError('chosen and rejected render different prompts')  # cannot happen
@@ -188,7 +200,7 @@ class _Indexed:
 class _Encode(grain.transforms.Map):
 
   def __init__(self, tokenizer, template: str):
-    self.tokenizer, self.template = tokenizer, template
+    self.tokenizer, self.template = tokenizer, formats.resolve_template(template, tokenizer)
 
   def map(self, item):
     index, pair = item

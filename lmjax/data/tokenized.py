@@ -4,7 +4,7 @@ With cfg.data.pretokenize the pretraining pipeline reads each source's split fro
 <data_dir>/tokenized/<name>/ (one record per document: its sentencepiece ids as little-
 endian int32, without BOS/EOS, which the pipeline adds as before) instead of tokenizing on
 the fly, so the stream is identical and the input threads only pack. The directory is
-keyed by the source (its name, data_dir and size) and the tokenizer file's SHA-256: a
+keyed by the source (its name, data_dir and size) and the tokenizer files' SHA-256: a
 different tokenizer or corpus gets its own directory, never a stale one. It is built on
 first use (atomically: written under a temporary name, then renamed) or ahead of time
 with tools/pretokenize.py, which a multi-host run should do once before launching.
@@ -43,7 +43,7 @@ def directory(cfg_data, split: str, tokenizer) -> tuple[str, sources.TextSource,
   text = sources.get_source(cfg_data, split)
   ident = {'source': text.name, 'data_dir': sources.default_data_dir(cfg_data),
            'documents': len(text), 'tokenizer': os.path.abspath(tokenizer.path),
-           'tokenizer_sha256': file_sha256(tokenizer.path)}
+           'tokenizer_sha256': tokenizer.sha256()}
   key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
   slug = re.sub(r'[^A-Za-z0-9_.-]+', '_', text.name).strip('_')
   return os.path.join(ident['data_dir'], 'tokenized', f'{slug}-{key}'), text, ident

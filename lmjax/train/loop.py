@@ -160,7 +160,8 @@ def load_tokenizer(cfg, resumed_meta: dict | None,
   if not path and source is not None:
     if not source.tokenizer_path:
       raise config_lib.ConfigError(
-          f'init_from {source} has no sentencepiece tokenizer.model: set tokenizer.path')
+          f'init_from {source} has no tokenizer (tokenizer.json or tokenizer.model): set '
+          'tokenizer.path')
     path, whose = source.tokenizer_path, f'the tokenizer of init_from {source}'
   if not whose:
     return tokenizer_lib.load_tokenizer(cfg)
@@ -260,14 +261,15 @@ def _evaluate_dpo(eval_step, weights, cfg, tok, mesh, process_index, process_cou
 
 def sft_exact_match(cfg, graphdef, params, tok, mesh, examples: list[dict]) -> dict:
   """Greedy answers to `examples` ({'prompt', 'answer'}) with the (merged) params, cut at
-  the template's end-of-turn marker: evaluate.exact_match's result."""
+  the template's end of turn: evaluate.exact_match's result."""
   def gen(prompts):
-    out = generate.generate(graphdef, params, [[tok.bos_id] + tok.encode(p) for p in prompts],
-                            max_new_tokens=cfg.sft.eval_max_new_tokens, temperature=0.0,
-                            stop_tokens=(tok.eos_id,), mesh=mesh, rules=dict(cfg.rules))
+    ids = [formats.prompt_ids(p, tok, cfg.sft.template) for p in prompts]
+    out = generate.generate(graphdef, params, ids, max_new_tokens=cfg.sft.eval_max_new_tokens,
+                            temperature=0.0, stop_tokens=tok.stop_ids, mesh=mesh,
+                            rules=dict(cfg.rules))
     return [tok.decode(ids) for ids in out.ids()]
   return evaluate_lib.exact_match(gen, examples, batch_size=max(len(examples), 1),
-                                  normalize=formats.answer_normalizer(cfg.sft.template))
+                                  normalize=formats.answer_normalizer(cfg.sft.template, tok))
 
 
 def _eval_line(step: int, e: dict) -> str:
@@ -316,7 +318,7 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
 
   # ---- Data: tokenizer, precomputed DPO references, the training stream -------------
   tok = load_tokenizer(cfg, resumed_meta, source)
-  run_meta['tokenizer'] = tok.path
+  run_meta['tokenizer'] = tok.location
   setup = state_lib.make_setup(cfg, mesh)
   refs = None
   if step_lib.reference_mode(cfg) == 'precomputed':  # the reference = init_from's params
@@ -331,7 +333,8 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   sft = cfg.stage in ('sft', 'dpo')  # conversation data: overlong counts, exact match
   em_examples = []  # the exact-match set: the first N of cfg.sft's eval split
   if sft and cfg.sft.eval_examples > 0 and cfg.train.eval_every > 0:
-    em_examples = formats.answer_examples(cfg, cfg.data.eval_split, cfg.sft.eval_examples)
+    em_examples = formats.answer_examples(cfg, cfg.data.eval_split, cfg.sft.eval_examples,
+                                          tok)
   mixture = list(config_lib.mixture_sources(cfg.data))  # rows tag tokens 1..len: tokens/<name>
 
   # ---- State: resume the workdir's latest checkpoint, start from init_from, or init --
@@ -345,7 +348,7 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   elif source is not None:
     state = state_lib.init_state(cfg, setup, params=source.load_params(cfg, setup))
     _print(f'params from init_from {source}; fresh optimizer state, step 0; '
-           f'tokenizer {tok.path}')
+           f'tokenizer {tok.location}')
   else:
     state = state_lib.init_state(cfg, setup)
   start = int(state['step'])
@@ -494,11 +497,13 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   text = None
   if cfg.train.sample_at_end and not stopped_early:
     s = cfg.sample
-    prompt = s.prompt
+    prompt, ids = s.prompt, s.prompt
     if sft:  # the prompt as a user turn, in the chat template
       prompt = formats.render_prompt([{'role': 'user', 'content': s.prompt},
-                                      {'role': 'assistant', 'content': ''}], cfg.sft.template)
-    text = generate.sample(setup.graphdef, merged(setup.weights(state)), tok, [prompt],
+                                      {'role': 'assistant', 'content': ''}],
+                                     cfg.sft.template, tok)
+      ids = formats.prompt_ids(prompt, tok, cfg.sft.template)
+    text = generate.sample(setup.graphdef, merged(setup.weights(state)), tok, [ids],
                            max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                            top_k=s.top_k, seed=cfg.seed)[0]
     _print(f'--- sample (prompt {s.prompt!r}) ---\n{prompt}{text}\n---')
