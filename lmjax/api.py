@@ -142,12 +142,16 @@ class Model:
 
 
 def load(path: str, step: int | None = None, *, devices: Sequence[Any] | None = None,
-         mesh: dict | None = None, tokenizer: str | None = None) -> Model:
+         mesh: dict | None = None, tokenizer: str | None = None,
+         adapter: str | None = None) -> Model:
   """Loads an lmjax workdir (checkpoint `step`, default latest) or a Hugging Face model
   directory onto `devices` (default: all), sharded by `mesh` (default: all on fsdp).
 
   tokenizer: a sentencepiece .model to use instead of the one the run used (or the
   directory's tokenizer.model).
+  adapter: a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)
+  trained on this base: merged into the params (with its own rank, alpha, rsLoRA and
+  targets), so generate and score use it.
   """
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isdir(path):
@@ -155,8 +159,22 @@ def load(path: str, step: int | None = None, *, devices: Sequence[Any] | None = 
                             'Hugging Face model directory)')
   device_mesh_cfg = dict(DEFAULT_MESH if mesh is None else mesh)
   if ckpt_lib.is_hf_dir(path):
-    return _load_hf(path, device_mesh_cfg, devices, tokenizer)
-  return _load_workdir(path, step, device_mesh_cfg, devices, tokenizer)
+    model = _load_hf(path, device_mesh_cfg, devices, tokenizer)
+  else:
+    model = _load_workdir(path, step, device_mesh_cfg, devices, tokenizer)
+  return _merge_adapter(model, adapter) if adapter else model
+
+
+def _merge_adapter(model: Model, adapter: str) -> Model:
+  """`model` with the PEFT adapter in directory `adapter` merged into its params."""
+  from lmjax.models import lora
+  adapter = os.path.abspath(os.path.expanduser(adapter))
+  adapters, settings = lora.load_peft_adapter(adapter, model.config)
+  merge = jax.jit(lambda p, a: lora.merge(p, a, settings), donate_argnums=0,
+                  out_shardings=jax.tree.map(lambda x: x.sharding, model.params))
+  model.params = merge(model.params, adapters)
+  model.source = f'{model.source} + adapter {adapter}'
+  return model
 
 
 def _with_mesh(cfg, mesh_cfg):
