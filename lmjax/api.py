@@ -210,7 +210,7 @@ class Model:
 
 def load(path: str, step: int | None = None, *, devices: Sequence[Any] | None = None,
          mesh: dict | None = None, tokenizer: str | None = None,
-         seq_len: int | None = None) -> Model:
+         seq_len: int | None = None, adapter: str | None = None) -> Model:
   """Loads an lmjax workdir (checkpoint `step`, default latest) or a Hugging Face model
   directory onto `devices` (default: all), sharded by `mesh` (default: all on fsdp).
 
@@ -220,6 +220,9 @@ def load(path: str, step: int | None = None, *, devices: Sequence[Any] | None = 
   A Hugging Face model with a sliding attention window is used at most at its window
   (lmjax attends to the whole context): seq_len defaults to the shorter of the window
   and the base config's 256, and longer inputs are refused.
+  adapter: a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)
+  trained on this base: merged into the params (with its own rank, alpha, rsLoRA and
+  targets), so generate and score use it.
   """
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isdir(path):
@@ -229,8 +232,22 @@ def load(path: str, step: int | None = None, *, devices: Sequence[Any] | None = 
     raise ValueError(f'lmjax.load: seq_len must be >= 2, got {seq_len}')
   device_mesh_cfg = dict(DEFAULT_MESH if mesh is None else mesh)
   if ckpt_lib.is_hf_dir(path):
-    return _load_hf(path, device_mesh_cfg, devices, tokenizer, seq_len)
-  return _load_workdir(path, step, device_mesh_cfg, devices, tokenizer, seq_len)
+    model = _load_hf(path, device_mesh_cfg, devices, tokenizer, seq_len)
+  else:
+    model = _load_workdir(path, step, device_mesh_cfg, devices, tokenizer, seq_len)
+  return _merge_adapter(model, adapter) if adapter else model
+
+
+def _merge_adapter(model: Model, adapter: str) -> Model:
+  """`model` with the PEFT adapter in directory `adapter` merged into its params."""
+  from lmjax.models import lora
+  adapter = os.path.abspath(os.path.expanduser(adapter))
+  adapters, settings = lora.load_peft_adapter(adapter, model.config)
+  merge = jax.jit(lambda p, a: lora.merge(p, a, settings), donate_argnums=0,
+                  out_shardings=jax.tree.map(lambda x: x.sharding, model.params))
+  model.params = merge(model.params, adapters)
+  model.source = f'{model.source} + adapter {adapter}'
+  return model
 
 
 def _with_mesh(cfg, mesh_cfg, seq_len=None):

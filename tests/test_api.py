@@ -1,5 +1,6 @@
 """The notebook API and evaluation: lmjax.load of a workdir (resharded onto other devices)
-and of a Hugging Face dir, generate/score against transformers, perplexity, exact match."""
+and of a Hugging Face dir, generate/score against transformers, perplexity, exact match,
+and a PEFT adapter merged on load."""
 
 import math
 
@@ -163,3 +164,64 @@ def test_generate_module_api_is_usable_without_a_model_object(run):
   a = generate.generate(m.graphdef, m.params, [m.encode('def f_')], max_new_tokens=5)
   b = m.generate_ids([m.encode('def f_')], max_new_tokens=5)
   np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+
+
+# ---- PEFT adapters ----------------------------------------------------------------------
+
+def _peft_adapter(base_dir, out, **lora_kw):
+  """A PEFT LoRA adapter (random nonzero B) on the HF model in `base_dir`, saved to `out`;
+  returns the PeftModel."""
+  peft = pytest.importorskip('peft')
+  import torch
+  import transformers
+  base = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir)).float().eval()
+  pm = peft.get_peft_model(base, peft.LoraConfig(task_type='CAUSAL_LM', **lora_kw)).eval()
+  torch.manual_seed(1)
+  with torch.no_grad():
+    for name, p in pm.named_parameters():
+      if 'lora_B' in name:
+        p.copy_(0.05 * torch.randn_like(p))
+  pm.save_pretrained(str(out))
+  return pm
+
+
+def test_load_hf_with_peft_adapter_equals_peft_merged(tmp_path):
+  torch = pytest.importorskip('torch')
+  _hf_model(tmp_path / 'hf')
+  pm = _peft_adapter(tmp_path / 'hf', tmp_path / 'adapter', r=4, lora_alpha=32,
+                     target_modules=['q_proj', 'v_proj', 'down_proj'])
+  tokens = np.random.default_rng(0).integers(3, 128, (2, 12))
+  with torch.no_grad():
+    ref = pm.merge_and_unload()(torch.tensor(tokens)).logits.float().numpy()
+  m = lmjax.load(str(tmp_path / 'hf'), adapter=str(tmp_path / 'adapter'))
+  assert 'adapter' in repr(m) and m.mesh.devices.size == 8
+  from flax import nnx
+  ours = np.asarray(nnx.merge(m.graphdef, m.params)(tokens))
+  assert np.abs(ours - ref).max() < 1e-4, np.abs(ours - ref).max()
+  base = lmjax.load(str(tmp_path / 'hf'), devices=jax.devices()[:1])
+  assert np.abs(np.asarray(nnx.merge(base.graphdef, base.params)(tokens)) - ref).max() > 1e-2
+  # score sees the adapter: per-token log-probs equal PEFT's.
+  lp = torch.log_softmax(torch.from_numpy(ref[0]), -1).numpy()
+  np.testing.assert_allclose(m.score_ids([tokens[0].tolist()])[0],
+                             lp[np.arange(11), tokens[0, 1:]], atol=1e-4)
+
+
+def test_load_workdir_with_peft_adapter(run, tmp_path):
+  from lmjax.models import lora
+  workdir, result = run
+  base = lmjax.load(workdir, devices=jax.devices()[:1])
+  cfg = base.config.copy_and_resolve_references()
+  cfg.lora.update(rank=2, alpha=6.0, targets='o,up')
+  ad = jax.tree.map(lambda x: x + 0.05, lora.init_adapters(jax.random.key(0), cfg))
+  lora.save_peft_adapter(ad, cfg, str(tmp_path / 'adapter'))
+  m = lmjax.load(workdir, adapter=str(tmp_path / 'adapter'))
+  want = lora.merge(jax.device_get(result.state['params']), ad, cfg)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6),
+               jax.device_get(m.params), jax.device_get(want))
+  assert m.tokenizer.path == base.tokenizer.path
+  # An adapter of another architecture (the HF model's d_ff 96, not 128): a clear error.
+  _hf_model(tmp_path / 'hf')
+  _peft_adapter(tmp_path / 'hf', tmp_path / 'hf_adapter', r=4, target_modules=['down_proj'])
+  with pytest.raises(lora.LoraError, match=r'down_proj.lora_A has shape \(4, 96\), '
+                                           r'expected \(4, 128\).*different base'):
+    lmjax.load(workdir, adapter=str(tmp_path / 'hf_adapter'))

@@ -1,5 +1,7 @@
 """LoRA adapters: identity at init, unmerged == merged, logits parity with PEFT (Llama and
-Qwen2, rsLoRA, merged export, adapter files), target selection, dropout, sharding."""
+Qwen2, rsLoRA, merged export, adapter files), PEFT adapters read with their own
+adapter_config.json (conflicts and unsupported fields refused), target selection,
+dropout, sharding."""
 
 import json
 import math
@@ -307,7 +309,7 @@ def test_peft_parity(case, tmp_path):
   loaded = peft.PeftModel.from_pretrained(_hf_model(src), str(adir)).eval()
   diff_loaded = np.abs(_torch_logits(loaded) - ours).max()
   assert diff_loaded < 1e-4, diff_loaded
-  jax.tree.map(np.testing.assert_array_equal, lora.load_peft_adapter(str(adir), cfg),
+  jax.tree.map(np.testing.assert_array_equal, lora.load_peft_adapter(str(adir), cfg)[0],
                jax.tree.map(np.asarray, ad))
 
   # Merged export == PEFT's merge_and_unload.
@@ -320,3 +322,149 @@ def test_peft_parity(case, tmp_path):
   assert np.abs(merged_ours - ours).max() < 1e-4
   assert np.abs(merged_ours - _torch_logits(_hf_model(src))).max() > 1e-2
   print(f'{case}: unmerged {diff:.2e}, adapter dir {diff_loaded:.2e}, merged {diff_merged:.2e}')
+
+
+# ---- PEFT adapters bring their own LoRA config ------------------------------------------
+
+ADAPTER_CASES = {  # name: PEFT LoraConfig kwargs (lmjax's config keeps its defaults)
+    'alpha32': dict(r=4, lora_alpha=32, target_modules='all-linear'),
+    'rslora': dict(r=8, lora_alpha=16, use_rslora=True,
+                   target_modules=['q_proj', 'k_proj', 'o_proj', 'down_proj']),
+    'q_v': dict(r=4, lora_alpha=4, target_modules=['q_proj', 'v_proj']),
+}
+
+
+def _peft_adapter(src, out, **lora_kw):
+  """A PEFT model on the HF model in `src` with random (nonzero) B, saved to `out`."""
+  import peft
+  import torch
+  pm = peft.get_peft_model(_hf_model(src), peft.LoraConfig(task_type='CAUSAL_LM',
+                                                           **lora_kw)).eval()
+  torch.manual_seed(1)
+  with torch.no_grad():
+    for name, p in pm.named_parameters():
+      if 'lora_B' in name:
+        p.copy_(0.05 * torch.randn_like(p))
+  pm.save_pretrained(str(out))
+  return pm
+
+
+def _hf_setup(src):
+  base_cfg = tiny_config()
+  base_cfg.data.seq_len = 16
+  cfg = hf.config_from_hf(str(src), base_cfg)   # cfg.lora: lmjax's defaults
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  graphdef, _ = transformer.abstract(ml_collections.FrozenConfigDict(cfg.model))
+  return cfg, graphdef, hf.load_params(str(src), cfg, mesh)
+
+
+@pytest.mark.parametrize('case', list(ADAPTER_CASES))
+def test_peft_adapter_config_is_read(case, tmp_path):
+  pytest.importorskip('peft')
+  src, adir = tmp_path / 'hf', tmp_path / 'adapter'
+  _make_hf(src, 'LlamaConfig')
+  pm = _peft_adapter(src, adir, **ADAPTER_CASES[case])
+  theirs = _torch_logits(pm)
+  cfg, graphdef, params = _hf_setup(src)
+  assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.rslora) == (8, 16.0, False)
+
+  ad, lc = lora.load_peft_adapter(str(adir), cfg)
+  kw = ADAPTER_CASES[case]
+  assert (lc.rank, lc.alpha, lc.rslora) == (kw['r'], kw['lora_alpha'],
+                                            kw.get('use_rslora', False))
+  want = (list(lora.TARGETS) if kw['target_modules'] == 'all-linear'
+          else lora.select_targets(kw['target_modules']))
+  assert lora.select_targets(lc.targets) == lora.targets_of(ad) == want
+  ours = _logits(graphdef, params, adapters=ad, lora=lc)
+  merged = _logits(graphdef, lora.merge(params, ad, lc))
+  for x in (ours, merged):
+    assert np.abs(x - theirs).max() < 1e-4, np.abs(x - theirs).max()
+  # The adapter's scale differs from cfg.lora's: under the defaults the logits are off.
+  assert lora.scale(lc) != lora.scale(cfg)
+  assert np.abs(_logits(graphdef, params, adapters=ad, lora=cfg.lora) - theirs).max() > 1e-2
+  # Explicit settings that agree are accepted.
+  explicit = dict(rank=kw['r'], alpha=kw['lora_alpha'], rslora=kw.get('use_rslora', False),
+                  targets=','.join(want), dropout=0.1)
+  ad2, lc2 = lora.load_peft_adapter(str(adir), cfg, lora=explicit)
+  assert lc2.dropout == 0.1 and lc2.alpha == lc.alpha
+  jax.tree.map(np.testing.assert_array_equal, ad2, ad)
+
+
+def _lmjax_adapter(tmp_path, **settings):
+  """An adapter saved by lmjax (alpha 32, rank 4, q and v unless `settings` say
+  otherwise), its dir, and the default config it is read under."""
+  cfg = tiny_config()
+  saved = cfg.copy_and_resolve_references()
+  saved.lora.update(**dict(dict(rank=4, alpha=32.0, targets='q,v'), **settings))
+  ad = _random_b(lora.init_adapters(jax.random.key(0), saved))
+  adir = tmp_path / 'adapter'
+  lora.save_peft_adapter(ad, saved, str(adir))
+  return adir, cfg
+
+
+@pytest.mark.parametrize('explicit,message', [
+    (dict(alpha=16.0), r"lora.alpha=16.0 \(set\) but adapter_config.json lora_alpha=32.0"),
+    (dict(rank=8), r"lora.rank=8 \(set\) but adapter_config.json r=4"),
+    (dict(rslora=True), r"lora.rslora=True \(set\) but adapter_config.json use_rslora=False"),
+    (dict(targets='all-linear'), r"lora.targets='all-linear' \(set\) but adapter_config.json "
+                                 r"target_modules=\['q_proj', 'v_proj'\]"),
+    (dict(train_params='embed'), r"lora.train_params='embed' \(set\)"),
+    (dict(alpah=16.0), r"lora=\['alpah'\] are not cfg.lora fields"),
+])
+def test_peft_adapter_conflict_with_explicit_setting(explicit, message, tmp_path):
+  adir, cfg = _lmjax_adapter(tmp_path)
+  cfg.lora.update(alpha=8.0, rank=16)   # cfg.lora's values are not explicit
+  _, lc = lora.load_peft_adapter(str(adir), cfg)
+  assert (lc.rank, lc.alpha, lc.targets) == (4, 32.0, 'q,v')
+  with pytest.raises(lora.LoraError, match=message):
+    lora.load_peft_adapter(str(adir), cfg, lora=explicit)
+
+
+@pytest.mark.parametrize('change,message', [
+    (dict(peft_type='PREFIX_TUNING'), "peft_type='PREFIX_TUNING'"),
+    (dict(bias='all'), "bias='all'"),
+    (dict(use_dora=True), 'use_dora=True'),
+    (dict(lora_bias=True), 'lora_bias=True'),
+    (dict(fan_in_fan_out=True), 'fan_in_fan_out=True'),
+    (dict(modules_to_save=['lm_head']), "modules_to_save=\\['lm_head'\\]"),
+    (dict(rank_pattern={'q_proj': 8}), 'rank_pattern='),
+    (dict(alpha_pattern={'v_proj': 8}), 'alpha_pattern='),
+    (dict(layers_to_transform=0), 'layers_to_transform=0'),
+    (dict(layers_to_transform=[1]), 'layers_to_transform='),
+    (dict(target_modules=['q_proj', 'v_proj', 'lm_head']), "'lm_head' adapts lm_head"),
+    (dict(target_modules=['q_proj', 'v_proj', 'embed_tokens']), "adapts embed_tokens"),
+    (dict(target_modules=['q_proj', 'v_proj', 'c_attn']), "'c_attn' names no projection"),
+    (dict(target_modules='.*'), 'adapts embed_tokens, lm_head'),
+    (dict(target_modules=r'model\.layers\.0\.self_attn\.(q|v)_proj'), 'in some layers only'),
+    (dict(target_modules=['q_proj']), r'target_modules=\[.q_proj.\] \(q_proj\) but '
+                                      r'adapter_model.safetensors holds LoRA weights of '
+                                      r'q_proj, v_proj'),
+    (dict(target_modules=['q_proj', 'v_proj', 'k_proj']), 'holds LoRA weights of q_proj, v_proj'),
+    (dict(r=8), 'r=8 but adapter_model.safetensors holds rank-4 LoRA weights'),
+])
+def test_peft_adapter_unsupported_config_refused(change, message, tmp_path):
+  adir, cfg = _lmjax_adapter(tmp_path)
+  path = adir / 'adapter_config.json'
+  pc = json.loads(path.read_text())
+  path.write_text(json.dumps(dict(pc, **change)))
+  with pytest.raises(lora.LoraError, match=message):
+    lora.load_peft_adapter(str(adir), cfg)
+
+
+def test_peft_adapter_targets_forms_and_base_mismatch(tmp_path):
+  adir, cfg = _lmjax_adapter(tmp_path)
+  path = adir / 'adapter_config.json'
+  pc = json.loads(path.read_text())
+  for targets in (['self_attn.q_proj', 'v_proj'], r'.*\.(q|v)_proj', None):
+    path.write_text(json.dumps(dict(pc, target_modules=targets)))
+    assert lora.load_peft_adapter(str(adir), cfg)[1].targets == 'q,v'
+  path.write_text(json.dumps(pc))
+  # A base of another shape is a clear error naming the tensor and the adapter's base.
+  other = tiny_config(n_kv_heads=4)
+  with pytest.raises(lora.LoraError, match=r'v_proj.lora_B has shape \(32, 4\), expected \(64, 4\) .*different base'):
+    lora.load_peft_adapter(str(adir), other)
+  other = tiny_config(n_layers=3)
+  with pytest.raises(lora.LoraError, match=r'layers \[0, 1\], expected 0..2'):
+    lora.load_peft_adapter(str(adir), other)
+  with pytest.raises(FileNotFoundError, match='not a PEFT adapter directory'):
+    lora.load_peft_adapter(str(tmp_path), cfg)

@@ -138,7 +138,7 @@ def test_load_merge_tool_and_init_from_of_an_sft_run(base, sft_run, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(m2.params),
                jax.device_get(model.params))
   assert m2.tokenizer.path == model.tokenizer.path
-  back = lora.load_peft_adapter(peft_dir, _sft_cfg(base))
+  back, _ = lora.load_peft_adapter(peft_dir, _sft_cfg(base))
   jax.tree.map(np.testing.assert_array_equal, back, adapters)
   with open(os.path.join(peft_dir, 'adapter_config.json')) as f:
     pc = json.load(f)

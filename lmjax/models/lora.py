@@ -4,6 +4,8 @@
     logits = model(tokens, adapters=adapters, lora=cfg.lora, dropout_rng=key)
     params = lora.merge(params, adapters, cfg)            # W + s·A@B, for export/serving
     lora.save_peft_adapter(adapters, cfg, out_dir)        # PeftModel.from_pretrained(...)
+    adapters, lc = lora.load_peft_adapter(peft_dir, cfg)  # lc: the adapter's own settings
+    params = lora.merge(params, adapters, lc)             # (or lmjax.load(base, adapter=...))
 
 Adapters are a pure dict mirroring the param paths, stacked on the leading 'layers' axis
 like the base: adapters['layers']['attn']['q'] = {'a': [L, d, r], 'b': [L, r, n, h]}.
@@ -22,6 +24,11 @@ PEFT stores lora_A.weight [r, in] and lora_B.weight [out, r] (in/out flattened a
 hf.py flattens the heads). A is initialised as PEFT does (kaiming-uniform, a=sqrt(5):
 U(-1/sqrt(fan_in), 1/sqrt(fan_in))), B at zero, so a fresh adapter leaves the model
 unchanged. The scale is alpha/r, or alpha/sqrt(r) with rsLoRA.
+
+A PEFT adapter brings its own LoRA config: rank, alpha, rsLoRA and targets are read from
+its adapter_config.json (cfg.lora's values are defaults, not requirements; fields passed
+as `lora=` must agree), and PEFT features lmjax does not compute (DoRA, biases,
+modules_to_save, per-module ranks, some layers only, ...) are refused.
 """
 
 from __future__ import annotations
@@ -364,19 +371,20 @@ def to_peft_state_dict(adapters: dict, cfg=None) -> dict[str, np.ndarray]:
 _PEFT_KEY = re.compile(r'(?:base_model\.model\.)?model\.layers\.(\d+)\.'
                        r'(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.'
                        r'lora_([AB])(?:\.[^.]+)?\.weight')
+_PEFT_MODULES = ', '.join(v[2].split('.')[-1] for v in TARGETS.values())  # 'q_proj, ...'
 
 
-def from_peft_state_dict(state_dict: dict, cfg) -> dict:
-  """PEFT's LoRA state dict (as saved, or a PeftModel's `state_dict()` with adapter
-  names) -> float32 adapters in lmjax layouts (host numpy arrays). The targets are those
-  present; shapes are checked against cfg.model and cfg.lora.rank."""
+def _peft_tensors(state_dict: dict) -> dict:
+  """{target: {'a' | 'b': {layer: float32 numpy}}} of the LoRA weights in a PEFT state
+  dict (PEFT's lora_A [r, in] and lora_B [out, r] as stored)."""
   by_module = {v[2]: k for k, v in TARGETS.items()}
   found: dict = {}
   for key, value in state_dict.items():
     m = _PEFT_KEY.fullmatch(key)
     if m is None:
       if 'lora_' in key:
-        raise LoraError(f'PEFT tensor {key!r} is not a LoRA weight of a supported module')
+        raise LoraError(f'PEFT tensor {key!r} is not a LoRA weight of a supported module '
+                        f'(lmjax adapts {_PEFT_MODULES} of each layer)')
       continue
     i, module, which = int(m.group(1)), m.group(2), m.group(3).lower()
     x = value.float().numpy() if hasattr(value, 'numpy') and hasattr(value, 'float') \
@@ -384,6 +392,12 @@ def from_peft_state_dict(state_dict: dict, cfg) -> dict:
     found.setdefault(by_module[module], {}).setdefault(which, {})[i] = x
   if not found:
     raise LoraError('the PEFT state dict holds no LoRA weights')
+  return found
+
+
+def _adapters_from(found: dict, cfg) -> dict:
+  """_peft_tensors' weights -> float32 adapters in lmjax layouts, checked against the
+  shapes cfg.model and cfg.lora.rank give."""
   mcfg, r = _mcfg(cfg), int(_lora(cfg)['rank'])
   shp = shapes(_with_targets(cfg, ','.join(found)))
   tree: dict = {}
@@ -395,24 +409,155 @@ def from_peft_state_dict(state_dict: dict, cfg) -> dict:
       layers = parts.get(which, {})
       if sorted(layers) != list(range(mcfg['n_layers'])):
         raise LoraError(f'PEFT lora_{which.upper()} of {TARGETS[name][2]}: layers '
-                        f'{sorted(layers)}, expected 0..{mcfg["n_layers"] - 1}')
+                        f'{sorted(layers)}, expected 0..{mcfg["n_layers"] - 1} (one per '
+                        'layer of the base model)')
       shape = want[which].shape
+      expect = ((r, math.prod(shape[1:-1])) if which == 'a'
+                else (math.prod(shape[2:]), r))
       per = []
       for i in range(mcfg['n_layers']):
         x = layers[i]
-        if which == 'a':
-          if x.shape != (r, math.prod(shape[1:-1])):
-            raise LoraError(f'PEFT layer {i} {TARGETS[name][2]}.lora_A has shape {x.shape}, '
-                            f'expected {(r, math.prod(shape[1:-1]))} (lora.rank={r})')
-          per.append(x.T.reshape(shape[1:]))
-        else:
-          if x.shape != (math.prod(shape[2:]), r):
-            raise LoraError(f'PEFT layer {i} {TARGETS[name][2]}.lora_B has shape {x.shape}, '
-                            f'expected {(math.prod(shape[2:]), r)} (lora.rank={r})')
-          per.append(x.T.reshape(shape[1:]))
+        if x.shape != expect:
+          raise LoraError(f'PEFT layer {i} {TARGETS[name][2]}.lora_{which.upper()} has '
+                          f'shape {x.shape}, expected {expect} from rank {r} and the base '
+                          'model (is the adapter for a different base?)')
+        per.append(x.T.reshape(shape[1:]))
       leaf[which] = np.stack(per).astype(np.float32)
     _set(tree, path, leaf)
   return tree
+
+
+def from_peft_state_dict(state_dict: dict, cfg) -> dict:
+  """PEFT's LoRA state dict (as saved, or a PeftModel's `state_dict()` with adapter
+  names) -> float32 adapters in lmjax layouts (host numpy arrays). The targets are those
+  present; shapes are checked against cfg.model and cfg.lora.rank."""
+  return _adapters_from(_peft_tensors(state_dict), cfg)
+
+
+# PEFT's LoraConfig defaults for what lmjax reads from adapter_config.json.
+_PEFT_DEFAULTS = {'r': 8, 'lora_alpha': 8, 'use_rslora': False, 'lora_dropout': 0.0}
+# cfg.lora field: adapter_config.json field, for the settings an adapter defines.
+_FROM_PEFT = {'rank': 'r', 'alpha': 'lora_alpha', 'rslora': 'use_rslora',
+              'targets': 'target_modules'}
+# adapter_config.json fields that make an adapter compute more than W + s·A@B on the same
+# modules of every layer: refused unless they hold PEFT's default (false, null, empty).
+_PEFT_UNSUPPORTED = {
+    'use_dora': 'DoRA', 'lora_bias': 'a bias on lora_B',
+    'fan_in_fan_out': 'transposed (Conv1D) weights',
+    'modules_to_save': 'fully trained modules', 'rank_pattern': 'per-module ranks',
+    'alpha_pattern': 'per-module alphas', 'layers_to_transform': 'some layers only',
+    'exclude_modules': 'excluded modules', 'layer_replication': 'replicated layers',
+    'trainable_token_indices': 'trained token embeddings',
+    'target_parameters': 'adapted parameters', 'use_qalora': 'QALoRA',
+    'use_bdlora': 'block-diagonal LoRA', 'alora_invocation_tokens': 'activated LoRA',
+    'velora_config': 'VeLoRA', 'monteclora_config': 'MonteCLoRA', 'kasa_config': 'KaSA',
+    'arrow_config': 'Arrow routing',
+}
+_MERGE_FIX = 'merge it into its base with PEFT (merge_and_unload) and load that model'
+_NOT_ADAPTABLE = ('model.embed_tokens', 'lm_head')
+
+
+def _peft_target_names(target_modules, n_layers: int, where: str) -> list[str]:
+  """adapter_config.json target_modules -> lmjax target names, as PEFT matches them
+  against the base's module names: a list entry names a module or a dotted suffix of
+  one, a string is 'all-linear' or a regex matched in full; null is PEFT's default for
+  Llama-family models (q_proj, v_proj). Every layer must be adapted alike."""
+  if target_modules is None:
+    return ['q', 'v']
+  if isinstance(target_modules, str) and target_modules.lower() == 'all-linear':
+    # PEFT: every linear layer but the output head
+    return list(TARGETS)
+  keys = {(i, n): f'model.layers.{i}.{TARGETS[n][2]}'
+          for i in range(n_layers) for n in TARGETS}
+  if isinstance(target_modules, str):
+    try:
+      rx = re.compile(target_modules)
+    except re.error as e:
+      raise LoraError(f'{where}adapter_config.json target_modules={target_modules!r} is '
+                      f'not a valid regex: {e}') from None
+    entries = [(target_modules, lambda k: rx.fullmatch(k) is not None)]
+  else:
+    entries = [(t, lambda k, t=t: k == t or k.endswith('.' + t)) for t in target_modules]
+  hit = set()
+  for t, match in entries:
+    got = {ix for ix, k in keys.items() if match(k)}
+    other = [k.split('.')[-1] for k in _NOT_ADAPTABLE if match(k)]
+    if other or not got:
+      raise LoraError(f'{where}adapter_config.json target_modules {t!r} '
+                      + (f'adapts {", ".join(other)}' if other else 'names no projection')
+                      + f': lmjax adapts only {_PEFT_MODULES}; {_MERGE_FIX}')
+    hit |= got
+  names = [n for n in TARGETS if any((i, n) in hit for i in range(n_layers))]
+  for n in names:
+    if not all((i, n) in hit for i in range(n_layers)):
+      raise LoraError(f'{where}adapter_config.json target_modules={target_modules!r} '
+                      f'adapts {TARGETS[n][2]} in some layers only: lmjax adapts every '
+                      f'layer alike; {_MERGE_FIX}')
+  return names
+
+
+def from_peft_config(adapter_config: dict, cfg, lora=None, where: str = '') \
+    -> ml_collections.ConfigDict:
+  """The LoRA settings a PEFT adapter_config.json defines: cfg.lora's fields with rank,
+  alpha, rslora, targets and dropout from r, lora_alpha, use_rslora, target_modules and
+  lora_dropout (PEFT's defaults where absent), train_params '' and the fields of `lora`
+  on top.
+
+  `lora` (a dict, optional) holds the cfg.lora fields the caller set explicitly (cfg.lora
+  itself is only defaults): a rank, alpha, rslora or targets that disagrees with the
+  adapter is a LoraError naming both values; dropout and base_dtype may differ. Fields of
+  adapter_config.json that would make lmjax compute something else than PEFT (DoRA,
+  biases, modules_to_save, per-module ranks, some layers only, embed_tokens/lm_head
+  targets, ...) are refused. `where` prefixes the messages (the adapter dir).
+  """
+  where = f'{where}: ' if where else ''
+  pc = dict(adapter_config)
+  if pc.get('peft_type', 'LORA') != 'LORA':
+    raise LoraError(f'{where}adapter_config.json peft_type={pc["peft_type"]!r}: lmjax '
+                    "reads LoRA adapters only (peft_type 'LORA')")
+  if pc.get('bias', 'none') != 'none':
+    raise LoraError(f"{where}adapter_config.json bias={pc['bias']!r} is not supported "
+                    f"(only 'none'); {_MERGE_FIX}")
+  for key, what in _PEFT_UNSUPPORTED.items():
+    v = pc.get(key)
+    if not (v is None or v is False or (isinstance(v, (str, list, dict)) and not v)):
+      raise LoraError(f'{where}adapter_config.json {key}={pc[key]!r} ({what}) is not '
+                      f'supported; {_MERGE_FIX}')
+  base = _lora(cfg) if 'lora' in cfg else {}
+  base = base.to_dict() if hasattr(base, 'to_dict') else dict(base)
+  explicit = dict(lora or {})
+  known = set(base) | set(_FROM_PEFT) | {'dropout', 'base_dtype', 'train_params', 'enabled'}
+  unknown = sorted(set(explicit) - known)
+  if unknown:
+    raise LoraError(f'load_peft_adapter: lora={unknown} are not cfg.lora fields '
+                    f'(known: {", ".join(sorted(known))})')
+  rank = pc.get('r', _PEFT_DEFAULTS['r'])
+  if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+    raise LoraError(f'{where}adapter_config.json r={rank!r} is not a positive integer')
+  names = _peft_target_names(pc.get('target_modules'), int(_mcfg(cfg)['n_layers']), where)
+  ours = {'rank': rank, 'alpha': float(pc.get('lora_alpha', _PEFT_DEFAULTS['lora_alpha'])),
+          'rslora': bool(pc.get('use_rslora', _PEFT_DEFAULTS['use_rslora'])),
+          'targets': ','.join(names)}
+  for field, value in ours.items():
+    if field not in explicit:
+      continue
+    set_value = explicit[field]
+    same = (select_targets(set_value) == names if field == 'targets'
+            else type(value)(set_value) == value)
+    if not same:
+      peft_key = _FROM_PEFT[field]
+      raise LoraError(f'{where}lora.{field}={set_value!r} (set) but adapter_config.json '
+                      f'{peft_key}={pc.get(peft_key, _PEFT_DEFAULTS.get(peft_key))!r}; '
+                      f'drop lora.{field} to use the adapter\'s')
+  if explicit.get('train_params'):
+    raise LoraError(f'{where}lora.train_params={explicit["train_params"]!r} (set) but a '
+                    'PEFT adapter without modules_to_save trains no base params; '
+                    "set it to ''")
+  settings = dict(base, train_params='',
+                  dropout=float(pc.get('lora_dropout') or _PEFT_DEFAULTS['lora_dropout']))
+  settings.update({k: v for k, v in explicit.items() if k not in ours})
+  settings.update(ours)
+  return ml_collections.ConfigDict(settings)
 
 
 def peft_config(cfg, adapters: dict | None = None,
@@ -447,16 +592,49 @@ def save_peft_adapter(adapters: dict, cfg, out_dir: str,
   return paths
 
 
-def load_peft_adapter(in_dir: str, cfg) -> dict:
-  """adapter_model.safetensors of a PEFT adapter dir -> adapters (host numpy). Checks
-  adapter_config.json's r against cfg.lora.rank."""
+def load_peft_adapter(in_dir: str, cfg,
+                      lora=None) -> tuple[dict, ml_collections.ConfigDict]:
+  """A PEFT adapter dir (adapter_config.json + adapter_model.safetensors) -> (adapters as
+  host numpy arrays, the LoRA settings they need).
+
+  The adapter defines its own LoRA config: the settings are from_peft_config's (rank,
+  alpha, rslora and targets from adapter_config.json; `lora` = the cfg.lora fields the
+  caller set explicitly, which must agree; unsupported PEFT features refused). The
+  safetensors must hold LoRA weights of exactly those modules, of rank r, on every
+  layer, shaped for cfg.model (the adapter's base must be this architecture). Use both
+  together: `lora.merge(params, adapters, settings)` or
+  `model(tokens, adapters=adapters, lora=settings)`.
+  """
   from safetensors.numpy import load_file
-  with open(os.path.join(in_dir, ADAPTER_CONFIG)) as f:
+  paths = [os.path.join(in_dir, name) for name in (ADAPTER_CONFIG, ADAPTER_FILE)]
+  missing = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
+  if missing:
+    raise FileNotFoundError(f'{in_dir} is not a PEFT adapter directory (no '
+                            f'{" or ".join(missing)})')
+  with open(paths[0]) as f:
     pc = json.load(f)
-  lc = _lora(cfg)
-  if int(pc.get('r', lc['rank'])) != int(lc['rank']):
-    raise LoraError(f'{in_dir}: adapter r={pc["r"]} but lora.rank={lc["rank"]}')
-  return from_peft_state_dict(load_file(os.path.join(in_dir, ADAPTER_FILE)), cfg)
+  settings = from_peft_config(pc, cfg, lora, where=in_dir)
+  try:
+    found = _peft_tensors(load_file(paths[1]))
+  except LoraError as e:
+    raise LoraError(f'{paths[1]}: {e}') from None
+  got, want = [n for n in TARGETS if n in found], select_targets(settings.targets)
+  if got != want:
+    names = lambda ns: ', '.join(TARGETS[n][2].split('.')[-1] for n in ns)
+    raise LoraError(f'{in_dir}: adapter_config.json target_modules='
+                    f'{pc.get("target_modules")!r} ({names(want)}) but {ADAPTER_FILE} holds '
+                    f'LoRA weights of {names(got)}')
+  ranks = {x.shape[0] for p in found.values() for x in p.get('a', {}).values()}
+  ranks |= {x.shape[-1] for p in found.values() for x in p.get('b', {}).values()}
+  if ranks - {settings.rank}:
+    raise LoraError(f'{in_dir}: adapter_config.json r={settings.rank} but {ADAPTER_FILE} '
+                    f'holds rank-{sorted(ranks - {settings.rank})[0]} LoRA weights')
+  try:
+    adapters = _adapters_from(found, {'model': _mcfg(cfg), 'lora': settings})
+  except LoraError as e:
+    base = pc.get('base_model_name_or_path')
+    raise LoraError(f'{in_dir}: {e}' + (f' (its base: {base})' if base else '')) from None
+  return adapters, settings
 
 
 def describe(cfg) -> str:
