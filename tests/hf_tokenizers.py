@@ -71,10 +71,11 @@ CONVERSATIONS = [
 
 def make_bpe_dir(path, style='llama3', template=None, vocab_size=400):
   """A byte-level BPE tokenizer trained on CORPUS, saved by transformers to `path` with
-  `style`'s special tokens ('llama3': BOS <|begin_of_text|>, EOS <|eot_id|>; 'chatml':
+  `style`'s special tokens ('llama3': BOS <|begin_of_text|>, added by the post-processor
+as Llama 3's is, EOS <|eot_id|>; 'chatml':
   no BOS, EOS <|im_end|>, pad <|endoftext|>) and chat `template` (default: the style's
   tagged one; '' for none). Returns the transformers tokenizer."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
   from transformers import PreTrainedTokenizerFast
   specials = LLAMA3_SPECIALS if style == 'llama3' else CHATML_SPECIALS
   tok = Tokenizer(models.BPE())
@@ -84,7 +85,10 @@ def make_bpe_dir(path, style='llama3', template=None, vocab_size=400):
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                 show_progress=False)
   tok.train_from_iterator(CORPUS, trainer)
-  if style == 'llama3':
+  if style == 'llama3':  # as Llama 3's tokenizer.json: tokenizer(text) starts with BOS
+    bos = ('<|begin_of_text|>', tok.token_to_id('<|begin_of_text|>'))
+    tok.post_processor = processors.TemplateProcessing(single='<|begin_of_text|> $A',
+                                                       special_tokens=[bos])
     kw = dict(bos_token='<|begin_of_text|>', eos_token='<|eot_id|>', pad_token='<|pad|>')
     template = LLAMA3_TAGGED if template is None else template
   else:
