@@ -3,6 +3,7 @@ and of a Hugging Face dir, generate/score against transformers, perplexity, exac
 and a PEFT adapter merged on load."""
 
 import math
+import os
 
 import jax
 import numpy as np
@@ -111,13 +112,13 @@ def test_load_errors(tmp_path):
 
 # ---- Against transformers ---------------------------------------------------------------
 
-def _hf_model(path):
+def _hf_model(path, arch='Llama', vocab_size=128, **kwargs):
   torch = pytest.importorskip('torch')
   transformers = pytest.importorskip('transformers')
-  config = transformers.LlamaConfig(
-      vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+  config = getattr(transformers, f'{arch}Config')(
+      vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+      bos_token_id=1, eos_token_id=2, pad_token_id=0, **kwargs)
   torch.manual_seed(0)
   model = transformers.AutoModelForCausalLM.from_config(config).eval()
   with torch.no_grad():  # large random weights: confident, varied next tokens
@@ -225,3 +226,70 @@ def test_load_workdir_with_peft_adapter(run, tmp_path):
   with pytest.raises(lora.LoraError, match=r'down_proj.lora_A has shape \(4, 96\), '
                                            r'expected \(4, 128\).*different base'):
     lmjax.load(workdir, adapter=str(tmp_path / 'hf_adapter'))
+
+
+def test_logits_agree_with_score(run):
+  workdir, _ = run
+  m = lmjax.load(workdir)
+  text = 'def f_1(x):\n    return x'
+  logits = m.logits(text)
+  ids = m.encode(text)
+  assert logits.shape == (len(ids), VOCAB) and logits.dtype == np.float32
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  np.testing.assert_allclose(logp[np.arange(len(ids) - 1), ids[1:]], m.score(text)[0].logprobs,
+                             atol=1e-5)
+  both = m.logits([text, ids[:5]])  # a text and a list of ids
+  np.testing.assert_allclose(both[0], logits, atol=1e-6)
+  np.testing.assert_allclose(both[1], logits[:5], atol=1e-5)
+  # chat with a tokenizer that has no template: the built-in ChatML prompt.
+  answer = m.chat([{'role': 'user', 'content': 'hi'}], max_new_tokens=4)
+  assert isinstance(answer, str)
+  with pytest.raises(ValueError, match='ends with an assistant turn'):
+    m.chat([{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'yo'}])
+
+
+def test_imported_workdirs_are_self_contained(tmp_path):
+  """import_hf then lmjax.load: no phantom tokenizer for a model without one; a model's
+  tokenizer.json and chat template copied into the workdir, usable once the source is
+  gone."""
+  import shutil
+  from hf_tokenizers import make_bpe_dir
+  from lmjax import hf
+  bare = tmp_path / 'bare'
+  _hf_model(bare)
+  hf.import_hf(str(bare), str(tmp_path / 'wd_bare'))
+  m = lmjax.load(str(tmp_path / 'wd_bare'))
+  assert m.tokenizer is None
+  assert m.generate_ids([[1, 5, 6]], max_new_tokens=3).tokens.shape == (1, 3)
+  with pytest.raises(ValueError, match='no tokenizer'):
+    m.generate('hi')
+
+  src = tmp_path / 'src'
+  ref = make_bpe_dir(src, 'chatml')
+  _hf_model(src, 'Qwen2', vocab_size=len(ref))
+  hf.import_hf(str(src), str(tmp_path / 'wd'))
+  assert sorted(os.listdir(tmp_path / 'wd' / 'tokenizer')) == sorted(
+      f for f in os.listdir(src) if not f.endswith(('.safetensors', 'config.json'))
+      or f in ('tokenizer_config.json', 'generation_config.json'))
+  shutil.rmtree(src)
+  m = lmjax.load(str(tmp_path / 'wd'))
+  assert m.tokenizer.kind == 'huggingface' and m.tokenizer.chat_template == ref.chat_template
+  assert m.tokenizer.bos == [] and m.encode('hi there') == ref('hi there')['input_ids']
+  assert m.tokenizer.piece_to_id('<|im_end|>') in m.tokenizer.stop_ids
+  assert isinstance(m.chat([{'role': 'user', 'content': 'hi'}], max_new_tokens=3), str)
+
+
+def test_sliding_window_model_loads_at_its_window(tmp_path):
+  from lmjax import hf
+  _hf_model(tmp_path, 'Mistral', sliding_window=32)
+  m = lmjax.load(str(tmp_path))  # the base config's seq_len (256) would exceed the window
+  assert m.max_len == 32 and m.config.data.seq_len == 32
+  m.generate_ids([[1, 2, 3]], max_new_tokens=20)
+  with pytest.raises(ValueError, match='sliding attention window'):
+    m.generate_ids([[1] * 20], max_new_tokens=20)
+  with pytest.raises(ValueError, match='sliding attention window'):
+    m.logits([[1] * 40])
+  assert lmjax.load(str(tmp_path), seq_len=16).config.data.seq_len == 16
+  with pytest.raises(hf.HFError, match=r'seq_len=N'):
+    lmjax.load(str(tmp_path), seq_len=64)
