@@ -1,7 +1,7 @@
 """Hugging Face import/export: logits parity with transformers (Llama incl. Llama-3 RoPE
 scaling and tied embeddings, Mistral, Qwen2), exact round trips, the source's config.json
-and generation_config.json kept through import and export, sharded import on an 8-device
-mesh, clear errors, and the tools/convert_hf.py CLI."""
+and generation_config.json kept through import, training runs and export, sharded import
+on an 8-device mesh, clear errors, and the tools/convert_hf.py CLI."""
 
 import importlib.util
 import json
@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -28,8 +29,9 @@ from lmjax import config as config_lib  # noqa: E402
 from lmjax import hf, sharding  # noqa: E402
 from lmjax.data import tokenizer as tokenizer_lib  # noqa: E402
 from lmjax.models import transformer  # noqa: E402
+from lmjax.train import loop  # noqa: E402
 from lmjax.train import state as state_lib  # noqa: E402
-from util import tiny_config  # noqa: E402
+from util import tiny_config, write_corpus  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
@@ -290,6 +292,73 @@ def test_export_checks_the_model_against_the_source_config(tmp_path):
   made = _json(tmp_path / 'new' / 'config.json')
   assert made['model_type'] == 'llama' and made['max_position_embeddings'] == 256
   assert 'eos_token_id' not in made and _json(tmp_path / 'new' / hf.GENERATION_FILE) == {}
+
+
+@pytest.fixture(scope='module')
+def chain(tmp_path_factory):
+  """An HF model (no tokenizer of its own) imported, then continued pretraining for two
+  steps from the imported workdir with a sentencepiece tokenizer trained here; the source
+  directory is deleted afterwards (later runs and exports must not need it)."""
+  root = tmp_path_factory.mktemp('chain')
+  src, work = root / 'hf', root / 'work'
+  make_hf(src, 'llama3_tied', vocab_size=384, **SOURCE)
+  files = dict(config=_json(src / 'config.json'), gen=_json(src / hf.GENERATION_FILE))
+  tok = _write_tokenizer(root / 'sp.model', 320)
+  base = tiny_config()
+  base.data.update(source='local_text', text_glob=write_corpus(root / 'text', n_files=8),
+                   data_dir=str(root / 'tfds'), val_fraction=0.1)
+  base.tokenizer.update(path=tok.path, vocab_size=320)
+  base.train.update(steps=2)
+  cfg = hf.import_hf(str(src), str(work), base, mesh=one_device_mesh())
+  cfg.init_from.path = str(work)
+  loop.train(cfg, str(root / 'dapt'), devices=jax.devices()[:1])
+  shutil.rmtree(src)
+  return dict(files, root=root, cfg=cfg, tok=tok.path)
+
+
+def _export_keeps_source(chain, run):
+  out = chain['root'] / f'{run}_hf'
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    hf.export_workdir(str(chain['root'] / run), str(out))
+  assert _json(out / 'config.json') == chain['config'], run
+  assert _json(out / hf.GENERATION_FILE) == chain['gen'], run
+  # The run's tokenizer (trained here) has other ids: the source's are kept, with a warning.
+  assert any('disagree on token ids (bos_token_id 5 vs 2' in str(w.message) for w in caught)
+  assert (out / hf.TOKENIZER_FILE).read_bytes() == open(chain['tok'], 'rb').read()
+  return out
+
+
+def test_source_config_survives_training(chain):
+  """import -> continued pretraining (init_from the imported workdir) -> export: the
+  source's config.json and generation_config.json, carried by the checkpoints' meta."""
+  out = _export_keeps_source(chain, 'dapt')
+  assert transformers.AutoModelForCausalLM.from_pretrained(str(out)).config.eos_token_id == 7
+  # Without the source config: made from the model config and the run's tokenizer.
+  hf.export_workdir(str(chain['root'] / 'dapt'), str(chain['root'] / 'new'),
+                    source_config=False)
+  made = _json(chain['root'] / 'new' / 'config.json')
+  assert (made['bos_token_id'], made['eos_token_id'], made['pad_token_id']) == (2, 3, 0)
+  assert made['max_position_embeddings'] == 64 * 8  # Llama-3 RoPE: original length x factor
+  assert _json(chain['root'] / 'new' / hf.GENERATION_FILE) == dict(
+      bos_token_id=2, eos_token_id=3, pad_token_id=0)
+
+
+@pytest.mark.slow
+def test_source_config_survives_lora_and_merge(chain):
+  """A LoRA run from the continued-pretraining run (preempted and resumed: the resumed run
+  carries its own checkpoint's meta on), and its merged checkpoint, export the source's
+  config.json and generation_config.json too."""
+  lora = chain['cfg'].copy_and_resolve_references()
+  lora.init_from.path = str(chain['root'] / 'dapt')
+  lora.tokenizer.path = ''  # inherited from the run it starts from
+  lora.lora.update(enabled=True, rank=4, alpha=8.0)
+  for stop_after in (1, None):  # preempted at step 1, then resumed
+    loop.train(lora, str(chain['root'] / 'lora'), devices=jax.devices()[:1],
+               stop_after=stop_after)
+  ckpt_lib.write_merged(str(chain['root'] / 'lora'), str(chain['root'] / 'merged'))
+  for run in ('lora', 'merged'):
+    _export_keeps_source(chain, run)
 
 
 # ---- Sharded import -------------------------------------------------------------------
