@@ -539,6 +539,10 @@ def test_convert_hf_cli_round_trip(tmp_path, capsys):
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
   diff = np.abs(hf_logits(reloaded) - hf_logits(model)).max()
   assert diff < TOL, diff
+  # --new_config: from the model config (max_position_embeddings = data.seq_len).
+  assert main(['export', f'--workdir={work}', f'--out_dir={tmp_path / "new"}',
+               '--new_config']) == 0
+  assert _json(tmp_path / 'new' / 'config.json')['max_position_embeddings'] == 64
 
   # Bad input: exit code 2 and the reason.
   capsys.readouterr()
