@@ -3,7 +3,9 @@
 Layout: <workdir>/checkpoints/<step>/{state, data, config, meta}. Saves are async and
 atomic (Orbax writes to a temporary directory and renames it when complete), so a crash
 mid-save leaves the previous checkpoint as the latest restorable one. `meta` also records
-the tokenizer file the run used and, for a run started from another, its init source.
+the tokenizer file the run used and, for a run started from another, its init source and,
+for a model that came from Hugging Face, the source's config.json and
+generation_config.json (HF_META_KEYS: passed from run to run, written back on export).
 
 `InitSource` reads the params a new run starts from (cfg.init_from): another lmjax
 workdir's checkpoint, restored straight into the new run's shardings (any mesh), or a
@@ -25,6 +27,9 @@ import orbax.checkpoint as ocp
 from lmjax import config as config_lib
 
 FORMAT_VERSION = 1
+# Meta entries holding a Hugging Face source model's config.json and generation_config.json
+# (None for a model trained from scratch); each run copies its source's.
+HF_META_KEYS = ('hf_config', 'hf_generation_config')
 
 
 class CheckpointError(RuntimeError):
@@ -210,12 +215,16 @@ class InitSource:
 
   model: the source's model fields (those it defines), to check against the new config.
   tokenizer_path: the tokenizer the source was trained with ('' if it names none).
+  hf_config, hf_generation_config: the Hugging Face config.json and
+    generation_config.json of the model the source came from (None if none).
   """
   path: str
   format: str            # 'lmjax' | 'hf'
   step: int | None       # lmjax: the checkpoint step read
   model: dict
   tokenizer_path: str
+  hf_config: dict | None = None
+  hf_generation_config: dict | None = None
 
   def __str__(self) -> str:
     return self.path + (f' (step {self.step})' if self.step is not None else ' (Hugging Face)')
@@ -287,19 +296,23 @@ def open_init_source(cfg_init) -> InitSource:
     try:
       step = source.resolve_step(None if cfg_init['step'] < 0 else int(cfg_init['step']))
       saved = source.read_config(step)
-      tokenizer = source.read_meta(step).get('tokenizer', '')
+      meta = source.read_meta(step)
+      tokenizer = meta.get('tokenizer', '')
     finally:
       source.close()
     if not tokenizer:  # saved before meta recorded it: resolve it as that run did
       from lmjax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
       tokenizer = tokenizer_lib.resolve_path(saved)
-    return InitSource(path, fmt, step, saved.model.to_dict(), tokenizer)
+    return InitSource(path, fmt, step, saved.model.to_dict(), tokenizer,
+                      **{k: meta.get(k) for k in HF_META_KEYS})
   if fmt == 'hf':
     from lmjax import hf  # pylint: disable=import-outside-toplevel
-    model = dict(hf.model_overrides_from_hf(hf.read_hf_config(path)))
+    hf_config = hf.read_hf_config(path)
+    model = dict(hf.model_overrides_from_hf(hf_config))
     from lmjax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
     tok = path if tokenizer_lib.is_tokenizer_dir(path) else ''  # tokenizer.json / .model
-    return InitSource(path, fmt, None, model, tok)
+    return InitSource(path, fmt, None, model, tok,
+                      hf_config=hf_config, hf_generation_config=hf.read_generation_config(path))
   raise CheckpointError(f"init_from.format must be 'auto', 'lmjax' or 'hf', got {fmt!r}")
 
 
@@ -371,7 +384,8 @@ def write_merged(workdir: str, out: str, step: int | None = None, mesh=None) -> 
     ckpt.save(step, {'step': jnp.asarray(step, jnp.int32), 'params': params}, merged_cfg,
               force=True, meta={'tokenizer': meta.get('tokenizer', ''), 'init_from': None,
                                 'merged_from': {'path': os.path.abspath(workdir), 'step': step,
-                                                'base': meta.get('init_from')}})
+                                                'base': meta.get('init_from')},
+                                **{k: meta.get(k) for k in HF_META_KEYS}})
     ckpt.wait()
   finally:
     ckpt.close()

@@ -2,7 +2,9 @@
 
     cfg = hf.config_from_hf('/ckpt/Llama-3.2-1B')              # lmjax config for the model
     params = hf.load_params('/ckpt/Llama-3.2-1B', cfg, mesh)   # sharded, read slice by slice
-    hf.save_hf(params, cfg, '/out/hf')                         # back to safetensors
+    hf.save_hf(params, cfg, '/out/hf',                         # back to safetensors
+               hf_config=hf.read_hf_config('/ckpt/Llama-3.2-1B'),
+               generation_config=hf.read_generation_config('/ckpt/Llama-3.2-1B'))
     hf.import_hf(hf_dir, workdir) / hf.export_workdir(workdir, out_dir)  # via checkpoints
 
 Layouts, per layer (lmjax stacks layer parameters on a leading 'layers' axis):
@@ -12,6 +14,18 @@ Layouts, per layer (lmjax stacks layer parameters on a leading 'layers' axis):
   q/k/v_bias [n, h]    <- q_proj.bias [n*h]         norm scales [d]   =  *norm.weight
 RoPE needs no permutation: lmjax rotates the two halves of each head, as HF's
 `rotate_half` does.
+
+Export writes the source model's config.json back key for key (max_position_embeddings,
+token ids, RoPE parameters, sliding_window and every other key), except the fields in
+EXPORT_CHANGED_FIELDS: the dtype keys, set to the dtype of the written files (the
+source's, unless `dtype` asks for another). Its generation_config.json is copied as it
+was (or, if it had none, built from config.json's token ids). The model config must
+still describe the source's network: a config that no longer matches (e.g. a resized
+vocabulary) is an error. `import_hf` records both files in the checkpoint meta, and every
+run started from it (init_from, LoRA, merged checkpoints) carries them on, so
+`export_workdir` finds them however many runs later. A model trained from scratch gets a
+config.json made from cfg.model (max_position_embeddings = data.seq_len, its tokenizer's
+token ids) and a generation_config.json with those ids.
 
 Import reads, for each device, only the block of each tensor that device holds
 (safetensors `get_slice`, memory-mapped; stacked parameters layer by layer), so the model
@@ -29,6 +43,7 @@ import math
 import os
 import shutil
 import struct
+import warnings
 
 import jax
 import ml_dtypes
@@ -46,6 +61,14 @@ ARCHS = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
          'qwen2': 'Qwen2ForCausalLM'}
 TOKENIZER_FILE = 'tokenizer.model'
 TOKENIZER_DIR = 'tokenizer'  # an imported workdir's copy of the model's tokenizer files
+GENERATION_FILE = 'generation_config.json'
+TOKEN_ID_KEYS = ('bos_token_id', 'eos_token_id', 'pad_token_id')
+# The only config.json keys export changes in a source model's config: the dtype of the
+# files ('dtype' in transformers >= 5, 'torch_dtype' before; 'dtype' is added when the
+# source has neither). Every other key is written back as the source had it.
+EXPORT_CHANGED_FIELDS = ('dtype', 'torch_dtype')
+# Dtypes export writes (float16: as e.g. Llama 2 ships; lmjax computes in the first two).
+FILE_DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16, 'float16': np.float16}
 SINGLE_FILE = 'model.safetensors'
 INDEX_FILE = 'model.safetensors.index.json'
 DEFAULT_SHARD_BYTES = 4 * 2**30
@@ -62,12 +85,25 @@ class HFError(ValueError):
 
 # ---- Configs --------------------------------------------------------------------------
 
+def _read_json(path: str) -> dict:
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise HFError(f'{path} is not valid JSON ({e}); restore the file') from None
+
+
 def read_hf_config(hf_dir: str) -> dict:
   path = os.path.join(hf_dir, 'config.json')
   if not os.path.exists(path):
     raise HFError(f'{hf_dir}: no config.json (not a Hugging Face model directory)')
-  with open(path) as f:
-    return json.load(f)
+  return _read_json(path)
+
+
+def read_generation_config(hf_dir: str) -> dict | None:
+  """generation_config.json of an HF model dir, None if it has none."""
+  path = os.path.join(hf_dir, GENERATION_FILE)
+  return _read_json(path) if os.path.exists(path) else None
 
 
 def hf_arch(hf_config: dict) -> str:
@@ -408,6 +444,15 @@ def _place(reader: _SafetensorsDir, spec: _Spec, shape, sharding_, dtype) -> jax
 def check_model_config(hf_config: dict, mcfg) -> None:
   """Raises HFError unless cfg.model describes the same network as config.json (every
   field model_overrides_from_hf sets; param_dtype and the like may differ)."""
+  diff = _model_diff(hf_config, mcfg)
+  if diff:
+    raise HFError('the model config does not match config.json (' + '; '.join(diff)
+                  + '); build the config with hf.config_from_hf')
+
+
+def _model_diff(hf_config: dict, mcfg) -> list[str]:
+  """'model.<field>: config <value> vs config.json <value>' for each field of cfg.model
+  that differs from what config.json gives."""
   want = model_overrides_from_hf(hf_config)
   diff = []
   for key, value in want.items():
@@ -419,9 +464,7 @@ def check_model_config(hf_config: dict, mcfg) -> None:
       have = {k: have.get(k) for k in value}
     if have != value:
       diff.append(f'model.{key}: config {have!r} vs config.json {value!r}')
-  if diff:
-    raise HFError('the model config does not match config.json (' + '; '.join(diff)
-                  + '); build the config with hf.config_from_hf')
+  return diff
 
 
 def load_params(hf_dir: str, cfg, mesh=None, rules=None) -> dict:
@@ -509,24 +552,44 @@ def _model_files(out_dir: str) -> list[str]:
 
 def save_hf(params: dict, cfg, out_dir: str, arch: str | None = None,
             tokenizer_path: str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-            dtype: str | None = None, overwrite: bool = False) -> list[str]:
+            dtype: str | None = None, overwrite: bool = False, hf_config: dict | None = None,
+            generation_config: dict | None = None) -> list[str]:
   """Writes `params` (an lmjax params dict, sharded or not) as a Hugging Face model dir:
-  config.json, model.safetensors (or shards of at most `max_shard_bytes` plus
-  model.safetensors.index.json) and, with `tokenizer_path` (a .model, a tokenizer.json or a
-  tokenizer directory), the tokenizer's files and generation_config.json (its bos/eos/pad
-  ids, also set in config.json).
+  config.json, generation_config.json, model.safetensors (or shards of at most
+  `max_shard_bytes` plus model.safetensors.index.json) and, with `tokenizer_path` (a
+  .model, a tokenizer.json or a tokenizer directory), the tokenizer's files.
 
-  arch: 'llama' | 'mistral' | 'qwen2'; default 'qwen2' when model.qkv_bias else 'llama'.
-  dtype: 'float32' | 'bfloat16' for the files (default cfg.model.param_dtype).
+  hf_config: the source model's config.json (a model imported from HF), written back
+    unchanged but for EXPORT_CHANGED_FIELDS; cfg.model must still match it. None: one is
+    made from cfg.model, with the bos/eos/pad ids of `tokenizer_path`'s tokenizer.
+  generation_config: the source model's generation_config.json, written as is; None: one
+    with config.json's token ids.
+  arch: 'llama' | 'mistral' | 'qwen2'; default the source's, else 'qwen2' when
+    model.qkv_bias else 'llama'.
+  dtype: 'float32' | 'bfloat16' | 'float16' for the files (default the source config's
+    dtype, else cfg.model.param_dtype).
   Existing model files in `out_dir` are an error unless `overwrite`, which removes them.
   Every process must call this (multi-host gathers); process 0 writes. Returns the paths.
   """
   mcfg = cfg.model
+  if hf_config is not None:
+    source_arch = hf_arch(hf_config)
+    if arch and arch != source_arch:
+      raise HFError(f'arch={arch!r} differs from the source config.json model_type='
+                    f'{source_arch!r}; drop arch (--arch) to keep the source\'s, or export '
+                    'without the source config (hf_config=None; convert_hf.py export --new_config)')
+    arch = source_arch
+    diff = _model_diff(hf_config, mcfg)
+    if diff:
+      raise HFError('the model config no longer matches the source config.json ('
+                    + '; '.join(diff) + '); export with a config.json made from the model '
+                    'config instead (hf_config=None; convert_hf.py export --new_config)')
   arch = arch or ('qwen2' if mcfg.qkv_bias else 'llama')
-  dtype = dtype or mcfg.param_dtype
-  if dtype not in transformer.DTYPES:
-    raise HFError(f'dtype={dtype!r}: expected one of {tuple(transformer.DTYPES)}')
-  np_dtype = np.dtype(transformer.DTYPES[dtype])
+  source_dtype = _config_dtype(hf_config or {})
+  dtype = dtype or (source_dtype if source_dtype in FILE_DTYPES else mcfg.param_dtype)
+  if dtype not in FILE_DTYPES:
+    raise HFError(f'dtype={dtype!r}: expected one of {tuple(FILE_DTYPES)}')
+  np_dtype = np.dtype(FILE_DTYPES[dtype])
   extra = {}
   if tokenizer_path:
     from lmjax.data import tokenizer as tokenizer_lib
@@ -535,9 +598,22 @@ def save_hf(params: dict, cfg, out_dir: str, arch: str | None = None,
     pad = tok.pad_id if 'pad_token' in tok.special_tokens else None
     extra = {k: v for k, v in (('bos_token_id', tok.bos_id), ('eos_token_id', tok.eos_id),
                                ('pad_token_id', pad)) if v is not None and v >= 0}
-  max_pos = cfg.data.seq_len if 'data' in cfg else None
-  hf_cfg = hf_config_from_model(mcfg, arch, max_position_embeddings=max_pos, dtype=dtype,
-                                **extra)
+  if hf_config is None:
+    max_pos = cfg.data.seq_len if 'data' in cfg else None
+    hf_cfg = hf_config_from_model(mcfg, arch, max_position_embeddings=max_pos, dtype=dtype,
+                                  **extra)
+  else:
+    hf_cfg = copy.deepcopy(hf_config)
+    dtype_keys = [k for k in EXPORT_CHANGED_FIELDS if k in hf_cfg] or ['dtype']
+    hf_cfg.update((k, dtype) for k in dtype_keys)
+    clash = [f'{k} {hf_cfg.get(k)!r} vs {v!r}' for k, v in extra.items()
+             if hf_cfg.get(k) != v and (k != 'pad_token_id' or hf_cfg.get(k) is not None)]
+    if clash:
+      warnings.warn(f'the source config.json and the tokenizer {tokenizer_path} disagree on '
+                    f'token ids ({", ".join(clash)}); config.json keeps the source\'s',
+                    stacklevel=2)
+  if generation_config is None:
+    generation_config = {k: hf_cfg[k] for k in TOKEN_ID_KEYS if hf_cfg.get(k) is not None}
 
   _, _, shapes = state_lib.logical_param_specs(cfg)
   entries = []
@@ -594,9 +670,7 @@ def save_hf(params: dict, cfg, out_dir: str, arch: str | None = None,
                'weight_map': {e[0]: n for n, shard in zip(names, shards) for e in shard}}
       written.append(_write_json(os.path.join(out_dir, INDEX_FILE), index))
     written.append(_write_json(os.path.join(out_dir, 'config.json'), hf_cfg))
-    gen = {k: hf_cfg[k] for k in ('bos_token_id', 'eos_token_id', 'pad_token_id') if k in hf_cfg}
-    if gen:
-      written.append(_write_json(os.path.join(out_dir, 'generation_config.json'), gen))
+    written.append(_write_json(os.path.join(out_dir, GENERATION_FILE), generation_config))
     if tokenizer_path:
       written += copy_tokenizer(tok, out_dir)
   return written
@@ -625,6 +699,12 @@ def copy_tokenizer(tok, out_dir: str, generation_config: bool = False) -> list[s
   return written
 
 
+def _config_dtype(hf_config: dict) -> str | None:
+  """The dtype config.json declares ('dtype', or 'torch_dtype' before transformers 5)."""
+  value = hf_config.get('dtype') or hf_config.get('torch_dtype')
+  return value if isinstance(value, str) else None
+
+
 def _write_json(path: str, obj) -> str:
   with open(path, 'w') as f:
     json.dump(obj, f, indent=2, sort_keys=True)
@@ -636,8 +716,9 @@ def _write_json(path: str, obj) -> str:
 
 def import_hf(hf_dir: str, workdir: str, base_cfg=None, mesh=None):
   """HF model dir -> step-0 lmjax checkpoint in `workdir`: train state with fresh
-  optimizer state, the config, and meta recording the source and its tokenizer (its
-  files copied to `<workdir>/tokenizer/` when the model ships one), so that
+  optimizer state, the config, and meta recording the source, its config.json and
+  generation_config.json (written back on export) and its tokenizer (its files copied to
+  `<workdir>/tokenizer/` when the model ships one), so that
   `python -m lmjax.train --workdir=...` continues from it. Returns the config."""
   from lmjax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
   hf_dir = os.path.abspath(hf_dir)
@@ -660,7 +741,9 @@ def import_hf(hf_dir: str, workdir: str, base_cfg=None, mesh=None):
       opt_state = jax.jit(setup.tx.init,
                           out_shardings=setup.state_shardings['opt_state'])(params)
     step = jax.device_put(np.zeros((), np.int32), setup.state_shardings['step'])
-    meta = {'init_from': {'path': hf_dir, 'format': 'hf', 'step': None}, 'tokenizer': tok}
+    meta = {'init_from': {'path': hf_dir, 'format': 'hf', 'step': None}, 'tokenizer': tok,
+            'hf_config': read_hf_config(hf_dir),
+            'hf_generation_config': read_generation_config(hf_dir)}
     ckpt.save(0, {'step': step, 'params': params, 'opt_state': opt_state}, cfg, force=True,
               meta=meta)
     ckpt.wait()
@@ -670,10 +753,13 @@ def import_hf(hf_dir: str, workdir: str, base_cfg=None, mesh=None):
 
 
 def export_workdir(workdir: str, out_dir: str, step: int | None = None, arch: str | None = None,
-                   mesh=None, **kwargs) -> list[str]:
+                   mesh=None, source_config: bool = True, **kwargs) -> list[str]:
   """lmjax workdir checkpoint (latest, or `step`) -> HF model dir, with the run's
   tokenizer files when it has one (its meta's, else where its config points).
-  kwargs go to `save_hf`."""
+  A run that started from an HF model (imported, or through init_from, however many runs
+  back) gets the source's config.json and generation_config.json, recorded in its
+  checkpoint meta (see save_hf's hf_config); `source_config=False` makes them from the
+  model config and tokenizer instead. kwargs go to `save_hf`."""
   from lmjax.data import tokenizer as tokenizer_lib
   params, cfg, meta, _ = ckpt_lib.load_params(workdir, step, mesh)
   tok = kwargs.pop('tokenizer_path', None)
@@ -682,4 +768,7 @@ def export_workdir(workdir: str, out_dir: str, step: int | None = None, arch: st
       if path and os.path.exists(path):
         tok = path
         break
+  if source_config:
+    kwargs.setdefault('hf_config', meta.get('hf_config'))
+    kwargs.setdefault('generation_config', meta.get('hf_generation_config'))
   return save_hf(params, cfg, out_dir, arch=arch, tokenizer_path=tok, **kwargs)

@@ -1,12 +1,15 @@
 """Hugging Face import/export: logits parity with transformers (Llama incl. Llama-3 RoPE
-scaling and tied embeddings, Mistral, Qwen2), exact round trips, sharded import on an
-8-device mesh, clear errors, and the tools/convert_hf.py CLI."""
+scaling and tied embeddings, Mistral, Qwen2), exact round trips, the source's config.json
+and generation_config.json kept through import, training runs and export, sharded import
+on an 8-device mesh, clear errors, and the tools/convert_hf.py CLI."""
 
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -26,8 +29,9 @@ from lmjax import config as config_lib  # noqa: E402
 from lmjax import hf, sharding  # noqa: E402
 from lmjax.data import tokenizer as tokenizer_lib  # noqa: E402
 from lmjax.models import transformer  # noqa: E402
+from lmjax.train import loop  # noqa: E402
 from lmjax.train import state as state_lib  # noqa: E402
-from util import tiny_config  # noqa: E402
+from util import tiny_config, write_corpus  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
@@ -179,6 +183,184 @@ def test_bfloat16_checkpoints(tmp_path):
     assert x.dtype == ml_dtypes.bfloat16 and np.array_equal(x, original[name]), name
 
 
+# ---- The source's config.json and generation_config.json ------------------------------
+
+# Not transformers' class defaults (Llama/Mistral: bos 1, eos 2; Qwen2: none), and longer
+# than the sequences trained on (data.seq_len=256).
+SOURCE = dict(bos_token_id=5, eos_token_id=7, pad_token_id=3, max_position_embeddings=512)
+
+
+def _json(path):
+  return json.loads(path.read_text())
+
+
+def _changed(a, b):
+  return {k for k in set(a) | set(b) if a.get(k, 'absent') != b.get(k, 'absent')}
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_export_keeps_the_source_config(case, tmp_path):
+  """export(import(x)) writes x's config.json back key for key (token ids,
+  max_position_embeddings, RoPE parameters, sliding window, dtype and the rest) and x's
+  generation_config.json; another --dtype changes the dtype field only."""
+  src, work, out = tmp_path / 'hf', tmp_path / 'work', tmp_path / 'out'
+  dtype = torch.bfloat16 if case == 'mistral' else torch.float32  # bf16 files stay bf16
+  model = make_hf(src, case, dtype=dtype, **SOURCE)
+  source, source_gen = _json(src / 'config.json'), _json(src / hf.GENERATION_FILE)
+  base = config_lib.base_config()
+  base.data.seq_len = 256
+  base.mesh.update(data=1, fsdp=-1, tensor=1)
+  hf.import_hf(str(src), str(work), base)
+  hf.export_workdir(str(work), str(out))
+
+  exported = _json(out / 'config.json')
+  assert exported == source, _changed(exported, source)
+  assert _json(out / hf.GENERATION_FILE) == source_gen
+  assert (exported['bos_token_id'], exported['eos_token_id'], exported['pad_token_id'],
+          exported['max_position_embeddings']) == (5, 7, 3, 512)
+  original = read_tensors(src)
+  for name, x in read_tensors(out).items():
+    assert np.array_equal(x, original[name]), name
+
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+  assert type(reloaded) is type(model) and reloaded.dtype == dtype
+  c, g = reloaded.config, reloaded.generation_config
+  assert (c.bos_token_id, c.eos_token_id, c.pad_token_id, c.max_position_embeddings) == (
+      5, 7, 3, 512)
+  assert (g.bos_token_id, g.eos_token_id, g.pad_token_id) == (5, 7, 3)
+  assert getattr(c, 'sliding_window', None) == source.get('sliding_window')
+  assert c.rope_parameters == source['rope_parameters']
+  # Same logits as the source (both read in float32: bf16 files hold the same values).
+  load = lambda path: transformers.AutoModelForCausalLM.from_pretrained(
+      str(path), dtype=torch.float32).eval()
+  diff = np.abs(hf_logits(load(out)) - hf_logits(load(src))).max()
+  assert diff < TOL, diff
+
+  other = 'float32' if case == 'mistral' else 'bfloat16'
+  hf.export_workdir(str(work), str(tmp_path / 'other'), dtype=other)
+  exported = _json(tmp_path / 'other' / 'config.json')
+  assert _changed(exported, source) == {'dtype'} <= set(hf.EXPORT_CHANGED_FIELDS)
+  assert exported['dtype'] == other
+
+
+def test_source_without_generation_config_or_with_legacy_keys(tmp_path):
+  """A source without generation_config.json gets one with its config.json's token ids; a
+  transformers 4 config.json (torch_dtype, rope_theta + rope_scaling) is kept as it was,
+  its torch_dtype set when the files are written in another dtype (float16 here)."""
+  src, work = tmp_path / 'hf', tmp_path / 'work'
+  make_hf(src, 'llama3_tied', **SOURCE)
+  os.remove(src / hf.GENERATION_FILE)
+  legacy = _json(src / 'config.json')
+  rope = legacy.pop('rope_parameters')
+  legacy.update(torch_dtype=legacy.pop('dtype'), rope_theta=rope.pop('rope_theta'),
+                rope_scaling=rope, transformers_version='4.45.0')
+  (src / 'config.json').write_text(json.dumps(legacy))
+  hf.import_hf(str(src), str(work))
+  hf.export_workdir(str(work), str(tmp_path / 'out'))
+  assert _json(tmp_path / 'out' / 'config.json') == legacy
+  assert _json(tmp_path / 'out' / hf.GENERATION_FILE) == dict(
+      bos_token_id=5, eos_token_id=7, pad_token_id=3)
+  hf.export_workdir(str(work), str(tmp_path / 'f16'), dtype='float16')
+  exported = _json(tmp_path / 'f16' / 'config.json')
+  assert _changed(exported, legacy) == {'torch_dtype'} and 'dtype' not in exported
+  assert exported['torch_dtype'] == 'float16'
+  assert {x.dtype for x in read_tensors(tmp_path / 'f16').values()} == {np.dtype(np.float16)}
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'out'))
+  assert (reloaded.config.eos_token_id, reloaded.generation_config.eos_token_id) == (7, 7)
+  assert reloaded.config.rope_parameters['rope_type'] == 'llama3'
+
+
+def test_export_checks_the_model_against_the_source_config(tmp_path):
+  """A model config that no longer matches the source's config.json, or another arch, is
+  an error naming the field and the way out; without the source config (new_config) the
+  export is made from the model config."""
+  src, work = tmp_path / 'hf', tmp_path / 'work'
+  make_hf(src, 'mistral', **SOURCE)
+  cfg = hf.import_hf(str(src), str(work))
+  params = hf.load_params(str(src), cfg, one_device_mesh())
+  source = _json(src / 'config.json')
+  with pytest.raises(hf.HFError, match=r"arch='llama' differs from the source config.json "
+                     r"model_type='mistral'.*--new_config"):
+    hf.save_hf(params, cfg, str(tmp_path / 'x'), arch='llama', hf_config=source)
+  wrong = dict(source, vocab_size=160)
+  with pytest.raises(hf.HFError, match=r'no longer matches the source config.json '
+                     r'\(model.vocab_size: config 128 vs config.json 160\).*--new_config'):
+    hf.save_hf(params, cfg, str(tmp_path / 'x'), hf_config=wrong)
+  assert not os.path.exists(tmp_path / 'x')
+  # From the model config (what a model trained from scratch gets).
+  hf.export_workdir(str(work), str(tmp_path / 'new'), arch='llama', source_config=False)
+  made = _json(tmp_path / 'new' / 'config.json')
+  assert made['model_type'] == 'llama' and made['max_position_embeddings'] == 256
+  assert 'eos_token_id' not in made and _json(tmp_path / 'new' / hf.GENERATION_FILE) == {}
+
+
+@pytest.fixture(scope='module')
+def chain(tmp_path_factory):
+  """An HF model (no tokenizer of its own) imported, then continued pretraining for two
+  steps from the imported workdir with a sentencepiece tokenizer trained here; the source
+  directory is deleted afterwards (later runs and exports must not need it)."""
+  root = tmp_path_factory.mktemp('chain')
+  src, work = root / 'hf', root / 'work'
+  make_hf(src, 'llama3_tied', vocab_size=384, **SOURCE)
+  files = dict(config=_json(src / 'config.json'), gen=_json(src / hf.GENERATION_FILE))
+  tok = _write_tokenizer(root / 'sp.model', 320)
+  base = tiny_config()
+  base.data.update(source='local_text', text_glob=write_corpus(root / 'text', n_files=8),
+                   data_dir=str(root / 'tfds'), val_fraction=0.1)
+  base.tokenizer.update(path=tok.path, vocab_size=320)
+  base.train.update(steps=2)
+  cfg = hf.import_hf(str(src), str(work), base, mesh=one_device_mesh())
+  cfg.init_from.path = str(work)
+  loop.train(cfg, str(root / 'dapt'), devices=jax.devices()[:1])
+  shutil.rmtree(src)
+  return dict(files, root=root, cfg=cfg, tok=tok.path)
+
+
+def _export_keeps_source(chain, run):
+  out = chain['root'] / f'{run}_hf'
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    hf.export_workdir(str(chain['root'] / run), str(out))
+  assert _json(out / 'config.json') == chain['config'], run
+  assert _json(out / hf.GENERATION_FILE) == chain['gen'], run
+  # The run's tokenizer (trained here) has other ids: the source's are kept, with a warning.
+  assert any('disagree on token ids (bos_token_id 5 vs 2' in str(w.message) for w in caught)
+  assert (out / hf.TOKENIZER_FILE).read_bytes() == open(chain['tok'], 'rb').read()
+  return out
+
+
+def test_source_config_survives_training(chain):
+  """import -> continued pretraining (init_from the imported workdir) -> export: the
+  source's config.json and generation_config.json, carried by the checkpoints' meta."""
+  out = _export_keeps_source(chain, 'dapt')
+  assert transformers.AutoModelForCausalLM.from_pretrained(str(out)).config.eos_token_id == 7
+  # Without the source config: made from the model config and the run's tokenizer.
+  hf.export_workdir(str(chain['root'] / 'dapt'), str(chain['root'] / 'new'),
+                    source_config=False)
+  made = _json(chain['root'] / 'new' / 'config.json')
+  assert (made['bos_token_id'], made['eos_token_id'], made['pad_token_id']) == (2, 3, 0)
+  assert made['max_position_embeddings'] == 64 * 8  # Llama-3 RoPE: original length x factor
+  assert _json(chain['root'] / 'new' / hf.GENERATION_FILE) == dict(
+      bos_token_id=2, eos_token_id=3, pad_token_id=0)
+
+
+@pytest.mark.slow
+def test_source_config_survives_lora_and_merge(chain):
+  """A LoRA run from the continued-pretraining run (preempted and resumed: the resumed run
+  carries its own checkpoint's meta on), and its merged checkpoint, export the source's
+  config.json and generation_config.json too."""
+  lora = chain['cfg'].copy_and_resolve_references()
+  lora.init_from.path = str(chain['root'] / 'dapt')
+  lora.tokenizer.path = ''  # inherited from the run it starts from
+  lora.lora.update(enabled=True, rank=4, alpha=8.0)
+  for stop_after in (1, None):  # preempted at step 1, then resumed
+    loop.train(lora, str(chain['root'] / 'lora'), devices=jax.devices()[:1],
+               stop_after=stop_after)
+  ckpt_lib.write_merged(str(chain['root'] / 'lora'), str(chain['root'] / 'merged'))
+  for run in ('lora', 'merged'):
+    _export_keeps_source(chain, run)
+
+
 # ---- Sharded import -------------------------------------------------------------------
 
 RULES_HEAD_DIM = dict(layers='data', heads=None, kv_heads=None, head_dim='tensor', vocab=None)
@@ -323,14 +505,12 @@ def _cli():
   return module.main
 
 
-def tok_bytes(path):
-  return (path / 'tokenizer.model').read_bytes()
-
-
 def test_convert_hf_cli_round_trip(tmp_path, capsys):
   src, work, out = tmp_path / 'hf', tmp_path / 'work', tmp_path / 'out'
-  model = make_hf(src, 'llama', vocab_size=384)
-  tok = _write_tokenizer(src / 'tokenizer.model', 320)  # smaller than the model's vocab
+  tok = _write_tokenizer(tmp_path / 'tokenizer.model', 320)  # smaller than the model's vocab
+  model = make_hf(src, 'llama', vocab_size=384, bos_token_id=tok.bos_id,
+                  eos_token_id=tok.eos_id, pad_token_id=tok.sp.pad_id())
+  shutil.copyfile(tok.path, src / 'tokenizer.model')
   main = _cli()
   assert main(['import', f'--hf_dir={src}', f'--workdir={work}', '--config.data.seq_len=64',
                '--config.mesh.data=1', '--config.mesh.fsdp=-1']) == 0
@@ -340,7 +520,7 @@ def test_convert_hf_cli_round_trip(tmp_path, capsys):
   cfg, meta = ckpt.read_config(), ckpt.read_meta()
   assert ckpt.all_steps() == [0] and cfg.data.seq_len == 64 and cfg.model.vocab_size == 384
   assert meta['tokenizer'] == str(work / 'tokenizer') == cfg.tokenizer.path  # a copy
-  assert (work / 'tokenizer' / 'tokenizer.model').read_bytes() == tok_bytes(src)
+  assert (work / 'tokenizer' / 'tokenizer.model').read_bytes() == tok.sp.serialized_model_proto()
   assert meta['init_from']['format'] == 'hf'
   setup = state_lib.make_setup(cfg, sharding.make_mesh(cfg.mesh))
   state = ckpt.restore(setup.abstract_state)
@@ -352,14 +532,18 @@ def test_convert_hf_cli_round_trip(tmp_path, capsys):
 
   assert main(['export', f'--workdir={work}', f'--out_dir={out}']) == 0
   assert (out / 'tokenizer.model').read_bytes() == (src / 'tokenizer.model').read_bytes()
-  config = json.loads((out / 'config.json').read_text())
-  assert (config['bos_token_id'], config['eos_token_id']) == (tok.bos_id, tok.eos_id)
+  assert _json(out / 'config.json') == _json(src / 'config.json')
+  assert _json(out / hf.GENERATION_FILE) == _json(src / hf.GENERATION_FILE)
   original = read_tensors(src)
   for name, x in read_tensors(out).items():
     assert np.array_equal(x, original[name]), name
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
   diff = np.abs(hf_logits(reloaded) - hf_logits(model)).max()
   assert diff < TOL, diff
+  # --new_config: from the model config (max_position_embeddings = data.seq_len).
+  assert main(['export', f'--workdir={work}', f'--out_dir={tmp_path / "new"}',
+               '--new_config']) == 0
+  assert _json(tmp_path / 'new' / 'config.json')['max_position_embeddings'] == 64
 
   # Bad input: exit code 2 and the reason.
   capsys.readouterr()

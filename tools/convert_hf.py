@@ -8,11 +8,16 @@
   # lmjax checkpoint (latest, or --step) -> HF directory (loads with transformers):
   python tools/convert_hf.py export --workdir=DIR --out_dir=PATH \\
       [--step=N] [--arch=llama|mistral|qwen2] [--dtype=bfloat16] [--max_shard_gb=4] [--overwrite]
+      [--new_config]
 
 import takes the model fields from config.json and everything else from --config (default
 lmjax's base config); the sentencepiece tokenizer.model, when the model ships one, is
 copied into the workdir. Params are read tensor by tensor onto the config's mesh
 (--config.mesh.fsdp=-1 --config.mesh.data=1 to spread a large model over the devices).
+export of a model that came from Hugging Face (imported, or trained from one through
+init_from) writes the source's config.json back unchanged but for its dtype (that of the
+files: the source's unless --dtype asks for another), and its generation_config.json;
+a model trained from scratch gets a config.json from its model config and tokenizer.
 Exit code 2 on bad input, with the reason.
 """
 
@@ -36,14 +41,17 @@ def _parse(argv):
   exp.add_argument('--out_dir', required=True, help='HF model dir to write')
   exp.add_argument('--step', type=int, default=None, help='checkpoint step (default: latest)')
   exp.add_argument('--arch', default=None, choices=('llama', 'mistral', 'qwen2'),
-                   help="HF architecture (default: 'qwen2' for models with q/k/v biases, "
-                   "else 'llama')")
-  exp.add_argument('--dtype', default=None, choices=('float32', 'bfloat16'),
-                   help='dtype of the files (default: the params\' dtype)')
+                   help="HF architecture (default: the source model's, else 'qwen2' for "
+                   "models with q/k/v biases, else 'llama')")
+  exp.add_argument('--dtype', default=None, choices=('float32', 'bfloat16', 'float16'),
+                   help='dtype of the files (default: the source model\'s, else the params\')')
   exp.add_argument('--max_shard_gb', type=float, default=4.0,
                    help='split model files above this size (GiB)')
   exp.add_argument('--overwrite', action='store_true',
                    help='replace model files already in --out_dir')
+  exp.add_argument('--new_config', action='store_true',
+                   help='make config.json and generation_config.json from the model config '
+                   'and tokenizer, not the source model\'s (for a model that no longer matches it)')
   args, rest = parser.parse_known_args(argv)
   overrides = {}
   for arg in rest:
@@ -79,6 +87,7 @@ def main(argv=None) -> int:
     else:
       written = hf.export_workdir(args.workdir, args.out_dir, step=args.step, arch=args.arch,
                                   dtype=args.dtype, overwrite=args.overwrite,
+                                  source_config=not args.new_config,
                                   max_shard_bytes=int(args.max_shard_gb * 2**30))
       print(f'exported {args.workdir} -> {args.out_dir}: '
             + ', '.join(sorted(p.rsplit('/', 1)[-1] for p in written)))

@@ -315,6 +315,9 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   run_meta = {'init_from': (resumed_meta or {}).get('init_from')}
   if source is not None:
     run_meta['init_from'] = {'path': source.path, 'format': source.format, 'step': source.step}
+  for key in ckpt_lib.HF_META_KEYS:  # an HF source model's config files, kept for export
+    run_meta[key] = (resumed_meta.get(key) if resumed_meta is not None
+                     else getattr(source, key, None))
 
   # ---- Data: tokenizer, precomputed DPO references, the training stream -------------
   tok = load_tokenizer(cfg, resumed_meta, source)
