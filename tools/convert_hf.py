@@ -14,7 +14,8 @@ import takes the model fields from config.json and everything else from --config
 lmjax's base config); the model's tokenizer files (tokenizer.json or tokenizer.model,
 tokenizer_config.json, the chat template), when it ships them, are copied into
 DIR/tokenizer/ and exported back with the model. Params are read tensor by tensor onto
-the config's mesh (--config.mesh.fsdp=-1 --config.mesh.data=1 to spread a large model over the devices).
+the config's mesh (--config.mesh.fsdp=-1 --config.mesh.data=1 to spread a large model
+over the devices).
 export of a model that came from Hugging Face (imported, or trained from one through
 init_from) writes the source's config.json back unchanged but for its dtype (that of the
 files: the source's unless --dtype asks for another), and its generation_config.json;
