@@ -158,6 +158,11 @@ def test_unusable_templates_are_clear_errors(tmp_path):
   assert tok.chat_template is None and formats.resolve_template('auto', tok) == 'chatml'
   with pytest.raises(DataError, match='has no chat_template'):
     formats.encode(CONVERSATIONS[1], tok, 'model')
+  config = json.loads((tmp_path / 'none' / 'tokenizer_config.json').read_text())
+  del config['eos_token']
+  (tmp_path / 'none' / 'tokenizer_config.json').write_text(json.dumps(config))
+  with pytest.raises(DataError, match='has none'):  # built-in templates end with EOS
+    formats.encode(CONVERSATIONS[1], tokenizer_lib.from_path(str(tmp_path / 'none')), 'chatml')
   # A template that rewrites earlier turns (and has no generation tags).
   rewrites = ("{% for m in messages %}{% if loop.last %}{{ m['content'] }}{% else %}"
               "{{ m['content'][:1] }}{% endif %}{% endfor %}")

@@ -310,6 +310,10 @@ def encode(turns: list[dict[str, str]], tokenizer, template: str
   if template == 'model':
     ids, mask = _model_template(tokenizer).encode(turns)
     return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
+  if tokenizer.eos_id is None:
+    raise DataError(f'sft.template={template!r} ends a conversation with EOS, but the '
+                    f'tokenizer {tokenizer.location} has none: use its chat template '
+                    "(sft.template='model') or one with an eos_token")
   ids = list(tokenizer.bos)
   mask = [0] * len(ids)
   for text, assistant in chunks(turns, template):

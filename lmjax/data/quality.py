@@ -61,7 +61,8 @@ def default_config() -> ml_collections.ConfigDict:
   cfg.name = ''               # the output dataset's name ('' = the source's + '_clean')
   cfg.workers = 2             # analysis processes (0 = in this process)
   cfg.shard_size = 256        # documents per work unit
-  cfg.tokenizer_path = ''     # sentencepiece model to count tokens with ('' = words)
+  cfg.tokenizer_path = ''     # tokenizer to count tokens with: a sentencepiece .model, a
+                              # tokenizer.json or a model directory ('' = words)
   cfg.examples = 3            # removed documents shown per step in the report
   cfg.sanity = dict(enabled=True, max_replacement_frac=0.001, max_control_frac=0.001,
                     min_alpha_frac=0.25)
@@ -200,8 +201,8 @@ def _init_worker(cfg_dict: dict, split: str, eval_ngrams: frozenset) -> None:
     _Worker.perms = MinHash(num_perm=cfg.near_dedup.num_perm, seed=cfg.near_dedup.seed,
                             scheme=MINHASH_SCHEME).permutations
   if cfg.tokenizer_path:
-    import sentencepiece as spm  # pylint: disable=import-outside-toplevel
-    _Worker.tokenizer = spm.SentencePieceProcessor(model_file=cfg.tokenizer_path)
+    from lmjax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+    _Worker.tokenizer = tokenizer_lib.from_path(cfg.tokenizer_path)
 
 
 def analyze(text: str, cfg, perms=None, eval_ngrams=frozenset(), tokenizer=None) -> dict:

@@ -27,14 +27,15 @@ from lmjax.data import preference
 from lmjax.train import step as step_lib
 
 
-def fingerprint(cfg, reference: dict, tokenizer_path: str, split: str, n_pairs: int) -> str:
-  """What a split's table depends on, as a canonical JSON string."""
+def fingerprint(cfg, reference: dict, tokenizer, split: str, n_pairs: int) -> str:
+  """What a split's table depends on, as a canonical JSON string (the tokenizer: its
+  location and the digest of its files, chat template included)."""
   from lmjax.data import sources  # pylint: disable=import-outside-toplevel
   d = cfg.dpo
   key = {
       'reference': reference, 'model': cfg.model.to_dict(),
       'dtype': cfg.lora.base_dtype if cfg.lora.enabled else cfg.model.param_dtype,
-      'tokenizer': os.path.abspath(tokenizer_path) if tokenizer_path else '',
+      'tokenizer': [os.path.abspath(tokenizer.location), tokenizer.sha256()],
       'template': cfg.sft.template, 'seq_len': cfg.data.seq_len, 'overlong': d.overlong,
       'source': d.source, 'path': d.path, 'tfds_name': d.tfds_name,
       'task': [dict(d.task_sizes), d.task_seed, sources.default_data_dir(cfg.data)],
@@ -77,7 +78,7 @@ def tables(cfg, setup, tokenizer, splits, *, workdir: str, reference: dict,
   params, out = None, {}
   for split in dict.fromkeys(splits):
     n = len(preference.get_pairs(cfg, split))
-    key = fingerprint(cfg, reference, tokenizer.path, split, n)
+    key = fingerprint(cfg, reference, tokenizer, split, n)
     path = os.path.join(workdir, 'ref_logps', f'{split}.npz')
     cached = _read(path, key)
     if cached is not None:
