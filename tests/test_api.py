@@ -170,20 +170,12 @@ def test_generate_module_api_is_usable_without_a_model_object(run):
 # ---- PEFT adapters ----------------------------------------------------------------------
 
 def _peft_adapter(base_dir, out, **lora_kw):
-  """A PEFT LoRA adapter (random nonzero B) on the HF model in `base_dir`, saved to `out`;
-  returns the PeftModel."""
-  peft = pytest.importorskip('peft')
-  import torch
+  """A PEFT LoRA adapter on the HF model in `base_dir`, saved to `out`; the PeftModel."""
+  pytest.importorskip('peft')
   import transformers
+  from util import peft_adapter
   base = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir)).float().eval()
-  pm = peft.get_peft_model(base, peft.LoraConfig(task_type='CAUSAL_LM', **lora_kw)).eval()
-  torch.manual_seed(1)
-  with torch.no_grad():
-    for name, p in pm.named_parameters():
-      if 'lora_B' in name:
-        p.copy_(0.05 * torch.randn_like(p))
-  pm.save_pretrained(str(out))
-  return pm
+  return peft_adapter(base, out, **lora_kw)
 
 
 def test_load_hf_with_peft_adapter_equals_peft_merged(tmp_path):

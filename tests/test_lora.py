@@ -15,7 +15,7 @@ from flax import nnx
 
 from lmjax import hf, sharding
 from lmjax.models import lora, transformer
-from util import random_batch, tiny_config
+from util import peft_adapter, random_batch, tiny_config
 
 TOKENS = np.random.default_rng(0).integers(0, 128, (2, 16))
 
@@ -335,18 +335,8 @@ ADAPTER_CASES = {  # name: PEFT LoraConfig kwargs (lmjax's config keeps its defa
 
 
 def _peft_adapter(src, out, **lora_kw):
-  """A PEFT model on the HF model in `src` with random (nonzero) B, saved to `out`."""
-  import peft
-  import torch
-  pm = peft.get_peft_model(_hf_model(src), peft.LoraConfig(task_type='CAUSAL_LM',
-                                                           **lora_kw)).eval()
-  torch.manual_seed(1)
-  with torch.no_grad():
-    for name, p in pm.named_parameters():
-      if 'lora_B' in name:
-        p.copy_(0.05 * torch.randn_like(p))
-  pm.save_pretrained(str(out))
-  return pm
+  """A PEFT model on a new HF model in `src` (util.peft_adapter), saved to `out`."""
+  return peft_adapter(_hf_model(src), out, **lora_kw)
 
 
 def _hf_setup(src):

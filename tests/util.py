@@ -113,3 +113,18 @@ def pretrain_cfg(root):
   cfg.mesh.update(data=-1)
   return cfg
 
+
+
+def peft_adapter(base_model, out, **lora_kw):
+  """A PEFT LoRA adapter (peft.LoraConfig(**lora_kw)) on a transformers model, with random
+  nonzero B (a fresh one is the identity), saved to `out`; returns the PeftModel."""
+  import peft  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  pm = peft.get_peft_model(base_model, peft.LoraConfig(task_type='CAUSAL_LM', **lora_kw)).eval()
+  torch.manual_seed(1)
+  with torch.no_grad():
+    for name, p in pm.named_parameters():
+      if 'lora_B' in name:
+        p.copy_(0.05 * torch.randn_like(p))
+  pm.save_pretrained(str(out))
+  return pm
