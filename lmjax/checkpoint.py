@@ -300,7 +300,7 @@ def open_init_source(cfg_init) -> InitSource:
       tokenizer = meta.get('tokenizer', '')
     finally:
       source.close()
-    if not tokenizer:  # saved before meta recorded it: resolve it as that run did
+    if 'tokenizer' not in meta:  # saved before meta recorded it: resolve it as that run did
       from lmjax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
       tokenizer = tokenizer_lib.resolve_path(saved)
     return InitSource(path, fmt, step, saved.model.to_dict(), tokenizer,

@@ -256,6 +256,11 @@ def test_imported_workdirs_are_self_contained(tmp_path):
   assert m.generate_ids([[1, 5, 6]], max_new_tokens=3).tokens.shape == (1, 3)
   with pytest.raises(ValueError, match='no tokenizer'):
     m.generate('hi')
+  cfg = hf.config_from_hf(str(bare), tiny_config())  # a run from it must name a tokenizer
+  cfg.init_from.path, cfg.mesh.data = str(tmp_path / 'wd_bare'), -1
+  from lmjax import config as config_lib
+  with pytest.raises(config_lib.ConfigError, match='has no tokenizer .* set tokenizer.path'):
+    loop.train(cfg, str(tmp_path / 'dapt'))
 
   src = tmp_path / 'src'
   ref = make_bpe_dir(src, 'chatml')
