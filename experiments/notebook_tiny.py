@@ -60,6 +60,8 @@ for s in scored:
   print(f'total {s.total:8.2f} nats | most surprising: {s.pieces[worst]!r} '
         f'({s.logprobs[worst]:.2f})')
 assert scored[0].total / len(scored[0].tokens) > scored[1].total / len(scored[1].tokens) - 5
+logits = m.logits('import os\n')  # [tokens, vocab], BOS first: what score reads from
+print('logits', logits.shape, 'argmax after BOS:', repr(m.tokenizer.decode([logits[0].argmax()])))
 
 # %% [markdown]
 # ## Perplexity on the validation split, and task accuracy
@@ -75,8 +77,9 @@ print(f"exact match {acc['correct']}/{acc['n']}")
 
 # %% [markdown]
 # ## Export to Hugging Face format and load it back
-# `hf.export_workdir` writes config.json + safetensors (+ tokenizer.model); transformers'
-# `AutoModelForCausalLM.from_pretrained` reads it, and so does `lmjax.load`.
+# `hf.export_workdir` writes config.json, generation_config.json, safetensors and the
+# tokenizer's files; transformers' `AutoModelForCausalLM.from_pretrained` reads it, and so
+# does `lmjax.load`.
 
 # %%
 hf_dir = os.path.join(WORKDIR, 'hf_export')
