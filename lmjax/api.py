@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -53,10 +54,13 @@ class Model:
   max_len: the longest sequence the model computes faithfully (a Hugging Face model with
   a sliding attention window: the window, since lmjax attends to the whole context), or
   None; longer inputs are refused.
+  trained_len: the longest sequence it was trained on (the run's data.seq_len; a Hugging
+  Face model's max_position_embeddings), or None; longer inputs get a warning, once per
+  call.
   """
 
   def __init__(self, config, params, graphdef, mesh, tokenizer, source: str, step=None,
-               max_len: int | None = None):
+               max_len: int | None = None, trained_len: int | None = None):
     self.config = config
     self.params = params
     self.graphdef = graphdef
@@ -65,6 +69,7 @@ class Model:
     self.source = source
     self.step = step
     self.max_len = max_len
+    self.trained_len = trained_len
 
   def __repr__(self) -> str:
     m = self.config.model
@@ -85,6 +90,11 @@ class Model:
       raise ValueError(f'{what} of {n} tokens exceeds {self.max_len}, the longest this model '
                        f'computes faithfully (its sliding attention window; lmjax attends to '
                        'the whole context)')
+    if self.trained_len is not None and n > self.trained_len:
+      warnings.warn(f'{self.source}: {what} of {n} tokens is longer than the '
+                    f'{self.trained_len} it was trained on (data.seq_len or '
+                    'max_position_embeddings): expect its output to degrade past that',
+                    stacklevel=3)
 
   def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
     """The text's ids, after BOS when add_bos (default: the run's data.add_bos) and the
@@ -273,7 +283,9 @@ def _load_workdir(path, step, mesh_cfg, devices, tokenizer_path, seq_len) -> Mod
     tok = None  # recorded as none: an imported model that ships no tokenizer
   else:
     tok = _tokenizer(cfg, meta.get('tokenizer', ''))
-  return Model(cfg, params, graphdef, m, tok, source=path, step=step)
+  trained = max(saved.data.seq_len,
+                (meta.get('hf_config') or {}).get('max_position_embeddings') or 0)
+  return Model(cfg, params, graphdef, m, tok, source=path, step=step, trained_len=trained)
 
 
 def _tokenizer(cfg, path):
@@ -291,7 +303,8 @@ def _tokenizer(cfg, path):
 
 def _load_hf(path, mesh_cfg, devices, tokenizer_path, seq_len) -> Model:
   from lmjax import hf
-  window = hf.attention_window(hf.read_hf_config(path))
+  hf_config = hf.read_hf_config(path)
+  window = hf.attention_window(hf_config)
   base = config_lib.base_config()
   base.data.seq_len = seq_len or min(base.data.seq_len, window or base.data.seq_len)
   cfg = _with_mesh(hf.config_from_hf(path, base), mesh_cfg)
@@ -302,4 +315,5 @@ def _load_hf(path, mesh_cfg, devices, tokenizer_path, seq_len) -> Model:
     tok = tokenizer_lib.from_path(tokenizer_path)
   else:
     tok = tokenizer_lib.from_path(path) if tokenizer_lib.is_tokenizer_dir(path) else None
-  return Model(cfg, params, graphdef, m, tok, source=path, max_len=window)
+  return Model(cfg, params, graphdef, m, tok, source=path, max_len=window,
+               trained_len=hf_config.get('max_position_embeddings'))

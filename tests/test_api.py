@@ -220,6 +220,21 @@ def test_load_workdir_with_peft_adapter(run, tmp_path):
     lmjax.load(workdir, adapter=str(tmp_path / 'hf_adapter'))
 
 
+def test_inputs_past_the_trained_length_warn(run):
+  workdir, _ = run
+  m = lmjax.load(workdir)
+  assert m.trained_len == 32  # the run's data.seq_len
+  with pytest.warns(UserWarning, match=r'prompt plus max_new_tokens of 44 tokens is longer '
+                    r'than the 32 it was trained on'):
+    m.generate_ids([[1] + [5] * 39], max_new_tokens=4)
+  with pytest.warns(UserWarning, match='an input of 40 tokens'):
+    m.logits([[5] * 40])
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    m.generate_ids([[1, 5, 6]], max_new_tokens=4)  # within it: no warning
+
+
 def test_logits_agree_with_score(run):
   workdir, _ = run
   m = lmjax.load(workdir)
@@ -282,6 +297,7 @@ def test_sliding_window_model_loads_at_its_window(tmp_path):
   _hf_model(tmp_path, 'Mistral', sliding_window=32)
   m = lmjax.load(str(tmp_path))  # the base config's seq_len (256) would exceed the window
   assert m.max_len == 32 and m.config.data.seq_len == 32
+  assert m.trained_len == 256  # max_position_embeddings
   m.generate_ids([[1, 2, 3]], max_new_tokens=20)
   with pytest.raises(ValueError, match='sliding attention window'):
     m.generate_ids([[1] * 20], max_new_tokens=20)

@@ -80,3 +80,18 @@ def test_sequences_that_cannot_fit_seq_len(tmp_path):
                      r"than data.seq_len=8 \(sft.overlong='drop'.*raise data.seq_len"):
     next(it)
   it.close()
+
+
+def test_unusable_workdir_fails_before_anything_expensive(tmp_path, monkeypatch):
+  cfg = pretrain_cfg(tmp_path)
+  (tmp_path / 'afile').write_text('x')
+  with pytest.raises(loop.WorkdirError, match=r'--workdir .*afile is a file, not a directory'):
+    loop.train(cfg, str(tmp_path / 'afile'))
+
+  def read_only(*args, **kwargs):  # the tests may run as root, which ignores permissions
+    raise OSError(30, 'Read-only file system')
+  monkeypatch.setattr(loop.tempfile, 'NamedTemporaryFile', read_only)
+  with pytest.raises(loop.WorkdirError, match=r'--workdir .*ro is not writable \(Read-only '
+                     r'file system\); choose a writable directory'):
+    loop.train(cfg, str(tmp_path / 'ro'))
+  assert not (tmp_path / 'tfds').exists()  # nothing was built before the check

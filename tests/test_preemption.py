@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -133,3 +134,46 @@ def test_kill_9_mid_save_leaves_the_last_complete_checkpoint(tmp_path):
   b = {r['step']: r['loss'] for r in straight.history}
   for step in (latest + 1, latest + 2):
     assert a[step] == b[step], step
+
+
+def test_ctrl_c_saves_the_current_step_like_sigterm(tmp_path, capsys):
+  """A first Ctrl-C (SIGINT) mid-run: a checkpoint of the current step, a clean return."""
+  sys.path.insert(0, HERE)
+  from util import tiny_config  # pylint: disable=import-outside-toplevel
+  cfg = tiny_config(vocab_size=384)
+  cfg.data.update(source='local_text', text_glob=write_corpus(tmp_path / 'text', n_files=30),
+                  data_dir=str(tmp_path / 'tfds'), val_fraction=0.1)
+  cfg.tokenizer.update(vocab_size=384, max_sentences=20_000)
+  cfg.train.update(steps=100_000, log_every=1, eval_every=0)
+  cfg.checkpoint.update(every=1000)
+  cfg.mesh.update(data=-1)
+  workdir = str(tmp_path / 'run')
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+
+  def interrupt():
+    deadline = time.time() + 300
+    while time.time() < deadline:
+      if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:
+        os.kill(os.getpid(), signal.SIGINT)  # handled in the main thread, by the loop
+        return
+      time.sleep(0.05)
+  threading.Thread(target=interrupt, daemon=True).start()
+  out = loop.train(cfg, workdir)
+  assert out.stopped_early
+  saved = int(out.state['step'])
+  assert ckpt_lib.Checkpointer(workdir, None, read_only=True).latest_step() == saved >= 3
+  assert [json.loads(l)['step'] for l in open(metrics)][-1] == saved
+  printed = capsys.readouterr().out
+  assert 'Ctrl-C: saving a checkpoint at the end of this step' in printed
+  assert f'Ctrl-C: saving a checkpoint at step {saved} and exiting' in printed
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_a_second_ctrl_c_stops_at_once():
+  with loop._Preemption() as preempt:  # pylint: disable=protected-access
+    os.kill(os.getpid(), signal.SIGINT)
+    assert preempt.requested == 'Ctrl-C'
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)  # the handler runs in this (main) thread
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

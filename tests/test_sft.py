@@ -154,6 +154,17 @@ def test_load_merge_tool_and_init_from_of_an_sft_run(base, sft_run, tmp_path):
                jax.device_get(source.load_params(cfg, setup)), want)
 
 
+def test_resume_with_other_lora_settings_names_them(base, sft_run, tmp_path):
+  workdir, _ = sft_run
+  copy = str(tmp_path / 'sft_copy')
+  shutil.copytree(workdir, copy)
+  cfg = _sft_cfg(base, steps=6)
+  cfg.lora.update(rank=8, targets='q,v')
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"lora.rank: checkpoint 4 vs config 8, "
+                     r"lora.targets: checkpoint 'all-linear' vs config 'q,v'"):
+    loop.train(cfg, copy)
+
+
 def test_lora_base_moved_is_a_clear_error(base, sft_run, tmp_path):
   workdir, _ = sft_run
   moved_base = str(tmp_path / 'moved_base')

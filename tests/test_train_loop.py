@@ -1,6 +1,7 @@
 """End to end through the loop: data -> steps -> eval -> checkpoints -> resume."""
 
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -60,6 +61,20 @@ def test_resume_is_bitwise_identical(corpus, tmp_path):
   # The loss fell, and keep-N / step layout is as configured.
   assert np.mean([a[s] for s in range(16, 21)]) < a[1] - 0.5
   assert ckpt_lib.Checkpointer(split, cfg).all_steps() == [5, 10, 15, 20]
+
+  # Resumed from an earlier checkpoint (the later ones removed): metrics.jsonl says where,
+  # and its reader keeps one record per step, the rerun's (equal, bit for bit).
+  for step in (15, 20):
+    shutil.rmtree(os.path.join(straight, 'checkpoints', str(step)))
+  loop.train(_cfg(corpus), straight)
+  path = os.path.join(straight, 'metrics.jsonl')
+  raw = metrics_lib.read_jsonl(path, raw=True)
+  assert sorted(r['step'] for r in raw if 'loss' in r) == sorted(list(range(1, 21)) +
+                                                               list(range(11, 21)))
+  rows = metrics_lib.read_jsonl(path)
+  assert [r['step'] for r in rows if 'loss' in r] == list(range(1, 21))
+  assert [r for r in rows if 'resumed_from' in r][0]['step'] == 10
+  assert _losses(straight) == a
 
 
 def test_eval_metrics_and_sample(corpus, tmp_path):

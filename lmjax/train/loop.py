@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import signal
+import tempfile
 import threading
 import time
 
@@ -73,23 +74,31 @@ def _print(msg: str) -> None:
 
 
 class _Preemption:
-  """SIGTERM (sent by Cloud TPU VMs before maintenance) -> save and exit cleanly."""
+  """SIGTERM (sent by Cloud TPU VMs before maintenance) or a first Ctrl-C (SIGINT) -> save
+  at the end of the current step and exit cleanly; a second Ctrl-C stops at once
+  (KeyboardInterrupt), losing only the steps since the last checkpoint."""
 
   def __init__(self):
-    self.requested = False
-    self._prev = None
+    self.requested = None  # the name of the signal that asked to stop
+    self._prev = {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._prev = signal.signal(signal.SIGTERM, self._handle)
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._prev[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
-    self.requested = True
+    if signum == signal.SIGINT and self.requested == 'Ctrl-C':
+      raise KeyboardInterrupt  # the second Ctrl-C
+    if signum == signal.SIGINT:
+      _print('Ctrl-C: saving a checkpoint at the end of this step, then exiting '
+             '(Ctrl-C again to stop at once)')
+    self.requested = 'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'
 
   def __exit__(self, *exc):
-    if self._prev is not None:
-      signal.signal(signal.SIGTERM, self._prev)
+    for sig, prev in self._prev.items():
+      signal.signal(sig, prev)
 
 
 def rows_per_example(cfg) -> int:
@@ -122,13 +131,49 @@ def arch_diff(source_model, model) -> list[tuple[str, object, object]]:
           if k in source_model and value(source_model, k) != value(model, k)]
 
 
+class WorkdirError(TrainingError):
+  """The run directory cannot be used (a file, not writable)."""
+
+
+def check_workdir(workdir: str) -> None:
+  """Creates `workdir` if needed and checks that this process can write there: a clear
+  WorkdirError now rather than an OSError after restoring and compiling."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f'--workdir {workdir} is a file, not a directory; choose a directory')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix='.write-test-'):
+      pass
+  except OSError as e:
+    raise WorkdirError(f'--workdir {workdir} is not writable ({e.strerror or e}); choose a '
+                       'writable directory') from None
+
+
+def lora_diff(saved_cfg, cfg) -> list[tuple[str, object, object]]:
+  """(key, checkpoint value, config value) for each LoRA setting that shapes the saved
+  state (adapters, their optimizer state) and differs: enabled, rank, the targets and
+  train_params (as resolved, so 'q_proj' equals 'q')."""
+  a, b = saved_cfg.lora, cfg.lora
+  if a.enabled != b.enabled:
+    return [('lora.enabled', a.enabled, b.enabled)]
+  if not a.enabled:
+    return []
+  out = [('lora.rank', a.rank, b.rank)] if a.rank != b.rank else []
+  if lora_lib.select_targets(a.targets) != lora_lib.select_targets(b.targets):
+    out.append(('lora.targets', a.targets, b.targets))
+  if lora_lib.full_params(saved_cfg) != lora_lib.full_params(cfg):
+    out.append(('lora.train_params', a.train_params, b.train_params))
+  return out
+
+
 def check_resumable(saved_cfg, cfg, where: str) -> None:
-  diff = arch_diff(saved_cfg.model, cfg.model)
+  diff = [(f'model.{k}', a, b) for k, a, b in arch_diff(saved_cfg.model, cfg.model)]
+  diff += lora_diff(saved_cfg, cfg)
   if diff:
-    detail = ', '.join(f'model.{k}: checkpoint {a!r} vs config {b!r}' for k, a, b in diff)
+    detail = ', '.join(f'{k}: checkpoint {a!r} vs config {b!r}' for k, a, b in diff)
     raise ckpt_lib.CheckpointError(
-        f'the checkpoint in {where} was trained with a different model ({detail}); '
-        'use a new --workdir or the same model config')
+        f'the checkpoint in {where} was trained with different settings ({detail}); '
+        'use a new --workdir or the checkpoint\'s settings')
 
 
 def check_init_source(source: ckpt_lib.InitSource, cfg) -> None:
@@ -290,7 +335,7 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   # ---- Setup: config, devices, mesh, where the run starts ---------------------------
   config_lib.validate(cfg)
   distributed.initialize(cfg)  # multi-process runs (a no-op if started already, or single)
-  os.makedirs(workdir, exist_ok=True)
+  check_workdir(workdir)  # before anything expensive
   mesh = sharding.make_mesh(cfg.mesh, devices)
   check_batch(cfg, mesh)
   pi, pc = jax.process_index(), jax.process_count()
@@ -384,6 +429,8 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   peak = metrics_lib.peak_flops(mesh.devices.flat[0])
   n_dev = mesh.devices.size
   writer = metrics_lib.MetricWriter(workdir)
+  if resumed_meta is not None:
+    writer.resumed(start)
   history, evals = [], []
   stopped_early = False
 
@@ -477,8 +524,8 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
         report(_eval_line(done, run_eval(done)))
 
       if preempt.requested or done == stop_after:
-        _print(f'{"SIGTERM" if preempt.requested else "stop_after"}: saving a checkpoint '
-               f'at step {done} and exiting')
+        _print(f'{preempt.requested or "stop_after"}: saving a checkpoint at step {done} and '
+               'exiting')
         save(done, force=True)
         stopped_early = True
         break

@@ -35,7 +35,9 @@ def peak_flops(device=None) -> float | None:
 
 class MetricWriter:
   """Appends {'step', 'time', **metrics} lines to <workdir>/metrics.jsonl and writes
-  TensorBoard scalars to <workdir>/tb. Only process 0 writes."""
+  TensorBoard scalars to <workdir>/tb. Only process 0 writes. A resumed run first writes
+  {'step': S, 'time', 'resumed_from': S}: the lines after S before it belong to steps the
+  run does again (read_jsonl drops them)."""
 
   def __init__(self, workdir: str, tensorboard: bool = True):
     self.enabled = jax.process_index() == 0
@@ -60,6 +62,13 @@ class MetricWriter:
         if v is not None:
           self._tb.add_scalar(k, v, step)
       self._tb.flush()
+
+  def resumed(self, step: int) -> None:
+    """Marks that the run continues from its checkpoint at `step`."""
+    if self.enabled:
+      self._file.write(json.dumps({'step': int(step), 'time': time.time(),
+                                   'resumed_from': int(step)}) + '\n')
+      self._file.flush()
 
   def close(self) -> None:
     if self._file:
@@ -95,6 +104,29 @@ def matmuls(closed_jaxpr) -> list[tuple]:
   return found
 
 
-def read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str, raw: bool = False) -> list[dict]:
+  """The records of a metrics.jsonl, as the run's final history: at each resume marker
+  ({'resumed_from': S}) the records of steps after S written before it are dropped (the
+  resumed run did those steps again), and of two records of one step and kind (train
+  metrics, or eval metrics) the last is kept. Markers stay in the list. raw=True: every
+  line as written."""
   with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+    rows = [json.loads(line) for line in f if line.strip()]
+  if raw:
+    return rows
+  kind = lambda r: ('resume' if 'resumed_from' in r
+                    else 'eval' if any(k.startswith('eval') for k in r) else 'train')
+  out: list = []    # records in order; None where a later one replaced it
+  where: dict = {}  # (step, kind) -> index in out
+  for r in rows:
+    if 'resumed_from' in r:  # a timeline's steps only grow: drop its tail after S
+      while out and (out[-1] is None or out[-1]['step'] > r['resumed_from']):
+        dropped = out.pop()
+        if dropped is not None:
+          del where[(dropped['step'], kind(dropped))]
+    key = (r['step'], kind(r))
+    if key in where:
+      out[where[key]] = None
+    where[key] = len(out)
+    out.append(r)
+  return [r for r in out if r is not None]
