@@ -23,8 +23,10 @@ from typing import Any, Mapping
 import ml_collections
 from ml_collections import config_dict
 
+from lmjax.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
   """A config field is missing, mistyped or inconsistent; the message names it."""
 
 

@@ -54,6 +54,7 @@ from safetensors import safe_open
 from lmjax import checkpoint as ckpt_lib
 from lmjax import config as config_lib
 from lmjax import sharding
+from lmjax.errors import ExistsError, UserError
 from lmjax.models import transformer
 from lmjax.train import state as state_lib
 
@@ -78,7 +79,7 @@ _ST_DTYPES = {np.dtype(np.float32): 'F32', np.dtype(ml_dtypes.bfloat16): 'BF16',
               np.dtype(np.float16): 'F16'}
 
 
-class HFError(ValueError):
+class HFError(UserError, ValueError):
   """A Hugging Face config or checkpoint lmjax cannot read; the message names the field,
   tensor or file."""
 
@@ -650,8 +651,8 @@ def save_hf(params: dict, cfg, out_dir: str, arch: str | None = None,
     os.makedirs(out_dir, exist_ok=True)
     stale = _model_files(out_dir)
     if stale and not overwrite:
-      raise FileExistsError(f'{out_dir} already holds model files ({os.path.basename(stale[0])}'
-                            ', ...); pass overwrite=True (--overwrite) to replace them')
+      raise ExistsError(f'{out_dir} already holds model files ({os.path.basename(stale[0])}'
+                        ', ...); pass overwrite=True (--overwrite) to replace them')
     for p in stale:
       os.remove(p)
   written = []
