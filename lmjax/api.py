@@ -28,6 +28,7 @@ from lmjax import checkpoint as ckpt_lib
 from lmjax import config as config_lib
 from lmjax import evaluate, sharding
 from lmjax.data import tokenizer as tokenizer_lib
+from lmjax.errors import NotFoundError
 from lmjax.train import state as state_lib
 
 # Notebook default: every device on the fsdp axis (params sharded, batch split over them).
@@ -236,8 +237,8 @@ def load(path: str, step: int | None = None, *, devices: Sequence[Any] | None = 
   """
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isdir(path):
-    raise FileNotFoundError(f'lmjax.load: {path} is not a directory (an lmjax workdir or a '
-                            'Hugging Face model directory)')
+    raise NotFoundError(f'lmjax.load: {path} is not a directory (an lmjax workdir or a '
+                        'Hugging Face model directory)')
   if seq_len is not None and seq_len < 2:
     raise ValueError(f'lmjax.load: seq_len must be >= 2, got {seq_len}')
   device_mesh_cfg = dict(DEFAULT_MESH if mesh is None else mesh)
@@ -297,8 +298,8 @@ def _tokenizer(cfg, path):
   try:
     return tokenizer_lib.load_tokenizer(cfg)
   except (FileNotFoundError, ValueError) as e:
-    raise FileNotFoundError(f'lmjax.load: the tokenizer of this run is not on this machine '
-                            f'({e}); pass tokenizer=PATH') from e
+    raise NotFoundError(f'lmjax.load: the tokenizer of this run is not on this machine '
+                        f'({e}); pass tokenizer=PATH') from e
 
 
 def _load_hf(path, mesh_cfg, devices, tokenizer_path, seq_len) -> Model:

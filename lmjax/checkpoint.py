@@ -25,6 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from lmjax import config as config_lib
+from lmjax.errors import UserError
 
 FORMAT_VERSION = 1
 # Meta entries holding a Hugging Face source model's config.json and generation_config.json
@@ -32,8 +33,9 @@ FORMAT_VERSION = 1
 HF_META_KEYS = ('hf_config', 'hf_generation_config')
 
 
-class CheckpointError(RuntimeError):
-  pass
+class CheckpointError(UserError, RuntimeError):
+  """A checkpoint that is missing or unreadable, or that does not fit the run; the message
+  names the directory and what to do."""
 
 
 class _DropReadOnlyNotice(logging.Filter):

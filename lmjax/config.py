@@ -18,13 +18,16 @@ import difflib
 import importlib.util
 import os
 import re
+import traceback
 from typing import Any, Mapping
 
 import ml_collections
 from ml_collections import config_dict
 
+from lmjax.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
   """A config field is missing, mistyped or inconsistent; the message names it."""
 
 
@@ -250,13 +253,35 @@ def base_config() -> ml_collections.ConfigDict:
   return cfg
 
 
+def _config_file_error(path: str, doing: str, e: Exception) -> ConfigError:
+  """ConfigError naming the config file, the line of it that raised, and the error (the
+  config file's own code failed: its traceback is the ConfigError's cause)."""
+  line, detail = None, str(e)
+  if isinstance(e, SyntaxError):
+    line, detail = e.lineno, e.msg
+  for frame in traceback.extract_tb(e.__traceback__):
+    if os.path.abspath(frame.filename) == os.path.abspath(path):
+      line = frame.lineno
+  where = f'{path}, line {line}' if line else path
+  return ConfigError(f'config file {where}: {doing} raised {type(e).__name__}: {detail}')
+
+
 def _import_config_module(path: str):
   if not os.path.exists(path):
     raise ConfigError(f'config file not found: {path}')
+  if not os.path.isfile(path):
+    raise ConfigError(f'config file {path} is not a file (configs/*.py)')
   name = 'lmjax_config_' + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None:
+    raise ConfigError(f'config file {path} is not a Python file (configs/*.py)')
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (the config file's own code)
+    raise _config_file_error(path, 'loading it', e) from e
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'{path} defines no get_config(arg=None)')
   return module
@@ -332,8 +357,15 @@ def apply_overrides(cfg: ml_collections.ConfigDict,
 
 def build(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """get_config(arg) of a config file, unlocked and unchecked: for a config built on
-  another one (configs/dapt_tiny.py starts from configs/pretrain_tiny.py)."""
-  return _import_config_module(path).get_config(arg)
+  another one (configs/dapt_tiny.py starts from configs/pretrain_tiny.py). A config file
+  that raises gives a ConfigError naming the file and the line."""
+  module = _import_config_module(path)
+  try:
+    return module.get_config(arg)
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (the config file's own code)
+    raise _config_file_error(path, f'get_config({arg!r})', e) from e
 
 
 def cli_overrides(args: list[str], prefix: str = '--config.') -> dict[str, Any]:

@@ -54,6 +54,7 @@ from safetensors import safe_open
 from lmjax import checkpoint as ckpt_lib
 from lmjax import config as config_lib
 from lmjax import sharding
+from lmjax.errors import ExistsError, UserError
 from lmjax.models import transformer
 from lmjax.train import state as state_lib
 
@@ -78,7 +79,7 @@ _ST_DTYPES = {np.dtype(np.float32): 'F32', np.dtype(ml_dtypes.bfloat16): 'BF16',
               np.dtype(np.float16): 'F16'}
 
 
-class HFError(ValueError):
+class HFError(UserError, ValueError):
   """A Hugging Face config or checkpoint lmjax cannot read; the message names the field,
   tensor or file."""
 
@@ -372,6 +373,17 @@ def _set(tree, path, value):
 
 # ---- Import ---------------------------------------------------------------------------
 
+def _safe_open(path: str):
+  """safetensors' `safe_open` of `path` (memory-mapped; header read and checked against
+  the file's size), with HFError naming the file if it is not a whole safetensors file."""
+  try:
+    return safe_open(path, framework='np')
+  except Exception as e:  # pylint: disable=broad-except  (SafetensorError, OSError)
+    detail = str(e).strip().split('\n')[0][:200]
+    raise HFError(f'{path} is not a readable safetensors file ({type(e).__name__}: {detail});'
+                  ' it may be truncated or corrupt: download it again') from None
+
+
 class _SafetensorsDir:
   """The tensors of an HF model directory: model.safetensors, or the shards listed in
   model.safetensors.index.json. Files are opened (memory-mapped) when first read."""
@@ -381,12 +393,15 @@ class _SafetensorsDir:
     single, index = os.path.join(hf_dir, SINGLE_FILE), os.path.join(hf_dir, INDEX_FILE)
     if os.path.exists(single):  # what transformers prefers when both exist
       self.where = single
-      with safe_open(single, framework='np') as f:
+      with _safe_open(single) as f:
         self.files = {name: SINGLE_FILE for name in f.keys()}
     elif os.path.exists(index):
       self.where = index
-      with open(index) as f:
-        self.files = dict(json.load(f)['weight_map'])
+      obj = _read_json(index)
+      weight_map = obj.get('weight_map') if isinstance(obj, dict) else None
+      if not isinstance(weight_map, dict):
+        raise HFError(f'{index} has no "weight_map" (tensor name -> file): restore the file')
+      self.files = dict(weight_map)
     else:
       raise HFError(f'{hf_dir}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors '
                     'checkpoints are read; convert .bin files with transformers first)')
@@ -401,7 +416,7 @@ class _SafetensorsDir:
       path = os.path.join(self.dir, file)
       if not os.path.exists(path):
         raise HFError(f'{self.where} lists {file} (for tensor {name!r}), which does not exist')
-      self._open[file] = safe_open(path, framework='np')
+      self._open[file] = _safe_open(path)
       self._keys[file] = set(self._open[file].keys())
     if name not in self._keys[file]:  # the index names a file that lacks it
       raise HFError(f'tensor {name!r} is missing from {os.path.join(self.dir, file)} '
@@ -467,6 +482,38 @@ def _model_diff(hf_config: dict, mcfg) -> list[str]:
   return diff
 
 
+def _check_tensors(reader: _SafetensorsDir, mcfg, shapes) -> None:
+  """HFError unless the files hold every tensor of `mcfg`'s model with its shape (`shapes`:
+  the params' abstract tree), and no other; reads the file headers only."""
+  used = set()
+  for spec in _specs(mcfg):
+    shape = _get(shapes, spec.path).shape
+    layers = range(shape[0]) if spec.layered else [None]
+    for i in layers:
+      name = spec.name.format(i=i)
+      reader.slice(name, _hf_shape(spec.kind, shape[1:] if spec.layered else shape))
+      used.add(name)
+  if mcfg.tie_embeddings:
+    used.add('lm_head.weight')  # some tied checkpoints store the copy too
+  unused = sorted(n for n in reader.files if n not in used and not n.endswith(_IGNORED_SUFFIXES))
+  if unused:
+    raise HFError(f'{reader.where} holds tensors this config does not use: '
+                  f'{", ".join(unused[:5])}{" ..." if len(unused) > 5 else ""} '
+                  '(biases or a head the lmjax model lacks?)')
+
+
+def check_files(hf_dir: str, cfg) -> None:
+  """HFError, naming the file, unless `hf_dir`'s safetensors files are readable and hold
+  exactly the tensors of cfg.model with their shapes (headers only: no tensor is read)."""
+  check_model_config(read_hf_config(hf_dir), cfg.model)
+  _, _, shapes = state_lib.logical_param_specs(cfg)
+  reader = _SafetensorsDir(hf_dir)
+  try:
+    _check_tensors(reader, cfg.model, shapes)
+  finally:
+    reader.close()
+
+
 def load_params(hf_dir: str, cfg, mesh=None, rules=None) -> dict:
   """The HF checkpoint in `hf_dir` as an lmjax params dict (`nnx.to_pure_dict` layout,
   layers stacked), each leaf placed with its NamedSharding on `mesh` (default: the mesh
@@ -485,21 +532,7 @@ def load_params(hf_dir: str, cfg, mesh=None, rules=None) -> dict:
   table = _specs(mcfg)
   reader = _SafetensorsDir(hf_dir)
   try:
-    used = set()
-    for spec in table:
-      shape = _get(shapes, spec.path).shape
-      layers = range(shape[0]) if spec.layered else [None]
-      for i in layers:
-        name = spec.name.format(i=i)
-        reader.slice(name, _hf_shape(spec.kind, shape[1:] if spec.layered else shape))
-        used.add(name)
-    if mcfg.tie_embeddings:
-      used.add('lm_head.weight')  # some tied checkpoints store the copy too
-    unused = sorted(n for n in reader.files if n not in used and not n.endswith(_IGNORED_SUFFIXES))
-    if unused:
-      raise HFError(f'{reader.where} holds tensors this config does not use: '
-                    f'{", ".join(unused[:5])}{" ..." if len(unused) > 5 else ""} '
-                    '(biases or a head the lmjax model lacks?)')
+    _check_tensors(reader, mcfg, shapes)
     params: dict = {}
     for spec in table:
       leaf = _get(shapes, spec.path)
@@ -650,8 +683,8 @@ def save_hf(params: dict, cfg, out_dir: str, arch: str | None = None,
     os.makedirs(out_dir, exist_ok=True)
     stale = _model_files(out_dir)
     if stale and not overwrite:
-      raise FileExistsError(f'{out_dir} already holds model files ({os.path.basename(stale[0])}'
-                            ', ...); pass overwrite=True (--overwrite) to replace them')
+      raise ExistsError(f'{out_dir} already holds model files ({os.path.basename(stale[0])}'
+                        ', ...); pass overwrite=True (--overwrite) to replace them')
     for p in stale:
       os.remove(p)
   written = []
@@ -719,18 +752,42 @@ def import_hf(hf_dir: str, workdir: str, base_cfg=None, mesh=None):
   optimizer state, the config, and meta recording the source, its config.json and
   generation_config.json (written back on export) and its tokenizer (its files copied to
   `<workdir>/tokenizer/` when the model ships one), so that
-  `python -m lmjax.train --workdir=...` continues from it. Returns the config."""
-  from lmjax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
-  hf_dir = os.path.abspath(hf_dir)
+  `python -m lmjax.train --workdir=...` continues from it. Returns the config.
+
+  The inputs (config.json, tokenizer, every safetensors header) are checked before anything
+  is written; an import that fails removes what it created (the workdir, or its
+  checkpoints/ and tokenizer/ directories)."""
+  hf_dir, workdir = os.path.abspath(hf_dir), os.path.abspath(workdir)
   cfg = config_from_hf(hf_dir, base_cfg)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  if os.path.isdir(ckpt_dir):
+    existing = ckpt_lib.Checkpointer(workdir, None, read_only=True)
+    latest = existing.latest_step()
+    existing.close()
+    if latest is not None:
+      raise HFError(f'{workdir} already holds checkpoints (latest step {latest}); import into '
+                    'a new workdir')
+  check_files(hf_dir, cfg)
+  created = [p for p in (workdir, ckpt_dir, os.path.join(workdir, TOKENIZER_DIR))
+             if not os.path.exists(p)]
+  try:
+    _write_import(hf_dir, workdir, cfg, mesh)
+  except BaseException:
+    if jax.process_index() == 0:
+      for path in created:
+        shutil.rmtree(path, ignore_errors=True)
+    raise
+  return cfg
+
+
+def _write_import(hf_dir: str, workdir: str, cfg, mesh) -> None:
+  """import_hf's writes: the tokenizer copy and the step-0 checkpoint."""
+  from lmjax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
   ckpt = ckpt_lib.Checkpointer(workdir, cfg)
   try:
-    if ckpt.latest_step() is not None:
-      raise HFError(f'{workdir} already holds checkpoints (latest step {ckpt.latest_step()}); '
-                    'import into a new workdir')
     tok = ''
     if cfg.tokenizer.path == hf_dir:  # the model's tokenizer: a self-contained copy
-      tok = os.path.join(os.path.abspath(workdir), TOKENIZER_DIR)
+      tok = os.path.join(workdir, TOKENIZER_DIR)
       if jax.process_index() == 0:
         copy_tokenizer(tokenizer_lib.from_path(hf_dir), tok, generation_config=True)
       cfg.tokenizer.path = tok
@@ -749,7 +806,6 @@ def import_hf(hf_dir: str, workdir: str, base_cfg=None, mesh=None):
     ckpt.wait()
   finally:
     ckpt.close()
-  return cfg
 
 
 def export_workdir(workdir: str, out_dir: str, step: int | None = None, arch: str | None = None,

@@ -16,11 +16,14 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lmjax.errors import UserError
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 
-class ShardingError(ValueError):
-  pass
+class ShardingError(UserError, ValueError):
+  """A mesh or sharding rule that does not fit the devices or the model; the message
+  names the setting."""
 
 
 def mesh_shape(cfg_mesh: Mapping[str, int], n_devices: int) -> dict[str, int]:

@@ -76,6 +76,6 @@ def test_round_trip_through_dict():
 def test_cli_rejects_bad_flags_before_starting(flag, message, tmp_path):
   out = subprocess.run([sys.executable, '-m', 'lmjax.train', f'--config={TINY}', flag,
                         f'--workdir={tmp_path}'], capture_output=True, text=True, timeout=60)
-  assert out.returncode != 0
-  assert message in out.stdout + out.stderr
+  assert out.returncode == 2 and 'Traceback' not in out.stderr
+  assert out.stderr.startswith('error: ') and message in out.stderr
   assert not (tmp_path / 'checkpoints').exists()

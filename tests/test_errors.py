@@ -3,7 +3,10 @@ elsewhere: config typos (test_config.py), malformed JSONL lines skip/fail with f
 (test_formats.py, test_preference.py), tokenizer vs model vocab (test_data.py, test_hf.py),
 a mesh that does not divide the devices and a batch not divisible by the data-parallel
 size (test_step.py), a resume with another model (test_train_loop.py), NaN loss
-(test_train_loop.py). Here: missing and corrupted checkpoint files, an empty dataset,
+(test_train_loop.py), truncated, corrupt or non-safetensors model files and a malformed
+config.json or index (test_hf.py), and how the command line reports all of these: one
+line and exit code 2, the traceback with --verbose, a missing or failing --config file
+(test_cli.py). Here: missing and corrupted checkpoint files, an empty dataset,
 sequences that cannot fit data.seq_len, and pairs whose prompt fills seq_len (test_preference.py)."""
 
 import glob

@@ -560,3 +560,98 @@ def test_convert_hf_cli_round_trip(tmp_path, capsys):
                         f'--workdir={tmp_path / "empty"}', f'--out_dir={tmp_path / "o2"}'],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert res.returncode == 2 and 'no checkpoint found' in res.stderr, res.stderr
+
+
+def _corrupt(path, how):
+  """Rewrites a safetensors file as `how` ('truncated', 'corrupt header', 'garbage')."""
+  data = path.read_bytes()
+  n = int.from_bytes(data[:8], 'little')
+  data = {'truncated': data[:len(data) // 2],
+          'corrupt header': data[:8] + b'#' * n + data[8 + n:],
+          'garbage': b'this is not a safetensors file\n' * 40}[how]
+  path.write_bytes(data)
+
+
+@pytest.mark.parametrize('how', ['truncated', 'corrupt header', 'garbage'])
+def test_unreadable_safetensors_file_is_named(how, tmp_path, capsys):
+  """Import (API and tools/convert_hf.py: exit code 2, one line, nothing written) and
+  lmjax.load name the file that cannot be read."""
+  import lmjax
+  src, work = tmp_path / 'hf', tmp_path / 'work'
+  make_hf(src, 'llama')
+  _corrupt(src / hf.SINGLE_FILE, how)
+  message = rf'{src / hf.SINGLE_FILE} is not a readable safetensors file \(SafetensorError: '
+  with pytest.raises(hf.HFError, match=message):
+    hf.import_hf(str(src), str(work))
+  assert not work.exists()
+  with pytest.raises(hf.HFError, match=message):
+    lmjax.load(str(src))
+  work.mkdir()  # an existing workdir is kept, without a checkpoints/ directory
+  capsys.readouterr()
+  assert _cli()(['import', f'--hf_dir={src}', f'--workdir={work}']) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'error: {src / hf.SINGLE_FILE} is not a readable safetensors file')
+  assert err.count('\n') == 1 and os.listdir(work) == []
+
+
+def test_unreadable_shard_or_index_is_named(tmp_path):
+  src, work = tmp_path / 'hf', tmp_path / 'work'
+  make_hf(src, 'llama3_tied')  # sharded: model.safetensors.index.json + shards
+  index = json.loads((src / hf.INDEX_FILE).read_text())
+  shard = src / sorted(set(index['weight_map'].values()))[-1]
+  _corrupt(shard, 'truncated')
+  with pytest.raises(hf.HFError, match=rf'{shard} is not a readable safetensors file'):
+    hf.import_hf(str(src), str(work))
+  assert not work.exists()
+  (src / hf.INDEX_FILE).write_text('{"weight_map": ')
+  with pytest.raises(hf.HFError, match=rf'{src / hf.INDEX_FILE} is not valid JSON'):
+    hf.import_hf(str(src), str(work))
+  (src / hf.INDEX_FILE).write_text('{"metadata": {}}')
+  with pytest.raises(hf.HFError, match=rf'{src / hf.INDEX_FILE} has no "weight_map"'):
+    hf.import_hf(str(src), str(work))
+  (src / 'config.json').write_text('{"model_type": ')
+  with pytest.raises(hf.HFError, match=rf'{src / "config.json"} is not valid JSON'):
+    hf.import_hf(str(src), str(work))
+  assert not work.exists()
+
+
+def test_failed_import_removes_what_it_created(tmp_path, monkeypatch):
+  """A failure after the checks (here: while the params are read) leaves no checkpoints/
+  or tokenizer copy behind; an existing workdir and its files stay."""
+  src, work = tmp_path / 'hf', tmp_path / 'work'
+  make_hf(src, 'llama', vocab_size=384)
+  shutil.copyfile(_write_tokenizer(tmp_path / 'tok.model', 320).path,
+                  src / 'tokenizer.model')  # the model ships a tokenizer: copied on import
+
+  def fail(*args, **kwargs):
+    assert (work / 'checkpoints').is_dir() and (work / hf.TOKENIZER_DIR).is_dir()
+    raise MemoryError('out of host memory')
+
+  monkeypatch.setattr(hf, 'load_params', fail)
+  with pytest.raises(MemoryError):
+    hf.import_hf(str(src), str(work))
+  assert not work.exists()
+  work.mkdir()
+  (work / 'notes.txt').write_text('mine')
+  with pytest.raises(MemoryError):
+    hf.import_hf(str(src), str(work))
+  assert os.listdir(work) == ['notes.txt']
+
+
+def test_convert_hf_cli_truncated_file_exit_code(tmp_path):
+  src, work = tmp_path / 'hf', tmp_path / 'work'
+  make_hf(src, 'llama')
+  _corrupt(src / hf.SINGLE_FILE, 'truncated')
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get('PYTHONPATH')) if p))
+  env.pop('LMJAX_VERBOSE', None)
+  res = subprocess.run([sys.executable, 'tools/convert_hf.py', 'import', f'--hf_dir={src}',
+                        f'--workdir={work}'], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+  assert res.returncode == 2, res.stderr[-3000:]
+  (line,) = res.stderr.strip().splitlines()  # e.g. (SafetensorError: ... incomplete metadata,
+  # file not fully covered); it may be truncated or corrupt: download it again
+  assert line.startswith(f'error: {src / hf.SINGLE_FILE} is not a readable safetensors file '
+                         '(SafetensorError: ')
+  assert line.endswith('it may be truncated or corrupt: download it again'), line
+  assert not work.exists()

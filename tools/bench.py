@@ -31,6 +31,7 @@ bench size) and prints its matmul FLOPs per token, forward and gradient (remat's
 recomputation included; xla attention counts both halves of T x T), beside the MFU
 formula's, and their shares by operand dtypes and precision: a float32 operand under the
 default precision is a float32 (at best TF32) matmul on a GPU, half the bf16 rate or less.
+Bad input: one line, `error: <reason>`, exit code 2 (--verbose: with the traceback).
 """
 
 from __future__ import annotations
@@ -41,13 +42,16 @@ import json
 import sys
 import time
 
+from lmjax import cli
+
 
 def _parse_set(items):
   out = {}
   for item in items or []:
     key, eq, value = item.partition('=')
     if not eq:
-      raise SystemExit(f'bench: --set takes KEY=VALUE, got {item!r}')
+      from lmjax import config as config_lib  # pylint: disable=import-outside-toplevel
+      raise config_lib.ConfigError(f'--set takes KEY=VALUE, got {item!r}')
     try:
       value = ast.literal_eval(value)
     except (ValueError, SyntaxError):
@@ -59,6 +63,7 @@ def _parse_set(items):
 def _prepare(cfg, mode: str, objective: str, devices=None):
   """(cfg for mode/objective, mesh, setup, train step, batch spec): what `run` times and
   `matmul_shares` traces."""
+  from lmjax import config as config_lib
   from lmjax import sharding
   from lmjax.models import lora as lora_lib
   from lmjax.train import loop
@@ -71,7 +76,8 @@ def _prepare(cfg, mode: str, objective: str, devices=None):
     if objective == 'dpo':
       cfg.stage = 'dpo'
     elif cfg.stage == 'dpo':
-      raise ValueError("objective='lm' with a stage='dpo' config: use objective='dpo'")
+      raise config_lib.ConfigError("objective='lm' with a stage='dpo' config: use "
+                                   "objective='dpo'")
   if mode == 'lora':
     lora_lib.validate(cfg)
   mesh = sharding.make_mesh(cfg.mesh, devices)
@@ -125,6 +131,7 @@ def run(cfg, *, mode: str = 'full', objective: str = 'lm', steps: int = 10, warm
   import jax
   import numpy as np
 
+  from lmjax import config as config_lib
   from lmjax import sharding
   from lmjax.models import transformer
   from lmjax.train import loop
@@ -138,8 +145,9 @@ def run(cfg, *, mode: str = 'full', objective: str = 'lm', steps: int = 10, warm
   keys = tuple(spec)
   reference = step_lib.reference_mode(cfg)  # None unless a DPO step with a reference
   if data == 'real' and reference == 'precomputed':
-    raise ValueError("--data=real with dpo.reference='precomputed' needs the tables the "
-                     'training loop computes: bench it with --data=synthetic')
+    raise config_lib.ConfigError("--data=real with dpo.reference='precomputed' needs the "
+                                 'tables the training loop computes: bench it with '
+                                 '--data=synthetic')
   t0 = time.perf_counter()
   with sharding.use_mesh(mesh, cfg.rules):
     compiled = train_step.jitted.lower(setup.abstract_state, spec).compile()
@@ -231,7 +239,8 @@ def table(rows: list[dict]) -> str:
   return '\n'.join(lines)
 
 
-def main(argv=None) -> int:
+@cli.main
+def main(argv) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog=__doc__.split('\n\n', 1)[1])
@@ -249,32 +258,25 @@ def main(argv=None) -> int:
   parser.add_argument('--matmuls', action='store_true',
                       help='trace the step (no compile, no timing) and print its matmul '
                       'FLOPs per token and their shares by operand dtype and precision')
+  cli.add_verbose_flag(parser)
   args = parser.parse_args(argv)
 
   from lmjax import config as config_lib
   overrides = _parse_set(args.set)
-  try:
-    cfg = config_lib.load(args.config, overrides={'lora.enabled': False, **overrides})
-  except config_lib.ConfigError as e:
-    print(f'bench: {e}', file=sys.stderr)
-    return 2
+  cfg = config_lib.load(args.config, overrides={'lora.enabled': False, **overrides})
   modes = ('full', 'lora') if args.mode == 'both' else (args.mode,)
   objectives = ('lm', 'dpo') if args.objective == 'both' else (args.objective,)
   rows = []
-  try:
-    if args.matmuls:
-      for objective in objectives:
-        for mode in modes:
-          print(matmul_table(matmul_shares(cfg, mode=mode, objective=objective)))
-      return 0
+  if args.matmuls:
     for objective in objectives:
       for mode in modes:
-        rows.append(run(cfg, mode=mode, objective=objective, steps=args.steps,
-                        warmup=args.warmup, data=args.data, peak_tflops=args.peak_tflops))
-        rows[-1].update(config=args.config, overrides=overrides)
-  except ValueError as e:
-    print(f'bench: {e}', file=sys.stderr)
-    return 2
+        print(matmul_table(matmul_shares(cfg, mode=mode, objective=objective)))
+    return 0
+  for objective in objectives:
+    for mode in modes:
+      rows.append(run(cfg, mode=mode, objective=objective, steps=args.steps,
+                      warmup=args.warmup, data=args.data, peak_tflops=args.peak_tflops))
+      rows[-1].update(config=args.config, overrides=overrides)
   print(table(rows))
   by = {(r['mode'], r['objective'].split()[0]): r for r in rows}
   for o in objectives:

@@ -13,6 +13,7 @@ target checks (MFU of the 125M and 1B configs, LoRA vs full tokens/s, DPO vs SFT
 --smoke swaps each config's cuDNN attention for xla (the ':cpu' arg) and shrinks the
 model, batch and sequence (SMOKE), one step each: it checks that every case's config
 and overrides are valid and that the driver works, not speed.
+Bad arguments: one line, `error: <reason>`, exit code 2 (--verbose: with the traceback).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ import os
 import sys
 import time
 import traceback
+
+from lmjax import cli
+from lmjax.config import ConfigError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -117,7 +121,8 @@ def run_case(case: Case, smoke: bool, peak_tflops: float | None) -> dict:
   return row
 
 
-def main(argv=None) -> int:
+@cli.main
+def main(argv) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog=__doc__.split('\n\n', 1)[1])
@@ -129,6 +134,7 @@ def main(argv=None) -> int:
   parser.add_argument('--peak_tflops', type=float, default=None)
   parser.add_argument('--json', default=None, help='append each row to this JSONL file')
   parser.add_argument('--md', default=None, help='write the table and checks here')
+  cli.add_verbose_flag(parser)
   args = parser.parse_args(argv)
 
   import jax  # pylint: disable=import-outside-toplevel
@@ -137,9 +143,7 @@ def main(argv=None) -> int:
     names = [n.strip() for n in args.only.split(',')]
     unknown = sorted(set(names) - {c.name for c in cases})
     if unknown:
-      print(f'bench_suite: unknown case(s) {unknown}; known: {[c.name for c in cases]}',
-            file=sys.stderr)
-      return 2
+      raise ConfigError(f'--only: unknown case(s) {unknown}; known: {[c.name for c in cases]}')
     cases = tuple(c for c in cases if c.name in names)
   print(f'bench_suite: {len(cases)} cases on {jax.device_count()} x '
         f'{jax.devices()[0].device_kind}, jax {jax.__version__}, budget {args.budget_s:.0f} s',

@@ -20,12 +20,14 @@ export of a model that came from Hugging Face (imported, or trained from one thr
 init_from) writes the source's config.json back unchanged but for its dtype (that of the
 files: the source's unless --dtype asks for another), and its generation_config.json;
 a model trained from scratch gets a config.json from its model config and tokenizer.
-Exit code 2 on bad input, with the reason.
+Bad input: one line, `error: <reason>`, exit code 2 (--verbose: with the traceback).
 """
 
 import argparse
 import ast
 import sys
+
+from lmjax import cli
 
 
 def _parse(argv):
@@ -38,6 +40,7 @@ def _parse(argv):
   imp.add_argument('--workdir', required=True, help='new lmjax run directory')
   imp.add_argument('--config', default=None,
                    help='experiment config for the non-model fields (configs/*.py[:arg])')
+  cli.add_verbose_flag(imp)
   exp = sub.add_parser('export', help='lmjax workdir -> HF model dir')
   exp.add_argument('--workdir', required=True, help='lmjax run directory')
   exp.add_argument('--out_dir', required=True, help='HF model dir to write')
@@ -54,6 +57,7 @@ def _parse(argv):
   exp.add_argument('--new_config', action='store_true',
                    help='make config.json and generation_config.json from the model config '
                    'and tokenizer, not the source model\'s (for a model that no longer matches it)')
+  cli.add_verbose_flag(exp)
   args, rest = parser.parse_known_args(argv)
   overrides = {}
   for arg in rest:
@@ -68,35 +72,32 @@ def _parse(argv):
   return args, overrides
 
 
-def main(argv=None) -> int:
-  args, overrides = _parse(sys.argv[1:] if argv is None else argv)
-  # Imported after parsing: usage errors come before jax starts.
-  from lmjax import checkpoint as ckpt_lib
+@cli.main
+def main(argv) -> int:
+  args, overrides = _parse(argv)
   from lmjax import config as config_lib
-  from lmjax import hf
-  try:
-    if args.command == 'import':
-      if args.config:
-        base = config_lib.load(args.config, overrides=overrides)
-      else:
-        base = config_lib.base_config()
-        config_lib.apply_overrides(base, overrides)
-      cfg = hf.import_hf(args.hf_dir, args.workdir, base_cfg=base)
-      m = cfg.model
-      print(f'imported {args.hf_dir} -> {args.workdir} (step 0): {m.n_layers} layers, '
-            f'd_model {m.d_model}, vocab {m.vocab_size}, tokenizer '
-            f'{cfg.tokenizer.path or "none (set tokenizer.path)"}')
+  if args.command == 'import':
+    if args.config:
+      base = config_lib.load(args.config, overrides=overrides)
     else:
-      written = hf.export_workdir(args.workdir, args.out_dir, step=args.step, arch=args.arch,
-                                  dtype=args.dtype, overwrite=args.overwrite,
-                                  source_config=not args.new_config,
-                                  max_shard_bytes=int(args.max_shard_gb * 2**30))
-      print(f'exported {args.workdir} -> {args.out_dir}: '
-            + ', '.join(sorted(p.rsplit('/', 1)[-1] for p in written)))
-  except (ValueError, ckpt_lib.CheckpointError, FileNotFoundError, FileExistsError) as e:
-    # hf.HFError and config_lib.ConfigError are ValueErrors.
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+      base = config_lib.base_config()
+      config_lib.apply_overrides(base, overrides)
+  # Imported once the arguments and the config are checked: their errors come before jax
+  # starts.
+  from lmjax import hf
+  if args.command == 'import':
+    cfg = hf.import_hf(args.hf_dir, args.workdir, base_cfg=base)
+    m = cfg.model
+    print(f'imported {args.hf_dir} -> {args.workdir} (step 0): {m.n_layers} layers, '
+          f'd_model {m.d_model}, vocab {m.vocab_size}, tokenizer '
+          f'{cfg.tokenizer.path or "none (set tokenizer.path)"}')
+  else:
+    written = hf.export_workdir(args.workdir, args.out_dir, step=args.step, arch=args.arch,
+                                dtype=args.dtype, overwrite=args.overwrite,
+                                source_config=not args.new_config,
+                                max_shard_bytes=int(args.max_shard_gb * 2**30))
+    print(f'exported {args.workdir} -> {args.out_dir}: '
+          + ', '.join(sorted(p.rsplit('/', 1)[-1] for p in written)))
   return 0
 
 

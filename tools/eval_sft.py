@@ -7,7 +7,8 @@ The model is an lmjax workdir (a LoRA run loads merged with its base) or a Huggi
 model dir. The data is the run's cfg.sft (the built-in synthetic task unless it names
 JSONL or TFDS data); --sft.KEY=VALUE overrides a field (e.g. --sft.path=my/{split}.jsonl,
 --sft.template=llama3). Prints overall and per-task accuracy and a few answers; --json
-writes the result. Exit code 2 on bad input, with the reason.
+writes the result. Bad input: one line, `error: <reason>`, exit code 2 (--verbose: with
+the traceback).
 """
 
 import argparse
@@ -15,8 +16,11 @@ import ast
 import json
 import sys
 
+from lmjax import cli
 
-def main(argv=None) -> int:
+
+@cli.main
+def main(argv) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog=__doc__.split('\n\n', 1)[1])
@@ -26,6 +30,7 @@ def main(argv=None) -> int:
   parser.add_argument('--step', type=int, default=None, help='checkpoint step (default latest)')
   parser.add_argument('--max_new_tokens', type=int, default=16)
   parser.add_argument('--json', default=None, help='write the result here')
+  cli.add_verbose_flag(parser)
   args, rest = parser.parse_known_args(argv)
   sft = {}
   for item in rest:
@@ -39,16 +44,9 @@ def main(argv=None) -> int:
     sft[key[len('--sft.'):]] = value
 
   import lmjax
-  from lmjax import config as config_lib
-  from lmjax.checkpoint import CheckpointError
-  from lmjax.data.sources import DataError
-  try:
-    model = lmjax.load(args.workdir, args.step)
-    res = model.exact_match(args.split, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                            sft=sft, keep=6)
-  except (CheckpointError, DataError, config_lib.ConfigError, FileNotFoundError) as e:
-    print(f'eval_sft: {e}', file=sys.stderr)
-    return 2
+  model = lmjax.load(args.workdir, args.step)
+  res = model.exact_match(args.split, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                          sft=sft, keep=6)
   print(f'{model}\nexact match on {args.split}: {res["accuracy"]:.3f} '
         f'({res["correct"]}/{res["n"]})')
   for task, acc in res['by_task'].items():

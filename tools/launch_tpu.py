@@ -18,7 +18,9 @@ Steps (each a `gcloud compute tpus ...` command; --dry-run prints them, runs not
            JAX finds the other workers itself (lmjax.distributed: TPU VM detection).
   logs     tail the log of worker 0.
   delete   delete the VM (or the queued resource).
-The default --steps is create,install,run.
+The default --steps is create,install,run. The config and overrides are checked here
+first: bad input prints one line, `error: <reason>`, exit code 2 (--verbose: with the
+traceback).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import argparse
 import shlex
 import subprocess
 import sys
+
+from lmjax import cli
 
 DEFAULT_STEPS = ('create', 'install', 'run')
 ALL_STEPS = ('create', 'install', 'run', 'logs', 'delete')
@@ -117,6 +121,7 @@ def parse(argv):
   parser.add_argument('--steps', default=','.join(DEFAULT_STEPS),
                       help=f'comma-separated, of {",".join(ALL_STEPS)}')
   parser.add_argument('--dry-run', action='store_true', help='print the commands only')
+  cli.add_verbose_flag(parser)
   args, rest = parser.parse_known_args(argv)
   bad = [a for a in rest if not a.startswith('--config.') or '=' not in a]
   if bad:
@@ -131,15 +136,12 @@ def parse(argv):
   return args, rest
 
 
-def main(argv=None) -> int:
-  args, overrides = parse(sys.argv[1:] if argv is None else argv)
+@cli.main
+def main(argv) -> int:
+  args, overrides = parse(argv)
   if 'run' in args.steps:  # the config and overrides are checked here, not on the VM
     from lmjax import config as config_lib  # pylint: disable=import-outside-toplevel
-    try:
-      config_lib.load(args.config, overrides=config_lib.cli_overrides(overrides))
-    except (config_lib.ConfigError, FileNotFoundError) as e:
-      print(f'launch_tpu: {e}', file=sys.stderr)
-      return 2
+    config_lib.load(args.config, overrides=config_lib.cli_overrides(overrides))
   for step, cmd in commands(args, overrides):
     print(f'[{step}] {shlex.join(cmd)}', flush=True)
     if not args.dry_run:

@@ -6,11 +6,14 @@
 
 import argparse
 import os
+import sys
 
+from lmjax import cli
 from lmjax.data import sft_task
 
 
-def main(argv=None):
+@cli.main
+def main(argv) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--out', required=True, help='output directory')
   p.add_argument('--seed', type=int, default=0)
@@ -19,6 +22,7 @@ def main(argv=None):
   p.add_argument('--test', type=int, default=500)
   p.add_argument('--tasks', default=','.join(sft_task.TASKS),
                  help=f'comma-separated subset of {",".join(sft_task.TASKS)}')
+  cli.add_verbose_flag(p)
   a = p.parse_args(argv)
   tasks = tuple(t.strip() for t in a.tasks.split(',') if t.strip())
   unknown = sorted(set(tasks) - set(sft_task.TASKS))
@@ -28,7 +32,8 @@ def main(argv=None):
   root = sft_task.write_task(a.out, a.seed, sizes, tasks)
   for split, n in sizes.items():
     print(f'{os.path.join(root, split + ".jsonl")}: {n} examples')
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

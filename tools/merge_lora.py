@@ -10,14 +10,17 @@ workdir works as either of those too (merged on the fly). For a Hugging Face mod
 merged weights: python tools/convert_hf.py export --workdir=<this run> --out_dir=PATH.
 The PEFT dir (adapter_model.safetensors + adapter_config.json) loads with
 peft.PeftModel.from_pretrained(<the base exported to HF>, peft_dir).
-Exit code 2 on bad input, with the reason.
+Bad input: one line, `error: <reason>`, exit code 2 (--verbose: with the traceback).
 """
 
 import argparse
 import sys
 
+from lmjax import cli
 
-def main(argv=None) -> int:
+
+@cli.main
+def main(argv) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog=__doc__.split('\n\n', 1)[1])
@@ -25,24 +28,21 @@ def main(argv=None) -> int:
   parser.add_argument('--out', default=None, help='new lmjax workdir for the merged model')
   parser.add_argument('--peft_dir', default=None, help='directory for the PEFT adapter')
   parser.add_argument('--step', type=int, default=None, help='checkpoint step (default: latest)')
+  cli.add_verbose_flag(parser)
   args = parser.parse_args(argv)
   if not args.out and not args.peft_dir:
     parser.error('give --out and/or --peft_dir')
 
   from lmjax import checkpoint as ckpt_lib
   from lmjax.models import lora
-  try:
-    if args.out:
-      step = ckpt_lib.write_merged(args.workdir, args.out, args.step)
-      print(f'merged step {step} of {args.workdir} -> {args.out}')
-    if args.peft_dir:
-      adapters, cfg, meta, step = ckpt_lib.load_adapters(args.workdir, args.step)
-      base = (meta.get('init_from') or {}).get('path')
-      paths = lora.save_peft_adapter(adapters, cfg, args.peft_dir, base_model_name_or_path=base)
-      print(f'adapters of step {step} ({lora.describe(cfg)}) -> {", ".join(paths)}')
-  except (ckpt_lib.CheckpointError, lora.LoraError, FileNotFoundError) as e:
-    print(f'merge_lora: {e}', file=sys.stderr)
-    return 2
+  if args.out:
+    step = ckpt_lib.write_merged(args.workdir, args.out, args.step)
+    print(f'merged step {step} of {args.workdir} -> {args.out}')
+  if args.peft_dir:
+    adapters, cfg, meta, step = ckpt_lib.load_adapters(args.workdir, args.step)
+    base = (meta.get('init_from') or {}).get('path')
+    paths = lora.save_peft_adapter(adapters, cfg, args.peft_dir, base_model_name_or_path=base)
+    print(f'adapters of step {step} ({lora.describe(cfg)}) -> {", ".join(paths)}')
   return 0
 
 

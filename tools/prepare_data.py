@@ -8,42 +8,34 @@ switch and thresholds, workers) is a Python file like the training configs; --co
 VALUE overrides a field. Writes <out>/tfds/prepared_text/<name>/1.0.0 (array_record),
 <out>/report.json and <out>/report.md (documents and tokens in/out per step, examples of
 removed documents, throughput), and prints the summary. Train on the result with
---config.data.source=tfds --config.data.tfds_name=<that directory>. Exit code 2 on bad
-input, with the reason.
+--config.data.source=tfds --config.data.tfds_name=<that directory>. Bad input: one line,
+`error: <reason>`, exit code 2 (--verbose: with the traceback).
 """
 
 import argparse
 import os
 import sys
 
+from lmjax import cli
 
-def main(argv=None) -> int:
+
+@cli.main
+def main(argv) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog=__doc__.split('\n\n', 1)[1])
   parser.add_argument('--config', required=True, help='a preparation config (configs/data/*.py)')
   parser.add_argument('--out', required=True, help='output folder')
+  cli.add_verbose_flag(parser)
   args, rest = parser.parse_known_args(argv)
   from lmjax import config as config_lib
   from lmjax.data import quality
-  from lmjax.data.sources import DataError
   try:
     overrides = config_lib.cli_overrides(rest)
   except ValueError as e:
     parser.error(str(e))
-  try:
-    cfg = config_lib.build(args.config)
-    for key, value in overrides.items():
-      node, *path, leaf = [cfg] + key.split('.')
-      for part in path:
-        node = node[part]
-      if leaf not in node:
-        raise config_lib.ConfigError(f'unknown config key {key!r}')
-      node[leaf] = value
-    report = quality.prepare(cfg, os.path.abspath(args.out))
-  except (config_lib.ConfigError, DataError, TypeError, KeyError) as e:
-    print(f'prepare_data: {e}', file=sys.stderr)
-    return 2
+  cfg = config_lib.apply_overrides(config_lib.build(args.config), overrides)
+  report = quality.prepare(cfg, os.path.abspath(args.out))
   print(quality.summary(report))
   return 0
 

@@ -7,11 +7,13 @@ Without --output the model goes where the config looks for it (tokenizer.path, o
 <data_dir>/tokenizers/<dataset>_<model_type>_<vocab>.model), so the next training run
 uses it. --config.KEY=VALUE overrides any config field, as for `python -m lmjax.train`.
 Prints the time taken and the compression (UTF-8 bytes per token) on the eval split.
+Bad input: one line, `error: <reason>`, exit code 2 (--verbose: with the traceback).
 """
 
 import argparse
 import sys
 
+from lmjax import cli
 from lmjax import config as config_lib
 from lmjax.data import sources, tokenizer
 
@@ -23,6 +25,7 @@ def _parse(argv):
   parser.add_argument('--output', default=None, help='where to write the .model file')
   parser.add_argument('--vocab_size', type=int, default=None,
                       help='pieces (default: the config\'s tokenizer.vocab_size)')
+  cli.add_verbose_flag(parser)
   args, rest = parser.parse_known_args(argv)
   try:
     return args, config_lib.cli_overrides(rest)
@@ -30,21 +33,14 @@ def _parse(argv):
     parser.error(str(e))
 
 
-def main(argv=None) -> int:
-  args, overrides = _parse(sys.argv[1:] if argv is None else argv)
-  try:
-    cfg = config_lib.load(args.config, overrides=overrides)
-  except config_lib.ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+@cli.main
+def main(argv) -> int:
+  args, overrides = _parse(argv)
+  cfg = config_lib.load(args.config, overrides=overrides)
   if args.vocab_size:
     # Not validated against model.vocab_size: the tokenizer may serve another config.
     cfg.tokenizer.vocab_size = args.vocab_size
-  try:
-    tok = tokenizer.train_on_config(cfg, path=args.output)
-  except ValueError as e:  # sources.DataError included: bad glob, split, vocab size
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  tok = tokenizer.train_on_config(cfg, path=args.output)
   try:
     docs = list(sources.iter_texts(cfg.data, cfg.data.eval_split, max_docs=200))
   except sources.DataError:

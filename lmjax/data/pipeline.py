@@ -258,8 +258,8 @@ def make_lm_dataset(cfg, tokenizer, split: str, *, batch_size: int, process_inde
   if source is not None:
     named = config_lib.eval_sources(d)
     if source not in named:
-      raise ValueError(f'no data source named {source!r} (data.mixture and '
-                       f'data.eval_sources name {sorted(named)})')
+      raise sources.DataError(f'no data source named {source!r} (data.mixture and '
+                              f'data.eval_sources name {sorted(named)})')
     one = named[source]
     docs = _documents(one, tokenizer, source_split(d, one, split), salt=f'/{source}', **shard)
     it, lengths = docs.to_iter_dataset(read), {'tokens': d.seq_len}

@@ -27,13 +27,15 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from lmjax.errors import UserError
+
 STDLIB = 'stdlib'
 SITE = 'site:'  # 'site:pkg1,pkg2': the .py files of these installed packages.
 DEFAULT_VAL_FRACTION = 0.02  # base_config's data.val_fraction: keeps the plain name.
 SPLITS = ('train', 'validation')
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """Bad data configuration or input; the message names the config field or the path."""
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import sentencepiece as spm
 
 from lmjax.data import sources
+from lmjax.errors import NotFoundError, UserError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 LINES_PER_SENTENCE = 8     # a training "sentence" is a chunk of up to this many lines,
@@ -175,6 +176,11 @@ class Tokenizer:
     return f'{type(self).__name__}({self.location!r}, vocab_size={self.vocab_size})'
 
 
+class TokenizerError(UserError, ValueError):
+  """A tokenizer file lmjax cannot read, train or use with the model; the message names
+  the file or the setting."""
+
+
 def _read_json(path: str) -> dict | None:
   if not os.path.exists(path):
     return None
@@ -182,7 +188,7 @@ def _read_json(path: str) -> dict | None:
     with open(path, encoding='utf-8') as f:
       obj = json.load(f)
   except (OSError, ValueError) as e:
-    raise ValueError(f'tokenizer: cannot read {path}: {e}') from None
+    raise TokenizerError(f'tokenizer: cannot read {path}: {e}') from None
   return obj if isinstance(obj, dict) else None
 
 
@@ -202,9 +208,13 @@ class SentencePieceTokenizer(Tokenizer):
 
   def __init__(self, path: str, config_dir: str | None = None):
     if not os.path.exists(path):
-      raise FileNotFoundError(f'tokenizer.path: no sentencepiece model at {path}')
+      raise NotFoundError(f'tokenizer.path: no sentencepiece model at {path}')
     self.path = path
-    self.sp = spm.SentencePieceProcessor(model_file=path)
+    try:
+      self.sp = spm.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError) as e:  # sentencepiece's words for a file it cannot parse
+      raise TokenizerError(f'tokenizer.path: {path} is not a readable sentencepiece model '
+                           f'({str(e).strip()})') from None
     self._setup(config_dir)
 
   def _setup(self, config_dir):
@@ -332,13 +342,14 @@ class HFTokenizer(Tokenizer):
 
   def __init__(self, path: str, config_dir: str | None = None):
     if not os.path.exists(path):
-      raise FileNotFoundError(f'tokenizer.path: no tokenizer.json at {path}')
+      raise NotFoundError(f'tokenizer.path: no tokenizer.json at {path}')
     from tokenizers import Tokenizer as _Tok  # pylint: disable=import-outside-toplevel
     self.path = path
     try:
       self._tok = _Tok.from_file(path)
     except Exception as e:  # pylint: disable=broad-except  (its own exception type)
-      raise ValueError(f'tokenizer.path: {path} is not a readable tokenizer.json ({e})') from None
+      raise TokenizerError(f'tokenizer.path: {path} is not a readable tokenizer.json '
+                           f'({e})') from None
     self._setup(config_dir)
 
   def _setup(self, config_dir):
@@ -415,10 +426,10 @@ def from_path(path: str) -> Tokenizer:
         tok = cls(os.path.join(path, name), config_dir=path)
         tok._location = path  # pylint: disable=protected-access
         return tok
-    raise FileNotFoundError(f'tokenizer.path: {path} holds no tokenizer.json or '
-                            'tokenizer.model')
+    raise NotFoundError(f'tokenizer.path: {path} holds no tokenizer.json or '
+                        'tokenizer.model')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'tokenizer.path: no tokenizer at {path}')
+    raise NotFoundError(f'tokenizer.path: no tokenizer at {path}')
   directory = os.path.dirname(path)
   has_config = any(os.path.exists(os.path.join(directory, f))
                    for f in ('tokenizer_config.json', 'chat_template.jinja'))
@@ -470,7 +481,7 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
   os.makedirs(out_dir, exist_ok=True)
   sentences = sample_sentences(texts, max_sentences)
   if not sentences:
-    raise ValueError('train_sentencepiece: the texts hold no non-empty line to train on')
+    raise TokenizerError('train_sentencepiece: the texts hold no non-empty line to train on')
   with tempfile.TemporaryDirectory(dir=out_dir, prefix='.sp-train-') as tmp:
     prefix = os.path.join(tmp, 'sp')
     try:
@@ -485,10 +496,10 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
           num_threads=min(os.cpu_count() or 1, 16), minloglevel=2)
     except RuntimeError as e:
       detail = str(e).rsplit(']', 1)[-1].split(' Increase vocab_size')[0].strip()
-      raise ValueError(f'sentencepiece could not train a {vocab_size}-piece {model_type} '
-                       f'model (tokenizer.vocab_size={vocab_size}): {detail} (byte fallback '
-                       'needs 4 special + 256 byte pieces + one per distinct character)'
-                       ) from None
+      raise TokenizerError(f'sentencepiece could not train a {vocab_size}-piece {model_type} '
+                           f'model (tokenizer.vocab_size={vocab_size}): {detail} (byte '
+                           'fallback needs 4 special + 256 byte pieces + one per distinct '
+                           'character)') from None
     os.replace(prefix + '.vocab', path[:-len('.model')] + '.vocab')
     os.replace(prefix + '.model', path)  # last: its presence means "done"
   return SentencePieceTokenizer(path)
@@ -535,7 +546,7 @@ def load_tokenizer(cfg) -> Tokenizer:
   elif cfg.tokenizer.train_if_missing and not path.endswith('.json'):
     tok = train_on_config(cfg, path)
   else:
-    raise FileNotFoundError(
+    raise NotFoundError(
         f'tokenizer.path: no tokenizer at {path} (set tokenizer.train_if_missing=True '
         'or run tools/train_tokenizer.py to train a sentencepiece model there)')
   check_vocab(tok, cfg.model.vocab_size)
@@ -544,5 +555,5 @@ def load_tokenizer(cfg) -> Tokenizer:
 
 def check_vocab(tok: Tokenizer, model_vocab: int) -> None:
   if tok.vocab_size > model_vocab:
-    raise ValueError(f'tokenizer vocab_size {tok.vocab_size} ({tok.path}) exceeds '
-                     f'model.vocab_size {model_vocab}: the model cannot embed its ids')
+    raise TokenizerError(f'tokenizer vocab_size {tok.vocab_size} ({tok.path}) exceeds '
+                         f'model.vocab_size {model_vocab}: the model cannot embed its ids')

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmjax.config import ConfigError
+
 
 def rope_frequencies(head_dim: int, theta: float, scaling=None) -> np.ndarray:
   """Inverse frequencies, with Llama-3 scaling when scaling.type == 'llama3'."""
@@ -84,7 +86,7 @@ def check_segments(segment_ids, max_segments: int) -> None:
   n = count_runs(np.asarray(segment_ids), np)
   worst = int(n.max(initial=0))
   if worst > max_segments:
-    raise ValueError(
+    raise ConfigError(
         f'a batch row holds {worst} segments (documents and padding runs) but '
         f"model.max_segments is {max_segments}: cuDNN's packed attention takes a static "
         'bound; raise model.max_segments (or use model.attention=xla)')
@@ -150,8 +152,8 @@ def attention(q, k, v, segment_ids=None, implementation: str = 'xla', max_segmen
   """
   if implementation == 'cudnn':
     if jax.default_backend() != 'gpu':
-      raise ValueError("model.attention='cudnn' needs a GPU; use 'xla' on "
-                       f'{jax.default_backend()}')
+      raise ConfigError("model.attention='cudnn' needs a GPU; use 'xla' on "
+                        f'{jax.default_backend()}')
     return _cudnn_attention(q, k, v, segment_ids, max_segments)
   return jax.nn.dot_product_attention(
       q, k, v, mask=segment_mask(segment_ids), is_causal=True, implementation='xla')

@@ -47,6 +47,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from lmjax import sharding
+from lmjax.errors import NotFoundError, UserError
 from lmjax.models import transformer
 
 # name: (param path, number of input dims of the base weight, PEFT module name)
@@ -65,7 +66,7 @@ ADAPTER_FILE = 'adapter_model.safetensors'
 ADAPTER_CONFIG = 'adapter_config.json'
 
 
-class LoraError(ValueError):
+class LoraError(UserError, ValueError):
   """A LoRA config or adapter file lmjax cannot use; the message names the field."""
 
 
@@ -609,13 +610,20 @@ def load_peft_adapter(in_dir: str, cfg,
   paths = [os.path.join(in_dir, name) for name in (ADAPTER_CONFIG, ADAPTER_FILE)]
   missing = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
   if missing:
-    raise FileNotFoundError(f'{in_dir} is not a PEFT adapter directory (no '
-                            f'{" or ".join(missing)})')
+    raise NotFoundError(f'{in_dir} is not a PEFT adapter directory (no '
+                        f'{" or ".join(missing)})')
   with open(paths[0]) as f:
-    pc = json.load(f)
+    try:
+      pc = json.load(f)
+    except json.JSONDecodeError as e:
+      raise LoraError(f'{paths[0]} is not valid JSON ({e})') from None
   settings = from_peft_config(pc, cfg, lora, where=in_dir)
   try:
-    found = _peft_tensors(load_file(paths[1]))
+    tensors = load_file(paths[1])
+  except Exception as e:  # pylint: disable=broad-except  (safetensors' own error type)
+    raise LoraError(f'{paths[1]} is not a readable safetensors file ({e})') from None
+  try:
+    found = _peft_tensors(tensors)
   except LoraError as e:
     raise LoraError(f'{paths[1]}: {e}') from None
   got, want = [n for n in TARGETS if n in found], select_targets(settings.targets)

@@ -36,6 +36,7 @@ from lmjax import distributed, generate, sharding
 from lmjax import evaluate as evaluate_lib
 from lmjax.data import formats, pipeline, preference
 from lmjax.data import tokenizer as tokenizer_lib
+from lmjax.errors import NotFoundError, UserError
 from lmjax.models import lora as lora_lib
 from lmjax.models import transformer
 from lmjax.train import metrics as metrics_lib
@@ -53,7 +54,7 @@ ARCH_KEYS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head
 FUNCTION_KEYS = ('rope_theta', 'rope_scaling', 'norm_eps')
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
   pass
 
 
@@ -211,7 +212,7 @@ def load_tokenizer(cfg, resumed_meta: dict | None,
   if not whose:
     return tokenizer_lib.load_tokenizer(cfg)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{whose} is missing: {path}; set tokenizer.path')
+    raise NotFoundError(f'{whose} is missing: {path}; set tokenizer.path')
   inherited = cfg.copy_and_resolve_references()
   inherited.tokenizer.update(path=path, train_if_missing=False)
   return tokenizer_lib.load_tokenizer(inherited)

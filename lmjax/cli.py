@@ -1,0 +1,86 @@
+"""How lmjax's command-line programs (`python -m lmjax.train`, tools/*.py) report errors.
+
+Bad input, i.e. any of lmjax's own errors (`lmjax.errors.UserError`: ConfigError,
+DataError, HFError, CheckpointError, ...), prints one line on stderr,
+`error: <message>`, and exits with code 2. `--verbose` or the environment variable
+LMJAX_VERBOSE=1 prints the traceback above that line. Any other exception is a bug and
+keeps its full traceback (exit code 1).
+
+    @cli.main
+    def main(argv) -> int:          # argv: the arguments, sys.argv[1:] when run
+      parser = argparse.ArgumentParser(...)
+      cli.add_verbose_flag(parser)
+      ...
+
+    if __name__ == '__main__':
+      sys.exit(main())
+
+The decorated main takes an optional argv list and returns the exit code, so tests call
+it as the command line would: main(['--config=nope.py']) == 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from typing import Callable, NoReturn, Sequence
+
+from lmjax.errors import UserError
+
+BAD_INPUT = 2  # the exit code of bad input, as argparse uses for bad arguments
+VERBOSE_FLAG = '--verbose'
+VERBOSE_ENV = 'LMJAX_VERBOSE'
+VERBOSE_HELP = ('on an error, print its traceback above the one-line message (or set '
+                f'{VERBOSE_ENV}=1)')
+
+
+def verbose(argv: Sequence[str] = ()) -> bool:
+  """True if `argv` holds --verbose (absl's --verbose=true too) or LMJAX_VERBOSE is set
+  (to anything but '', '0' or 'false')."""
+  if os.environ.get(VERBOSE_ENV, '').strip().lower() not in ('', '0', 'false', 'no'):
+    return True
+  return any(a == VERBOSE_FLAG or a.lower() in ('--verbose=true', '--verbose=1')
+             for a in argv)
+
+
+def add_verbose_flag(parser) -> None:
+  """Adds --verbose to an argparse parser (read by `main` from the raw argv)."""
+  parser.add_argument(VERBOSE_FLAG, action='store_true', help=VERBOSE_HELP)
+
+
+def report(error: BaseException, show_traceback: bool = False) -> None:
+  """Prints `error` as `error: <message>` on stderr, with its traceback first if asked."""
+  if show_traceback or verbose():
+    traceback.print_exception(error)
+  print(f'error: {error}', file=sys.stderr, flush=True)
+
+
+def fail(message: str) -> NoReturn:
+  """Exits at once with `error: <message>` and code 2 (for bad input found before a
+  main function runs, e.g. while parsing flags)."""
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(BAD_INPUT)
+
+
+def run(fn: Callable, *args, show_traceback: bool = False):
+  """fn(*args), with lmjax's own errors reported by `report`: fn's result, or 2."""
+  try:
+    return fn(*args)
+  except UserError as e:
+    report(e, show_traceback)
+    return BAD_INPUT
+
+
+def main(fn: Callable[[list[str]], int]) -> Callable[..., int]:
+  """Decorates a tool's `main(argv) -> exit code`: called with argv=None it reads
+  sys.argv[1:]; lmjax's own errors become one line and exit code 2 (`run`), with the
+  traceback under --verbose."""
+
+  @functools.wraps(fn)
+  def wrapper(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run(fn, argv, show_traceback=verbose(argv))
+
+  return wrapper
