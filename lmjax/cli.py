@@ -3,8 +3,9 @@
 Bad input, i.e. any of lmjax's own errors (`lmjax.errors.UserError`: ConfigError,
 DataError, HFError, CheckpointError, ...), prints one line on stderr,
 `error: <message>`, and exits with code 2. `--verbose` or the environment variable
-LMJAX_VERBOSE=1 prints the traceback above that line. Any other exception is a bug and
-keeps its full traceback (exit code 1).
+LMJAX_VERBOSE=1 prints the traceback above that line. A Ctrl-C that stops a program at
+once (the training loop's second one) prints one line and exits with 130. Any other
+exception is a bug and keeps its full traceback (exit code 1).
 
     @cli.main
     def main(argv) -> int:          # argv: the arguments, sys.argv[1:] when run
@@ -30,6 +31,7 @@ from typing import Callable, NoReturn, Sequence
 from lmjax.errors import UserError
 
 BAD_INPUT = 2  # the exit code of bad input, as argparse uses for bad arguments
+INTERRUPTED = 130  # the shell's code for a program stopped by Ctrl-C
 VERBOSE_FLAG = '--verbose'
 VERBOSE_ENV = 'LMJAX_VERBOSE'
 VERBOSE_HELP = ('on an error, print its traceback above the one-line message (or set '
@@ -65,12 +67,20 @@ def fail(message: str) -> NoReturn:
 
 
 def run(fn: Callable, *args, show_traceback: bool = False):
-  """fn(*args), with lmjax's own errors reported by `report`: fn's result, or 2."""
+  """fn(*args), with lmjax's own errors reported by `report`: fn's result, or 2; a
+  KeyboardInterrupt (training's second Ctrl-C, or any Ctrl-C outside the training loop)
+  one line and 130."""
   try:
     return fn(*args)
   except UserError as e:
     report(e, show_traceback)
     return BAD_INPUT
+  except KeyboardInterrupt:
+    if show_traceback or verbose():
+      traceback.print_exc()
+    print('interrupted (Ctrl-C): stopped at once; checkpoints already written are kept',
+          file=sys.stderr, flush=True)
+    return INTERRUPTED
 
 
 def main(fn: Callable[[list[str]], int]) -> Callable[..., int]:

@@ -75,7 +75,7 @@ def test_bench_dpo_step_against_the_lm_step(tmp_path, capsys):
 
 @pytest.mark.parametrize('name,params', [('llama_125m', 125.8e6), ('llama_1b', 1107.4e6)])
 def test_bench_configs_load_and_size(name, params):
-  """The GPU benchmark configs (issue 6): their model sizes; ':cpu' swaps cuDNN for xla."""
+  """The GPU benchmark configs: their model sizes; ':cpu' swaps cuDNN for xla."""
   from lmjax import config as config_lib
   from lmjax import sharding
   from lmjax.train import state as state_lib

@@ -139,6 +139,8 @@ def test_cli_main_in_process(capsys, monkeypatch):
       raise errors.NotFoundError('tokenizer.path: no tokenizer at /x')
     if argv == ['bug']:
       raise ZeroDivisionError('a bug')
+    if argv == ['ctrl-c']:
+      raise KeyboardInterrupt
     return 0
 
   assert main([]) == 0
@@ -148,6 +150,8 @@ def test_cli_main_in_process(capsys, monkeypatch):
   assert capsys.readouterr().err == 'error: tokenizer.path: no tokenizer at /x\n'
   with pytest.raises(ZeroDivisionError):
     main(['bug'])
+  assert main(['ctrl-c']) == 130  # a Ctrl-C that stops at once: one line
+  assert capsys.readouterr().err.startswith('interrupted (Ctrl-C): stopped at once')
   monkeypatch.setenv(cli.VERBOSE_ENV, '1')
   assert main(['data']) == 2
   err = capsys.readouterr().err

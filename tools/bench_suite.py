@@ -1,5 +1,5 @@
 """Runs a named suite of tools/bench.py cases in one process, within a time budget, and
-checks issue 6's targets: the prepared device check (tools/gpu_check.sh runs it on a GPU).
+checks the GPU targets: the prepared device check (tools/gpu_check.sh runs it on a GPU).
 
   python tools/bench_suite.py --suite=gpu [--budget_s=420] [--json=rows.jsonl] [--md=t.md]
   python tools/bench_suite.py --suite=gpu --smoke   # the same cases, tiny, on CPU (CI)
@@ -80,7 +80,7 @@ SMOKE = (('model.d_model', 64), ('model.n_layers', 2), ('model.n_heads', 4),
          ('model.n_kv_heads', 2), ('model.d_ff', 128), ('model.vocab_size', 512),
          ('tokenizer.vocab_size', 512), ('data.seq_len', 64), ('train.global_batch', 8))
 
-# Issue 6's targets: (label, value from the rows, bound, 'min' | 'max').
+# The GPU targets: (label, value from the rows, bound, 'min' | 'max').
 def targets(rows: dict) -> list[tuple[str, float | None, float, str]]:
   def get(name, key):
     r = rows.get(name)

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Issue 6's device check in one call of the device tool (about 8 minutes on one H100/H200):
+# The GPU device check in one call of the device tool (about 8 minutes on one H100/H200):
 #   here, once:   bash tools/fetch_device_wheels.sh        # .whl/
 #   the device:   run(command="bash tools/gpu_check.sh", carry=[".whl"], timeout_s=600)
 # 1. environment (GPU, driver, jax, cuDNN); 2. tests/test_gpu.py (cuDNN attention against
 # xla on packed rows); 3. tools/bench_suite.py --suite=gpu within $BENCH_BUDGET seconds.
 # BENCH_ARGS adds bench_suite flags (e.g. --only=...; tests/test_bench.py runs this script on
 # CPU with --smoke). Writes under $OUT (or /tmp/gpu_check): env.txt, test_gpu.log, bench.log, bench.err,
-# rows.jsonl, table.md; the last lines printed are the bench table and issue 6's targets.
+# rows.jsonl, table.md; the last lines printed are the bench table and the GPU targets.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}

@@ -1,5 +1,5 @@
 """125M-class Llama (d_model 768, 12 layers, GQA 12/4 heads, vocab 32768 untied: 126M
-params), seq 2048, batch 32, no remat: issue 6's >= 40% MFU target on one H100.
+params), seq 2048, batch 32, no remat: the >= 40% MFU target on one H100.
 
   python tools/bench.py --config=configs/bench/llama_125m.py --steps=20
   (on CPU: configs/bench/llama_125m.py:cpu, xla attention)

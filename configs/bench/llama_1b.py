@@ -1,5 +1,5 @@
 """1B-class Llama (d_model 2048, 16 layers, GQA 32/8 heads, d_ff 8192, vocab 32768
-untied: 1.11B params), seq 2048, batch 16, remat saving the weight matmuls: issue 6's
+untied: 1.11B params), seq 2048, batch 16, remat saving the weight matmuls: the
 >= 55% MFU target on one H100.
 
   python tools/bench.py --config=configs/bench/llama_1b.py --steps=20
