@@ -192,8 +192,19 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.sft = dict(
       source='jsonl',         # jsonl | tfds (tfds_name's records, data.data_dir).
       # JSONL file / glob(s) with '{split}' for the split name, e.g. 'sft/{split}.jsonl';
-      # '' = the built-in synthetic task (data/sft_task.py), written on first use.
+      # '' = the built-in synthetic task (data/sft_task.py), written on first use. Without
+      # '{split}' it is the train split only (no eval split unless eval_path names one).
       path='',
+      # JSONL file / glob(s) of held-out examples: the data.eval_split split ('' = path's).
+      eval_path='',
+      # The eval split may not share examples (or files) with the train split; True: a
+      # warning with their count instead of an error.
+      allow_overlap=False,
+      # Degenerate examples (an empty assistant turn; a prompt that leaves no room for an
+      # answer within data.seq_len), counted before training (data/check.py): drop | warn
+      # (train on them) | fail. More than max_degenerate of a split fails in any case.
+      on_degenerate='drop',
+      max_degenerate=0.05,
       tfds_name='',
       # auto: the tokenizer's own chat template ('model') when it has one, else chatml.
       # model | chatml | llama3 | plain (built-in templates: see data/formats.py).
@@ -214,6 +225,12 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.dpo = dict(
       source='jsonl',         # jsonl | tfds ({"prompt", "chosen", "rejected"} records).
       path='',                # JSONL with '{split}'; '' = the built-in preference task.
+      eval_path='',           # held-out pairs (data.eval_split), as sft.eval_path.
+      allow_overlap=False,    # as sft.allow_overlap.
+      # Degenerate pairs (chosen == rejected, an empty completion, a prompt that leaves no
+      # room for a completion within data.seq_len): as sft.on_degenerate / max_degenerate.
+      on_degenerate='drop',
+      max_degenerate=0.05,
       tfds_name='',
       loss_type='sigmoid',    # sigmoid | robust | hinge | ipo (see losses.dpo).
       beta=0.1,
@@ -559,10 +576,12 @@ _CHOICES = {
     'sft.template': ('auto', 'model', 'llama3', 'chatml', 'plain'),
     'sft.overlong': ('truncate', 'drop'),
     'sft.on_error': ('skip', 'fail'),
+    'sft.on_degenerate': ('drop', 'warn', 'fail'),
     'dpo.source': ('jsonl', 'tfds'),
     'dpo.loss_type': ('sigmoid', 'robust', 'hinge', 'ipo'),
     'dpo.overlong': ('truncate', 'drop'),
     'dpo.on_error': ('skip', 'fail'),
+    'dpo.on_degenerate': ('drop', 'warn', 'fail'),
 }
 
 
@@ -627,7 +646,20 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f'rules.{logical} names mesh axis {a!r}, not one of {tuple(cfg.mesh)}')
 
 
+def _validate_data_group(cfg, group: str) -> None:
+  """The fields cfg.sft and cfg.dpo share: eval_path, max_degenerate."""
+  g = cfg[group]
+  if not 0 <= g.max_degenerate <= 1:
+    raise ConfigError(f'{group}.max_degenerate must be a fraction in [0, 1], got '
+                      f'{g.max_degenerate}')
+  if g.eval_path and g.source != 'jsonl':
+    raise ConfigError(f"{group}.eval_path names JSONL files, but {group}.source is "
+                      f"{g.source!r} (a TFDS dataset has its own splits): unset it")
+
+
 def _validate_stage(cfg) -> None:
+  if cfg.stage in ('sft', 'dpo'):
+    _validate_data_group(cfg, cfg.stage)
   if cfg.stage == 'sft':
     if cfg.data.mixture or cfg.data.eval_sources:
       raise ConfigError("data.mixture / data.eval_sources are pretraining sources; with "

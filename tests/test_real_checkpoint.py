@@ -105,6 +105,7 @@ def test_llama3_style_checkpoint_end_to_end(tmp_path):
   cfg = _train_cfg(src, tmp_path, **{
       'stage': 'sft', 'init_from.path': str(dapt), 'lora.enabled': True, 'lora.rank': 4,
       'lora.targets': 'q,v', 'sft.path': str(data / '{split}.jsonl'), 'sft.eval_examples': 2,
+      'sft.allow_overlap': True,  # both splits hold the same conversations: a smoke run
       'sft.eval_max_new_tokens': 4, 'train.eval_every': 4, 'optim.lr': 1e-2,
       'train.sample_at_end': True, 'sample.max_new_tokens': 4})
   result = loop.train(cfg, str(sft))

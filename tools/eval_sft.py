@@ -6,9 +6,10 @@
 The model is an lmjax workdir (a LoRA run loads merged with its base) or a Hugging Face
 model dir. The data is the run's cfg.sft (the built-in synthetic task unless it names
 JSONL or TFDS data); --sft.KEY=VALUE overrides a field (e.g. --sft.path=my/{split}.jsonl,
---sft.template=llama3). Prints overall and per-task accuracy and a few answers; --json
-writes the result. Bad input: one line, `error: <reason>`, exit code 2 (--verbose: with
-the traceback).
+--sft.template=llama3; a run whose sft.path has no '{split}' holds no held-out split:
+--sft.eval_path=held.jsonl --split=validation). Prints overall and per-task accuracy and
+a few answers; --json writes the result. Bad input: one line, `error: <reason>`, exit
+code 2 (--verbose: with the traceback).
 """
 
 import argparse

@@ -6,6 +6,10 @@ Examples (one JSON object per line of a JSONL file, or a TFDS record):
 A conversation must end with an assistant turn. Malformed lines are skipped and counted
 (cfg.sft.on_error='skip') or raise DataError naming file:line ('fail').
 
+Splits (split_files): cfg.sft.path with '{split}' names every split; a path without it holds
+the train split (data.train_split) only, and the eval split (data.eval_split) is
+cfg.sft.eval_path when set, else there is none (never the training file again).
+
 Templates (cfg.sft.template):
     model:  the tokenizer's own Jinja chat template (data/chat_template.py), rendered as
             transformers' apply_chat_template renders it; the template writes BOS and the
@@ -37,6 +41,8 @@ int32 counts of such conversations since the previous row (sums over rows = tota
 
 from __future__ import annotations
 
+import array
+import bisect
 import glob as glob_lib
 import json
 import os
@@ -100,13 +106,16 @@ def normalize_example(obj: Any) -> list[dict[str, str]]:
 def read_records(paths: list[str], normalize, *, on_error: str = 'skip',
                  what: str = 'example', field: str = 'sft.on_error') -> tuple[list, dict]:
   """normalize(obj) of every JSON line of the files, in order; and stats {'examples',
-  'skipped', 'first_error', 'tags': each line's 'task' field or ''}. A line that is not
-  JSON or that normalize rejects (ValueError) is skipped and counted, or with
-  on_error='fail' raises DataError('file:line: malformed <what>: ...')."""
+  'skipped', 'first_error', 'tags': each line's 'task' field or '', 'lines' and 'files':
+  where each record came from (see `where`)}. A line that is not JSON or that normalize
+  rejects (ValueError) is skipped and counted, or with on_error='fail' raises
+  DataError('file:line: malformed <what>: ...')."""
   if on_error not in ('skip', 'fail'):
     raise DataError(f"{field} must be 'skip' or 'fail', got {on_error!r}")
   out, tags, skipped, first = [], [], 0, None
+  lines, starts = array.array('q'), []
   for path in paths:
+    starts.append((len(out), path))
     with open(path, encoding='utf-8') as f:
       for n, line in enumerate(f, 1):
         if not line.strip():
@@ -115,13 +124,24 @@ def read_records(paths: list[str], normalize, *, on_error: str = 'skip',
           obj = json.loads(line)
           out.append(normalize(obj))
           tags.append(str(obj.get('task', '')))
+          lines.append(n)
         except ValueError as e:  # json.JSONDecodeError is a ValueError
           msg = f'{path}:{n}: malformed {what}: {e}'
           if on_error == 'fail':
             raise DataError(msg) from None
           skipped += 1
           first = first or msg
-  return out, {'examples': len(out), 'skipped': skipped, 'first_error': first, 'tags': tags}
+  return out, {'examples': len(out), 'skipped': skipped, 'first_error': first, 'tags': tags,
+               'lines': lines, 'files': starts}
+
+
+def where(stats: dict, name: str, index: int) -> str:
+  """'file:line' of record `index` of read_records' stats, else 'name[index]'."""
+  if not stats.get('files'):
+    return f'{name}[{index}]'
+  first = [start for start, _ in stats['files']]
+  path = stats['files'][bisect.bisect_right(first, index) - 1][1]
+  return f'{path}:{stats["lines"][index]}'
 
 
 def read_jsonl(paths: list[str], on_error: str = 'skip') -> tuple[list, dict]:
@@ -145,6 +165,10 @@ class Conversations:
   def __repr__(self) -> str:
     return f'Conversations({self.name}, {len(self)})'
 
+  def where(self, index: int) -> str:
+    """Where conversation `index` came from: 'file:line', or 'name[index]'."""
+    return where(self.stats, self.name, index)
+
   def tag(self, index: int, key: str = 'task') -> str:
     """A string field of the raw example besides its turns ('' if none), e.g. its task."""
     if key == 'task' and self.stats.get('tags'):
@@ -164,15 +188,58 @@ class _TfdsConversations(Conversations):
       raise DataError(f'{self.name}[{index}]: malformed example: {e}') from None
 
 
-def split_files(cfg, split: str) -> list[str]:
-  """The JSONL files of `split`: cfg.sft.path with '{split}' filled in (a file, a glob or
-  comma-separated globs); '' = the built-in synthetic task (written on first use)."""
-  s = cfg.sft
-  if not s.path:
+class Subset:
+  """The records `keep` (indices) of a split (len + __getitem__, with .name): what the
+  pipeline reads once the data check has dropped some (data/check.py)."""
+
+  def __init__(self, records, keep):
+    self._records, self._keep, self.name = records, np.asarray(keep, np.int64), records.name
+
+  def __len__(self) -> int:
+    return len(self._keep)
+
+  def __getitem__(self, index: int):
+    return self._records[int(self._keep[int(index)])]
+
+  def __repr__(self) -> str:
+    return f'Subset({self.name}, {len(self)} of {len(self._records)})'
+
+
+def split_source(cfg, split: str, group: str = 'sft') -> tuple[str, str] | None:
+  """(path, field) of the JSONL files that hold `split` of cfg.<group> ('sft' or 'dpo';
+  '' = the built-in task), or None when there is no such split: the eval split
+  (data.eval_split) is <group>.eval_path when set; a path with '{split}' names every
+  split; one without it holds data.train_split only."""
+  g = cfg[group]
+  if split == cfg.data.eval_split and g.eval_path:
+    return g.eval_path, f'{group}.eval_path'
+  if not g.path or '{split}' in g.path or split == cfg.data.train_split:
+    return g.path, f'{group}.path'
+  return None
+
+
+def has_split(cfg, split: str, group: str = 'sft') -> bool:
+  """Whether cfg.<group>'s data has `split` (TFDS datasets: assumed; see split_source)."""
+  return cfg[group].source != 'jsonl' or split_source(cfg, split, group) is not None
+
+
+def split_files(cfg, split: str, group: str = 'sft') -> list[str]:
+  """The JSONL files of `split` of cfg.<group> ('sft' or 'dpo'; see split_source): a file, a
+  glob or comma-separated globs, '{split}' filled in; '' = the built-in synthetic task
+  (written on first use). DataError when the data has no such split."""
+  g, source = cfg[group], split_source(cfg, split, group)
+  if source is None:
+    raise DataError(
+        f"{group}.path {g.path!r} has no '{{split}}', so it holds the "
+        f'{cfg.data.train_split!r} split only: there is no {split!r} split; set '
+        f'{group}.eval_path to held-out examples (the {cfg.data.eval_split!r} split) or put '
+        f"'{{split}}' in {group}.path")
+  path, field = source
+  if not path:
     from lmjax.data import sft_task  # pylint: disable=g-import-not-at-top
-    root = sft_task.ensure(cfg)
+    root = sft_task.ensure(cfg) if group == 'sft' else sft_task.ensure_pairs(cfg)
     return [os.path.join(root, f'{split}.jsonl')]
-  return split_files_of(s.path, split, 'sft.path')
+  return split_files_of(path, split, field)
 
 
 def split_files_of(path: str, split: str, field: str) -> list[str]:
@@ -193,7 +260,8 @@ def get_conversations(cfg, split: str) -> Conversations:
   if s.source == 'jsonl':
     files = split_files(cfg, split)
     items, stats = read_jsonl(files, s.on_error)
-    name = files[0] if len(files) == 1 else f'{len(files)} files of {s.path}'
+    name = (files[0] if len(files) == 1
+            else f'{len(files)} files of {split_source(cfg, split)[0]}')
     if stats['skipped']:
       print(f'lmjax: sft {split}: skipped {stats["skipped"]} malformed examples of '
             f'{name} (first: {stats["first_error"]})', flush=True)
@@ -371,6 +439,17 @@ class _Encode(grain.transforms.Map):
     return {'tokens': tokens, 'mask': mask}
 
 
+def overlong_fate(mask: np.ndarray, seq_len: int, mode: str) -> str | None:
+  """What the pipeline does with an encoded conversation (its loss `mask`) under
+  sft.overlong=`mode`: None (it fits), 'truncated', 'dropped' (longer than seq_len, mode
+  'drop'), or 'no_room' (longer, and no assistant token is left within seq_len: dropped)."""
+  if len(mask) <= seq_len:
+    return None
+  if not np.any(mask[1:seq_len]):
+    return 'no_room'
+  return 'dropped' if mode == 'drop' else 'truncated'
+
+
 class _OverlongIterator(grain.DatasetIterator):
   """Truncates or drops conversations longer than seq_len; a kept one carries the
   number dropped since the previous one ('dropped') and whether it was cut
@@ -392,16 +471,13 @@ class _OverlongIterator(grain.DatasetIterator):
   def __next__(self):
     while True:
       ex = next(self._parent)
-      n, cut = len(ex['tokens']), 0
-      if n > self._seq_len:
-        if self._mode == 'drop':
-          self._drop()
-          continue
+      fate = overlong_fate(ex['mask'], self._seq_len, self._mode)
+      if fate in ('dropped', 'no_room'):
+        self._drop()
+        continue
+      cut = int(fate == 'truncated')
+      if cut:
         ex = {k: v[:self._seq_len] for k, v in ex.items()}
-        cut = 1
-        if not ex['mask'][1:].any():
-          self._drop()
-          continue
       counts = {k: np.zeros(len(ex['tokens']), np.int32) for k in COUNTS}
       counts['dropped'][0], counts['truncated'][0] = self._pending, cut
       self._pending = 0
@@ -444,11 +520,15 @@ def _to_example(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def make_sft_dataset(cfg, tokenizer, split: str, *, batch_size: int, process_index: int = 0,
                      process_count: int = 1, seed: int | None = None,
-                     repeat: bool = True) -> grain.IterDataset:
+                     repeat: bool = True, keep=None) -> grain.IterDataset:
   """The grain dataset behind make_sft_iterator (same arguments)."""
   d, s = cfg.data, cfg.sft
   seed = cfg.seed if seed is None else seed
   conv = get_conversations(cfg, split)
+  if keep is not None:
+    conv = Subset(conv, keep)
+    if not len(conv):
+      raise DataError(f'sft split {split!r} ({conv.name}) has no example left to train on')
   it, share = encoded_stream(cfg, conv, split, _Encode(tokenizer, s.template), '/sft',
                              batch_size=batch_size, process_index=process_index,
                              process_count=process_count, seed=seed, repeat=repeat)
@@ -500,7 +580,7 @@ def finish(cfg, it: grain.IterDataset) -> grain.IterDataset:
 
 def make_sft_iterator(cfg, tokenizer, split: str, *, batch_size: int, process_index: int = 0,
                       process_count: int = 1, seed: int | None = None,
-                      repeat: bool = True) -> grain.DatasetIterator:
+                      repeat: bool = True, keep=None) -> grain.DatasetIterator:
   """Batches {inputs, targets, segment_ids, positions: int32, loss_mask: float32}, each
   [batch_size, cfg.data.seq_len], plus 'dropped' and 'truncated' [batch_size] int32
   (overlong conversations since the previous row: log their sums, strip before the
@@ -508,11 +588,13 @@ def make_sft_iterator(cfg, tokenizer, split: str, *, batch_size: int, process_in
 
   seed: shuffle seed (default cfg.seed); cfg.data.train_split is shuffled when
   cfg.data.shuffle. repeat=False: one pass (the last partial batch is dropped).
+  keep: the indices of the split's conversations to read (the data check's, which drops
+  degenerate ones: data/check.py), before sharding and shuffling; None = all.
   get_state()/set_state() resume the exact stream (JSON-safe).
   """
   return iter(make_sft_dataset(cfg, tokenizer, split, batch_size=batch_size,
                                process_index=process_index, process_count=process_count,
-                               seed=seed, repeat=repeat))
+                               seed=seed, repeat=repeat, keep=keep))
 
 
 def iter_rows(batches) -> Iterator[dict[str, np.ndarray]]:

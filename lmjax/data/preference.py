@@ -4,9 +4,10 @@ Examples (a JSONL line or a TFDS record), as TRL's DPOTrainer takes them:
     {"prompt": str, "chosen": str, "rejected": str}
     {"prompt": [messages], "chosen": [assistant messages], "rejected": [...]}
     {"chosen": [messages], "rejected": [messages]}   (the shared leading turns = prompt)
-rendered with cfg.sft.template (formats.chunks: the prompt's chunks are encoded on their own,
-so prompt tokens are identical in both rows), [BOS] prompt completion [EOS], loss mask on
-the completion tokens (the assistant content, its end-of-turn marker and EOS).
+Splits as formats.split_files reads them (dpo.path, dpo.eval_path). Pairs are rendered
+with cfg.sft.template (formats.chunks: the prompt's chunks are encoded on their own, so
+prompt tokens are identical in both rows), [BOS] prompt completion [EOS], loss mask on the
+completion tokens (the assistant content, its end-of-turn marker and EOS).
 
 A row holds one sequence, padded to data.seq_len (segment id 0 on padding), so a batch of
 B pairs is [2B, seq_len] with pair i in rows 2i (chosen) and 2i + 1 (rejected): a pair
@@ -116,13 +117,26 @@ def _row(tokens, mask, seq_len):
           'positions': np.arange(seq_len, dtype=np.int32), 'loss_mask': loss}
 
 
+def pair_fate(encoded, seq_len: int, overlong: str = 'truncate') -> str | None:
+  """What the pipeline does with an encoded pair under dpo.overlong=`overlong`: None (it
+  fits), 'truncated', 'dropped' (longer than seq_len, overlong 'drop'), or 'no_room' (the
+  prompt leaves no completion token within seq_len: dropped)."""
+  start, ct, _, rt, _ = encoded
+  if max(len(ct), len(rt)) <= seq_len:
+    return None
+  if start + 1 >= seq_len:  # no target token would be a completion's
+    return 'no_room'
+  return 'dropped' if overlong == 'drop' else 'truncated'
+
+
 def pair_rows(encoded, seq_len: int, overlong: str = 'truncate'):
   """Two rows (chosen, rejected) of seq_len for an encoded pair, and whether it was cut;
   None when the pair is dropped (see the module doc)."""
   start, ct, cm, rt, rm = encoded
-  if max(len(ct), len(rt)) <= seq_len:
+  fate = pair_fate(encoded, seq_len, overlong)
+  if fate is None:
     return (_row(ct, cm, seq_len), _row(rt, rm, seq_len)), False
-  if overlong == 'drop' or start + 1 >= seq_len:  # no target token would be a completion's
+  if fate != 'truncated':
     return None
   return (_row(ct[:seq_len], cm[:seq_len], seq_len),
           _row(rt[:seq_len], rm[:seq_len], seq_len)), True
@@ -144,6 +158,10 @@ class Pairs:
   def __len__(self) -> int:
     return len(self._items)
 
+  def where(self, index: int) -> str:
+    """Where pair `index` came from: 'file:line', or 'name[index]'."""
+    return formats.where(self.stats, self.name, index)
+
   def __getitem__(self, index: int):
     item = self._items[int(index)]
     if not self._raw:
@@ -158,13 +176,10 @@ def get_pairs(cfg, split: str) -> Pairs:
   """The pairs of `split` from cfg.dpo (JSONL files, a TFDS dataset, or the built-in task)."""
   d = cfg.dpo
   if d.source == 'jsonl':
-    if d.path:
-      files = formats.split_files_of(d.path, split, 'dpo.path')
-    else:
-      from lmjax.data import sft_task  # pylint: disable=import-outside-toplevel
-      files = [f'{sft_task.ensure_pairs(cfg)}/{split}.jsonl']
+    files = formats.split_files(cfg, split, 'dpo')
     items, stats = read_pairs(files, d.on_error)
-    name = files[0] if len(files) == 1 else f'{len(files)} files of {d.path}'
+    name = (files[0] if len(files) == 1
+            else f'{len(files)} files of {formats.split_source(cfg, split, "dpo")[0]}')
     if stats['skipped']:
       print(f'lmjax: dpo {split}: skipped {stats["skipped"]} malformed pairs of {name} '
             f'(first: {stats["first_error"]})', flush=True)
@@ -185,16 +200,19 @@ def get_pairs(cfg, split: str) -> Pairs:
 
 class _Indexed:
   """pairs[i] -> (i, pairs[i]): a pair keeps its index in the split through shuffling and
-  sharding (the key of its precomputed reference log-probs)."""
+  sharding (the key of its precomputed reference log-probs). keep: the indices to read
+  (None = all)."""
 
-  def __init__(self, pairs: Pairs):
+  def __init__(self, pairs: Pairs, keep=None):
     self._pairs, self.name = pairs, pairs.name
+    self._keep = None if keep is None else np.asarray(keep, np.int64)
 
   def __len__(self) -> int:
-    return len(self._pairs)
+    return len(self._pairs) if self._keep is None else len(self._keep)
 
   def __getitem__(self, index: int):
-    return int(index), self._pairs[index]
+    index = int(index) if self._keep is None else int(self._keep[int(index)])
+    return index, self._pairs[index]
 
 
 class _Encode(grain.transforms.Map):
@@ -268,7 +286,8 @@ def _flatten_pairs(batch):
 def make_pair_iterator(cfg, tokenizer, split: str, *, batch_size: int, process_index: int = 0,
                        process_count: int = 1, seed: int | None = None,
                        repeat: bool = True, with_index: bool = False,
-                       ref_logps: np.ndarray | None = None) -> grain.DatasetIterator:
+                       ref_logps: np.ndarray | None = None,
+                       keep=None) -> grain.DatasetIterator:
   """Batches of `batch_size` pairs of this process's share of the cfg.dpo `split`:
   {inputs, targets, segment_ids, positions, loss_mask} [2·batch_size, seq_len] (pair i in
   rows 2i, 2i + 1) plus 'dropped'/'truncated' [2·batch_size] counts. The train split is
@@ -278,13 +297,17 @@ def make_pair_iterator(cfg, tokenizer, split: str, *, batch_size: int, process_i
   with_index: rows carry 'index' [2·batch_size] int32, the pair's index in the split.
   ref_logps: the split's precomputed reference log-probs, [n_pairs, 2] (chosen, rejected;
   train/ref_logps.py): rows carry 'ref_logps' [2·batch_size] float32.
+  keep: the indices of the split's pairs to read (the data check's, which drops degenerate
+  ones: data/check.py), before sharding and shuffling; None = all. A pair keeps its index.
   """
   seed = cfg.seed if seed is None else seed
   pairs = get_pairs(cfg, split)
   if ref_logps is not None and np.shape(ref_logps) != (len(pairs), 2):
     raise DataError(f'precomputed reference log-probs of shape {np.shape(ref_logps)} do not '
                     f'match the {len(pairs)} pairs of {pairs.name}')
-  it, share = formats.encoded_stream(cfg, _Indexed(pairs), split,
+  if keep is not None and not len(keep):
+    raise DataError(f'dpo split {split!r} ({pairs.name}) has no pair left to train on')
+  it, share = formats.encoded_stream(cfg, _Indexed(pairs, keep), split,
                                      _Encode(tokenizer, cfg.sft.template), '/dpo',
                                      batch_size=batch_size, process_index=process_index,
                                      process_count=process_count, seed=seed, repeat=repeat)

@@ -34,6 +34,7 @@ from lmjax import checkpoint as ckpt_lib
 from lmjax import config as config_lib
 from lmjax import distributed, generate, sharding
 from lmjax import evaluate as evaluate_lib
+from lmjax.data import check as data_check
 from lmjax.data import formats, pipeline, preference
 from lmjax.data import tokenizer as tokenizer_lib
 from lmjax.errors import NotFoundError, UserError
@@ -220,18 +221,22 @@ def load_tokenizer(cfg, resumed_meta: dict | None,
 
 def data_iterator(cfg, tok, split: str, *, batch_size: int, process_index: int = 0,
                   process_count: int = 1, seed: int | None = None, repeat: bool = True,
-                  source: str | None = None, refs: dict | None = None):
+                  source: str | None = None, refs: dict | None = None,
+                  keep: dict | None = None):
   """The stage's batches: documents (pretrain; `source` = a named mixture/eval source),
   conversations (sft) or preference pairs (dpo: batch_size pairs, 2 * batch_size rows,
   with 'ref_logps' from refs[split] when given); sft and dpo rows carry
-  'dropped'/'truncated' counts to strip. This process's share of cfg.data.shards data
+  'dropped'/'truncated' counts to strip, and read the records keep[split] only when given
+  (the data check's: data/check.py). This process's share of cfg.data.shards data
   shards (pipeline.shard_iterator)."""
+  kept = (keep or {}).get(split)
   def make(**shard):
     if cfg.stage == 'sft':
-      return formats.make_sft_iterator(cfg, tok, split, seed=seed, repeat=repeat, **shard)
+      return formats.make_sft_iterator(cfg, tok, split, seed=seed, repeat=repeat, keep=kept,
+                                       **shard)
     if cfg.stage == 'dpo':  # batch_size pairs: 2 * batch_size rows
       return preference.make_pair_iterator(cfg, tok, split, ref_logps=(refs or {}).get(split),
-                                           seed=seed, repeat=repeat, **shard)
+                                           seed=seed, repeat=repeat, keep=kept, **shard)
     return pipeline.make_lm_iterator(cfg, tok, split, source=source, seed=seed,
                                      repeat=repeat, **shard)
   return pipeline.shard_iterator(make, cfg.data.shards, batch_size=batch_size,
@@ -239,13 +244,13 @@ def data_iterator(cfg, tok, split: str, *, batch_size: int, process_index: int =
 
 
 def _eval_sums(eval_step, weights, cfg, tok, mesh, process_index, process_count,
-               source=None, refs=None) -> list:
+               source=None, refs=None, keep=None) -> list:
   """eval_step's outputs (on the host) for cfg.train.eval_batches batches of the eval split
   (repeated if this process's share is shorter)."""
   it = data_iterator(cfg, tok, cfg.data.eval_split,
                      batch_size=cfg.train.global_batch // process_count,
                      process_index=process_index, process_count=process_count,
-                     repeat=True, source=source, refs=refs)
+                     repeat=True, source=source, refs=refs, keep=keep)
   try:
     sums = []
     for _ in range(cfg.train.eval_batches):
@@ -258,7 +263,7 @@ def _eval_sums(eval_step, weights, cfg, tok, mesh, process_index, process_count,
 
 
 def evaluate(eval_step, weights, cfg, tok, mesh, process_index, process_count,
-             refs=None) -> dict:
+             refs=None, keep=None) -> dict:
   """Mean next-token loss over exactly cfg.train.eval_batches batches of each eval set.
 
   weights: what eval_step takes (setup.weights(state): params, and adapters with LoRA).
@@ -268,10 +273,11 @@ def evaluate(eval_step, weights, cfg, tok, mesh, process_index, process_count,
   repeated when this process's share holds fewer batches, so every process runs the same
   number of eval steps (each is a collective: uneven counts would hang a multi-host run);
   a small split then counts some documents twice. DPO: refs = the precomputed reference
-  log-probs (train/ref_logps.py), if the run uses them.
+  log-probs (train/ref_logps.py), if the run uses them. keep: data_iterator's.
   """
   def run(source):
-    sums = _eval_sums(eval_step, weights, cfg, tok, mesh, process_index, process_count, source)
+    sums = _eval_sums(eval_step, weights, cfg, tok, mesh, process_index, process_count, source,
+                      keep=keep)
     nll, n = np.sum(np.asarray(jax.device_get(sums), np.float64), axis=0).tolist()
     if n == 0:
       raise TrainingError(f'eval split {cfg.data.eval_split!r} ({source or "data"}) has no '
@@ -280,7 +286,7 @@ def evaluate(eval_step, weights, cfg, tok, mesh, process_index, process_count,
 
   if cfg.stage == 'dpo':
     return _evaluate_dpo(eval_step, weights, cfg, tok, mesh, process_index, process_count,
-                         refs)
+                         refs, keep)
   named = {name: run(name) for name in config_lib.eval_sources(cfg.data)}
   mixture = config_lib.mixture_sources(cfg.data)
   if mixture:
@@ -293,11 +299,11 @@ def evaluate(eval_step, weights, cfg, tok, mesh, process_index, process_count,
 
 
 def _evaluate_dpo(eval_step, weights, cfg, tok, mesh, process_index, process_count,
-                  refs) -> dict:
+                  refs, keep=None) -> dict:
   """DPO loss and TRL's metrics over cfg.train.eval_batches batches of held-out pairs:
   eval_loss, eval/rewards/accuracies, eval/rewards/margins, ..."""
   sums = _eval_sums(eval_step, weights, cfg, tok, mesh, process_index, process_count,
-                    refs=refs)
+                    refs=refs, keep=keep)
   total = {k: float(np.sum([float(s[k]) for s in sums])) for k in sums[0]}
   n = total.pop('pairs')
   out = {'eval_loss': total.pop('loss') / n, 'eval_pairs': n}
@@ -368,20 +374,24 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   # ---- Data: tokenizer, precomputed DPO references, the training stream -------------
   tok = load_tokenizer(cfg, resumed_meta, source)
   run_meta['tokenizer'] = tok.location
+  # sft/dpo: degenerate records counted (and dropped by index); no eval split, no eval
+  checked = data_check.check_stage(cfg, tok, log=_print)
+  run_meta['data_check'] = checked.meta
+  eval_every = cfg.train.eval_every if checked.has_eval else 0
   setup = state_lib.make_setup(cfg, mesh)
   refs = None
   if step_lib.reference_mode(cfg) == 'precomputed':  # the reference = init_from's params
-    splits = [cfg.data.train_split] + ([cfg.data.eval_split] if cfg.train.eval_every > 0
-                                       else [])
+    splits = [cfg.data.train_split] + ([cfg.data.eval_split] if eval_every > 0 else [])
     refs = ref_logps.tables(cfg, setup, tok, splits, workdir=workdir,
                             reference=run_meta['init_from'],
                             load_params=lambda: source.load_params(cfg, setup))
   train_iter = data_iterator(cfg, tok, cfg.data.train_split,
                              batch_size=cfg.train.global_batch // pc,
-                             process_index=pi, process_count=pc, seed=cfg.seed, refs=refs)
+                             process_index=pi, process_count=pc, seed=cfg.seed, refs=refs,
+                             keep=checked.keep)
   sft = cfg.stage in ('sft', 'dpo')  # conversation data: overlong counts, exact match
   em_examples = []  # the exact-match set: the first N of cfg.sft's eval split
-  if sft and cfg.sft.eval_examples > 0 and cfg.train.eval_every > 0:
+  if sft and cfg.sft.eval_examples > 0 and eval_every > 0 and checked.exact_match:
     em_examples = formats.answer_examples(cfg, cfg.data.eval_split, cfg.sft.eval_examples,
                                           tok)
   mixture = list(config_lib.mixture_sources(cfg.data))  # rows tag tokens 1..len: tokens/<name>
@@ -436,7 +446,7 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   stopped_early = False
 
   def run_eval(step):
-    e = evaluate(eval_step, setup.weights(state), cfg, tok, mesh, pi, pc, refs)
+    e = evaluate(eval_step, setup.weights(state), cfg, tok, mesh, pi, pc, refs, checked.keep)
     if em_examples:
       em = sft_exact_match(cfg, setup.graphdef, merged(setup.weights(state)), tok, mesh,
                            em_examples)
@@ -478,7 +488,7 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   def report(msg):  # above the progress bar, when there is one
     (progress.write(msg) if progress is not None else _print(msg))
 
-  if start == 0 and cfg.train.eval_every > 0:
+  if start == 0 and eval_every > 0:
     report(_eval_line(0, run_eval(0)))
   window_t, window_steps, data_s = time.perf_counter(), 0, 0.0
   window_tokens = np.zeros(len(mixture), np.int64)  # this process's, since the last log
@@ -521,7 +531,7 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
           progress.set_postfix(loss=f'{m["loss"]:.3f}', tok_s=f'{tps:,.0f}')
         window_t, window_steps, data_s = time.perf_counter(), 0, 0.0
 
-      if cfg.train.eval_every > 0 and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
+      if eval_every > 0 and (done % eval_every == 0 or done == cfg.train.steps):
         report(_eval_line(done, run_eval(done)))
 
       if preempt.requested or done == stop_after:
