@@ -1,13 +1,25 @@
-"""Bad input gets a clear error naming the field or file (issue 7). The cases tested
-elsewhere: config typos (test_config.py), malformed JSONL lines skip/fail with file:line
-(test_formats.py, test_preference.py), tokenizer vs model vocab (test_data.py, test_hf.py),
-a mesh that does not divide the devices and a batch not divisible by the data-parallel
-size (test_step.py), a resume with another model (test_train_loop.py), NaN loss
-(test_train_loop.py), truncated, corrupt or non-safetensors model files and a malformed
-config.json or index (test_hf.py), and how the command line reports all of these: one
-line and exit code 2, the traceback with --verbose, a missing or failing --config file
-(test_cli.py). Here: missing and corrupted checkpoint files, an empty dataset,
-sequences that cannot fit data.seq_len, and pairs whose prompt fills seq_len (test_preference.py)."""
+"""Bad input gets one clear line naming the field or file, and nothing is lost. This file
+is the index; docs/errors.md is the table of what the user sees. Tested elsewhere:
+- configs and the command line: typos in overrides (test_config.py); a missing or failing
+  --config file, one line and exit code 2 for lmjax's errors, the traceback with --verbose
+  or LMJAX_VERBOSE, a second Ctrl-C (test_cli.py); a mesh or batch the devices do not
+  divide (test_step.py);
+- data: malformed JSONL lines (test_formats.py, test_preference.py); a path without
+  {split}, an eval split overlapping train, degenerate records (identical pairs, empty
+  completions or assistant turns, no room for an answer) counted, dropped, warned or
+  refused before compiling (test_data_check.py); tokenizer vs model vocab (test_data.py,
+  test_hf.py); chat templates that cannot mark assistant tokens (test_tokenizers.py);
+- models and checkpoints: a resume with another model (test_train_loop.py) or other LoRA
+  settings (test_sft.py); init_from another architecture (test_dapt.py) or a model without
+  a tokenizer (test_api.py); truncated, corrupt or non-safetensors files, malformed
+  config.json or index, a failed import leaving nothing behind (test_hf.py); PEFT
+  adapters with other settings (test_lora.py); inputs past a sliding window (an error) or
+  the trained length (a warning) (test_api.py);
+- faults: SIGTERM, a first Ctrl-C, kill -9 mid-save (test_preemption.py); a non-finite
+  loss (test_train_loop.py); a resume from an earlier checkpoint in metrics.jsonl
+  (test_train_loop.py).
+Here: missing and corrupted checkpoint files, an empty dataset, sequences that cannot fit
+data.seq_len, and a workdir that is a file or not writable."""
 
 import glob
 import os
