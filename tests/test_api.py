@@ -251,7 +251,9 @@ def test_logits_agree_with_score(run):
   np.testing.assert_allclose(both[1], logits[:5], atol=1e-5)
   # chat with a tokenizer that has no template: the built-in ChatML prompt.
   answer = m.chat([{'role': 'user', 'content': 'hi'}], max_new_tokens=4)
-  assert isinstance(answer, str)
+  plain = m.generate('<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n',
+                     max_new_tokens=4)
+  assert answer == plain.split('<|im_end|>')[0]
   with pytest.raises(ValueError, match='ends with an assistant turn'):
     m.chat([{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'yo'}])
 
@@ -289,7 +291,11 @@ def test_imported_workdirs_are_self_contained(tmp_path):
   assert m.tokenizer.kind == 'huggingface' and m.tokenizer.chat_template == ref.chat_template
   assert m.tokenizer.bos == [] and m.encode('hi there') == ref('hi there')['input_ids']
   assert m.tokenizer.piece_to_id('<|im_end|>') in m.tokenizer.stop_ids
-  assert isinstance(m.chat([{'role': 'user', 'content': 'hi'}], max_new_tokens=3), str)
+  prompt = ref.apply_chat_template([{'role': 'user', 'content': 'hi'}], tokenize=True,
+                                   add_generation_prompt=True, return_dict=True)['input_ids']
+  out = m.generate_ids([prompt], max_new_tokens=3, stop_tokens=m.tokenizer.stop_ids)
+  want = m.tokenizer.decode(out.tokens[0, :out.lengths[0]])
+  assert m.chat([{'role': 'user', 'content': 'hi'}], max_new_tokens=3) == want
 
 
 def test_sliding_window_model_loads_at_its_window(tmp_path):

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+import lmjax
 from lmjax import config as config_lib
 from lmjax import sharding
 from lmjax.data import preference
@@ -91,7 +92,10 @@ def test_lora_dpo_run_metrics_and_step_zero(base, tmp_path):
   e0 = out.evals[0]
   assert e0['eval_loss'] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference
   assert e0['eval/rewards/margins'] == pytest.approx(0.0, abs=1e-6)
-  assert 0.0 <= e0['eval/exact_match'] <= 1.0
+  # At step 0 the policy is the base: its exact match is the base model's.
+  em = lmjax.load(base[1]).exact_match('validation', limit=4, max_new_tokens=8, sft={
+      'task_sizes.train': 100, 'task_sizes.validation': 16, 'task_sizes.test': 16})
+  assert e0['eval/exact_match'] == em['accuracy'] and em['n'] == 4
   rows = [r for r in metrics_lib.read_jsonl(str(tmp_path / 'lora' / 'metrics.jsonl'))
           if 'loss' in r]
   for key in ('rewards/chosen', 'rewards/rejected', 'rewards/margins', 'rewards/accuracies',

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from lmjax.train import metrics as metrics_lib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
@@ -51,7 +53,11 @@ def test_recipe_chains_the_stages_and_prints_their_metrics(recipe):
   for stage in ('pretrain', 'sft'):
     assert res[stage]['eval_loss'] < res[stage]['eval_loss_start']
   assert res['sft']['val_exact_match'] is not None and res['pretrain']['val_exact_match'] is None
-  assert 0.0 <= res['dpo']['reward_accuracy'] <= 1.0
+  dpo_evals = [r for r in metrics_lib.read_jsonl(os.path.join(root, 'dpo', 'metrics.jsonl'))
+               if 'eval_loss' in r]
+  acc, n = res['dpo']['reward_accuracy'], dpo_evals[-1]['eval_pairs']
+  assert acc == dpo_evals[-1]['eval/rewards/accuracies']
+  assert round(acc * n) == pytest.approx(acc * n)  # a fraction of the held-out pairs
   assert all(res[s]['test_n'] == 24 for s in res)
   # A second run finds every stage done and only measures.
   again = _run(['experiments/recipe_tiny.py', '--smoke', f'--root={root}', '--test_limit=4',

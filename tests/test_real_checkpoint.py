@@ -107,11 +107,15 @@ def test_llama3_style_checkpoint_end_to_end(tmp_path):
       'lora.targets': 'q,v', 'sft.path': str(data / '{split}.jsonl'), 'sft.eval_examples': 2,
       'sft.allow_overlap': True,  # both splits hold the same conversations: a smoke run
       'sft.eval_max_new_tokens': 4, 'train.eval_every': 4, 'optim.lr': 1e-2,
-      'train.sample_at_end': True, 'sample.max_new_tokens': 4})
+      'train.sample_at_end': True, 'sample.max_new_tokens': 4, 'sample.temperature': 0.0})
   result = loop.train(cfg, str(sft))
-  assert 'eval/exact_match' in result.evals[-1] and result.sample is not None
   tuned = lmjax.load(str(sft))
   assert tuned.tokenizer.chat_template == ref_tok.chat_template
+  # The end-of-run sample (greedy) is the tuned model's answer to the prompt as a user turn.
+  assert result.sample == tuned.chat([{'role': 'user', 'content': cfg.sample.prompt}],
+                                     max_new_tokens=4)
+  assert result.evals[-1]['eval/exact_match'] == tuned.exact_match(
+      'validation', limit=2, max_new_tokens=4)['accuracy']
 
   # DPO on chat-message pairs from the SFT run (LoRA, reference = adapters off).
   with open(data / 'pairs_train.jsonl', 'w') as f:

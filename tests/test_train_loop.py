@@ -79,11 +79,13 @@ def test_resume_is_bitwise_identical(corpus, tmp_path):
 
 def test_eval_metrics_and_sample(corpus, tmp_path):
   cfg = _cfg(corpus, steps=30, eval_every=15, eval_batches=2, sample_at_end=True)
-  cfg.sample.update(prompt='def f_', max_new_tokens=8)
+  cfg.sample.update(prompt='def f_', max_new_tokens=8, temperature=0.0)  # greedy
   out = loop.train(cfg, str(tmp_path / 'run'))
   assert [e['step'] for e in out.evals] == [0, 15, 30]
   assert out.evals[-1]['eval_loss'] < out.evals[0]['eval_loss'] - 1.0
-  assert isinstance(out.sample, str)
+  # The sample is the trained model's greedy continuation, as lmjax.load gives it.
+  import lmjax  # pylint: disable=import-outside-toplevel
+  assert out.sample == lmjax.load(str(tmp_path / 'run')).generate('def f_', max_new_tokens=8)
   rows = metrics_lib.read_jsonl(str(tmp_path / 'run' / 'metrics.jsonl'))
   train_rows = [r for r in rows if 'loss' in r]
   for key in ('loss', 'grad_norm', 'lr', 'tokens_per_s', 'param_norm'):
