@@ -32,7 +32,7 @@ import numpy as np
 
 from lmjax import checkpoint as ckpt_lib
 from lmjax import config as config_lib
-from lmjax import distributed, generate, sharding
+from lmjax import distributed, generate, provenance, sharding
 from lmjax import evaluate as evaluate_lib
 from lmjax.data import check as data_check
 from lmjax.data import formats, pipeline, preference
@@ -364,7 +364,8 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   elif cfg.init_from.path:
     source = ckpt_lib.open_init_source(cfg.init_from)
     check_init_source(source, cfg)
-  run_meta = {'init_from': (resumed_meta or {}).get('init_from')}
+  run_meta = {'init_from': (resumed_meta or {}).get('init_from'),
+              'provenance': provenance.collect(mesh.devices.flat)}  # source, versions, devices
   if source is not None:
     run_meta['init_from'] = {'path': source.path, 'format': source.format, 'step': source.step}
   for key in ckpt_lib.HF_META_KEYS:  # an HF source model's config files, kept for export
@@ -442,6 +443,8 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   writer = metrics_lib.MetricWriter(workdir)
   if resumed_meta is not None:
     writer.resumed(start)
+  if pi == 0:  # <workdir>/run.json: one entry per start of the run
+    provenance.record_start(workdir, run_meta['provenance'], start)
   history, evals = [], []
   stopped_early = False
 
