@@ -1,15 +1,25 @@
 """Experiment tracking: what produced a run (lmjax/provenance.py: checkpoint meta and
-run.json)."""
+run.json) and the optional Weights & Biases writer (train.wandb), run offline for real: no
+login, no network, its files under tmp_path."""
 
 import json
 import os
 import platform
+import struct
 import subprocess
+import sys
 
 import jax
+import pytest
 
 import lmjax
+from lmjax import checkpoint as ckpt_lib
+from lmjax import config as config_lib
 from lmjax import provenance
+from lmjax.errors import UserError
+from lmjax.train import loop
+from lmjax.train import metrics as metrics_lib
+from util import pretrain_cfg, write_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,3 +93,128 @@ def test_run_json_lists_every_start(tmp_path):
   assert [(s['step'], s['provenance']) for s in starts] == [(0, {'lmjax': 'a'}),
                                                              (20, {'lmjax': 'b'})]
   assert sorted(os.listdir(tmp_path)) == ['run.json']
+
+
+def test_wandb_not_installed_is_one_clear_line(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, 'wandb', None)  # `import wandb` fails
+  cfg = pretrain_cfg(tmp_path)  # no corpus: the check comes before any data is read
+  cfg.train.wandb.project = 'my-project'
+  with pytest.raises(config_lib.ConfigError) as e:
+    loop.train(cfg, str(tmp_path / 'run'))
+  assert isinstance(e.value, UserError)
+  msg = str(e.value)
+  assert '\n' not in msg
+  assert "train.wandb.project='my-project'" in msg and 'wandb is not installed' in msg
+  assert 'pip install -e ".[wandb]"' in msg
+  assert not os.path.exists(tmp_path / 'tfds')
+  # Off (no project, or mode 'disabled'): wandb is never imported.
+  metrics_lib.check_wandb(config_lib.base_config().train.wandb)
+  cfg.train.wandb.mode = 'disabled'
+  metrics_lib.check_wandb(cfg.train.wandb)
+
+
+def test_wandb_init_failure_is_one_clear_line(tmp_path, monkeypatch):
+  wandb = pytest.importorskip('wandb')
+
+  def no_login(**kwargs):  # what wandb.init raises online without an API key
+    assert kwargs['id'] and kwargs['resume'] == 'allow' and kwargs['mode'] == 'online'
+    raise wandb.errors.UsageError('No API key configured. Use `wandb login` to log in.')
+  monkeypatch.setattr(wandb, 'init', no_login)
+  wb = config_lib.base_config().train.wandb
+  wb.update(project='p', mode='online')
+  with pytest.raises(config_lib.ConfigError, match=r"^train\.wandb: wandb\.init failed \(No API "
+                     r"key configured\..*\); run wandb login, or set train\.wandb\.mode='offline'"):
+    metrics_lib.MetricWriter(str(tmp_path), tensorboard=False, wandb=wb, config={})
+  assert not os.path.exists(tmp_path / metrics_lib.WANDB_ID_FILE)
+
+
+def _wandb_records(path):
+  """The protobuf records of an offline run's .wandb file (a LevelDB-style log: 32 KiB
+  blocks of chunks with a 7-byte header, after a 7-byte ':W&B' file header)."""
+  from wandb.proto import wandb_internal_pb2  # pylint: disable=import-outside-toplevel
+  data = open(path, 'rb').read()
+  assert data[:4] == b':W&B'
+  pos, block, chunk = 7, 32768, b''
+  while pos + 7 <= len(data):
+    left = block - pos % block
+    _, n, kind = struct.unpack('<IHB', data[pos:pos + 7])
+    if left < 7 or (kind == 0 and n == 0):  # block trailer / padding
+      pos += left
+      continue
+    chunk += data[pos + 7:pos + 7 + n]
+    pos += 7 + n
+    if kind in (1, 4):  # a full record, or the last chunk of one
+      record = wandb_internal_pb2.Record()
+      record.ParseFromString(chunk)
+      chunk = b''
+      yield record
+
+
+def _read_offline_run(path):
+  run, config, rows = None, {}, {}
+  for r in _wandb_records(path):
+    kind = r.WhichOneof('record_type')
+    if kind == 'run':
+      run = r.run
+      config.update((i.key, json.loads(i.value_json)) for i in r.run.config.update)
+    elif kind == 'config':
+      config.update((i.key, json.loads(i.value_json)) for i in r.config.update)
+    elif kind == 'history':
+      row = {(i.key or '/'.join(i.nested_key)): json.loads(i.value_json)
+             for i in r.history.item}
+      rows[row['_step']] = {k: v for k, v in row.items() if not k.startswith('_')}
+  return run, config, rows
+
+
+def test_wandb_offline_logs_the_scalars_and_a_resume_continues_the_run(tmp_path, monkeypatch):
+  wandb = pytest.importorskip('wandb')
+  for key, value in {'WANDB_MODE': 'offline', 'WANDB_DIR': tmp_path / 'wandb',
+                     'WANDB_CONFIG_DIR': tmp_path / 'wandb_config',
+                     'WANDB_CACHE_DIR': tmp_path / 'wandb_cache',
+                     'WANDB_DATA_DIR': tmp_path / 'wandb_data', 'WANDB_SILENT': 'true',
+                     'WANDB_ERROR_REPORTING': 'false', 'WANDB_CONSOLE': 'off',
+                     'WANDB_X_DISABLE_STATS': 'true'}.items():
+    monkeypatch.setenv(key, str(value))
+  monkeypatch.delenv('WANDB_API_KEY', raising=False)
+  (tmp_path / 'wandb').mkdir()
+  write_corpus(tmp_path / 'text', n_files=40)
+  cfg = pretrain_cfg(tmp_path)
+  cfg.train.wandb.update(project='lmjax-tests', mode='offline', tags='tiny, test')
+  workdir = str(tmp_path / 'run')
+  try:
+    first = loop.train(cfg, workdir, stop_after=2)
+    assert first.stopped_early
+    run_id = open(os.path.join(workdir, metrics_lib.WANDB_ID_FILE)).read().strip()
+    loop.train(cfg, workdir)  # resumes at step 2
+  finally:
+    wandb.teardown()  # stops wandb's service process
+
+  # Two offline runs (one per start) with the same id: `wandb sync` makes them one run.
+  runs = sorted(os.path.join(root, f) for root, _, files in os.walk(tmp_path / 'wandb')
+                for f in files if f.endswith('.wandb'))
+  assert len(runs) == 2 and all('offline-run-' in p for p in runs), runs
+  logged = {}
+  for path in runs:
+    run, config, rows = _read_offline_run(path)
+    assert (run.run_id, run.project, run.display_name) == (run_id, 'lmjax-tests', 'run')
+    assert list(run.tags) == ['tiny', 'test']
+    assert config['train']['steps'] == 3 and config['model']['vocab_size'] == 384
+    assert config['train']['wandb']['project'] == 'lmjax-tests'
+    logged.update(rows)
+
+  # The same scalars at the same steps as metrics.jsonl (and TensorBoard: both skip None).
+  jsonl = {r['step']: {k: v for k, v in r.items() if k not in ('step', 'time') and v is not None}
+           for r in metrics_lib.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+           if 'loss' in r}
+  assert sorted(jsonl) == [1, 2, 3] and 'grad_norm' in jsonl[1]
+  assert logged == jsonl
+
+  # Provenance: in every checkpoint's meta and once per start in run.json.
+  ckpt = ckpt_lib.Checkpointer(workdir, None, read_only=True)
+  for step in ckpt.all_steps():
+    meta = ckpt.read_meta(step)['provenance']
+    assert meta['lmjax'] == lmjax.__version__ and meta['devices']['count'] == 8
+    assert meta['packages'] == provenance.package_versions()
+  starts = provenance.read_starts(workdir)
+  assert [s['step'] for s in starts] == [0, 2]
+  assert starts[1]['provenance']['packages'] == provenance.package_versions()

@@ -346,6 +346,8 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   mesh = sharding.make_mesh(cfg.mesh, devices)
   check_batch(cfg, mesh)
   pi, pc = jax.process_index(), jax.process_count()
+  if pi == 0:  # the process that logs: wandb installed if train.wandb asks for it
+    metrics_lib.check_wandb(cfg.train.wandb)
   _print(f'lmjax: {len(mesh.devices.flat)} x {mesh.devices.flat[0].device_kind} | '
          f'mesh {dict(mesh.shape)} | workdir {workdir}')
   ckpt = ckpt_lib.Checkpointer(workdir, cfg)
@@ -440,7 +442,8 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   flops_per_step = transformer.flops_per_token(cfg.model, seq) * gb * seq
   peak = metrics_lib.peak_flops(mesh.devices.flat[0])
   n_dev = mesh.devices.size
-  writer = metrics_lib.MetricWriter(workdir)
+  writer = metrics_lib.MetricWriter(workdir, wandb=cfg.train.wandb,
+                                    config=config_lib.to_dict(cfg))
   if resumed_meta is not None:
     writer.resumed(start)
   if pi == 0:  # <workdir>/run.json: one entry per start of the run
