@@ -5,7 +5,9 @@ atomic (Orbax writes to a temporary directory and renames it when complete), so 
 mid-save leaves the previous checkpoint as the latest restorable one. `meta` also records
 the tokenizer file the run used and, for a run started from another, its init source and,
 for a model that came from Hugging Face, the source's config.json and
-generation_config.json (HF_META_KEYS: passed from run to run, written back on export).
+generation_config.json (HF_META_KEYS: passed from run to run, written back on export),
+and what produced it (`provenance`: lmjax's version and git commit, package versions,
+devices; lmjax/provenance.py).
 
 `InitSource` reads the params a new run starts from (cfg.init_from): another lmjax
 workdir's checkpoint, restored straight into the new run's shardings (any mesh), or a
@@ -25,6 +27,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from lmjax import config as config_lib
+from lmjax import provenance as provenance_lib
 from lmjax.errors import UserError
 
 FORMAT_VERSION = 1
@@ -76,6 +79,7 @@ class Checkpointer:
         enable_async_checkpointing=bool(cfg.checkpoint.async_save) if cfg is not None else False,
         create=not read_only, read_only=read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._provenance = None  # collected at the first save that is not given one
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -85,11 +89,17 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, cfg, data_iter=None, force: bool = False,
            meta: dict | None = None) -> bool:
-    """Saves (async) at `step`; `meta`: extra JSON-safe entries (e.g. {'tokenizer': path})."""
+    """Saves (async) at `step`; `meta`: extra JSON-safe entries (e.g. {'tokenizer': path});
+    without a 'provenance' entry, this process's (provenance.collect()) is recorded."""
+    meta = {**_meta(cfg), **(meta or {})}
+    if 'provenance' not in meta:
+      if self._provenance is None:
+        self._provenance = provenance_lib.collect()
+      meta['provenance'] = self._provenance
     items = {
         'state': ocp.args.StandardSave(state),
         'config': ocp.args.JsonSave(config_lib.to_dict(cfg)),
-        'meta': ocp.args.JsonSave({**_meta(cfg), **(meta or {})}),
+        'meta': ocp.args.JsonSave(meta),
     }
     if data_iter is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iter)

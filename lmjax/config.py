@@ -142,6 +142,18 @@ def base_config() -> ml_collections.ConfigDict:
       max_skips_in_a_row=10,
       progress_bar=True,
       sample_at_end=True,
+      # Weights & Biases, beside metrics.jsonl and TensorBoard (process 0; needs
+      # `pip install -e ".[wandb]"`): the config as the wandb run's config, the same
+      # scalars at the same steps; every start of the run in one workdir continues one
+      # wandb run (its id in <workdir>/wandb_run_id). project '' = off.
+      wandb=dict(
+          project='',
+          entity='',          # '' = your default entity.
+          name='',            # '' = the workdir's name.
+          mode='',            # online | offline (`wandb sync` later) | disabled;
+                              # '' = wandb's default ($WANDB_MODE, else online).
+          tags='',            # comma-separated, e.g. 'dapt,tiny'.
+      ),
   )
 
   cfg.optim = dict(
@@ -571,6 +583,7 @@ _CHOICES = {
     'data.source': ('local_text', 'tfds'),
     'tokenizer.model_type': ('bpe', 'unigram'),
     'stage': ('pretrain', 'sft', 'dpo'),
+    'train.wandb.mode': ('', 'online', 'offline', 'disabled'),
     'dpo.reference': ('auto', 'adapters_off', 'copy', 'precomputed'),
     'sft.source': ('jsonl', 'tfds'),
     'sft.template': ('auto', 'model', 'llama3', 'chatml', 'plain'),

@@ -117,7 +117,7 @@ def test_bench_suite_cases_and_driver(tmp_path, capsys):
 
 
 def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
-  """tools/gpu_check.sh, the one-call device check, on CPU: environment, the (skipped)
+  """tools/gpu_check.sh, the one-command GPU check, on CPU: environment, the (skipped)
   GPU tests, a smoke bench case; the files it leaves under $OUT."""
   import subprocess  # pylint: disable=import-outside-toplevel
   env = {**os.environ, 'OUT': str(tmp_path), 'JAX_PLATFORMS': 'cpu', 'WHEELS': '/nonexistent',

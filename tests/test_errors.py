@@ -3,7 +3,7 @@ is the index; docs/errors.md is the table of what the user sees. Tested elsewher
 - configs and the command line: typos in overrides (test_config.py); a missing or failing
   --config file, one line and exit code 2 for lmjax's errors, the traceback with --verbose
   or LMJAX_VERBOSE, a second Ctrl-C (test_cli.py); a mesh or batch the devices do not
-  divide (test_step.py);
+  divide (test_step.py); train.wandb without wandb installed (test_tracking.py);
 - data: malformed JSONL lines (test_formats.py, test_preference.py); a path without
   {split}, an eval split overlapping train, degenerate records (identical pairs, empty
   completions or assistant turns, no room for an answer) counted, dropped, warned or

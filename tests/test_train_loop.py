@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from lmjax import checkpoint as ckpt_lib
+from lmjax import provenance
 from lmjax.train import loop
 from lmjax.train import metrics as metrics_lib
 from util import tiny_config, write_corpus
@@ -61,6 +62,11 @@ def test_resume_is_bitwise_identical(corpus, tmp_path):
   # The loss fell, and keep-N / step layout is as configured.
   assert np.mean([a[s] for s in range(16, 21)]) < a[1] - 0.5
   assert ckpt_lib.Checkpointer(split, cfg).all_steps() == [5, 10, 15, 20]
+  # What produced the run: in each checkpoint's meta, and per start in run.json.
+  meta = ckpt_lib.Checkpointer(split, cfg).read_meta(20)['provenance']
+  assert meta['packages'] == provenance.package_versions()
+  assert meta['devices']['count'] == 8
+  assert [s['step'] for s in provenance.read_starts(split)] == [0, 10]
 
   # Resumed from an earlier checkpoint (the later ones removed): metrics.jsonl says where,
   # and its reader keeps one record per step, the rerun's (equal, bit for bit).

@@ -1,5 +1,5 @@
 """Runs a named suite of tools/bench.py cases in one process, within a time budget, and
-checks the GPU targets: the prepared device check (tools/gpu_check.sh runs it on a GPU).
+checks the GPU targets (tools/gpu_check.sh runs it on a GPU).
 
   python tools/bench_suite.py --suite=gpu [--budget_s=420] [--json=rows.jsonl] [--md=t.md]
   python tools/bench_suite.py --suite=gpu --smoke   # the same cases, tiny, on CPU (CI)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Wheels of what lmjax needs beyond the lent GPU machine's image (its Python 3.12 has jax,
-# flax, optax, orbax, sentencepiece, numpy, ...; not grain, ml_collections, tensorflow-
-# datasets and their few own needs), at the versions installed here, into .whl/ (ignored
-# through .git/info/exclude), for tools/gpu_check.sh. Run here, where PyPI is reachable:
+# Optional helper for a GPU machine without internet access: wheels of what lmjax needs
+# beyond a typical CUDA jax image (Python 3.12 with jax, flax, optax, orbax, sentencepiece,
+# numpy, ...; not grain, ml_collections, tensorflow-datasets and their few own needs), at
+# the versions installed here, into .whl/ (ignored through .git/info/exclude), which
+# tools/gpu_check.sh installs. Run where PyPI is reachable, then copy .whl/ along:
 #   bash tools/fetch_device_wheels.sh      # ~11 MB
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU device check in one call of the device tool (about 8 minutes on one H100/H200):
-#   here, once:   bash tools/fetch_device_wheels.sh        # .whl/
-#   the device:   run(command="bash tools/gpu_check.sh", carry=[".whl"], timeout_s=600)
+# The GPU check in one command, on a machine with an NVIDIA GPU (about 8 minutes on one
+# H100/H200):   bash tools/gpu_check.sh
+# Wheels in $WHEELS (default .whl/) are installed first: for a GPU machine without internet
+# access, run tools/fetch_device_wheels.sh where PyPI is reachable and copy its .whl/ along.
 # 1. environment (GPU, driver, jax, cuDNN); 2. tests/test_gpu.py (cuDNN attention against
 # xla on packed rows); 3. tools/bench_suite.py --suite=gpu within $BENCH_BUDGET seconds.
 # BENCH_ARGS adds bench_suite flags (e.g. --only=...; tests/test_bench.py runs this script on

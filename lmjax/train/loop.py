@@ -32,7 +32,7 @@ import numpy as np
 
 from lmjax import checkpoint as ckpt_lib
 from lmjax import config as config_lib
-from lmjax import distributed, generate, sharding
+from lmjax import distributed, generate, provenance, sharding
 from lmjax import evaluate as evaluate_lib
 from lmjax.data import check as data_check
 from lmjax.data import formats, pipeline, preference
@@ -346,6 +346,8 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   mesh = sharding.make_mesh(cfg.mesh, devices)
   check_batch(cfg, mesh)
   pi, pc = jax.process_index(), jax.process_count()
+  if pi == 0:  # the process that logs: wandb installed if train.wandb asks for it
+    metrics_lib.check_wandb(cfg.train.wandb)
   _print(f'lmjax: {len(mesh.devices.flat)} x {mesh.devices.flat[0].device_kind} | '
          f'mesh {dict(mesh.shape)} | workdir {workdir}')
   ckpt = ckpt_lib.Checkpointer(workdir, cfg)
@@ -364,7 +366,8 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   elif cfg.init_from.path:
     source = ckpt_lib.open_init_source(cfg.init_from)
     check_init_source(source, cfg)
-  run_meta = {'init_from': (resumed_meta or {}).get('init_from')}
+  run_meta = {'init_from': (resumed_meta or {}).get('init_from'),
+              'provenance': provenance.collect(mesh.devices.flat)}  # source, versions, devices
   if source is not None:
     run_meta['init_from'] = {'path': source.path, 'format': source.format, 'step': source.step}
   for key in ckpt_lib.HF_META_KEYS:  # an HF source model's config files, kept for export
@@ -439,9 +442,12 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   flops_per_step = transformer.flops_per_token(cfg.model, seq) * gb * seq
   peak = metrics_lib.peak_flops(mesh.devices.flat[0])
   n_dev = mesh.devices.size
-  writer = metrics_lib.MetricWriter(workdir)
+  writer = metrics_lib.MetricWriter(workdir, wandb=cfg.train.wandb,
+                                    config=config_lib.to_dict(cfg))
   if resumed_meta is not None:
     writer.resumed(start)
+  if pi == 0:  # <workdir>/run.json: one entry per start of the run
+    provenance.record_start(workdir, run_meta['provenance'], start)
   history, evals = [], []
   stopped_early = False
 

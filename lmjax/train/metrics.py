@@ -1,13 +1,17 @@
-"""Metric writers (JSONL + TensorBoard), the peak-FLOPs table behind MFU, and a count of
-a traced step's matmuls by operand dtype."""
+"""Metric writers (JSONL, TensorBoard and, optionally, Weights & Biases), the peak-FLOPs
+table behind MFU, and a count of a traced step's matmuls by operand dtype."""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
+import string
 import time
 
 import jax
+
+from lmjax.config import ConfigError
 
 # Dense bf16 peak FLOP/s per device (datasheets). Keyed by substrings of device_kind.
 PEAK_FLOPS = (
@@ -33,23 +37,95 @@ def peak_flops(device=None) -> float | None:
   return None
 
 
+# <workdir>/WANDB_ID_FILE holds the id of the run's Weights & Biases run, so that every
+# start of the run in this workdir logs to the same one.
+WANDB_ID_FILE = 'wandb_run_id'
+WANDB_INSTALL = 'pip install -e ".[wandb]"'
+
+
+def wandb_enabled(wb) -> bool:
+  """Whether the config group cfg.train.wandb asks for a Weights & Biases run."""
+  return bool(wb.project) and wb.mode != 'disabled'
+
+
+def check_wandb(wb) -> None:
+  """A ConfigError, before anything expensive, when cfg.train.wandb (`wb`) asks for
+  Weights & Biases and wandb is not installed."""
+  if not wandb_enabled(wb):
+    return
+  try:
+    import wandb  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    raise ConfigError(f'train.wandb.project={wb.project!r} asks for Weights & Biases, but '
+                      f'wandb is not installed: {WANDB_INSTALL} (or pip install wandb), or '
+                      "set train.wandb.project=''") from None
+
+
+class _Wandb:
+  """A Weights & Biases run for a workdir: the config as wandb's config, scalars by step.
+  The first start of the run picks an id and keeps it in <workdir>/WANDB_ID_FILE; later
+  starts (resumes) continue that run (resume='allow'). Its files go to $WANDB_DIR, else
+  the workdir."""
+
+  def __init__(self, wb, workdir: str, config: dict | None):
+    import wandb  # pylint: disable=import-outside-toplevel
+    id_path = os.path.join(workdir, WANDB_ID_FILE)
+    run_id = None
+    if os.path.exists(id_path):
+      with open(id_path, encoding='utf-8') as f:
+        run_id = f.read().strip() or None
+    new = run_id is None
+    if new:  # wandb's id alphabet; not the `random` module, which a caller may have seeded
+      run_id = ''.join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    kwargs = dict(project=wb.project, entity=wb.entity or None,
+                  name=wb.name or os.path.basename(os.path.abspath(workdir)),
+                  tags=[t.strip() for t in wb.tags.split(',') if t.strip()] or None,
+                  config=config, id=run_id, resume='allow')
+    if wb.mode:  # '': wandb's own default ($WANDB_MODE, else online)
+      kwargs['mode'] = wb.mode
+    if not os.environ.get('WANDB_DIR'):
+      kwargs['dir'] = workdir
+    try:
+      self.run = wandb.init(**kwargs)
+    except wandb.errors.Error as e:  # e.g. online without an API key
+      raise ConfigError(f'train.wandb: wandb.init failed ({e}); run wandb login, or set '
+                        "train.wandb.mode='offline' (sync later with wandb sync)") from None
+    if new:
+      with open(id_path, 'w', encoding='utf-8') as f:
+        f.write(run_id + '\n')
+
+  def log(self, step: int, scalars: dict) -> None:
+    self.run.log(scalars, step=step)
+
+  def close(self) -> None:
+    self.run.finish()
+
+
 class MetricWriter:
   """Appends {'step', 'time', **metrics} lines to <workdir>/metrics.jsonl and writes
-  TensorBoard scalars to <workdir>/tb. Only process 0 writes. A resumed run first writes
+  TensorBoard scalars to <workdir>/tb and, when `wandb` (the cfg.train.wandb group) names a
+  project, the same scalars at the same steps to a Weights & Biases run with `config` (a
+  dict) as its config. Only process 0 writes. A resumed run first writes
   {'step': S, 'time', 'resumed_from': S}: the lines after S before it belong to steps the
-  run does again (read_jsonl drops them)."""
+  run does again (read_jsonl drops them; wandb, whose steps only grow, keeps the values
+  first logged up to its last step)."""
 
-  def __init__(self, workdir: str, tensorboard: bool = True):
+  def __init__(self, workdir: str, tensorboard: bool = True, wandb=None,
+               config: dict | None = None):
     self.enabled = jax.process_index() == 0
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._file = None
     self._tb = None
+    self._wandb = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       self._file = open(self.path, 'a', encoding='utf-8')
       if tensorboard:
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+      if wandb is not None and wandb_enabled(wandb):
+        check_wandb(wandb)
+        self._wandb = _Wandb(wandb, workdir, config)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -57,11 +133,13 @@ class MetricWriter:
     clean = {k: (float(v) if v is not None else None) for k, v in metrics.items()}
     self._file.write(json.dumps({'step': int(step), 'time': time.time(), **clean}) + '\n')
     self._file.flush()
+    scalars = {k: v for k, v in clean.items() if v is not None}
     if self._tb is not None:
-      for k, v in clean.items():
-        if v is not None:
-          self._tb.add_scalar(k, v, step)
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, v, step)
       self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.log(int(step), scalars)
 
   def resumed(self, step: int) -> None:
     """Marks that the run continues from its checkpoint at `step`."""
@@ -75,6 +153,9 @@ class MetricWriter:
       self._file.close()
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.close()
+      self._wandb = None
 
 
 def matmuls(closed_jaxpr) -> list[tuple]:
