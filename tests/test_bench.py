@@ -15,6 +15,7 @@ SMALL = ['model.d_model=64', 'model.n_layers=2', 'model.d_ff=128', 'data.seq_len
          'train.global_batch=8', 'mesh.data=2', 'mesh.fsdp=2', 'mesh.tensor=2']
 
 
+@pytest.mark.slow
 def test_bench_full_vs_lora(tmp_path, capsys):
   out = tmp_path / 'rows.jsonl'
   argv = ['--config', os.path.join(ROOT, 'configs', 'pretrain_tiny.py'), '--steps', '2',
@@ -34,6 +35,7 @@ def test_bench_full_vs_lora(tmp_path, capsys):
   assert lora['peak_mem_bytes'] < full['peak_mem_bytes']
 
 
+@pytest.mark.slow
 def test_bench_mfu_with_a_given_peak_and_bad_override(capsys):
   from lmjax import config as config_lib
   cfg = config_lib.load(os.path.join(ROOT, 'configs', 'pretrain_tiny.py'),
@@ -46,6 +48,7 @@ def test_bench_mfu_with_a_given_peak_and_bad_override(capsys):
   assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_dpo_step_against_the_lm_step(tmp_path, capsys):
   """DPO rows: twice the rows of the LM step; the reference per mode (LoRA: adapters off,
   full: a frozen copy, counted in memory; precomputed: read from the batch)."""
@@ -83,6 +86,7 @@ def test_bench_configs_load_and_size(name, params):
   assert setup.n_params == pytest.approx(params, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_bench_suite_cases_and_driver(tmp_path, capsys):
   """tools/bench_suite.py (the prepared GPU check): every case's config, full size and
   smoke, is valid; a smoke run of three cases writes their rows, the table and the target
@@ -116,6 +120,7 @@ def test_bench_suite_cases_and_driver(tmp_path, capsys):
   assert [r['status'] for r in rows] == ['skipped', 'skipped']
 
 
+@pytest.mark.slow
 def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
   """tools/gpu_check.sh, the one-command GPU check, on CPU: environment, the (skipped)
   GPU tests, a smoke bench case; the files it leaves under $OUT."""

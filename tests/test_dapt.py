@@ -81,6 +81,7 @@ def _params_equal(a, b):
                jax.device_get(a), jax.device_get(b))
 
 
+@pytest.mark.slow
 def test_init_from_workdir_reshards_with_fresh_optimizer(corpora, source):
   src_dir, _ = source
   cfg = _dapt(corpora, src_dir)
@@ -106,6 +107,7 @@ def test_init_from_workdir_reshards_with_fresh_optimizer(corpora, source):
   assert any(np.any(np.asarray(x)) for x in jax.tree.leaves(want['opt_state']))
 
 
+@pytest.mark.slow
 def test_dapt_run_metrics_tokenizer_and_start(corpora, source, tmp_path):
   src_dir, src_tok = source
   cfg = _dapt(corpora, src_dir, steps=2, eval_every=2, eval_batches=2)
@@ -142,6 +144,7 @@ def test_dapt_run_metrics_tokenizer_and_start(corpora, source, tmp_path):
   assert any('eval/domain/loss' in r for r in rows) and any('tokens/domain' in r for r in rows)
 
 
+@pytest.mark.slow
 def test_mixture_resume_is_identical(corpora, source, tmp_path):
   """20 steps straight = 10, then resume for 10: same losses, same per-source counts."""
   src_dir, src_tok = source
@@ -281,6 +284,7 @@ def test_dapt_tiny_config():
   assert not loop.arch_diff(base.model, cfg.model)
 
 
+@pytest.mark.slow
 def test_init_from_a_hugging_face_dir(corpora, source, tmp_path):
   """Export the source run to HF format, then start a run from that directory: its
   params (resharded) and its shipped tokenizer.model, step 0."""

@@ -457,6 +457,7 @@ def test_pretokenized_stream_equals_the_on_the_fly_stream(setup, tmp_path):
   assert tokenized.directory(cfg.data, 'train', other)[0] != root
 
 
+@pytest.mark.slow
 def test_pretokenize_tool(setup):
   cfg, tok = setup
   res = subprocess.run([sys.executable, 'tools/pretokenize.py',

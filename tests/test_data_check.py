@@ -256,6 +256,7 @@ def _sft_cfg(base, path, **train):
   return cfg
 
 
+@pytest.mark.slow
 def test_loop_skips_eval_records_the_check_and_resumes_exactly(base, tmp_path, capsys):
   rows = examples(100)
   path = write_jsonl(tmp_path / 'train.jsonl', rows[:30] + [EMPTY_TURN] + rows[30:] +
@@ -290,6 +291,7 @@ def test_loop_skips_eval_records_the_check_and_resumes_exactly(base, tmp_path, c
   assert "there is no 'validation' split" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_loop_refuses_identical_pairs_before_compiling(base, tmp_path):
   same = {'prompt': 'What is 2 + 2?', 'chosen': '4', 'rejected': '4'}
   cfg = _sft_cfg(base, '')

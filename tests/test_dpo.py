@@ -50,6 +50,7 @@ def _batch(cfg, out_tok, **kw):
   return b
 
 
+@pytest.mark.slow
 def test_three_references_give_the_same_loss(base):
   """Policy = base + random LoRA adapters; reference = the base, three ways (precomputed:
   the table the loop computes, read back through the pair iterator)."""
@@ -85,6 +86,7 @@ def test_three_references_give_the_same_loss(base):
     assert a[k] == pytest.approx(p[k], rel=1e-4, abs=1e-4), k
 
 
+@pytest.mark.slow
 def test_lora_dpo_run_metrics_and_step_zero(base, tmp_path):
   cfg = _dpo_cfg(base, eval_every=4)
   out = loop.train(cfg, str(tmp_path / 'lora'))
@@ -105,6 +107,7 @@ def test_lora_dpo_run_metrics_and_step_zero(base, tmp_path):
   assert rows[-1]['rewards/margins'] > 0 and out.evals[-1]['eval_loss'] < e0['eval_loss']
 
 
+@pytest.mark.slow
 def test_full_dpo_keeps_a_frozen_copy_and_resumes_exactly(base, tmp_path):
   straight = loop.train(_dpo_cfg(base, lora=False), str(tmp_path / 'straight'))
   assert 'ref_params' in straight.state
@@ -137,6 +140,7 @@ def test_full_dpo_keeps_a_frozen_copy_and_resumes_exactly(base, tmp_path):
   assert c == pytest.approx(a, rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_dpo_config_errors(base):
   cfg = _dpo_cfg(base)
   cfg.init_from.path = ''

@@ -83,6 +83,7 @@ def test_adapters_without_lora_config_refused():
     _logits(graphdef, params, adapters=ad)
 
 
+@pytest.mark.slow
 def test_dropout_only_with_rng():
   cfg, graphdef, params = _setup(dropout=0.3)
   ad = _random_b(lora.init_adapters(jax.random.key(0), cfg))
@@ -113,6 +114,7 @@ def test_rslora_scale():
                              atol=1e-5)
 
 
+@pytest.mark.slow
 def test_grads_and_bf16_base():
   cfg, graphdef, params = _setup(base_dtype='bfloat16')
   cfg.model.dtype = 'bfloat16'
@@ -266,6 +268,7 @@ def _torch_logits(model):
 
 
 @pytest.mark.parametrize('case', list(PEFT_CASES))
+@pytest.mark.slow
 def test_peft_parity(case, tmp_path):
   peft = pytest.importorskip('peft')
   config_cls, settings = PEFT_CASES[case]

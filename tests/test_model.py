@@ -82,6 +82,7 @@ def test_scan_and_remat_do_not_change_results(variant):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, ref_grads)
 
 
+@pytest.mark.slow
 def test_bf16_compute_close_to_float32():
   cfg = tiny_config()
   batch = {k: jnp.asarray(v) for k, v in random_batch(cfg).items()}

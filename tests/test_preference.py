@@ -135,6 +135,7 @@ def test_builtin_pair_task(tmp_path):
   assert len(preference.get_pairs(cfg, 'validation')) == 6
 
 
+@pytest.mark.slow
 def test_sequence_logprobs_do_not_depend_on_padding(tok):
   """The same pair padded to two lengths: the same log-probs and the same DPO loss."""
   mcfg = ml_collections.FrozenConfigDict(dict(

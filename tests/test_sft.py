@@ -55,6 +55,7 @@ def _losses(workdir):
   return {r['step']: r['loss'] for r in rows if 'loss' in r}
 
 
+@pytest.mark.slow
 def test_lora_sft_trains_adapters_only_and_resumes_exactly(base, tmp_path):
   straight = str(tmp_path / 'straight')
   out = loop.train(_sft_cfg(base, eval_every=8), straight)
@@ -112,6 +113,7 @@ def sft_run(base, tmp_path_factory):
   return workdir, out
 
 
+@pytest.mark.slow
 def test_load_merge_tool_and_init_from_of_an_sft_run(base, sft_run, tmp_path):
   workdir, out = sft_run
   adapters = jax.device_get(out.state['adapters'])
@@ -165,6 +167,7 @@ def test_load_merge_tool_and_init_from_of_an_sft_run(base, sft_run, tmp_path):
                jax.device_get(source.load_params(cfg, setup)), want)
 
 
+@pytest.mark.slow
 def test_resume_with_other_lora_settings_names_them(base, sft_run, tmp_path):
   workdir, _ = sft_run
   copy = str(tmp_path / 'sft_copy')
@@ -176,6 +179,7 @@ def test_resume_with_other_lora_settings_names_them(base, sft_run, tmp_path):
     loop.train(cfg, copy)
 
 
+@pytest.mark.slow
 def test_lora_base_moved_is_a_clear_error(base, sft_run, tmp_path):
   workdir, _ = sft_run
   moved_base = str(tmp_path / 'moved_base')
@@ -190,6 +194,7 @@ def test_lora_base_moved_is_a_clear_error(base, sft_run, tmp_path):
     shutil.copytree(moved_base, base[1])
 
 
+@pytest.mark.slow
 def test_lora_step_on_eight_devices_matches_one(base):
   cfg1 = _sft_cfg(base)
   cfg1.mesh.update(data=1, fsdp=1, tensor=1)
@@ -216,6 +221,7 @@ def test_lora_step_on_eight_devices_matches_one(base):
   assert diffs.max() < 5e-4 and np.median(diffs) < 1e-6
 
 
+@pytest.mark.slow
 def test_full_finetuning_sft_bf16_base_and_train_params(base, tmp_path):
   cfg = _sft_cfg(base, steps=2)
   cfg.lora.enabled = False
@@ -255,6 +261,7 @@ def test_full_finetuning_sft_bf16_base_and_train_params(base, tmp_path):
     config_lib.validate(cfg)
 
 
+@pytest.mark.slow
 def test_sft_config_errors_name_the_field(base):
   cfg = _sft_cfg(base)
   cfg.init_from.path = ''

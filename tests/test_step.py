@@ -39,6 +39,7 @@ def _run(cfg, devices, batches):
   return losses, jax.device_get(state['params']), state
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_device():
   assert len(jax.devices()) == 8
   cfg1 = tiny_config()
@@ -57,6 +58,7 @@ def test_eight_devices_match_one_device():
   assert_params_close(p8, p1)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_matches_full_batch():
   cfg = tiny_config()
   batches = [random_batch(cfg, seed=i, docs_per_row=3) for i in range(2)]
@@ -71,6 +73,7 @@ def test_grad_accumulation_matches_full_batch():
   assert_params_close(p4, p1)
 
 
+@pytest.mark.slow
 def test_loss_is_mean_over_all_loss_tokens():
   cfg = tiny_config()
   cfg.optim.lr = 1e-9
@@ -103,6 +106,7 @@ def test_mesh_and_batch_errors_name_the_fields():
     loop.check_batch(cfg, sharding.make_mesh(cfg.mesh))
 
 
+@pytest.mark.slow
 def test_chunked_cross_entropy_matches_and_never_holds_the_batch_logits():
   """model.loss_chunk: the same losses and updates (8 devices, z-loss on), and the
   compiled step's temporaries shrink (float32 logits [B, T, V] are never materialised)."""
@@ -154,6 +158,7 @@ def test_skip_bad_steps_guard():
   assert float(s.grad_norm_ema) == pytest.approx(0.5 * (0.5 * 1 + 0.5 * 2) + 0.5 * 1)
 
 
+@pytest.mark.slow
 def test_skipped_step_leaves_the_state_and_reports_it():
   cfg = tiny_config()
   cfg.train.skip_bad_steps = True

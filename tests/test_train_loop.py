@@ -39,6 +39,7 @@ def _losses(workdir):
   return {r['step']: r['loss'] for r in rows if 'loss' in r}
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_identical(corpus, tmp_path):
   straight = str(tmp_path / 'straight')
   loop.train(_cfg(corpus), straight)
@@ -83,6 +84,7 @@ def test_resume_is_bitwise_identical(corpus, tmp_path):
   assert _losses(straight) == a
 
 
+@pytest.mark.slow
 def test_eval_metrics_and_sample(corpus, tmp_path):
   cfg = _cfg(corpus, steps=30, eval_every=15, eval_batches=2, sample_at_end=True)
   cfg.sample.update(prompt='def f_', max_new_tokens=8, temperature=0.0)  # greedy
@@ -107,6 +109,7 @@ def test_nan_stops_with_clear_error(corpus, tmp_path):
     loop.train(cfg, str(tmp_path / 'nan'))
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_model(corpus, tmp_path):
   cfg = _cfg(corpus, steps=5)
   loop.train(cfg, str(tmp_path / 'run'))
@@ -117,6 +120,7 @@ def test_resume_refuses_a_different_model(corpus, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_checkpoint_reshards_onto_other_meshes(corpus, tmp_path):
   """Saved under fsdp=8; restored (the whole train state) under data=2 x tensor=4 and
   onto one device: identical values, the new meshes' shardings; a resume under another
