@@ -8,6 +8,7 @@ and one subdirectory per split): the `datasets` package itself is not a dependen
 import gzip
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -18,6 +19,7 @@ import pytest
 from lmjax import config as config_lib
 from lmjax.data import corpora, pipeline, sources, tokenizer
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 320
 SEQ = 64
 WORDS = 'alpha beta gamma delta model data token batch shard value return print'.split()
@@ -426,3 +428,47 @@ def test_config_checks(tmp_path):
   with pytest.raises(sources.DataError, match=r'not a directory written by save_to_disk'):
     (tmp_path / 'plain').mkdir()
     docs_of(make_cfg(tmp_path, 'hf_disk', str(tmp_path / 'plain')), 'train')
+
+
+# ---- Cleaning and training on a corpus ---------------------------------------------------
+
+def test_prepare_data_reads_a_jsonl_corpus_and_reports_ids(tmp_path):
+  docs = make_docs(12, seed=3)
+  docs[7] = docs[2].upper()  # an exact duplicate once normalised
+  write_jsonl(tmp_path / 'a.jsonl.gz', docs, ids=[f'web-{i}' for i in range(12)],
+              opener=gzip.open)
+  out = tmp_path / 'out'
+  res = subprocess.run(
+      [sys.executable, 'tools/prepare_data.py', '--config=configs/data/prepare_stdlib.py',
+       f'--out={out}', '--config.data.source=jsonl', f'--config.data.files={tmp_path}/*.gz',
+       '--config.data.id_key=id', f'--config.data.data_dir={tmp_path}/cache',
+       '--config.data.val_fraction=0.0', "--config.splits=('train',)",
+       '--config.quality.enabled=False', '--config.near_dedup.enabled=False',
+       '--config.workers=2', '--config.shard_size=4'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, PYTHONPATH=ROOT))
+  assert res.returncode == 0, res.stderr[-3000:]
+  report = json.load(open(out / 'report.json'))
+  s = report['splits']['train']
+  assert (s['documents_in'], s['documents_out']) == (12, 11)
+  ex = s['steps']['exact_dedup']['examples'][0]
+  assert ex['id'] == 'web-7' and ex['reason'] == 'duplicate of document 2 (id web-2)'
+  assert 'removed document 7 (id web-7)' in res.stdout
+
+
+def test_train_on_a_jsonl_corpus(tmp_path):
+  from lmjax.train import loop  # pylint: disable=import-outside-toplevel
+  from util import tiny_config  # pylint: disable=import-outside-toplevel
+  write_jsonl(tmp_path / 'web-0.jsonl.gz', TRAIN, opener=gzip.open)
+  write_jsonl(tmp_path / 'web-1.jsonl', VAL)
+  cfg = tiny_config(vocab_size=VOCAB)
+  cfg.data.update(source='jsonl', files=str(tmp_path / 'web-*'), data_dir=str(tmp_path / 'c'),
+                  val_fraction=0.1)
+  cfg.tokenizer.update(vocab_size=VOCAB, max_sentences=20_000)
+  cfg.train.update(steps=3, eval_every=3, eval_batches=1)
+  cfg.mesh.update(data=-1)  # the 8 test devices, data parallel
+  config_lib.validate(cfg)
+  out = loop.train(cfg, str(tmp_path / 'run'))
+  assert out.tokenizer.path == tokenizer.default_path(cfg)  # trained on the train split
+  assert corpora.dataset_name(cfg.data) in out.tokenizer.path
+  assert [e['step'] for e in out.evals] == [0, 3] and np.isfinite(out.evals[-1]['eval_loss'])

@@ -369,8 +369,8 @@ def _string_column(schema, path: str, key: str, report: _Report, rows: int) -> b
                                    f'{", ".join(schema.names[:8])})', rows)
     return False
   kind = schema.field(key).type
-  if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
-          or pa.types.is_string_view(kind)):
+  is_view = getattr(pa.types, 'is_string_view', lambda _: False)  # pyarrow >= 16
+  if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or is_view(kind)):
     report.add('not_string', '', f'column {key!r} is {kind}, not a string', rows)
     return False
   return True
