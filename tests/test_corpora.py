@@ -472,3 +472,30 @@ def test_train_on_a_jsonl_corpus(tmp_path):
   assert out.tokenizer.path == tokenizer.default_path(cfg)  # trained on the train split
   assert corpora.dataset_name(cfg.data) in out.tokenizer.path
   assert [e['step'] for e in out.evals] == [0, 3] and np.isfinite(out.evals[-1]['eval_loss'])
+
+
+def test_bench_corpora_smoke(tmp_path, monkeypatch, capsys):
+  """tools/bench_corpora.py end to end on a tiny corpus (its figures: docs/benchmarks.md)."""
+  sys.path.insert(0, os.path.join(ROOT, 'tools'))
+  import bench_corpora  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv('PYTHONPATH', ROOT)  # its memory measurement runs in a child process
+  text = tmp_path / 'text'
+  text.mkdir()
+  for i, doc in enumerate(TRAIN):
+    (text / f'{i}.txt').write_text(doc)
+  out = tmp_path / 'rows.json'
+  argv = ['--config', os.path.join(ROOT, 'configs', 'pretrain_tiny.py'), '--batches=3', '--repeat=1',
+          '--threads=1', '--big_gb=0.001', '--formats=jsonl,jsonl.gz,parquet,hf_disk',
+          f'--out={tmp_path / "bench"}', f'--json={out}',
+          f'--config.data.text_glob={text}/*.txt', f'--config.data.data_dir={tmp_path}/c',
+          '--config.data.seq_len=32', f'--config.tokenizer.vocab_size={VOCAB}',
+          f'--config.model.vocab_size={VOCAB}']
+  assert bench_corpora.main(argv) == 0
+  assert '| jsonl.gz |' in capsys.readouterr().out
+  rows = json.load(open(out))
+  assert [r['format'] for r in rows['throughput']][2:] == ['jsonl', 'jsonl.gz', 'parquet',
+                                                           'hf_disk']
+  assert all(r['tokens_per_s'] > 0 for r in rows['throughput'])
+  big = {os.path.basename(b['shard']): b for b in rows['big']}
+  assert big['big.jsonl']['records'] > 0 and big['big.jsonl.gz']['peak_rss'] > 0
+  assert not os.path.exists(tmp_path / 'bench')  # removed without --keep

@@ -9,13 +9,14 @@ the file's path, size and mtime, and the keys read), so `source[i]` reads one re
 
   .jsonl / .json / .ndjson   byte offsets of each valid line (24 bytes per record, memory-
                              mapped); a read is one pread + json.loads.
-  .jsonl.gz / .jsonl.zst     compressed streams cannot seek: decompressed once into an
-                             Arrow file of the records' text (and id), memory-mapped.
+  .jsonl.gz / .jsonl.zst     compressed streams cannot seek: decompressed once into a copy
+                             of the records' text (and ids), UTF-8 concatenated, with the
+                             same kind of offsets; a read is one pread + decode.
   Parquet                    a row group is Parquet's unit of random access (reading one
-                             row decodes its whole group): converted once, streaming a few
-                             thousand rows at a time, into the same Arrow file.
+                             row decodes its whole group): converted once, streaming a
+                             thousand rows at a time, into the same kind of copy.
   hf_disk                    its Arrow files are read in place, memory-mapped (as `datasets`
-                             reads them); nothing is cached.
+                             reads them; advised random access); nothing is cached.
 
 Bad input is found while indexing, before training: a line that is not a JSON object, a
 record without the text field or whose text is not a string (null included), an empty
@@ -39,6 +40,7 @@ import dataclasses
 import glob as glob_lib
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -54,7 +56,7 @@ from lmjax.data import sources
 from lmjax.data.sources import DataError
 
 FORMATS = ('jsonl', 'parquet', 'hf_disk')
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 ON_ERROR = ('fail', 'skip')
 _BATCH_ROWS = 1024          # rows per Arrow batch of a converted shard
 _BATCH_BYTES = 16 << 20     # ... or fewer, once their text passes this size
@@ -298,49 +300,42 @@ def _build_jsonl_offsets(path: str, out: str, text_key: str, id_key: str) -> dic
   return report.meta(len(rows) // 3, kind='offsets')
 
 
-class _ArrowWriter:
-  """Writes (text, id, number) records as an Arrow IPC file in batches."""
+class _TextWriter:
+  """Writes records as a converted shard: text.bin (their UTF-8 text, concatenated), with
+  ids.bin (their ids) when asked, and index.npy: per record [start, end, line / row] in
+  text.bin (+ [start, end] in ids.bin)."""
 
-  def __init__(self, path: str, with_id: bool):
-    import pyarrow as pa  # pylint: disable=import-outside-toplevel
-    self._pa, self._with_id = pa, with_id
-    fields = [('text', pa.string())] + ([('id', pa.string())] if with_id else [])
-    self._schema = pa.schema(fields + [('number', pa.int64())])
-    self._sink = pa.OSFile(path, 'wb')
-    self._writer = pa.ipc.new_file(self._sink, self._schema)
-    self._texts, self._ids, self._numbers, self._bytes = [], [], [], 0
-    self.records = 0
+  def __init__(self, out: str, with_id: bool):
+    self._out, self._with_id = out, with_id
+    self._text = open(os.path.join(out, 'text.bin'), 'wb')  # pylint: disable=consider-using-with
+    self._ids = open(os.path.join(out, 'ids.bin'), 'wb') if with_id else None  # pylint: disable=consider-using-with
+    self._rows, self._at, self._id_at, self.records = array.array('q'), 0, 0, 0
 
   def add(self, text: str, record_id: str, number: int) -> None:
-    self._texts.append(text)
-    self._ids.append(record_id)
-    self._numbers.append(number)
-    self._bytes += len(text)
-    if len(self._texts) >= _BATCH_ROWS or self._bytes >= _BATCH_BYTES:
-      self.flush()
-
-  def flush(self) -> None:
-    if not self._texts:
-      return
-    pa = self._pa
-    cols = [pa.array(self._texts, pa.string())]
-    if self._with_id:
-      cols.append(pa.array(self._ids, pa.string()))
-    cols.append(pa.array(self._numbers, pa.int64()))
-    self._writer.write_batch(pa.record_batch(cols, schema=self._schema))
-    self.records += len(self._texts)
-    self._texts, self._ids, self._numbers, self._bytes = [], [], [], 0
+    data = text.encode('utf-8')
+    self._text.write(data)
+    self._rows.extend((self._at, self._at + len(data), number))
+    self._at += len(data)
+    if self._ids is not None:
+      data = record_id.encode('utf-8')
+      self._ids.write(data)
+      self._rows.extend((self._id_at, self._id_at + len(data)))
+      self._id_at += len(data)
+    self.records += 1
 
   def close(self) -> None:
-    self.flush()
-    self._writer.close()
-    self._sink.close()
+    self._text.close()
+    if self._ids is not None:
+      self._ids.close()
+    columns = 5 if self._ids is not None else 3
+    np.save(os.path.join(self._out, 'index.npy'),
+            np.frombuffer(self._rows, np.int64).reshape(-1, columns))
 
 
 def _build_compressed_jsonl(path: str, out: str, text_key: str, id_key: str) -> dict:
-  """out/data.arrow: the text (and id) of each valid line of a .gz / .zst JSONL file."""
-  report, writer, truncated = _Report(path), _ArrowWriter(os.path.join(out, 'data.arrow'),
-                                                          bool(id_key)), False
+  """out/text.bin (+ ids.bin, index.npy): the text (and id) of each valid line of a .gz /
+  .zst JSONL file."""
+  report, writer, truncated = _Report(path), _TextWriter(out, bool(id_key)), False
   number = 0
   try:
     for number, _, line in _lines(_chunks(path)):
@@ -358,7 +353,13 @@ def _build_compressed_jsonl(path: str, out: str, text_key: str, id_key: str) -> 
     truncated = True
   finally:
     writer.close()
-  return report.meta(writer.records, kind='arrow', truncated=truncated)
+  return report.meta(writer.records, kind='text', truncated=truncated)
+
+
+def _release_memory() -> None:
+  """Hands the memory Arrow pooled while converting a shard back to the system."""
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  pa.default_memory_pool().release_unused()
 
 
 def _string_column(schema, path: str, key: str, report: _Report, rows: int) -> bool:
@@ -384,14 +385,15 @@ def _null_rows(column) -> np.ndarray:
 
 
 def _build_parquet(path: str, out: str, text_key: str, id_key: str) -> dict:
-  """out/data.arrow: the text (and id) of each row of a Parquet file with a string text."""
+  """out/text.bin (+ ids.bin, index.npy): the text (and id) of each row of a Parquet file
+  whose text is a string."""
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   report = _Report(path)
   try:
     pf = pq.ParquetFile(path)
   except Exception as e:  # pylint: disable=broad-except  (ArrowInvalid, OSError)
     report.add('truncated', '', f'not a readable Parquet file ({e})')
-    return report.meta(0, kind='arrow', truncated=True)
+    return report.meta(0, kind='text', unit='row', truncated=True)
   n_rows = pf.metadata.num_rows
   if not _string_column(pf.schema_arrow, path, text_key, report, n_rows):
     return report.meta(0, kind='skipped')
@@ -399,7 +401,7 @@ def _build_parquet(path: str, out: str, text_key: str, id_key: str) -> dict:
   if id_key and id_key not in pf.schema_arrow.names:
     raise DataError(f'{path}: no column data.id_key={id_key!r} (columns: '
                     f'{", ".join(pf.schema_arrow.names[:8])})')
-  writer, row, truncated = _ArrowWriter(os.path.join(out, 'data.arrow'), bool(id_key)), 0, False
+  writer, row, truncated = _TextWriter(out, bool(id_key)), 0, False
   try:
     for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
       texts = batch.column(text_key)
@@ -419,7 +421,7 @@ def _build_parquet(path: str, out: str, text_key: str, id_key: str) -> dict:
     truncated = True
   finally:
     writer.close()
-  return report.meta(writer.records, kind='arrow', truncated=truncated)
+  return report.meta(writer.records, kind='text', unit='row', truncated=truncated)
 
 
 _BUILDERS = {'offsets': _build_jsonl_offsets, 'compressed': _build_compressed_jsonl,
@@ -449,6 +451,8 @@ def index_shard(d, path: str) -> tuple[str, dict, bool]:
   try:
     t0 = time.perf_counter()
     meta = _BUILDERS[kind](path, tmp, d.text_key, d.id_key)
+    if kind == 'parquet':
+      _release_memory()
     meta.update(path=path, size=os.path.getsize(path), build_s=time.perf_counter() - t0)
     with open(os.path.join(tmp, 'meta.json'), 'w', encoding='utf-8') as f:
       json.dump(meta, f, indent=1)
@@ -466,12 +470,17 @@ def index_shard(d, path: str) -> tuple[str, dict, bool]:
 
 # ---- Shards: random access to their records ----------------------------------------------
 
-class _OffsetsShard:
-  """A plain JSONL file read in place: its index (memory-mapped) gives each record's bytes."""
+class _IndexedShard:
+  """A shard read by byte ranges (pread; memory-mapped index): a plain JSONL file in place
+  (index rows [start, end, line] of each valid line: a read parses the line), or a
+  converted shard (text.bin / ids.bin, index rows [start, end, number(, id start, id
+  end)]: a read decodes the text)."""
 
   def __init__(self, path: str, root: str, meta: dict, text_key: str, id_key: str):
-    self.path = self.origin = path
-    self.records = meta['records']
+    self.origin, self.records, self._kind = path, meta['records'], meta['kind']
+    self._rows_not_lines = meta.get('unit') == 'row'  # Parquet: 0-based rows
+    self._data = path if self._kind == 'offsets' else os.path.join(root, 'text.bin')
+    self._ids = os.path.join(root, 'ids.bin')
     self._index_path = os.path.join(root, 'index.npy')
     self._text_key, self._id_key = text_key, id_key
     self._index = None
@@ -485,24 +494,52 @@ class _OffsetsShard:
     return np.asarray(self._rows()[:, 2])
 
   def where(self, j: int) -> str:
-    return f'{self.path}:{int(self._rows()[j, 2])}'
+    number = int(self._rows()[j, 2])
+    if self._rows_not_lines:
+      return f'{self.origin}: row {number}'
+    return f'{self.origin}:{number}'
+
+  @staticmethod
+  def _read(path: str, start: int, end: int) -> bytes:
+    with open(path, 'rb') as f:
+      f.seek(start)
+      return f.read(end - start)
 
   def _record(self, j: int) -> tuple[str, str]:
-    start, end, number = (int(v) for v in self._rows()[j])
-    with open(self.path, 'rb') as f:
-      f.seek(start)
-      line = f.read(end - start)
+    start, end, number = (int(v) for v in self._rows()[j, :3])
+    line = self._read(self._data, start, end)
     try:
       return parse_record(line, self._text_key, self._id_key)
     except _Bad as e:
-      raise DataError(f'{self.path}:{number}: {e}; the file changed since it was indexed: '
-                      'rerun to index it again') from None
+      raise DataError(f'{self.origin}:{number}: {e}; the file changed since it was '
+                      'indexed: rerun to index it again') from None
 
   def text(self, j: int) -> str:
-    return self._record(j)[0]
+    if self._kind == 'offsets':
+      return self._record(j)[0]
+    start, end = (int(v) for v in self._rows()[j, :2])
+    return self._read(self._data, start, end).decode('utf-8')
 
   def record_id(self, j: int) -> str:
-    return self._record(j)[1]
+    if not self._id_key:
+      return ''
+    if self._kind == 'offsets':
+      return self._record(j)[1]
+    start, end = (int(v) for v in self._rows()[j, 3:5])
+    return self._read(self._ids, start, end).decode('utf-8')
+
+
+def _map(path: str):
+  """The file memory-mapped read-only, advised random access: a read faults in its own
+  pages, without the kernel's readahead around them (which would make a shuffled pass
+  resident in RSS, as reclaimable page cache, many times over the text it reads)."""
+  with open(path, 'rb') as f:
+    if os.fstat(f.fileno()).st_size == 0:
+      return b''
+    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+  if hasattr(m, 'madvise') and hasattr(mmap, 'MADV_RANDOM'):
+    m.madvise(mmap.MADV_RANDOM)
+  return m
 
 
 class _ArrowShard:
@@ -510,12 +547,11 @@ class _ArrowShard:
   shard (columns text / id / number) or a save_to_disk file (its own columns; rows with a
   null text are left out)."""
 
-  def __init__(self, path: str, text_col: str, id_col: str = '', number_col: str = '',
-               origin: str | None = None):
+  def __init__(self, path: str, text_col: str, id_col: str = ''):
     import pyarrow as pa  # pylint: disable=import-outside-toplevel
-    self.path, self.origin = path, origin or path
-    self._text_col, self._id_col, self._number_col = text_col, id_col, number_col
-    source = pa.memory_map(path)
+    self.origin = path
+    self._text_col, self._id_col = text_col, id_col
+    source = pa.BufferReader(pa.py_buffer(_map(path)))  # the batches point into the map
     if source.read(6) == b'ARROW1':
       source.seek(0)
       reader = pa.ipc.open_file(source)
@@ -540,17 +576,9 @@ class _ArrowShard:
     return self.batches[b].column(col)[row - int(self._starts[b])].as_py()
 
   def numbers(self) -> np.ndarray:
-    if self._number_col:
-      values = np.concatenate([b.column(self._number_col).to_numpy() for b in self.batches]
-                              or [np.zeros(0, np.int64)])
-      return values if self._keep is None else values[self._keep]
     return np.arange(self.rows) if self._keep is None else np.asarray(self._keep)
 
   def where(self, j: int) -> str:
-    if self._number_col:
-      number = self._value(self._number_col, self._row(j))
-      return (f'{self.origin}:{number}' if self.origin.endswith(_JSONL_SUFFIXES)
-              else f'{self.origin}: row {number}')
     return f'{self.origin}: row {self._row(j)}'
 
   def text(self, j: int) -> str:
@@ -558,10 +586,6 @@ class _ArrowShard:
 
   def record_id(self, j: int) -> str:
     return _id_str(self._value(self._id_col, self._row(j))) if self._id_col else ''
-
-
-_JSONL_SUFFIXES = tuple(f'{s}{c}' for s in ('.jsonl', '.json', '.ndjson')
-                        for c in ('', '.gz', '.zst', '.zstd'))
 
 
 def _open_hf_arrow(path: str, d) -> tuple[_ArrowShard | None, dict]:
@@ -642,11 +666,8 @@ def _open_corpus(d, split: str) -> _Corpus:
       metas.append(meta)
       if not meta['records']:
         shards.append(None)
-      elif meta['kind'] == 'offsets':
-        shards.append(_OffsetsShard(path, cache, meta, d.text_key, d.id_key))
       else:
-        shards.append(_ArrowShard(os.path.join(cache, 'data.arrow'), 'text',
-                                  'id' if d.id_key else '', 'number', origin=path))
+        shards.append(_IndexedShard(path, cache, meta, d.text_key, d.id_key))
   fingerprint = hashlib.sha256('\n'.join(stamps).encode()).hexdigest()[:16]
   corpus = _Corpus(root, shards, metas, fingerprint, split_dirs, time.perf_counter() - t0)
   if built:
@@ -741,6 +762,8 @@ def _selections(d, corpus: _Corpus, split: str) -> list:
   vf = float(d.val_fraction)
   if not 0.0 <= vf < 1.0:
     raise DataError(f'data.val_fraction must be in [0, 1), got {vf}')
+  if vf == 0:  # nothing held out
+    return [None if split == 'train' else np.zeros(0, np.int32) for _ in corpus.shards]
   hashes = [_record_hash(os.path.relpath(s.origin, corpus.root), s.numbers())
             if s is not None else np.zeros(0) for s in corpus.shards]
   val = [h < vf for h in hashes]
