@@ -484,8 +484,8 @@ def test_bench_corpora_smoke(tmp_path, monkeypatch, capsys):
   for i, doc in enumerate(TRAIN):
     (text / f'{i}.txt').write_text(doc)
   out = tmp_path / 'rows.json'
-  argv = ['--config', os.path.join(ROOT, 'configs', 'pretrain_tiny.py'), '--batches=3', '--repeat=1',
-          '--threads=1', '--big_gb=0.001', '--formats=jsonl,jsonl.gz,parquet,hf_disk',
+  argv = ['--config', os.path.join(ROOT, 'configs', 'pretrain_tiny.py'), '--batches=3',
+          '--repeat=1', '--threads=1', '--big_gb=0.001', '--formats=jsonl,jsonl.gz,parquet,hf_disk',
           f'--out={tmp_path / "bench"}', f'--json={out}',
           f'--config.data.text_glob={text}/*.txt', f'--config.data.data_dir={tmp_path}/c',
           '--config.data.seq_len=32', f'--config.tokenizer.vocab_size={VOCAB}',

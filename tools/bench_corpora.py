@@ -9,7 +9,8 @@ tokenizer) is written in each format (4 shards each, '{split}' names), then each
 through pipeline.make_lm_iterator (shuffled, tokenized on the fly, packed, batches of 16 x
 data.seq_len; the first batch untimed; the median of --repeat passes) beside the
 local_text dataset (array_record) on the fly and pretokenized. Columns: index build
-(first use: offsets, or the converted copy), the index or copy on disk, tokens/s.
+(first use: offsets, or the converted copy), the index or copy on disk, random reads (MB/s
+of text, every document once in a shuffled order, one thread: the reader alone), tokens/s.
 
 Memory: one JSONL shard of --big_gb GB (the documents repeated, with ids and a metadata
 field as web corpora have; and the same shard gzipped) is read in a fresh process:
@@ -100,6 +101,16 @@ def tokens_per_s(cfg, tok, batches: int, repeat: int = 1) -> float:
   return sorted(rates)[len(rates) // 2]
 
 
+def read_mb_per_s(source) -> float:
+  """MB/s of text of reading every document once in a random order (one thread)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  order = np.random.default_rng(0).permutation(len(source))
+  t0, n = time.perf_counter(), 0
+  for i in order:
+    n += len(source[int(i)].encode('utf-8'))
+  return n / 1e6 / (time.perf_counter() - t0)
+
+
 def throughput(cfg, tok, out: str, formats: list[str], batches: int,
                repeat: int = 1) -> list[dict]:
   """One row per format (and the local_text baselines): index time, its size, tokens/s."""
@@ -108,23 +119,26 @@ def throughput(cfg, tok, out: str, formats: list[str], batches: int,
   docs = [train[i] for i in range(len(train))]
   size = sum(len(d.encode('utf-8')) for d in docs)
   rows = [dict(format=f'{cfg.data.source} (array_record), on the fly', index_s=None,
-               index_bytes=None, tokens_per_s=tokens_per_s(cfg, tok, batches, repeat))]
+               index_bytes=None, read_mb_s=read_mb_per_s(train),
+               tokens_per_s=tokens_per_s(cfg, tok, batches, repeat))]
   pre = cfg.copy_and_resolve_references()
   pre.data.pretokenize = True
   tokenized.get_source(pre.data, 'train', tok, max(int(cfg.data.worker_threads), 1))
   rows.append(dict(format=f'{cfg.data.source}, pretokenized (array_record)', index_s=None,
-                   index_bytes=None, tokens_per_s=tokens_per_s(pre, tok, batches, repeat)))
+                   index_bytes=None, read_mb_s=None,
+                   tokens_per_s=tokens_per_s(pre, tok, batches, repeat)))
   for fmt in formats:
     source, files = _write(fmt, docs, os.path.join(out, 'formats', fmt.replace('.', '_')))
     c = cfg.copy_and_resolve_references()
     c.data.update(source=source, files=files, data_dir=os.path.join(out, 'cache', fmt))
     t0 = time.perf_counter()
-    n = len(corpora.get_source(c.data, 'train'))
+    src = corpora.get_source(c.data, 'train')
     index_s = time.perf_counter() - t0
-    assert n == len(docs), (fmt, n, len(docs))
+    assert len(src) == len(docs), (fmt, len(src), len(docs))
     cache = os.path.join(out, 'cache', fmt, 'corpora')
     rows.append(dict(format=fmt, index_s=index_s,
                      index_bytes=_du(cache) if os.path.isdir(cache) else 0,
+                     read_mb_s=read_mb_per_s(src),
                      tokens_per_s=tokens_per_s(c, tok, batches, repeat)))
   for r in rows:
     r.update(documents=len(docs), text_bytes=size)
@@ -200,10 +214,12 @@ def tables(rows: list[dict], big: list[dict]) -> str:
   if rows:
     r0 = rows[0]
     out += [f'{r0["documents"]:,} documents, {_mb(r0["text_bytes"])} of text:', '',
-            '| format | index build | index / copy on disk | tokens/s |', '|---|---|---|---|']
+            '| format | index build | index / copy on disk | random reads | tokens/s |',
+            '|---|---|---|---|---|']
     for r in rows:
       index = '-' if r['index_s'] is None else f'{r["index_s"]:.1f} s'
-      out.append(f'| {r["format"]} | {index} | {_mb(r["index_bytes"])} | '
+      reads = '-' if r['read_mb_s'] is None else f'{r["read_mb_s"]:,.0f} MB/s'
+      out.append(f'| {r["format"]} | {index} | {_mb(r["index_bytes"])} | {reads} | '
                  f'{r["tokens_per_s"] / 1e6:.2f}M |')
   if big:
     out += ['', '| shard | size | records | index build | RSS before | peak RSS | RSS at the '

@@ -18,6 +18,8 @@ the file's path, size and mtime, and the keys read), so `source[i]` reads one re
   hf_disk                    its Arrow files are read in place, memory-mapped (as `datasets`
                              reads them; advised random access); nothing is cached.
 
+Memory per process: the indexes are memory-mapped (page cache, not the heap); a split by
+hash (below) keeps the positions of its records, 4 bytes each. Reads are thread-safe.
 Bad input is found while indexing, before training: a line that is not a JSON object, a
 record without the text field or whose text is not a string (null included), an empty
 shard, a truncated or corrupt file (.gz, .zst, Parquet, Arrow). data.on_error='fail' raises
@@ -58,8 +60,7 @@ from lmjax.data.sources import DataError
 FORMATS = ('jsonl', 'parquet', 'hf_disk')
 INDEX_VERSION = 2
 ON_ERROR = ('fail', 'skip')
-_BATCH_ROWS = 1024          # rows per Arrow batch of a converted shard
-_BATCH_BYTES = 16 << 20     # ... or fewer, once their text passes this size
+_BATCH_ROWS = 1024          # Parquet rows decoded at a time while converting
 _CHUNK = 1 << 20            # bytes read at a time while indexing
 _KINDS = {  # kinds of bad input, as the skip line names them
     'malformed': 'malformed JSON', 'missing_text': 'without the text field',
@@ -307,8 +308,9 @@ class _TextWriter:
 
   def __init__(self, out: str, with_id: bool):
     self._out, self._with_id = out, with_id
-    self._text = open(os.path.join(out, 'text.bin'), 'wb')  # pylint: disable=consider-using-with
-    self._ids = open(os.path.join(out, 'ids.bin'), 'wb') if with_id else None  # pylint: disable=consider-using-with
+    # pylint: disable=consider-using-with  (closed by close())
+    self._text = open(os.path.join(out, 'text.bin'), 'wb')
+    self._ids = open(os.path.join(out, 'ids.bin'), 'wb') if with_id else None
     self._rows, self._at, self._id_at, self.records = array.array('q'), 0, 0, 0
 
   def add(self, text: str, record_id: str, number: int) -> None:
