@@ -14,7 +14,9 @@ the file's path, size and mtime, and the keys read), so `source[i]` reads one re
                              same kind of offsets; a read is one pread + decode.
   Parquet                    a row group is Parquet's unit of random access (reading one
                              row decodes its whole group): converted once, streaming a
-                             thousand rows at a time, into the same kind of copy.
+                             thousand rows at a time, into the same kind of copy. (grain's
+                             ParquetIterDataset reads row groups in order: an IterDataset,
+                             without the random access MapDataset's shuffle needs.)
   hf_disk                    its Arrow files are read in place, memory-mapped (as `datasets`
                              reads them; advised random access); nothing is cached.
 
@@ -545,9 +547,8 @@ def _map(path: str):
 
 
 class _ArrowShard:
-  """Records of an Arrow file (IPC stream or file format), memory-mapped: a converted
-  shard (columns text / id / number) or a save_to_disk file (its own columns; rows with a
-  null text are left out)."""
+  """Records of an Arrow file (IPC stream or file format: a save_to_disk file), memory-
+  mapped; rows with a null text are left out (keep)."""
 
   def __init__(self, path: str, text_col: str, id_col: str = ''):
     import pyarrow as pa  # pylint: disable=import-outside-toplevel
