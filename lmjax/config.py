@@ -73,17 +73,32 @@ def base_config() -> ml_collections.ConfigDict:
   )
 
   cfg.data = dict(
-      source='local_text',    # local_text: a glob of text files | tfds: a TFDS name.
+      # local_text: a glob of text files | tfds: a TFDS name | jsonl, parquet, hf_disk:
+      # shards of records in data.files (data/corpora.py).
+      source='local_text',
       # 'stdlib' = this Python's standard library sources; 'site:jax,flax' = the installed
       # sources of those packages; else globs separated by commas.
       text_glob='stdlib',
       tfds_name='',           # e.g. 'c4/en:3.1.0' with data_dir='gs://bucket/tfds', or a
                               # prepared dataset's directory (tools/prepare_data.py).
-      data_dir='',            # TFDS data_dir; '' = ~/.cache/lmjax/tfds.
-      text_key='text',
+      # jsonl (.jsonl / .json, .gz / .zst compressed) | parquet | hf_disk (directories
+      # written by datasets' save_to_disk): globs separated by commas. '{split}' names each
+      # split's own shards ('/data/{split}-*.jsonl.gz'); without it data.val_fraction of the
+      # records (by a stable hash) form the validation split.
+      files='',
+      data_dir='',            # TFDS data_dir (and shard indexes: <data_dir>/corpora);
+                              # '' = ~/.cache/lmjax/tfds.
+      text_key='text',        # tfds / jsonl / parquet / hf_disk: the field with the text.
+      id_key='',              # jsonl / parquet / hf_disk: a record id for prepare_data's
+                              # reports ('' = none).
+      # jsonl / parquet / hf_disk: bad input (malformed JSON, text missing or not a string,
+      # empty shard, truncated file): fail (file:line / row) | skip (counted, one line).
+      on_error='fail',
       train_split='train',
       eval_split='validation',
-      val_fraction=0.02,      # local_text: files held out for validation (by path hash).
+      # Held out for validation: local_text files (by path hash); jsonl / parquet / hf_disk
+      # records without '{split}' in data.files (by a hash of shard path and line / row).
+      val_fraction=0.02,
       seq_len=256,
       shuffle=True,
       add_bos=True,
@@ -464,11 +479,13 @@ def check_fields(cfg: ml_collections.ConfigDict) -> None:
 
 # The fields of a named source. '' (val_fraction: -1) = the value of the same cfg.data field.
 SOURCE_FIELDS = {
-    'source': '', 'text_glob': '', 'tfds_name': '', 'data_dir': '', 'text_key': '',
-    'train_split': '', 'eval_split': '', 'val_fraction': -1.0,
+    'source': '', 'text_glob': '', 'tfds_name': '', 'files': '', 'data_dir': '',
+    'text_key': '', 'id_key': '', 'on_error': '', 'train_split': '', 'eval_split': '',
+    'val_fraction': -1.0,
     'weight': 1.0,  # data.mixture: relative share of documents (unused by eval_sources).
 }
 SOURCE_GROUPS = ('mixture', 'eval_sources')
+CORPUS_FORMATS = ('jsonl', 'parquet', 'hf_disk')  # data/corpora.py: shards in data.files
 _NAME = re.compile(r'[A-Za-z][A-Za-z0-9_]*$')  # also a metric and a command-line key
 
 
@@ -559,9 +576,14 @@ def _validate_sources(cfg) -> None:
       if entry.val_fraction != -1 and not 0 <= entry.val_fraction < 1:
         raise ConfigError(f'{where}.val_fraction must be in [0, 1) (or -1: data.val_fraction)'
                           f', got {entry.val_fraction}')
+      if entry.on_error and entry.on_error not in _CHOICES['data.on_error']:
+        raise ConfigError(f'config key {where + ".on_error"!r} must be one of '
+                          f"{('',) + _CHOICES['data.on_error']}, got {entry.on_error!r}")
       resolved = resolve_source(d, entry)
       if resolved.source == 'tfds' and not resolved.tfds_name:
         raise ConfigError(f"{where}.tfds_name must be set: its source is 'tfds'")
+      if resolved.source in CORPUS_FORMATS and not resolved.files:
+        raise ConfigError(f'{where}.files must be set: its source is {resolved.source!r}')
 
 
 def _compatible(ref, value) -> bool:
@@ -580,7 +602,8 @@ _CHOICES = {
     'model.remat': ('none', 'dots', 'dots_no_batch', 'full', 'offload_dots'),
     'model.attention': ('xla', 'cudnn'),
     'model.rope_scaling.type': ('none', 'llama3'),
-    'data.source': ('local_text', 'tfds'),
+    'data.source': ('local_text', 'tfds', 'jsonl', 'parquet', 'hf_disk'),
+    'data.on_error': ('fail', 'skip'),
     'tokenizer.model_type': ('bpe', 'unigram'),
     'stage': ('pretrain', 'sft', 'dpo'),
     'train.wandb.mode': ('', 'online', 'offline', 'disabled'),
@@ -636,6 +659,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                       f'({cfg.data.seq_len})')
   if cfg.data.source == 'tfds' and not cfg.data.tfds_name and not cfg.data.mixture:
     raise ConfigError("data.tfds_name must be set when data.source='tfds'")
+  if (cfg.data.source in CORPUS_FORMATS and not cfg.data.files.strip()
+      and not cfg.data.mixture):
+    raise ConfigError(f'data.files must name the shards when data.source='
+                      f"{cfg.data.source!r} (globs separated by commas)")
   _validate_sources(cfg)
   if cfg.init_from.format not in ('auto', 'lmjax', 'hf'):
     raise ConfigError("config key 'init_from.format' must be one of ('auto', 'lmjax', 'hf'), "

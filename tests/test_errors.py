@@ -4,7 +4,9 @@ is the index; docs/errors.md is the table of what the user sees. Tested elsewher
   --config file, one line and exit code 2 for lmjax's errors, the traceback with --verbose
   or LMJAX_VERBOSE, a second Ctrl-C (test_cli.py); a mesh or batch the devices do not
   divide (test_step.py); train.wandb without wandb installed (test_tracking.py);
-- data: malformed JSONL lines (test_formats.py, test_preference.py); a path without
+- data: pretraining corpora's bad records, empty shards, truncated files and a missing
+  zstandard, failing with file:line / row or skipped and counted (test_corpora.py);
+  malformed JSONL lines (test_formats.py, test_preference.py); a path without
   {split}, an eval split overlapping train, degenerate records (identical pairs, empty
   completions or assistant turns, no room for an answer) counted, dropped, warned or
   refused before compiling (test_data_check.py); tokenizer vs model vocab (test_data.py,

@@ -1,7 +1,8 @@
 """Corpus cleaning before training: deduplication, quality filters, decontamination.
 
 tools/prepare_data.py runs `prepare(cfg, out)`: the documents of a source (cfg.data: local
-text files or a TFDS dataset, as the training configs name them) go through these steps,
+text files, a TFDS dataset, or JSONL / Parquet / save_to_disk shards, as the training
+configs name them; data.id_key's record ids appear in the report) go through these steps,
 each switchable in cfg, in this order:
 
   sanity       encoding / language sanity: replacement characters (U+FFFD), control
@@ -56,7 +57,9 @@ def default_config() -> ml_collections.ConfigDict:
   """Every field of a preparation config, with its default."""
   from lmjax import config as config_lib  # pylint: disable=import-outside-toplevel
   cfg = ml_collections.ConfigDict()
-  cfg.data = config_lib.base_config().data  # the source: local_text / tfds, as in training
+  # The source, as in training: local_text / tfds, or a corpus of JSONL / Parquet /
+  # save_to_disk shards (data.files; data.id_key names records in the report).
+  cfg.data = config_lib.base_config().data
   cfg.splits = ('train', 'validation')
   cfg.name = ''               # the output dataset's name ('' = the source's + '_clean')
   cfg.workers = 2             # analysis processes (0 = in this process)
@@ -376,8 +379,8 @@ def prepare(cfg, out_dir: str) -> dict:
         'mb_per_s': total_bytes / 1e6 / max(analysis_s, 1e-9),
         'steps': {step: {**{k: v for k, v in dataclasses.asdict(c).items()
                             if k != 'removed'},
-                         'examples': [{'document': i, 'reason': why,
-                                       'text': source[i][:300]} for i, why in c.removed]}
+                         'examples': [_example(source, cfg.data, i, why)
+                                      for i, why in c.removed]}
                   for step, c in counts.items()}}
   tfds_dir = write_dataset(cfg, name, keeps, out_dir)
   report['tfds_dir'] = tfds_dir
@@ -389,10 +392,26 @@ def prepare(cfg, out_dir: str) -> dict:
   return report
 
 
+def _example(source, d, index: int, reason: str) -> dict:
+  """A removed document for the report: its index, reason, text; with data.id_key its id
+  and the ids of the documents the reason names (the duplicates' firsts)."""
+  out = {'document': index, 'reason': reason, 'text': source[index][:300]}
+  if d.get('id_key') and hasattr(source, 'record_id'):
+    out['id'] = source.record_id(index)
+    out['reason'] = re.sub(r'document (\d+)', lambda m: f'{m[0]} (id '
+                           f'{source.record_id(int(m[1]))})', reason)
+  return out
+
+
 def _default_name(cfg) -> str:
   d = cfg.data
-  base = (sources.dataset_name(d.text_glob, d.val_fraction) if d.source == 'local_text'
-          else re.sub(r'[^a-z0-9_]+', '_', d.tfds_name.lower()))
+  if d.source == 'local_text':
+    base = sources.dataset_name(d.text_glob, d.val_fraction)
+  elif d.source == 'tfds':
+    base = re.sub(r'[^a-z0-9_]+', '_', d.tfds_name.lower())
+  else:
+    from lmjax.data import corpora  # pylint: disable=import-outside-toplevel
+    base = corpora.dataset_name(d)
   return base + '_clean'
 
 
@@ -414,8 +433,8 @@ def summary(report: dict) -> str:
     for step, c in s['steps'].items():
       for ex in c['examples']:
         snippet = ex['text'][:120].replace('\n', ' ').replace('|', '/')
-        lines.append(f'- {step} removed document {ex["document"]} ({ex["reason"]}): '
-                     f'`{snippet}`')
+        name = f'{ex["document"]} (id {ex["id"]})' if 'id' in ex else ex['document']
+        lines.append(f'- {step} removed document {name} ({ex["reason"]}): `{snippet}`')
     lines.append('')
   return '\n'.join(lines)
 

@@ -1,7 +1,8 @@
-"""Text sources: a local TFDS builder for globs of text files, and TFDS datasets by name.
+"""Text sources: a local TFDS builder for globs of text files, TFDS datasets by name, and
+corpora of records in their own formats (JSONL, Parquet, save_to_disk: data/corpora.py).
 
-Both end as random-access sources of str documents (TFDS array_record data sources; no
-TensorFlow needed) that the grain pipeline reads. The default corpus, text_glob='stdlib',
+All end as random-access sources of str documents (TFDS array_record data sources, no
+TensorFlow needed; or the corpora's indexed shards) that the grain pipeline reads. The default corpus, text_glob='stdlib',
 is every .py file of this Python's standard library: real code and prose, present on
 every machine, nothing downloaded. text_glob='site:jax,flax,optax' names the installed
 sources of Python packages the same way (a second corpus on every machine with lmjax).
@@ -346,7 +347,7 @@ class TextSource:
     return f'TextSource({self.name}, {len(self)} documents)'
 
 
-def get_source(cfg_data, split: str) -> TextSource:
+def get_source(cfg_data, split: str):
   """Random-access str documents of `split` (building the local dataset if needed)."""
   if cfg_data.source == 'local_text':
     builder = local_text_builder(cfg_data)
@@ -380,8 +381,12 @@ def get_source(cfg_data, split: str) -> TextSource:
     if split not in builder.info.splits:
       raise DataError(f'data.tfds_name {name!r} has no split {split!r}; it has '
                       f'{sorted(builder.info.splits)}')
+  elif cfg_data.source in ('jsonl', 'parquet', 'hf_disk'):
+    from lmjax.data import corpora  # pylint: disable=import-outside-toplevel
+    return corpora.get_source(cfg_data, split)
   else:
-    raise DataError(f"unknown data.source {cfg_data.source!r} (known: 'local_text', 'tfds')")
+    raise DataError(f"unknown data.source {cfg_data.source!r} (known: 'local_text', 'tfds', "
+                    "'jsonl', 'parquet', 'hf_disk')")
   with _quiet_tfds():
     source = builder.as_data_source(split=split)
   if len(source) == 0:

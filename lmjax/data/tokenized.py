@@ -44,6 +44,8 @@ def directory(cfg_data, split: str, tokenizer) -> tuple[str, sources.TextSource,
   ident = {'source': text.name, 'data_dir': sources.default_data_dir(cfg_data),
            'documents': len(text), 'tokenizer': os.path.abspath(tokenizer.path),
            'tokenizer_sha256': tokenizer.sha256()}
+  if getattr(text, 'fingerprint', None):  # corpora: the shards' paths, sizes and mtimes
+    ident['fingerprint'] = text.fingerprint
   key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
   slug = re.sub(r'[^A-Za-z0-9_.-]+', '_', text.name).strip('_')
   return os.path.join(ident['data_dir'], 'tokenized', f'{slug}-{key}'), text, ident

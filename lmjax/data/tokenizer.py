@@ -510,6 +510,9 @@ def default_path(cfg) -> str:
   d, t = cfg.data, cfg.tokenizer
   if d.source == 'local_text':
     name = sources.dataset_name(d.text_glob, d.val_fraction)
+  elif d.source in ('jsonl', 'parquet', 'hf_disk'):
+    from lmjax.data import corpora  # pylint: disable=import-outside-toplevel
+    name = corpora.dataset_name(d)
   else:
     name = d.tfds_name.replace('/', '_').replace(':', '_')
   return os.path.join(sources.default_data_dir(d), 'tokenizers',
