@@ -456,6 +456,7 @@ def test_prepare_data_reads_a_jsonl_corpus_and_reports_ids(tmp_path):
   assert 'removed document 7 (id web-7)' in res.stdout
 
 
+@pytest.mark.slow
 def test_train_on_a_jsonl_corpus(tmp_path):
   from lmjax.train import loop  # pylint: disable=import-outside-toplevel
   from util import tiny_config  # pylint: disable=import-outside-toplevel
