@@ -120,3 +120,142 @@ def test_chunked_logit_stats_values_and_gradients():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, ref)
   with pytest.raises(ValueError, match='must divide the sequence length 16'):
     losses.chunked_logit_stats(h, lambda x: x @ w, y, 5)
+
+
+# ---- KTO -------------------------------------------------------------------------------
+
+def _np_sigmoid(x):
+  return 1.0 / (1.0 + np.exp(-x))
+
+
+def _trl_kto(pc, pr, pkl, rc, rr, rkl, beta, wd, wu, loss_type):
+  """TRL's KTOTrainer.kto_loss (trl 0.11-0.19 and trl.experimental.kto in 1.x), in NumPy:
+  the liked and disliked rows as separate arrays, the loss their concatenation's mean."""
+  kl = max(float(np.mean(pkl - rkl)), 0.0)
+  cr, rj = pc - rc, pr - rr
+  if loss_type == 'kto':
+    cl, rl = 1 - _np_sigmoid(beta * (cr - kl)), 1 - _np_sigmoid(beta * (kl - rj))
+  else:  # apo_zero_unpaired
+    cl, rl = 1 - _np_sigmoid(beta * cr), _np_sigmoid(beta * rj)
+  loss = np.concatenate([wd * cl, wu * rl]).mean()
+  return loss, kl, beta * cr, beta * rj
+
+
+@pytest.mark.parametrize('loss_type', losses.KTO_LOSSES)
+@pytest.mark.parametrize('beta,wd,wu', [(0.1, 1.0, 1.0), (0.5, 1.0, 1.33), (2.0, 0.7, 1.2)])
+def test_kto_matches_trl(loss_type, beta, wd, wu):
+  rng = np.random.default_rng(0)
+  n, pad = 7, 3  # 7 real rows, 3 padding rows the loss must ignore
+  label = rng.random(n + pad) < 0.6
+  label[:2] = [True, False]
+  valid = np.r_[np.ones(n), np.zeros(pad)]
+  pol, ref = rng.normal(-20, 4, n + pad), rng.normal(-20, 4, n + pad)
+  kl_pol, kl_ref = rng.normal(-25, 4, n + pad), rng.normal(-27, 4, n + pad)
+  loss, stats = losses.kto(pol, ref, label, valid, kl_pol, kl_ref, valid, loss_type=loss_type,
+                           beta=beta, desirable_weight=wd, undesirable_weight=wu)
+  liked, disliked = label[:n], ~label[:n]
+  want, kl, cr, rj = _trl_kto(pol[:n][liked], pol[:n][disliked], kl_pol[:n], ref[:n][liked],
+                              ref[:n][disliked], kl_ref[:n], beta, wd, wu, loss_type)
+  np.testing.assert_allclose(float(jnp.sum(loss) / valid.sum()), want, rtol=1e-5)
+  assert np.all(np.asarray(loss)[n:] == 0)
+  if loss_type == 'kto':
+    np.testing.assert_allclose(float(stats['kl']), kl, rtol=1e-5)
+  np.testing.assert_allclose(float(stats['rewards/chosen'] / stats['chosen']), cr.mean(),
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(stats['rewards/rejected'] / stats['rejected']), rj.mean(),
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(stats['logps/chosen'] / stats['chosen']),
+                             pol[:n][liked].mean(), rtol=1e-5)
+  assert float(stats['chosen']) == liked.sum() and float(stats['rejected']) == disliked.sum()
+
+
+def test_kto_identities_at_policy_equal_reference():
+  """policy == reference: every row's loss is 1/2 (default weights), z = 0, and
+  d loss / d policy-logp is -β/4·λD/N for a liked row, +β/4·λU/N for a disliked one."""
+  beta, wd, wu = 0.3, 1.0, 1.5
+  label = np.array([1, 0, 1, 1, 0, 0], bool)
+  logps = jnp.asarray(np.linspace(-30, -5, 6), jnp.float32)
+  ones = np.ones(6)
+
+  def mean_loss(pol, w_d=1.0, w_u=1.0):
+    loss, stats = losses.kto(pol, logps, label, ones, logps, logps, ones, beta=beta,
+                             desirable_weight=w_d, undesirable_weight=w_u)
+    return jnp.sum(loss) / 6, (loss, stats)
+
+  (total, (loss, stats)) = mean_loss(logps)
+  np.testing.assert_allclose(np.asarray(loss), 0.5, rtol=1e-6)
+  assert float(total) == pytest.approx(0.5) and float(stats['kl']) == 0.0
+  grad = jax.grad(lambda p: mean_loss(p, wd, wu)[0])(logps)
+  want = np.where(label, -beta / 4 * wd / 6, beta / 4 * wu / 6)
+  np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-5)
+
+
+def test_kto_reference_point_is_clamped_and_carries_no_gradient():
+  label, ones = np.array([1, 0]), np.ones(2)
+  pol = jnp.array([-3.0, -4.0])
+  # Mismatched rows more likely under the reference: the mean log-ratio is -2, z = 0.
+  _, stats = losses.kto(pol, pol, label, ones, jnp.array([-7., -8.]), jnp.array([-5., -6.]),
+                        ones)
+  assert float(stats['kl']) == 0.0
+
+  def total(kl_pol):
+    loss, _ = losses.kto(pol, pol - 1.0, label, ones, kl_pol, kl_pol - 2.0, ones)
+    return jnp.sum(loss)
+  assert float(jnp.max(jnp.abs(jax.grad(total)(jnp.array([-6.0, -7.0]))))) == 0.0
+
+
+@pytest.mark.parametrize('liked', [True, False])
+def test_kto_one_sided_batches_are_finite(liked):
+  n = 4
+  label, ones = np.full(n, liked), np.ones(n)
+  pol = jnp.linspace(-9.0, -3.0, n)
+  loss, stats = losses.kto(pol, pol + 0.5, label, ones, pol, pol + 0.5, ones)
+  assert np.isfinite(float(jnp.sum(loss))) and float(jnp.sum(loss)) > 0
+  assert float(stats['chosen' if liked else 'rejected']) == n
+  assert float(stats['rejected' if liked else 'chosen']) == 0
+
+
+def test_kto_weight_balance_and_bad_arguments():
+  assert losses.kto_weight_balance(30, 10, 1.0, 3.0) == pytest.approx(1.0)
+  assert losses.kto_weight_balance(30, 0, 1.0, 1.0) is None
+  ones = np.ones(2)
+  with pytest.raises(ValueError, match='loss_type'):
+    losses.kto(ones, ones, ones, ones, ones, ones, ones, loss_type='bco')
+  with pytest.raises(ValueError, match='beta'):
+    losses.kto(ones, ones, ones, ones, ones, ones, ones, beta=0.0)
+
+
+# ---- Bradley-Terry reward loss -------------------------------------------------------
+
+def test_bradley_terry_identities():
+  r = jnp.array([0.3, -1.2, 4.0])
+  loss, metrics = losses.bradley_terry(r, r)
+  np.testing.assert_allclose(np.asarray(loss), math.log(2), rtol=1e-6)
+  assert np.all(np.asarray(metrics['accuracy']) == 0)  # a tie scores 0
+  m = jnp.array([0.5, 1.0, 2.0])
+  loss, _ = losses.bradley_terry(r, r, margin=m)
+  np.testing.assert_allclose(np.asarray(loss), np.log1p(np.exp(np.asarray(m))), rtol=1e-6)
+  # TRL's RewardTrainer: -logsigmoid(rc - rr - margin) + c·(rc + rr)².
+  rc, rr = jnp.array([1.0, -0.5, 2.0]), jnp.array([0.0, 0.5, 2.5])
+  loss, metrics = losses.bradley_terry(rc, rr, margin=m, center_rewards_coefficient=0.01)
+  d = np.asarray(rc - rr - m)
+  want = np.log1p(np.exp(-d)) + 0.01 * np.asarray(rc + rr) ** 2
+  np.testing.assert_allclose(np.asarray(loss), want, rtol=1e-6)
+  assert np.asarray(metrics['accuracy']).tolist() == [1.0, 0.0, 0.0]
+  np.testing.assert_allclose(np.asarray(metrics['margin']), np.asarray(rc - rr))
+
+
+def test_bradley_terry_soft_labels():
+  rc, rr = jnp.array([1.0, -0.5, 2.0, 0.0]), jnp.array([0.0, 0.5, 2.5, 0.0])
+  hard, _ = losses.bradley_terry(rc, rr)
+  soft, _ = losses.bradley_terry(rc, rr, label=jnp.ones(4))
+  np.testing.assert_array_equal(np.asarray(hard), np.asarray(soft))
+  p = np.array([0.9, 0.25, 0.5, 0.7])
+  d = np.asarray(rc - rr)
+  want = -(p * -np.log1p(np.exp(-d)) + (1 - p) * -np.log1p(np.exp(d)))
+  np.testing.assert_allclose(np.asarray(losses.bradley_terry(rc, rr, label=p)[0]), want,
+                             rtol=1e-6)
+  # The minimum over Δ lies at logit(p): the gradient vanishes there.
+  grad = jax.grad(lambda x: jnp.sum(losses.bradley_terry(x, jnp.zeros(4), label=p)[0]))(
+      jnp.asarray(np.log(p / (1 - p)), jnp.float32))
+  np.testing.assert_allclose(np.asarray(grad), 0.0, atol=1e-6)

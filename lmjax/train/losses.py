@@ -143,3 +143,104 @@ def sequence_sums(lse: jax.Array, target_logit: jax.Array, mask: jax.Array
 def split_pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Rows 2i (chosen) and 2i + 1 (rejected) of a pair batch (data/preference.py)."""
   return x[0::2], x[1::2]
+
+
+# ---- Unpaired feedback (KTO) ---------------------------------------------------------
+
+KTO_LOSSES = ('kto', 'apo_zero_unpaired')
+
+
+def kto(policy_logps: jax.Array, ref_logps: jax.Array, desirable: jax.Array,
+        valid: jax.Array, kl_policy_logps: jax.Array, kl_ref_logps: jax.Array,
+        kl_valid: jax.Array, *, loss_type: str = 'kto', beta: float = 0.1,
+        desirable_weight: float = 1.0, undesirable_weight: float = 1.0
+        ) -> tuple[jax.Array, dict]:
+  """Per-row KTO losses [N] (0 on rows with valid 0) and the batch's statistics.
+
+  Inputs are [N] float32 sequence log-probs summed over completion tokens: the batch's
+  rows (desirable 1 = liked, 0 = disliked) and, for the KL estimate, the same prompts
+  with mismatched completions (kl_*; kl_valid marks real ones). With r = policy - ref:
+    kto                z = max(0, mean of the mismatched rows' r), no gradient (the KTO
+                       paper's reference point, as TRL's KTOTrainer estimates it);
+                       liked λD·(1 - σ(β(r - z))), disliked λU·(1 - σ(β(z - r)))
+    apo_zero_unpaired  liked λD·(1 - σ(βr)), disliked λU·σ(βr) (APO-zero, no z)
+  The mean over the valid rows of the global batch is TRL's loss (TRL gathers each
+  device's KL mean and averages them: the same number when devices hold equal shares).
+  With policy == reference the kto loss of every row is λ/2, and its gradient wrt r is
+  -β/4·λD for a liked row and +β/4·λU for a disliked one.
+
+  Statistics (no gradient): 'kl' (z, clamped at 0 as TRL reports it; 0 for
+  apo_zero_unpaired) and, so that micro-batches and devices add up, per label the row
+  counts ('chosen', 'rejected') and the sums of the rewards β·r and of the policy
+  log-probs ('rewards/chosen', 'logps/chosen', ...).
+  """
+  if loss_type not in KTO_LOSSES:
+    raise ValueError(f'kto loss_type must be one of {KTO_LOSSES}, got {loss_type!r}')
+  if beta <= 0:
+    raise ValueError(f'kto beta must be positive, got {beta}')
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  pol, ref, valid = f32(policy_logps), f32(ref_logps), f32(valid)
+  liked = f32(desirable) * valid
+  disliked = (1.0 - f32(desirable)) * valid
+  r = pol - ref
+  kl_valid = f32(kl_valid)
+  kl_ratio = jax.lax.stop_gradient(f32(kl_policy_logps) - f32(kl_ref_logps))
+  z = jnp.maximum(jnp.sum(kl_ratio * kl_valid) / jnp.maximum(jnp.sum(kl_valid), 1.0), 0.0)
+  if loss_type == 'kto':
+    liked_loss = 1.0 - jax.nn.sigmoid(beta * (r - z))
+    disliked_loss = 1.0 - jax.nn.sigmoid(beta * (z - r))
+  else:
+    liked_loss = 1.0 - jax.nn.sigmoid(beta * r)
+    disliked_loss = jax.nn.sigmoid(beta * r)
+  loss = (desirable_weight * liked * liked_loss
+          + undesirable_weight * disliked * disliked_loss)
+  reward = jax.lax.stop_gradient(beta * r)
+  pol = jax.lax.stop_gradient(pol)
+  stats = {'kl': z if loss_type == 'kto' else jnp.zeros((), jnp.float32),
+           'chosen': jnp.sum(liked), 'rejected': jnp.sum(disliked),
+           'rewards/chosen': jnp.sum(reward * liked),
+           'rewards/rejected': jnp.sum(reward * disliked),
+           'logps/chosen': jnp.sum(pol * liked), 'logps/rejected': jnp.sum(pol * disliked)}
+  return loss, stats
+
+
+def kto_weight_balance(n_desirable: int, n_undesirable: int, desirable_weight: float,
+                       undesirable_weight: float) -> float | None:
+  """λD·nD / (λU·nU), the ratio the KTO paper recommends keeping in [1, 4/3]; None
+  when a side has no examples."""
+  if not n_desirable or not n_undesirable:
+    return None
+  return desirable_weight * n_desirable / (undesirable_weight * n_undesirable)
+
+
+# ---- Reward models (Bradley-Terry) ---------------------------------------------------
+
+def bradley_terry(reward_chosen: jax.Array, reward_rejected: jax.Array, *,
+                  margin: jax.Array | None = None, label: jax.Array | None = None,
+                  center_rewards_coefficient: float = 0.0) -> tuple[jax.Array, dict]:
+  """Per-pair reward-model losses [P] and metrics, from scalar rewards [P] of each pair.
+
+  With Δ = r_chosen - r_rejected - margin (margin: an optional per-pair column, 0 without):
+    hard labels   -log σ(Δ)                                (TRL's RewardTrainer)
+    soft labels   -[p·log σ(Δ) + (1 - p)·log σ(-Δ)]        (label p in [0, 1]: the share of
+                  judges preferring chosen; p = 1 is exactly the hard loss, and the
+                  minimum over Δ lies at Δ = logit(p))
+  plus center_rewards_coefficient·(r_chosen + r_rejected)² (TRL: keeps rewards centred
+  on 0). Equal rewards give ln 2; with a margin m and equal rewards, softplus(m).
+  Metrics per pair (no gradient), averaged by the caller with TRL's names: 'accuracy'
+  (r_chosen > r_rejected strictly: a tie scores 0) and 'margin' (r_chosen - r_rejected);
+  'min_reward' / 'max_reward' / 'mean_reward' are over both rewards of the batch.
+  """
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  rc, rr = f32(reward_chosen), f32(reward_rejected)
+  delta = rc - rr - (f32(margin) if margin is not None else 0.0)
+  if label is None:
+    loss = -jax.nn.log_sigmoid(delta)
+  else:
+    p = f32(label)
+    loss = -(p * jax.nn.log_sigmoid(delta) + (1.0 - p) * jax.nn.log_sigmoid(-delta))
+  if center_rewards_coefficient:
+    loss = loss + center_rewards_coefficient * jnp.square(rc + rr)
+  rc, rr = jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
+  metrics = {'accuracy': (rc > rr).astype(jnp.float32), 'margin': rc - rr}
+  return loss, metrics
