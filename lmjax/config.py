@@ -55,6 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
                         high_freq_factor=4.0, original_max_len=8192),
       tie_embeddings=False,
       qkv_bias=False,         # Qwen2 style.
+      # lm: next-token logits (lm_head, or the tied embedding) | score: a scalar reward
+      # head read at each sequence's last token (models/reward.py), exported as Hugging
+      # Face *ForSequenceClassification with num_labels=1.
+      head='lm',
       init_std=0.02,
       param_dtype='float32',  # float32 or bfloat16.
       dtype='float32',        # compute dtype: float32 or bfloat16.
@@ -601,6 +605,7 @@ _CHOICES = {
     'model.dtype': ('float32', 'bfloat16'),
     'model.remat': ('none', 'dots', 'dots_no_batch', 'full', 'offload_dots'),
     'model.attention': ('xla', 'cudnn'),
+    'model.head': ('lm', 'score'),
     'model.rope_scaling.type': ('none', 'llama3'),
     'data.source': ('local_text', 'tfds', 'jsonl', 'parquet', 'hf_disk'),
     'data.on_error': ('fail', 'skip'),

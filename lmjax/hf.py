@@ -60,6 +60,11 @@ from lmjax.train import state as state_lib
 
 ARCHS = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
          'qwen2': 'Qwen2ForCausalLM'}
+# Reward models (model.head='score'): the same body with `score.weight` [1, d] for
+# num_labels=1 instead of lm_head, read at the last token that is not padding.
+SCORE_ARCHS = {'llama': 'LlamaForSequenceClassification',
+               'mistral': 'MistralForSequenceClassification',
+               'qwen2': 'Qwen2ForSequenceClassification'}
 TOKENIZER_FILE = 'tokenizer.model'
 TOKENIZER_DIR = 'tokenizer'  # an imported workdir's copy of the model's tokenizer files
 GENERATION_FILE = 'generation_config.json'
@@ -114,10 +119,24 @@ def hf_arch(hf_config: dict) -> str:
     raise HFError(f'config.json model_type={model_type!r} is not supported '
                   f'(supported: {", ".join(ARCHS)})')
   archs = hf_config.get('architectures') or [ARCHS[model_type]]
-  if archs != [ARCHS[model_type]]:
-    raise HFError(f'config.json architectures={archs}: only [{ARCHS[model_type]!r}] '
-                  f'(a causal LM head) is supported for model_type={model_type!r}')
+  if archs not in ([ARCHS[model_type]], [SCORE_ARCHS[model_type]]):
+    raise HFError(f'config.json architectures={archs}: only [{ARCHS[model_type]!r}] (a '
+                  f'causal LM head) or [{SCORE_ARCHS[model_type]!r}] (a reward model) is '
+                  f'supported for model_type={model_type!r}')
   return model_type
+
+
+def hf_head(hf_config: dict) -> str:
+  """cfg.model.head of config.json: 'score' for a *ForSequenceClassification reward model
+  (one label), else 'lm'."""
+  arch = hf_arch(hf_config)
+  if (hf_config.get('architectures') or [None])[0] != SCORE_ARCHS[arch]:
+    return 'lm'
+  labels = hf_config.get('num_labels') or len(hf_config.get('id2label') or {0: ''})
+  if labels != 1:
+    raise HFError(f'config.json num_labels={labels}: only a single score (num_labels=1, a '
+                  'reward model) is supported')
+  return 'score'
 
 
 def _rope(c: dict) -> tuple[float, dict]:
@@ -192,7 +211,8 @@ def model_overrides_from_hf(hf_config: dict, seq_len: int | None = None) -> dict
       head_dim=0 if head_dim * n_heads == c['hidden_size'] else head_dim,
       d_ff=c['intermediate_size'], norm_eps=float(c.get('rms_norm_eps', 1e-6)),
       rope_theta=theta, rope_scaling=scaling,
-      tie_embeddings=bool(c.get('tie_word_embeddings', False)), qkv_bias=arch == 'qwen2')
+      tie_embeddings=bool(c.get('tie_word_embeddings', False)), qkv_bias=arch == 'qwen2',
+      head=hf_head(c))
 
 
 def hf_config_from_model(mcfg, arch: str = 'llama', max_position_embeddings: int | None = None,
@@ -219,8 +239,10 @@ def hf_config_from_model(mcfg, arch: str = 'llama', max_position_embeddings: int
   legacy_scaling = None
   if rope['rope_type'] != 'default':
     legacy_scaling = {k: v for k, v in rope.items() if k != 'rope_theta'}
+  score = transformer.head_kind(mcfg) == 'score'
   c = dict(
-      architectures=[ARCHS[arch]], model_type=arch, vocab_size=mcfg.vocab_size,
+      architectures=[(SCORE_ARCHS if score else ARCHS)[arch]], model_type=arch,
+      vocab_size=mcfg.vocab_size,
       hidden_size=mcfg.d_model, intermediate_size=mcfg.d_ff,
       num_hidden_layers=mcfg.n_layers, num_attention_heads=mcfg.n_heads,
       num_key_value_heads=mcfg.n_kv_heads, head_dim=transformer.head_dim(mcfg),
@@ -235,6 +257,8 @@ def hf_config_from_model(mcfg, arch: str = 'llama', max_position_embeddings: int
     c.update(sliding_window=None)
   else:
     c.update(use_sliding_window=False, sliding_window=None)
+  if score:  # how transformers writes num_labels=1
+    c.update(id2label={'0': 'LABEL_0'}, label2id={'LABEL_0': 0})
   c.update(extra)
   return c
 
@@ -304,7 +328,9 @@ def _specs(mcfg) -> list[_Spec]:
       _Spec(('layers', 'mlp_norm', 'scale'), f'{layer}post_attention_layernorm.weight', 'same'),
       _Spec(('final_norm', 'scale'), 'model.norm.weight', 'same'),
   ]
-  if not mcfg.tie_embeddings:
+  if transformer.head_kind(mcfg) == 'score':
+    specs.append(_Spec(('score',), 'score.weight', 'T'))
+  elif not mcfg.tie_embeddings:
     specs.append(_Spec(('lm_head',), 'lm_head.weight', 'T'))
   return specs
 
@@ -471,7 +497,7 @@ def _model_diff(hf_config: dict, mcfg) -> list[str]:
   want = model_overrides_from_hf(hf_config)
   diff = []
   for key, value in want.items():
-    have = mcfg[key]
+    have = transformer.head_kind(mcfg) if key == 'head' else mcfg[key]
     if key == 'head_dim':
       value = value or mcfg.d_model // mcfg.n_heads
       have = have or mcfg.d_model // mcfg.n_heads
@@ -493,7 +519,7 @@ def _check_tensors(reader: _SafetensorsDir, mcfg, shapes) -> None:
       name = spec.name.format(i=i)
       reader.slice(name, _hf_shape(spec.kind, shape[1:] if spec.layered else shape))
       used.add(name)
-  if mcfg.tie_embeddings:
+  if mcfg.tie_embeddings and transformer.head_kind(mcfg) == 'lm':
     used.add('lm_head.weight')  # some tied checkpoints store the copy too
   unused = sorted(n for n in reader.files if n not in used and not n.endswith(_IGNORED_SUFFIXES))
   if unused:
@@ -645,6 +671,10 @@ def save_hf(params: dict, cfg, out_dir: str, arch: str | None = None,
       warnings.warn(f'the source config.json and the tokenizer {tokenizer_path} disagree on '
                     f'token ids ({", ".join(clash)}); config.json keeps the source\'s',
                     stacklevel=2)
+  if transformer.head_kind(mcfg) == 'score' and hf_cfg.get('pad_token_id') is None:
+    warnings.warn('exporting a reward model without pad_token_id (its tokenizer defines no '
+                  'pad token): transformers scores one sequence at a time until config.json '
+                  'sets one', stacklevel=2)
   if generation_config is None:
     generation_config = {k: hf_cfg[k] for k in TOKEN_ID_KEYS if hf_cfg.get(k) is not None}
 

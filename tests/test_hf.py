@@ -28,7 +28,7 @@ from lmjax import checkpoint as ckpt_lib  # noqa: E402
 from lmjax import config as config_lib  # noqa: E402
 from lmjax import hf, sharding  # noqa: E402
 from lmjax.data import tokenizer as tokenizer_lib  # noqa: E402
-from lmjax.models import transformer  # noqa: E402
+from lmjax.models import reward, transformer  # noqa: E402
 from lmjax.train import loop  # noqa: E402
 from lmjax.train import state as state_lib  # noqa: E402
 from util import tiny_config, write_corpus  # noqa: E402
@@ -439,7 +439,7 @@ def test_unsupported_configs(tmp_path):
   good = json.loads((tmp_path / 'config.json').read_text())
   bad = {
       "model_type='gemma'": dict(model_type='gemma'),
-      'architectures': dict(architectures=['LlamaForSequenceClassification']),
+      'architectures': dict(architectures=['LlamaForTokenClassification']),
       "rope_parameters.rope_type='yarn'": dict(rope_parameters=dict(rope_type='yarn',
                                                                     factor=4.0)),
       "rope_scaling.rope_type='linear'": dict(rope_parameters=None,
@@ -655,3 +655,92 @@ def test_convert_hf_cli_truncated_file_exit_code(tmp_path):
                          '(SafetensorError: ')
   assert line.endswith('it may be truncated or corrupt: download it again'), line
   assert not work.exists()
+
+
+# ---- Reward models (*ForSequenceClassification, one label) ---------------------------
+
+def _hf_scores(model, tokens, mask):
+  with torch.no_grad():
+    return model(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits[:, 0].numpy()
+
+
+def _lmjax_scores(params, cfg, tokens, mask):
+  graphdef, _ = transformer.abstract(state_lib.model_config(cfg))
+  model = nnx.merge(graphdef, params)
+  scores = model.scores(model.hidden(tokens, segment_ids=np.asarray(mask, np.int32)))
+  return np.asarray(reward.last_token_rewards(scores, mask))
+
+
+def _right_padded(pad, lengths=(24, 17, 9)):
+  rng = np.random.default_rng(3)
+  tokens, mask = np.full((len(lengths), 24), pad), np.zeros((len(lengths), 24), np.int32)
+  for i, n in enumerate(lengths):
+    tokens[i, :n] = rng.integers(1, 128, n)  # never the padding id 0
+    mask[i, :n] = 1
+  return tokens, mask
+
+
+@pytest.mark.parametrize('arch', ['llama', 'qwen2'])
+def test_reward_model_import_export_parity(arch, tmp_path):
+  """A transformers *ForSequenceClassification (num_labels=1) imports as model.head=score
+  and scores the same batch (read at each row's last non-padding token) within 1e-4;
+  exported back, transformers loads it and scores the same, tensors bit for bit."""
+  kwargs = CASES['qwen2' if arch == 'qwen2' else 'llama'][1]
+  config = getattr(transformers, CONFIGS[arch])(**{**SIZES, **kwargs}, num_labels=1,
+                                                pad_token_id=0)
+  torch.manual_seed(0)
+  model = transformers.AutoModelForSequenceClassification.from_config(config).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      p.copy_(1.0 + 0.2 * torch.randn_like(p) if 'norm' in name else 0.1 * torch.randn_like(p))
+  model.save_pretrained(str(tmp_path / 'hf'))
+  tokens, mask = _right_padded(pad=0)
+  ref = _hf_scores(model, tokens, mask)
+
+  cfg = hf.config_from_hf(str(tmp_path / 'hf'))
+  assert cfg.model.head == 'score'
+  params = hf.load_params(str(tmp_path / 'hf'), cfg, one_device_mesh())
+  assert 'lm_head' not in params and params['score'].shape == (64, 1)
+  got = _lmjax_scores(params, cfg, tokens, mask)
+  np.testing.assert_allclose(got, ref, atol=1e-4)
+
+  hf.save_hf(params, cfg, str(tmp_path / 'out'), hf_config=hf.read_hf_config(str(tmp_path / 'hf')))
+  reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(
+      str(tmp_path / 'out')).eval()
+  assert type(reloaded) is type(model) and reloaded.config.pad_token_id == 0
+  np.testing.assert_allclose(_hf_scores(reloaded, tokens, mask), got, atol=1e-4)
+  original, written = read_tensors(tmp_path / 'hf'), read_tensors(tmp_path / 'out')
+  assert set(written) == set(original) and 'score.weight' in written
+  for name, x in written.items():
+    assert np.array_equal(x, original[name]), name
+
+
+def test_reward_model_made_in_lmjax_exports(tmp_path):
+  """An lmjax reward model exports as LlamaForSequenceClassification with num_labels=1 and
+  its tokenizer's pad id; transformers scores like lmjax."""
+  cfg = tiny_config(vocab_size=320, d_ff=96, rope_theta=1e4, head='score')
+  rng = np.random.default_rng(2)
+  _, _, shapes = state_lib.logical_param_specs(cfg)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, a: (float(jax.tree_util.keystr(path).endswith("['scale']"))
+                       + 0.1 * rng.standard_normal(a.shape)).astype(np.float32), shapes)
+  tok = _write_tokenizer(tmp_path / 'tok.model', 300)
+  hf.save_hf(params, cfg, str(tmp_path / 'out'), tokenizer_path=tok.path)
+  c = json.load(open(tmp_path / 'out' / 'config.json'))
+  assert c['architectures'] == ['LlamaForSequenceClassification']
+  assert c['pad_token_id'] == tok.pad_id and c['id2label'] == {'0': 'LABEL_0'}
+  reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(
+      str(tmp_path / 'out')).eval()
+  assert reloaded.config.num_labels == 1
+  tokens, mask = _right_padded(pad=tok.pad_id)
+  np.testing.assert_allclose(_hf_scores(reloaded, tokens, mask),
+                             _lmjax_scores(params, cfg, tokens, mask), atol=1e-4)
+  assert hf.config_from_hf(str(tmp_path / 'out'), cfg).model.to_dict() == cfg.model.to_dict()
+
+
+def test_classifiers_with_several_labels_are_refused(tmp_path):
+  config = transformers.LlamaConfig(**SIZES, num_labels=3)
+  transformers.AutoModelForSequenceClassification.from_config(config).save_pretrained(
+      str(tmp_path))
+  with pytest.raises(hf.HFError, match='num_labels=3: only a single score'):
+    hf.config_from_hf(str(tmp_path))

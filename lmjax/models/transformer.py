@@ -36,6 +36,12 @@ REMAT_POLICIES = {
 }
 
 
+def head_kind(cfg) -> str:
+  """cfg.model.head: 'lm' (next-token logits) or 'score' (a scalar reward per sequence);
+  'lm' for configs written before the field existed."""
+  return cfg.get('head', 'lm') if hasattr(cfg, 'get') else getattr(cfg, 'head', 'lm')
+
+
 def head_dim(cfg) -> int:
   return cfg.head_dim or cfg.d_model // cfg.n_heads
 
@@ -209,7 +215,9 @@ class Transformer(nnx.Module):
 
     self.layers = make_layers(rngs)
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
-    if not cfg.tie_embeddings:
+    if head_kind(cfg) == 'score':  # a reward model: no next-token head
+      self.score = _param(rngs, (cfg.d_model, 1), ('embed', None), cfg.init_std, pd)
+    elif not cfg.tie_embeddings:
       self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'),
                             cfg.init_std, pd)
 
@@ -299,12 +307,21 @@ class Transformer(nnx.Module):
     logits as an operand, float32 matmuls (jax-ml/jax#24047; jax's own xla attention
     does the same), 12% of the 125M bench step's matmul FLOPs.
     """
+    if head_kind(self.cfg) == 'score':
+      raise ValueError('a reward model (model.head=score) has no next-token head: read its '
+                       'scores with `scores`')
     w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
     precision = (jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if h.dtype == jnp.bfloat16
                  else None)
     logits = jnp.einsum('...d,dv->...v', h, w.astype(h.dtype), precision=precision,
                         preferred_element_type=jnp.float32)
     return logits
+
+  def scores(self, h):
+    """Hidden [B, T, D] -> float32 reward-head scores [B, T] of every position
+    (model.head=score); models/reward.py reads them at each sequence's last token."""
+    return jnp.einsum('btd,dk->btk', h.astype(jnp.float32),
+                      self.score[...].astype(jnp.float32))[..., 0]
 
   def __call__(self, tokens, positions=None, segment_ids=None, *, adapters=None, lora=None,
                dropout_rng=None):
