@@ -29,6 +29,7 @@ from lmjax import config as config_lib
 from lmjax import evaluate, sharding
 from lmjax.data import tokenizer as tokenizer_lib
 from lmjax.errors import NotFoundError
+from lmjax.models import transformer
 from lmjax.train import state as state_lib
 
 # Notebook default: every device on the fsdp axis (params sharded, batch split over them).
@@ -159,6 +160,36 @@ class Model:
     end = formats.end_marker(template)
     answers = [a.split(end, 1)[0] if end else a for a in answers]
     return answers[0] if single else answers
+
+  def reward(self, inputs, *, add_bos: bool | None = None, template: str | None = None):
+    """A reward model's (model.head='score') reward of each input: a text (encoded as
+    `encode` does), a list of token ids, or a conversation ([{'role', 'content'}, ...],
+    rendered whole with `template`, default the run's sft.template, as reward training
+    renders it). One input in, a float out; a list of inputs, a list of floats."""
+    if transformer.head_kind(self.config.model) != 'score':
+      raise ValueError(f'{self.source} is a language model (model.head=lm), not a reward '
+                       'model: reward() needs a model trained or imported with a score head')
+    is_conv = lambda x: bool(x) and isinstance(x, (list, tuple)) and isinstance(x[0], dict)
+    is_ids = lambda x: (isinstance(x, (list, tuple)) and len(x) > 0
+                        and isinstance(x[0], (int, np.integer)))
+    single = isinstance(inputs, str) or is_conv(inputs) or is_ids(inputs)
+    items = [inputs] if single else list(inputs)
+    seqs = []
+    for x in items:
+      if isinstance(x, str):
+        seqs.append(self.encode(x, add_bos))
+      elif is_conv(x):
+        from lmjax.data import formats  # pylint: disable=import-outside-toplevel
+        tok = self._tok()
+        tmpl = formats.resolve_template(template or self.config.sft.template, tok)
+        seqs.append(formats.encode(formats.normalize_example({'messages': list(x)}), tok,
+                                   tmpl)[0].tolist())
+      else:
+        seqs.append([int(i) for i in x])
+    self._check_len(max(map(len, seqs), default=0), 'an input')
+    out = evaluate.sequence_rewards(self.graphdef, self.params, seqs, mesh=self.mesh,
+                                    rules=self.config.rules)
+    return float(out[0]) if single else [float(r) for r in out]
 
   def logits(self, inputs, add_bos: bool | None = None):
     """The model's logits (float32 numpy [tokens, vocab]) at every position of each input:

@@ -140,6 +140,17 @@ def token_logits(graphdef, params, sequences: Sequence[Sequence[int]], *,
   return [out[i, :n] for i, n in enumerate(lengths)]
 
 
+def sequence_rewards(graphdef, params, sequences: Sequence[Sequence[int]], *,
+                     mesh=None, rules=None, pad_to: int = 64) -> np.ndarray:
+  """A reward model's (model.head=score) reward of each sequence, float32 [n]: its score
+  at the sequence's last token (right padding: causal attention never sees it)."""
+  if not sequences:
+    return np.zeros((0,), np.float32)
+  out, lengths = _padded_call(_scores, graphdef, params, sequences, mesh, rules, pad_to,
+                              'rewards')
+  return np.asarray([out[i, n - 1] for i, n in enumerate(lengths)], np.float32)
+
+
 def _padded_call(fn, graphdef, params, sequences, mesh, rules, pad_to, name):
   """fn(graphdef, params, tokens) on the sequences right-padded to a multiple of pad_to."""
   lengths = [len(s) for s in sequences]
@@ -158,6 +169,12 @@ def _padded_call(fn, graphdef, params, sequences, mesh, rules, pad_to, name):
 @partial(jax.jit, static_argnames=('graphdef',))
 def _logits(graphdef, params, tokens):
   return nnx.merge(graphdef, params)(tokens).astype(jnp.float32)
+
+
+@partial(jax.jit, static_argnames=('graphdef',))
+def _scores(graphdef, params, tokens):
+  model = nnx.merge(graphdef, params)
+  return model.scores(model.hidden(tokens))
 
 
 @partial(jax.jit, static_argnames=('graphdef',))

@@ -26,7 +26,9 @@ from safetensors.numpy import save_file  # noqa: E402
 
 from lmjax import checkpoint as ckpt_lib  # noqa: E402
 from lmjax import config as config_lib  # noqa: E402
+import lmjax  # noqa: E402
 from lmjax import hf, sharding  # noqa: E402
+from lmjax.data import formats  # noqa: E402
 from lmjax.data import tokenizer as tokenizer_lib  # noqa: E402
 from lmjax.models import reward, transformer  # noqa: E402
 from lmjax.train import loop  # noqa: E402
@@ -709,6 +711,11 @@ def test_reward_model_import_export_parity(arch, tmp_path):
       str(tmp_path / 'out')).eval()
   assert type(reloaded) is type(model) and reloaded.config.pad_token_id == 0
   np.testing.assert_allclose(_hf_scores(reloaded, tokens, mask), got, atol=1e-4)
+  # In a notebook: lmjax.load(...).reward(token ids), one sequence or a batch.
+  m = lmjax.load(str(tmp_path / 'out'))
+  seqs = [t[:int(k.sum())].tolist() for t, k in zip(tokens, mask)]
+  np.testing.assert_allclose(m.reward(seqs), ref, atol=1e-4)
+  assert m.reward(seqs[1]) == pytest.approx(float(ref[1]), abs=1e-4)
   original, written = read_tensors(tmp_path / 'hf'), read_tensors(tmp_path / 'out')
   assert set(written) == set(original) and 'score.weight' in written
   for name, x in written.items():
@@ -736,6 +743,19 @@ def test_reward_model_made_in_lmjax_exports(tmp_path):
   np.testing.assert_allclose(_hf_scores(reloaded, tokens, mask),
                              _lmjax_scores(params, cfg, tokens, mask), atol=1e-4)
   assert hf.config_from_hf(str(tmp_path / 'out'), cfg).model.to_dict() == cfg.model.to_dict()
+  # A conversation is scored as reward training renders it: the whole chat, template and all.
+  m = lmjax.load(str(tmp_path / 'out'))
+  conv = [{'role': 'user', 'content': 'the model'}, {'role': 'assistant', 'content': 'data'}]
+  ids = formats.encode(conv, m.tokenizer, formats.resolve_template(m.config.sft.template,
+                                                                   m.tokenizer))[0]
+  with torch.no_grad():
+    want = float(reloaded(torch.tensor(ids[None].astype(np.int64))).logits[0, 0])
+  assert m.reward(conv) == pytest.approx(want, abs=1e-4)
+  assert m.reward([conv, 'the model data']) == pytest.approx(
+      [want, m.reward(m.encode('the model data'))], abs=1e-6)
+  make_hf(tmp_path / 'lm', 'llama')
+  with pytest.raises(ValueError, match='not a reward model'):
+    lmjax.load(str(tmp_path / 'lm')).reward([5, 6, 7])
 
 
 def test_classifiers_with_several_labels_are_refused(tmp_path):
