@@ -166,7 +166,7 @@ def test_prepare_removes_exactly_the_planted_documents(corpus, tmp_path):
   assert reasons['decontam'] == '3 shared 13-grams'  # 15 planted words: 3 13-grams
   s = report['splits']['train']
   assert s['documents_in'] == 37 and s['documents_out'] == 32 == len(out)
-  assert s['tokens_out'] < s['tokens_in'] and s['docs_per_s'] > 0
+  assert s['tokens_out'] < s['tokens_in'] and report['mb_per_s'] > 0
   text = open(tmp_path / 'out' / 'report.md').read()
   assert 'near_dedup removed document' in text and '| exact_dedup | 35 | 34 |' in text
   # Deterministic: the same decisions with 2 worker processes and other shards.
@@ -186,7 +186,8 @@ def test_switches_and_the_tool(corpus, tmp_path):
        "--config.splits=('train',)", '--config.near_dedup.enabled=False',
        '--config.quality.enabled=False', '--config.workers=0',
        f'--config.tokenizer_path={sft_tokenizer(tmp_path).path}'],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, PYTHONPATH=ROOT))
   assert res.returncode == 0, res.stderr[-3000:]
   report = json.load(open(out / 'report.json'))
   assert list(report['splits']['train']['steps']) == ['sanity', 'exact_dedup']
