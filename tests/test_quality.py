@@ -166,7 +166,7 @@ def test_prepare_removes_exactly_the_planted_documents(corpus, tmp_path):
   assert reasons['decontam'] == '3 shared 13-grams'  # 15 planted words: 3 13-grams
   s = report['splits']['train']
   assert s['documents_in'] == 37 and s['documents_out'] == 32 == len(out)
-  assert s['tokens_out'] < s['tokens_in'] and s['docs_per_s'] > 0
+  assert s['tokens_out'] < s['tokens_in'] and report['mb_per_s'] > 0
   text = open(tmp_path / 'out' / 'report.md').read()
   assert 'near_dedup removed document' in text and '| exact_dedup | 35 | 34 |' in text
   # Deterministic: the same decisions with 2 worker processes and other shards.
@@ -186,7 +186,8 @@ def test_switches_and_the_tool(corpus, tmp_path):
        "--config.splits=('train',)", '--config.near_dedup.enabled=False',
        '--config.quality.enabled=False', '--config.workers=0',
        f'--config.tokenizer_path={sft_tokenizer(tmp_path).path}'],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, PYTHONPATH=ROOT))
   assert res.returncode == 0, res.stderr[-3000:]
   report = json.load(open(out / 'report.json'))
   assert list(report['splits']['train']['steps']) == ['sanity', 'exact_dedup']
@@ -256,3 +257,192 @@ def test_each_quality_rule_at_its_boundary(rule, threshold, at, past):
   assert quality.quality_reasons(at, q) == []
   reasons = quality.quality_reasons(past, q)
   assert len(reasons) == 1, reasons
+
+
+# ---- Across splits and shards, formats, and the Beam pipeline ------------------------
+
+def _split_corpus(root, fmt='jsonl'):
+  """A corpus in per-split shards: train (3 shards) holds an exact and a near copy of a
+  validation document, a copy of a train document in another shard, and a text sharing
+  13-grams with validation; {split: [(id, text)]}."""
+  import gzip
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  val = [(f'v{i}', prose(500 + i)) for i in range(6)]
+  train = [(f't{i}', prose(600 + i)) for i in range(14)]
+  train[3] = ('t3-exact-of-v2', val[2][1].upper())
+  train[7] = ('t7-near-of-v4', mutate(val[4][1], 120, seed=3))
+  train[11] = ('t11-exact-of-t1', train[1][1])
+  words = val[0][1].split()
+  train[12] = ('t12-shares-v0', prose(700) + ' ' + ' '.join(words[10:30]) + ' ' + prose(701))
+  (root / 'corpus').mkdir(exist_ok=True)
+  for split, docs in (('validation', [val]), ('train', [train[:5], train[5:10], train[10:]])):
+    for k, part in enumerate(docs):
+      if fmt == 'parquet':
+        pq.write_table(pa.table({'id': [d[0] for d in part], 'text': [d[1] for d in part]}),
+                       root / 'corpus' / f'{split}-{k}.parquet', row_group_size=2)
+      else:
+        with gzip.open(root / 'corpus' / f'{split}-{k}.jsonl.gz', 'wt') as f:
+          for i, t in part:
+            f.write(json.dumps({'id': i, 'text': t}) + '\n')
+  return {'validation': val, 'train': train}
+
+
+def _split_cfg(root, fmt='jsonl', **kw):
+  cfg = quality.default_config()
+  ext = 'parquet' if fmt == 'parquet' else 'jsonl.gz'
+  cfg.data.update(source=fmt, files=str(root / 'corpus' / f'{{split}}-*.{ext}'), id_key='id',
+                  data_dir=str(root / 'cache'))
+  cfg.update(workers=0, shard_size=3, name='split_test', examples=1)
+  cfg.update_from_flattened_dict(kw)
+  return cfg
+
+
+def _kept_ids(report, split):
+  out = sources.get_source(_tfds_data(report), split)
+  return sorted(int(out._source[i]['index']) for i in range(len(out)))  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize('fmt', ['jsonl', 'parquet'])
+def test_dedup_and_decontam_across_splits_and_shards(tmp_path, fmt):
+  docs = _split_corpus(tmp_path, fmt)
+  report = quality.prepare(_split_cfg(tmp_path, fmt), str(tmp_path / 'dedup'))
+  assert _kept_ids(report, 'validation') == list(range(6))  # never removed from validation
+  removed = set(range(14)) - set(_kept_ids(report, 'train'))
+  assert removed == {3, 7, 11}, [docs['train'][i][0] for i in removed]
+  train = report['splits']['train']['steps']
+  assert train['near_dedup']['cross_split'] == 1
+  assert train['near_dedup']['cross_split_examples'][0]['reason'] == (
+      'near duplicate of validation document 4 (id v4)')
+  # With decontamination, validation's text is evaluation text: the near copy of v4 and
+  # the text sharing 13-grams with v0 go at that step.
+  cfg = _split_cfg(tmp_path, fmt, **{'decontam.enabled': True})
+  report = quality.prepare(cfg, str(tmp_path / 'out'))
+  assert _kept_ids(report, 'validation') == list(range(6))
+  removed = set(range(14)) - set(_kept_ids(report, 'train'))
+  assert removed == {3, 7, 11, 12}, [docs['train'][i][0] for i in removed]
+  train = report['splits']['train']['steps']
+  assert train['exact_dedup']['cross_split'] == 1
+  assert train['decontam']['docs_in'] - train['decontam']['docs_out'] == 2
+  ex = train['exact_dedup']['cross_split_examples'][0]
+  assert ex['id'] == 't3-exact-of-v2' and ex['of'] == {'split': 'validation', 'document': 2,
+                                                        'id': 'v2'}
+  assert ex['reason'] == 'duplicate of validation document 2 (id v2)'
+  assert [e['id'] for e in train['exact_dedup']['examples']] == ['t3-exact-of-v2']
+  assert train['decontam']['examples'][0]['id'] == 't7-near-of-v4'  # validation's 13-grams
+  assert 'decontam' not in report['splits']['validation']['steps']
+  text = open(tmp_path / 'out' / 'report.md').read()
+  assert 'exact_dedup removed document 3 (id t3-exact-of-v2) (duplicate of validation' in text
+
+
+def test_local_processes_stream_from_the_source(tmp_path, monkeypatch):
+  """The workers read their documents themselves; the parent never reads a text (but the
+  few report examples), and no result holds one."""
+  _split_corpus(tmp_path)
+  cfg = _split_cfg(tmp_path, workers=2)
+  read = []
+  real = sources.get_source
+
+  def counting(d, split):
+    src = real(d, split)
+    get = src.__getitem__
+
+    class Counted:
+      name = src.name
+      record_id = src.record_id
+
+      def __len__(self):
+        return len(src)
+
+      def __getitem__(self, i):
+        read.append((split, i))
+        return get(i)
+    return Counted()
+
+  monkeypatch.setattr(sources, 'get_source', counting)
+  results = quality.analyze_local(cfg, np.zeros(0, np.uint64), str(tmp_path))
+  assert read == []  # spawned workers do not see the patch: every text was read there
+  assert len(results['train']) == 14 and not any(
+      isinstance(v, str) and len(v) > 100 for r in results['train'] for v in r.values())
+
+
+def test_beam_direct_runner_gives_the_same_result(tmp_path):
+  pytest.importorskip('apache_beam')
+  _split_corpus(tmp_path)
+  kw = {'decontam.enabled': True, 'near_dedup.threshold': 0.5}
+  local = quality.prepare(_split_cfg(tmp_path, **kw), str(tmp_path / 'local'))
+  beam = quality.prepare(_split_cfg(tmp_path, **kw), str(tmp_path / 'beam'), 'DirectRunner')
+  assert beam['runner'] == 'DirectRunner'
+  for split in ('train', 'validation'):
+    assert _kept_ids(beam, split) == _kept_ids(local, split)
+    a, b = local['splits'][split], beam['splits'][split]
+    assert a == b
+
+
+def test_without_beam_the_runner_flag_names_the_package(tmp_path, monkeypatch):
+  import builtins
+  real = builtins.__import__
+
+  def no_beam(name, *args, **kwargs):
+    if name.startswith('apache_beam'):
+      raise ImportError(name)
+    return real(name, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, '__import__', no_beam)
+  from lmjax.data import beam_prepare
+  with pytest.raises(beam_prepare.BeamError, match=r'pip install "lmjax\[beam\]"'):
+    beam_prepare.run(quality.default_config(), np.zeros(0, np.uint64), str(tmp_path),
+                     'DirectRunner', [])
+
+
+def test_vectorized_rules_match_their_plain_definitions():
+  """The numpy counts against the rules written out in Python, on varied text (Unicode
+  letters, digits and spaces, control characters, repeated n-grams, ties)."""
+  import collections
+  import unicodedata
+  rng = np.random.default_rng(3)
+  pieces = VOCAB[:30] + ['Ünïcödé', 'ΑΒΓ', '١٢٣', '\u2003', '\x1c', '\x00', '\ufffd', '42',
+                         '#', '...', 'İstanbul', '\n', '\t', 'ǅ']
+  for _ in range(40):
+    text = ' '.join(rng.choice(pieces, int(rng.integers(0, 300))))
+    lower = text.lower().split()
+    c = quality.char_counts(text)
+    assert c['alpha'] == sum(ch.isalpha() for ch in text)
+    assert c['digit'] == sum(ch.isdigit() for ch in text)
+    assert c['space'] == sum(ch.isspace() for ch in text)
+    assert c['control'] == sum(unicodedata.category(ch) == 'Cc' and ch not in '\n\t\r'
+                               for ch in text)
+    w = quality.Words(text)
+    assert list(w.lengths) == [len(x) for x in lower] and len(w) == len(lower)
+    for n in (2, 3, 4):
+      expect = 0.0
+      if len(lower) >= n:
+        counts = collections.Counter(tuple(lower[i:i + n]) for i in range(len(lower) - n + 1))
+        gram, count = counts.most_common(1)[0]
+        if count > 1:
+          expect = count * sum(map(len, gram)) / max(sum(map(len, lower)), 1)
+      assert quality._top_ngram_frac(w, n) == pytest.approx(expect)  # pylint: disable=protected-access
+    grams = [tuple(lower[i:i + 5]) for i in range(len(lower) - 4)]
+    counts = collections.Counter(grams)
+    dup = np.zeros(len(lower), bool)
+    for i, g in enumerate(grams):
+      if counts[g] > 1:
+        dup[i:i + 5] = True
+    expect = sum(len(x) for x, d in zip(lower, dup) if d) / max(sum(map(len, lower)), 1)
+    assert quality._dup_ngram_frac(w, 5) == pytest.approx(expect if len(lower) >= 5 else 0)  # pylint: disable=protected-access
+    distinct = {' '.join(lower[i:i + 13]) for i in range(max(len(lower) - 12, 1))} if lower else set()
+    assert len(quality.ngram_hashes(text, 13)) == len(distinct)
+
+
+def test_minhash_is_seeded_and_estimates_jaccard():
+  base = prose(42, n_words=480)
+  other = mutate(base, 12, seed=12)
+  cfg = quality.default_config()
+  a1 = quality.analyze(base, cfg)['minhash']
+  assert a1.dtype == np.uint32 and len(a1) == 128
+  assert np.array_equal(a1, quality.analyze(base, cfg)['minhash'])
+  cfg.near_dedup.seed = 2
+  assert not np.array_equal(a1, quality.analyze(base, cfg)['minhash'])
+  cfg.near_dedup.seed = 1
+  est = np.mean(a1 == quality.analyze(other, cfg)['minhash'])
+  assert abs(est - shingle_jaccard(base, other)) < 0.12

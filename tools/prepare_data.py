@@ -2,6 +2,13 @@
 
   python tools/prepare_data.py --config=configs/data/prepare_stdlib.py --out=/tmp/stdlib_clean \\
       [--config.workers=4] [--config.near_dedup.threshold=0.7] [--config.quality.enabled=False]
+  python tools/prepare_data.py --config=... --out=... --runner=DirectRunner \\
+      [--direct_num_workers=2 --direct_running_mode=multi_processing]
+
+--runner runs the analysis and grouping as an Apache Beam pipeline (pip install
+"lmjax[beam]"; DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, ...): every other
+--option that is not --config.KEY=VALUE is a Beam pipeline option (--project, --region,
+--temp_location, --flink_master, ...). The result is the same as without it.
 
 The config (lmjax.data.quality.default_config() fields: the source as cfg.data, each step's
 switch and thresholds, workers) is a Python file like the training configs; --config.KEY=
@@ -26,16 +33,19 @@ def main(argv) -> int:
                                    epilog=__doc__.split('\n\n', 1)[1])
   parser.add_argument('--config', required=True, help='a preparation config (configs/data/*.py)')
   parser.add_argument('--out', required=True, help='output folder')
+  parser.add_argument('--runner', default='', help='an Apache Beam runner (default: local '
+                      'processes, cfg.workers)')
   cli.add_verbose_flag(parser)
   args, rest = parser.parse_known_args(argv)
   from lmjax import config as config_lib
   from lmjax.data import quality
+  beam_options = [a for a in rest if not a.startswith('--config.')] if args.runner else []
   try:
-    overrides = config_lib.cli_overrides(rest)
+    overrides = config_lib.cli_overrides([a for a in rest if a not in beam_options])
   except ValueError as e:
     parser.error(str(e))
   cfg = config_lib.apply_overrides(config_lib.build(args.config), overrides)
-  report = quality.prepare(cfg, os.path.abspath(args.out))
+  report = quality.prepare(cfg, os.path.abspath(args.out), args.runner, beam_options)
   print(quality.summary(report))
   return 0
 
