@@ -30,11 +30,7 @@ def main(argv) -> int:
   args, rest = parser.parse_known_args(argv)
   from lmjax import config as config_lib
   from lmjax.data import quality
-  try:
-    overrides = config_lib.cli_overrides(rest)
-  except ValueError as e:
-    parser.error(str(e))
-  cfg = config_lib.apply_overrides(config_lib.build(args.config), overrides)
+  cfg = config_lib.apply_flags(config_lib.lock(config_lib.build(args.config)), rest)
   report = quality.prepare(cfg, os.path.abspath(args.out))
   print(quality.summary(report))
   return 0
