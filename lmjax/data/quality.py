@@ -83,6 +83,7 @@ def default_config() -> ml_collections.ConfigDict:
   # except those listed in `exempt`.
   cfg.decontam = dict(enabled=False, ngram=13, eval_globs='', eval_jsonl='',
                       exempt=('validation',))
+  cfg.lock()  # a config file updates these fields; a typo in one fails
   return cfg
 
 
