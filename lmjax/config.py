@@ -528,30 +528,6 @@ def data_source(**fields) -> ml_collections.ConfigDict:
   return entry
 
 
-def _check_sources(key: str, group) -> None:
-  """The named entries of data.mixture / data.eval_sources (a config file may set them
-  to plain dicts): names, and the fields of data_source() (ml_collections checks those,
-  by updating a data_source() with each entry)."""
-  if not isinstance(group, ml_collections.ConfigDict):
-    raise ConfigError(f'config key {key!r} must be a group of named sources, got {group!r}')
-  for name, entry in group.items():
-    where = f'{key}.{name}'
-    if not _NAME.match(name):
-      raise ConfigError(f'{where}: a source name must be a letter then letters, digits '
-                        'or _ (it is used in metric names and command-line keys)')
-    if not isinstance(entry, ml_collections.ConfigDict):
-      raise ConfigError(f'config key {where!r} must be a group built with '
-                        f'lmjax.config.data_source(...), got {entry!r}')
-    try:
-      apply_overrides(data_source(), dict(entry.items()))
-    except ConfigError as e:
-      raise ConfigError(f'{where}: {e}') from None
-    missing = [f for f in SOURCE_FIELDS if f not in entry]
-    if missing:
-      raise ConfigError(f'{where} lacks the fields {", ".join(missing)}: build it with '
-                        'lmjax.config.data_source(...)')
-
-
 def resolve_source(cfg_data, entry) -> ml_collections.ConfigDict:
   """cfg.data with the fields that `entry` sets: a single-source data group."""
   d = ml_collections.ConfigDict(cfg_data.to_dict())
@@ -574,33 +550,6 @@ def eval_sources(cfg_data) -> dict[str, ml_collections.ConfigDict]:
   out.update((name, resolve_source(cfg_data, e))
              for name, e in sorted(cfg_data.eval_sources.items()))
   return out
-
-
-def _validate_sources(cfg) -> None:
-  d = cfg.data
-  both = set(d.mixture) & set(d.eval_sources)
-  if both:
-    raise ConfigError(f'data.eval_sources.{sorted(both)[0]} has the name of a data.mixture '
-                      'source (each mixture source is evaluated already)')
-  for group in SOURCE_GROUPS:
-    for name, entry in d[group].items():
-      where = f'data.{group}.{name}'
-      if group == 'mixture' and not entry.weight > 0:
-        raise ConfigError(f'{where}.weight must be positive, got {entry.weight}')
-      if entry.source and entry.source not in _CHOICES['data.source']:
-        raise ConfigError(f'config key {where + ".source"!r} must be one of '
-                          f"{('',) + _CHOICES['data.source']}, got {entry.source!r}")
-      if entry.val_fraction != -1 and not 0 <= entry.val_fraction < 1:
-        raise ConfigError(f'{where}.val_fraction must be in [0, 1) (or -1: data.val_fraction)'
-                          f', got {entry.val_fraction}')
-      if entry.on_error and entry.on_error not in _CHOICES['data.on_error']:
-        raise ConfigError(f'config key {where + ".on_error"!r} must be one of '
-                          f"{('',) + _CHOICES['data.on_error']}, got {entry.on_error!r}")
-      resolved = resolve_source(d, entry)
-      if resolved.source == 'tfds' and not resolved.tfds_name:
-        raise ConfigError(f"{where}.tfds_name must be set: its source is 'tfds'")
-      if resolved.source in CORPUS_FORMATS and not resolved.files:
-        raise ConfigError(f'{where}.files must be set: its source is {resolved.source!r}')
 
 
 _CHOICES = {
@@ -637,8 +586,8 @@ def _get(cfg, key):
 def validate(cfg: ml_collections.ConfigDict) -> None:
   """Checks that need no devices: choices, divisibility, positivity. (Unknown keys and
   wrong types never get here: the locked base config refuses them.)"""
-  for group in SOURCE_GROUPS:
-    _check_sources(f'data.{group}', cfg.data[group])
+  from lmjax.data import validation as data_validation  # pylint: disable=import-outside-toplevel
+  data_validation.validate(cfg)
   for key, choices in _CHOICES.items():
     if _get(cfg, key) not in choices:
       raise ConfigError(f'config key {key!r} must be one of {choices}, got {_get(cfg, key)!r}')
@@ -659,20 +608,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if t.global_batch % t.grad_accum:
     raise ConfigError(f'train.global_batch ({t.global_batch}) must be divisible by '
                       f'train.grad_accum ({t.grad_accum})')
-  if cfg.data.seq_len < 2:
-    raise ConfigError(f'data.seq_len must be >= 2, got {cfg.data.seq_len}')
   if m.max_segments < 1:
     raise ConfigError(f'model.max_segments must be >= 1, got {m.max_segments}')
   if m.loss_chunk < 0 or (m.loss_chunk and cfg.data.seq_len % m.loss_chunk):
     raise ConfigError(f'model.loss_chunk ({m.loss_chunk}) must be 0 or divide data.seq_len '
                       f'({cfg.data.seq_len})')
-  if cfg.data.source == 'tfds' and not cfg.data.tfds_name and not cfg.data.mixture:
-    raise ConfigError("data.tfds_name must be set when data.source='tfds'")
-  if (cfg.data.source in CORPUS_FORMATS and not cfg.data.files.strip()
-      and not cfg.data.mixture):
-    raise ConfigError(f'data.files must name the shards when data.source='
-                      f"{cfg.data.source!r} (globs separated by commas)")
-  _validate_sources(cfg)
   if cfg.init_from.format not in ('auto', 'lmjax', 'hf'):
     raise ConfigError("config key 'init_from.format' must be one of ('auto', 'lmjax', 'hf'), "
                       f'got {cfg.init_from.format!r}')
@@ -695,33 +635,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f'rules.{logical} names mesh axis {a!r}, not one of {tuple(cfg.mesh)}')
 
 
-def _validate_data_group(cfg, group: str) -> None:
-  """The fields cfg.sft and cfg.dpo share: eval_path, max_degenerate."""
-  g = cfg[group]
-  if not 0 <= g.max_degenerate <= 1:
-    raise ConfigError(f'{group}.max_degenerate must be a fraction in [0, 1], got '
-                      f'{g.max_degenerate}')
-  if g.eval_path and g.source != 'jsonl':
-    raise ConfigError(f"{group}.eval_path names JSONL files, but {group}.source is "
-                      f"{g.source!r} (a TFDS dataset has its own splits): unset it")
-
-
 def _validate_stage(cfg) -> None:
-  if cfg.stage in ('sft', 'dpo'):
-    _validate_data_group(cfg, cfg.stage)
-  if cfg.stage == 'sft':
-    if cfg.data.mixture or cfg.data.eval_sources:
-      raise ConfigError("data.mixture / data.eval_sources are pretraining sources; with "
-                        "stage='sft' the data is cfg.sft")
-    if cfg.sft.source == 'tfds' and not cfg.sft.tfds_name:
-      raise ConfigError("sft.tfds_name must be set when sft.source='tfds'")
-    for key in ('eval_examples', 'eval_max_new_tokens', 'packing_bins'):
-      if cfg.sft[key] < 0 or (key != 'eval_examples' and cfg.sft[key] == 0):
-        raise ConfigError(f'sft.{key} must be positive, got {cfg.sft[key]}')
-  if cfg.stage == 'dpo':
-    if cfg.data.mixture or cfg.data.eval_sources:
-      raise ConfigError("data.mixture / data.eval_sources are pretraining sources; with "
-                        "stage='dpo' the data is cfg.dpo")
+  from lmjax.data import validation as data_validation  # pylint: disable=import-outside-toplevel
+  data_validation.validate_examples(cfg)
+  if cfg.stage == 'dpo':  # the DPO objective's own fields
     if not cfg.init_from.path:
       raise ConfigError("stage='dpo': set init_from.path (the SFT model to align; it is "
                         'also the reference)')
