@@ -15,12 +15,11 @@ from lmjax import config as config_lib
 
 def get_config(arg=None):
   cfg = config_lib.base_config()
-  cfg.model.update(
-      vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
-      d_ff=384, tie_embeddings=True, rope_theta=10000.0)
+  cfg.tokenizer.update(vocab_size=4096)  # and model.vocab_size, which follows it
+  cfg.model.update(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384,
+                   tie_embeddings=True, rope_theta=10000.0)
   cfg.data.update(source='local_text', text_glob='stdlib', seq_len=256,
                   worker_threads=1)  # ~5k tokens/s to feed: one thread, more CPU for XLA
-  cfg.tokenizer.update(vocab_size=4096)
   cfg.train.update(global_batch=16, steps=200, log_every=20, eval_every=50,
                    eval_batches=8)
   cfg.optim.update(lr=1.5e-3, warmup_steps=30)

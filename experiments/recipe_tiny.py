@@ -10,14 +10,19 @@ completes what is missing (an interrupted stage resumes from its last checkpoint
 measures every stage's model the same way, greedy exact match on the built-in task's test
 split, and prints a table of the stage metrics (also written to <root>/recipe.json).
 
-  --set STAGE.KEY=VALUE   a config override for one stage, e.g. --set sft.train.steps=300
-                          --set dpo.dpo.beta=0.5 (repeatable)
+The recipe's config is one ConfigDict with a group per stage, each that stage's shipped
+config (pretrain, sft, dpo; init_from set to the previous stage's workdir), so a stage's
+field is overridden as for every lmjax program, with the stage's name first:
+
+  --config.STAGE.KEY=VALUE   e.g. --config.sft.train.steps=300 --config.dpo.dpo.beta=0.5
+
+(ml_collections parses each value by its field's type; a typo names the key.) It takes
+no --config=FILE: the three stage files are the recipe.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import sys
@@ -28,26 +33,20 @@ STAGES = (('pretrain', 'configs/pretrain_tiny.py'), ('sft', 'configs/sft_lora_ti
           ('dpo', 'configs/dpo_tiny.py'))
 
 
-def parse_overrides(items: list[str]) -> dict[str, dict]:
-  out = {name: {} for name, _ in STAGES}
-  for item in items:
-    key, eq, value = item.partition('=')
-    stage, _, field = key.partition('.')
-    if not eq or stage not in out or not field:
-      raise SystemExit(f'recipe_tiny: --set {item!r}: expected STAGE.KEY=VALUE with STAGE '
-                       f'one of {list(out)}')
-    try:
-      value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      pass
-    out[stage][field] = value
-  return out
-
-
-def stage_config(name: str, path: str, previous: str | None, smoke: bool, overrides: dict):
+def recipe_config(root: str, smoke: bool, flags: list[str]):
+  """{stage name: its config} as one locked ConfigDict, with the --config.STAGE.KEY=VALUE
+  overrides in `flags` applied; each stage validated."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
   from lmjax import config as config_lib  # pylint: disable=import-outside-toplevel
-  arg = ':'.join(x for x in ('smoke' if smoke else '', previous or '') if x) or None
-  return config_lib.load(os.path.join(ROOT, path), overrides=overrides, arg=arg)
+  stages, previous = {}, None
+  for name, path in STAGES:
+    arg = ':'.join(x for x in ('smoke' if smoke else '', previous or '') if x) or None
+    stages[name] = config_lib.build(os.path.join(ROOT, path), arg)
+    previous = os.path.join(root, name)
+  cfg = config_lib.apply_flags(config_lib.lock(ml_collections.ConfigDict(stages)), flags)
+  for name, _ in STAGES:
+    config_lib.validate(cfg[name])
+  return cfg
 
 
 def summarize(workdir: str) -> dict:
@@ -76,20 +75,22 @@ def main(argv=None) -> int:
   parser.add_argument('--test_limit', type=int, default=None,
                       help='exact match on the first N test questions (default: all; '
                       '--smoke: 48)')
-  parser.add_argument('--set', action='append', default=[], dest='overrides',
-                      metavar='STAGE.KEY=VALUE')
-  args = parser.parse_args(argv)
-  overrides = parse_overrides(args.overrides)
+  args, flags = parser.parse_known_args(argv)  # the rest: --config.STAGE.KEY=VALUE
+  from lmjax import config as config_lib  # pylint: disable=import-outside-toplevel
+  try:
+    stage_configs = recipe_config(args.root, args.smoke, flags)
+  except config_lib.ConfigError as e:
+    parser.error(str(e))
   limit = args.test_limit if args.test_limit is not None else (48 if args.smoke else None)
 
   import lmjax  # pylint: disable=import-outside-toplevel
   from lmjax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
   from lmjax.train import loop  # pylint: disable=import-outside-toplevel
 
-  results, previous = {}, None
+  results = {}
   for name, path in STAGES:
     workdir = os.path.join(args.root, name)
-    cfg = stage_config(name, path, previous, args.smoke, overrides[name])
+    cfg = stage_configs[name]
     ckpt = Checkpointer(workdir, None, read_only=True) if os.path.isdir(workdir) else None
     done = ckpt is not None and ckpt.latest_step() == cfg.train.steps
     if ckpt is not None:
@@ -102,7 +103,6 @@ def main(argv=None) -> int:
     results[name] = {'config': path, 'workdir': workdir,
                      'wall_s': time.perf_counter() - t0 if not done else None,
                      **summarize(workdir)}
-    previous = workdir
 
   print('\n=== test exact match (greedy, the built-in task)', flush=True)
   for name, _ in STAGES:

@@ -5,6 +5,10 @@
   python experiments/sweep_lr_tiny.py --emit=local                       # print the commands
   python experiments/sweep_lr_tiny.py --emit=tpu --zone=us-central2-b --bucket=B
   python experiments/sweep_lr_tiny.py --smoke --root=/tmp/s              # CI: 3 x 10 steps
+  python experiments/sweep_lr_tiny.py --config.train.steps=100          # every run's config
+
+The base config is --config=FILE[:arg] (default configs/pretrain_tiny.py), with
+--config.KEY=VALUE overrides applied to every run, as for `python -m lmjax.train`.
 
 A sweep is a function returning one dict of config overrides per run (`grid` and
 `random_search` below build them). Runs go one after another in this process
@@ -28,7 +32,7 @@ import sys
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, 'configs', 'pretrain_tiny.py')
+CONFIG = 'configs/pretrain_tiny.py'  # relative to the repository root
 
 
 def grid(**axes) -> list[dict]:
@@ -64,12 +68,14 @@ def base_overrides(smoke: bool) -> dict:
   return out
 
 
-def run_local(runs: list[dict], root: str, smoke: bool) -> None:
+def run_local(runs: list[dict], root: str, smoke: bool, config: str = CONFIG,
+              flags: tuple = ()) -> None:
   from lmjax import config as config_lib  # pylint: disable=import-outside-toplevel
   from lmjax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
   from lmjax.train import loop  # pylint: disable=import-outside-toplevel
   for i, overrides in enumerate(runs):
-    cfg = config_lib.load(CONFIG, overrides={**base_overrides(smoke), **overrides})
+    cfg = config_lib.load(os.path.join(ROOT, config), flags=list(flags),
+                          overrides={**base_overrides(smoke), **overrides})
     workdir = os.path.join(root, run_name(overrides))
     if os.path.isdir(os.path.join(workdir, 'checkpoints')):
       ckpt = Checkpointer(workdir, None, read_only=True)
@@ -86,15 +92,16 @@ def commands(runs: list[dict], root: str, args) -> list[str]:
   out = []
   for overrides in runs:
     flags = [f'--config.{k}={v}' for k, v in {**base_overrides(args.smoke), **overrides}.items()]
+    flags = [*args.flags, *flags]  # a run's own values last: they win
     name = run_name(overrides)
     if args.emit == 'tpu':
       vm = f'sweep-{name}'.replace('_', '-').replace('.', 'p').lower()
       out.append(shlex.join(['python', 'tools/launch_tpu.py', f'--name={vm}',
                              f'--zone={args.zone}', f'--accelerator={args.accelerator}',
-                             f'--bucket={args.bucket}', '--config=configs/pretrain_tiny.py',
+                             f'--bucket={args.bucket}', f'--config={args.config}',
                              f'--workdir=/mnt/{args.bucket}/sweeps/{name}', *flags]))
     else:
-      out.append(shlex.join(['python', '-m', 'lmjax.train', '--config=configs/pretrain_tiny.py',
+      out.append(shlex.join(['python', '-m', 'lmjax.train', f'--config={args.config}',
                              f'--workdir={os.path.join(root, name)}', *flags]))
   return out
 
@@ -169,13 +176,19 @@ def main(argv=None) -> int:
   parser.add_argument('--zone', default='us-central2-b')
   parser.add_argument('--accelerator', default='v4-8')
   parser.add_argument('--bucket', default='my-bucket')
-  args = parser.parse_args(argv)
+  parser.add_argument('--config', default=CONFIG, help='the base config (configs/*.py[:arg])')
+  args, args.flags = parser.parse_known_args(argv)  # the rest: --config.KEY=VALUE
+  from lmjax import config as config_lib  # pylint: disable=import-outside-toplevel
+  try:  # checked before any run starts
+    config_lib.load(os.path.join(ROOT, args.config), flags=args.flags)
+  except config_lib.ConfigError as e:
+    parser.error(str(e))
   runs = lr_sweep(args)
   if args.emit:
     print('\n'.join(commands(runs, args.root, args)))
     return 0
   os.makedirs(args.root, exist_ok=True)
-  run_local(runs, args.root, args.smoke)
+  run_local(runs, args.root, args.smoke, args.config, args.flags)
   rows = collect(runs, args.root)
   text = table(rows)
   print('\n' + text)

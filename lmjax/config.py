@@ -1,20 +1,37 @@
 """Loading, overriding and validating experiment configs.
 
-A config is a locked `ml_collections.ConfigDict` returned by `get_config(arg)` in a
-Python file under configs/. Every field exists in `base_config()`, so a typo in an
-override (command line or Python) fails with the key named, before anything compiles.
+A config is an `ml_collections.ConfigDict` returned by `get_config(arg)` in a Python file
+under configs/, which updates the locked `base_config()`: every field exists there with
+its default and type, so ml_collections itself rejects a typo (with a "did you mean") or a
+value of the wrong type, in a config file, in Python, or on the command line, before
+anything compiles. Every program takes the same arguments, parsed by
+`ml_collections.config_flags`:
+
+    --config=configs/pretrain_tiny.py[:arg] --config.optim.lr=1e-3 --config.train.steps=50
 
     cfg = lmjax.config.load('configs/pretrain_tiny.py', overrides={'optim.lr': 1e-3})
 
+model.vocab_size follows tokenizer.vocab_size (a FieldReference): a config or
+--config.tokenizer.vocab_size=N sets both, and setting model.vocab_size itself (an
+imported model's padded vocabulary) unties it.
+
 Two groups hold named entries that a config file adds: `data.mixture` (training sources
 with weights) and `data.eval_sources` (extra evaluation sets). Each entry is built with
-`data_source(...)`, so it holds every source field and the command line can override any
-of them (--config.data.mixture.domain.weight=0.5); their fields are checked by name too.
+`data_source(...)`, a locked group of every source field, so the command line overrides
+any of them (--config.data.mixture.domain.weight=0.5) and a typo in one fails. A config
+file sets the whole group, or adds an entry to the group it starts from:
+
+    cfg.data.mixture = dict(general=data_source(text_glob='stdlib', weight=0.2),
+                            domain=data_source(text_glob='site:jax', weight=0.8))
+    with cfg.data.eval_sources.unlocked():
+      cfg.data.eval_sources.held_out = data_source(text_glob='/data/held_out/*.txt')
+
+validate() checks what involves several fields; each group's own checks live beside the
+code that reads it and are called from here.
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import os
 import re
@@ -32,8 +49,12 @@ class ConfigError(UserError, ValueError):
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every field lmjax reads, with its default. Configs update this."""
+  """Every field lmjax reads, with its default, locked: configs update it (and may only
+  add entries to data.mixture / data.eval_sources, see data_source)."""
   cfg = ml_collections.ConfigDict()
+  # The tokenizer's vocabulary; model.vocab_size follows it unless set itself (an imported
+  # model's embedding may be padded beyond its tokenizer's pieces).
+  vocab_size = config_dict.FieldReference(32000)
   cfg.seed = 0
   # What the run trains on: 'pretrain' (next-token prediction on cfg.data documents) or
   # 'sft' (cfg.sft conversations, loss on assistant tokens only). With lora.enabled either
@@ -41,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.stage = 'pretrain'
 
   cfg.model = dict(
-      vocab_size=32000,
+      vocab_size=config_dict.FieldReference(vocab_size),  # = tokenizer.vocab_size
       d_model=512,
       n_layers=8,
       n_heads=8,
@@ -137,7 +158,7 @@ def base_config() -> ml_collections.ConfigDict:
       # init_from's tokenizer when set, else
       # <data_dir>/tokenizers/<dataset>_<model_type>_<vocab_size>.model.
       path='',
-      vocab_size=32000,
+      vocab_size=vocab_size,
       train_if_missing=True,  # train a sentencepiece model on the train split if `path`
                               # (a .model) does not exist.
       model_type='bpe',
@@ -199,17 +220,18 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Mesh axis sizes; -1 takes the devices left over. Product must equal the devices.
   cfg.mesh = dict(data=-1, fsdp=1, tensor=1)
-  # Logical axis -> mesh axis (or tuple of axes, or None = replicated).
+  # Logical axis -> mesh axis (or tuple of axes; None = replicated: a placeholder that a
+  # mesh axis name may set, e.g. --config.rules.length=tensor).
   cfg.rules = dict(
       batch=('data', 'fsdp'),
-      length=None,
+      length=placeholder(str),
       embed='fsdp',
       mlp='tensor',
       heads='tensor',
       kv_heads='tensor',
-      head_dim=None,
+      head_dim=placeholder(str),
       vocab='tensor',
-      layers=None,
+      layers=placeholder(str),
   )
 
   cfg.checkpoint = dict(
@@ -298,13 +320,24 @@ def base_config() -> ml_collections.ConfigDict:
   )
 
   cfg.sample = dict(prompt='def ', max_new_tokens=64, temperature=0.8, top_k=40)
+  cfg.lock()
   return cfg
+
+
+def _message(e: BaseException) -> str:
+  """ml_collections' (or any) exception message on one line: a KeyError's text unquoted,
+  without the dump of a group's every field that a locked ConfigDict adds."""
+  while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(...))
+    e = e.args[0]
+  text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+  text = re.sub(r' ?Other fields present: ".*?"(?=\n|$)', '', text, flags=re.S)
+  return ' '.join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _config_file_error(path: str, doing: str, e: Exception) -> ConfigError:
   """ConfigError naming the config file, the line of it that raised, and the error (the
   config file's own code failed: its traceback is the ConfigError's cause)."""
-  line, detail = None, str(e)
+  line, detail = None, _message(e)
   if isinstance(e, SyntaxError):
     line, detail = e.lineno, e.msg
   for frame in traceback.extract_tb(e.__traceback__):
@@ -335,78 +368,14 @@ def _import_config_module(path: str):
   return module
 
 
-def _known_keys(cfg: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
-  keys = []
-  for k, v in cfg.items():
-    keys.append(prefix + k)
-    if isinstance(v, ml_collections.ConfigDict):
-      keys.extend(_known_keys(v, prefix + k + '.'))
-  return keys
-
-
-def known_keys() -> list[str]:
-  """Every dotted key a config can set ('optim.lr', 'model.rope_scaling.type', ...),
-  besides the fields of named sources (see is_known_key)."""
-  return _known_keys(base_config())
-
-
-def is_known_key(key: str, config_file: str | None = None) -> bool:
-  """A key of base_config(), or a field of a named source ('data.mixture.NAME.weight'),
-  whose NAME `config_file` ('path' or 'path.py:arg') defines, when given."""
-  parts = key.split('.')
-  if len(parts) == 4 and parts[0] == 'data' and parts[1] in SOURCE_GROUPS:
-    cfg = _build_arg(config_file)
-    if cfg is not None:
-      return key in _known_keys(cfg)
-    return bool(_NAME.match(parts[2])) and parts[3] in SOURCE_FIELDS
-  return key in known_keys()
-
-
-def suggest(key: str, config_file: str | None = None) -> str:
-  return _suggest(key, _build_arg(config_file) or base_config())
-
-
-def _build_arg(config_file: str | None) -> ml_collections.ConfigDict | None:
-  """The config of 'path' or 'path.py:arg' (None if there is none or it fails to build:
-  the --config flag then reports that)."""
-  if not config_file:
-    return None
-  path, _, arg = config_file.partition('.py:')
-  try:
-    return build(path + '.py', arg) if arg else build(config_file)
-  except Exception:  # pylint: disable=broad-except
-    return None
-
-
-def _suggest(key: str, cfg: ml_collections.ConfigDict) -> str:
-  close = difflib.get_close_matches(key, _known_keys(cfg), n=3, cutoff=0.6)
-  return f' (did you mean {", ".join(close)}?)' if close else ''
-
-
-def apply_overrides(cfg: ml_collections.ConfigDict,
-                    overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """Sets dotted keys ('optim.lr') on a locked config; unknown keys and wrong types raise."""
-  for key, value in overrides.items():
-    parent, _, leaf = key.rpartition('.')
-    node = cfg
-    try:
-      for part in parent.split('.') if parent else []:
-        node = node[part]
-      if leaf not in node:
-        raise KeyError(leaf)
-    except (KeyError, AttributeError, TypeError):
-      raise ConfigError(f'unknown config key {key!r}{_suggest(key, cfg)}') from None
-    try:
-      setattr(node, leaf, value)
-    except TypeError as e:
-      raise ConfigError(f'config key {key!r}: {e}') from None
-  return cfg
-
-
 def build(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """get_config(arg) of a config file, unlocked and unchecked: for a config built on
-  another one (configs/dapt_tiny.py starts from configs/pretrain_tiny.py). A config file
-  that raises gives a ConfigError naming the file and the line."""
+  """get_config(arg) of a config file ('path', or 'path.py:arg' as --config takes it),
+  not validated: for a config built on another one (configs/dapt_tiny.py starts from
+  configs/pretrain_tiny.py). A config file that raises (a field that does not exist, a
+  value of the wrong type) gives a ConfigError naming the file and the line."""
+  if arg is None and '.py:' in path:
+    path, arg = path.split('.py:', 1)
+    path += '.py'
   module = _import_config_module(path)
   try:
     return module.get_config(arg)
@@ -416,21 +385,83 @@ def build(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
     raise _config_file_error(path, f'get_config({arg!r})', e) from e
 
 
-def cli_overrides(args: list[str], prefix: str = '--config.') -> dict[str, Any]:
-  """['--config.optim.lr=1e-3', ...] -> {'optim.lr': 0.001, ...} (values as Python
-  literals, else strings), for tools that take config overrides as absl's flags do.
-  ValueError names an argument that is not PREFIXKEY=VALUE."""
-  import ast  # pylint: disable=import-outside-toplevel
-  out = {}
-  for item in args:
-    if not item.startswith(prefix) or '=' not in item:
-      raise ValueError(f'unexpected argument {item!r} (overrides are {prefix}KEY=VALUE)')
-    key, value = item[len(prefix):].split('=', 1)
+def _check_key(cfg: ml_collections.ConfigDict, key: str) -> None:
+  """ConfigError unless `key` ('optim.lr') names a field of `cfg`, with ml_collections'
+  own "did you mean" when it has one."""
+  from ml_collections.config_flags import config_path  # pylint: disable=import-outside-toplevel
+  try:
+    config_path.get_type(key, cfg)
+  except (KeyError, AttributeError, IndexError, ValueError, SyntaxError) as e:
+    hint = _message(e).partition('Did you mean ')[2]
+    raise ConfigError(f'unknown config key {key!r}'
+                      + (f' (did you mean {hint.rstrip("?")}?)' if hint else '')) from None
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict,
+                    overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """Sets dotted keys ({'optim.lr': 1e-3}) of `cfg` with ml_collections'
+  update_from_flattened_dict; an unknown key or a wrong type is a ConfigError naming it."""
+  for key, value in overrides.items():
+    _check_key(cfg, key)
     try:
-      out[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      out[key] = value  # a plain string: a glob, a path, a name
-  return out
+      cfg.update_from_flattened_dict({key: value})
+    except TypeError as e:
+      raise ConfigError(f'config key {key!r}: {_message(e)}') from None
+  return cfg
+
+
+def is_config_arg(arg: str) -> bool:
+  """True for --config=FILE[:arg], --config FILE and --config.KEY=VALUE (also absl's
+  boolean --config.KEY / --noconfig.KEY)."""
+  return (arg == '--config' or arg.startswith(('--config=', '--config.', '--noconfig.')))
+
+
+def split_args(argv: list[str]) -> tuple[str | None, list[str], list[str]]:
+  """argv -> (the last --config=FILE[:arg] or None, the --config.KEY=VALUE overrides in
+  order, the other arguments): for a tool that parses its own flags with argparse."""
+  path, overrides, rest = None, [], []
+  args = iter(argv)
+  for arg in args:
+    if arg == '--config':
+      path = next(args, None)
+    elif arg.startswith('--config='):
+      path = arg.split('=', 1)[1]
+    elif is_config_arg(arg):
+      overrides.append(arg)
+    else:
+      rest.append(arg)
+  return path, overrides, rest
+
+
+def apply_flags(cfg: ml_collections.ConfigDict, flags: list[str]) -> ml_collections.ConfigDict:
+  """Applies command-line overrides (['--config.optim.lr=1e-3', ...]) to `cfg` in place,
+  parsed by ml_collections.config_flags exactly as `python -m lmjax.train` parses them
+  (each value by its field's type: 'true', '1e-3', "'(a, b)'"). Bad input is a
+  ConfigError naming the flag."""
+  if not flags:
+    return cfg
+  from absl import flags as absl_flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  for flag in flags:  # each key first: ml_collections' error, with the key it is about
+    if not is_config_arg(flag) or flag.startswith('--config='):
+      raise ConfigError(f'unexpected argument {flag!r} (config overrides are '
+                        '--config.KEY=VALUE)')
+    _check_key(cfg, flag.split('=', 1)[0].split('.', 1)[1])
+  values = absl_flags.FlagValues()
+  argv = ['lmjax', *flags]
+  config_flags.DEFINE_config_dict('config', cfg, flag_values=values, sys_argv=argv,
+                                  lock_config=cfg.is_locked)
+  try:
+    values(argv)
+  except absl_flags.Error as e:
+    raise ConfigError(_message(e)) from None
+  return cfg
+
+
+def lock(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Locks every group of `cfg`, also those a config file assigned anew inside a locked
+  one (cfg.data.mixture = {...}): ConfigDict.lock() stops at a group locked already."""
+  return cfg.unlock().lock()
 
 
 def smoke_arg(arg: str | None) -> tuple[bool, str]:
@@ -442,41 +473,31 @@ def smoke_arg(arg: str | None) -> tuple[bool, str]:
 
 
 def load(path: str, overrides: Mapping[str, Any] | None = None,
-         arg: str | None = None) -> ml_collections.ConfigDict:
+         arg: str | None = None, flags: list[str] | None = None) -> ml_collections.ConfigDict:
   """Loads configs/<name>.py (optionally 'path:arg', as --config takes it: everything
-  after '.py:' is the arg), applies overrides, validates."""
-  if arg is None and '.py:' in path:
-    path, arg = path.split('.py:', 1)
-    path += '.py'
-  cfg = build(path, arg)
-  check_fields(cfg)
-  cfg.lock()
+  after '.py:' is the arg), applies `overrides` ({'optim.lr': 1e-3}) then command-line
+  `flags` (['--config.optim.lr=1e-3']), validates; the result is locked."""
+  cfg = lock(build(path, arg))
   if overrides:
     apply_overrides(cfg, overrides)
+  apply_flags(cfg, flags or [])
   validate(cfg)
   return cfg
 
 
-def check_fields(cfg: ml_collections.ConfigDict) -> None:
-  """A config may only hold the fields of base_config(), with compatible types."""
-  base = base_config()
-
-  def walk(node, ref, prefix):
-    for k, v in node.items():
-      key = prefix + k
-      if k not in ref:
-        raise ConfigError(f'unknown config key {key!r}{_suggest(key, base)}')
-      if prefix == 'data.' and k in SOURCE_GROUPS:
-        _check_sources(key, v)
-      elif isinstance(ref[k], ml_collections.ConfigDict):
-        if not isinstance(v, ml_collections.ConfigDict):
-          raise ConfigError(f'config key {key!r} must be a group, got {v!r}')
-        walk(v, ref[k], key + '.')
-      elif ref[k] is not None and v is not None and not _compatible(ref[k], v):
-        raise ConfigError(f'config key {key!r}: expected {type(ref[k]).__name__}, '
-                          f'got {type(v).__name__} {v!r}')
-
-  walk(cfg, base, '')
+def from_args(argv: list[str], default: str | None = None,
+              check: bool = True) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """(the config of argv's --config=FILE[:arg] (else `default`) with its --config.KEY=VALUE
+  overrides, the other arguments): the config arguments every tool takes, for a tool
+  that parses its own flags with argparse. check=False: not validated (a config that
+  is not a training config, e.g. configs/data/*.py)."""
+  path, flags, rest = split_args(argv)
+  path = path or default
+  if not path:
+    raise ConfigError('no config: pass --config=FILE[:arg] (configs/*.py)')
+  if check:
+    return load(path, flags=flags), rest
+  return apply_flags(lock(build(path)), flags), rest
 
 
 # ---- Named sources: data.mixture and data.eval_sources --------------------------------
@@ -494,49 +515,21 @@ _NAME = re.compile(r'[A-Za-z][A-Za-z0-9_]*$')  # also a metric and a command-lin
 
 
 def data_source(**fields) -> ml_collections.ConfigDict:
-  """An entry of data.mixture / data.eval_sources holding every source field (so that
-  command-line overrides reach each of them); unset ones fall back to cfg.data's.
+  """An entry of data.mixture / data.eval_sources: a locked group holding every source
+  field (so that command-line overrides reach each of them, and a typo in one fails);
+  unset ones fall back to cfg.data's.
 
       cfg.data.mixture = dict(general=data_source(text_glob='stdlib', weight=0.2),
                               domain=data_source(text_glob='site:jax', weight=0.8))
   """
-  unknown = sorted(set(fields) - set(SOURCE_FIELDS))
-  if unknown:
-    close = difflib.get_close_matches(unknown[0], list(SOURCE_FIELDS), n=3, cutoff=0.6)
-    hint = f' (did you mean {", ".join(close)}?)' if close else ''
-    raise ConfigError(f'data_source: unknown field {unknown[0]!r}{hint}; fields: '
-                      f'{", ".join(SOURCE_FIELDS)}')
   entry = ml_collections.ConfigDict(dict(SOURCE_FIELDS))
+  entry.lock()
   try:
     entry.update(fields)
-  except TypeError as e:
-    raise ConfigError(f'data_source: {e}') from None
+  except (KeyError, AttributeError, TypeError) as e:
+    raise ConfigError(f'data_source: {_message(e)} (fields: {", ".join(SOURCE_FIELDS)})'
+                      ) from None
   return entry
-
-
-def _check_sources(key: str, group) -> None:
-  if not isinstance(group, ml_collections.ConfigDict):
-    raise ConfigError(f'config key {key!r} must be a group of named sources, got {group!r}')
-  for name, entry in group.items():
-    where = f'{key}.{name}'
-    if not _NAME.match(name):
-      raise ConfigError(f'{where}: a source name must be a letter then letters, digits '
-                        'or _ (it is used in metric names and command-line keys)')
-    if not isinstance(entry, ml_collections.ConfigDict):
-      raise ConfigError(f'config key {where!r} must be a group built with '
-                        f'lmjax.config.data_source(...), got {entry!r}')
-    for field, value in entry.items():
-      if field not in SOURCE_FIELDS:
-        close = difflib.get_close_matches(field, list(SOURCE_FIELDS), n=3, cutoff=0.6)
-        hint = f' (did you mean {", ".join(f"{where}.{c}" for c in close)}?)' if close else ''
-        raise ConfigError(f'unknown config key {where + "." + field!r}{hint}')
-      if not _compatible(SOURCE_FIELDS[field], value):
-        raise ConfigError(f'config key {where + "." + field!r}: expected '
-                          f'{type(SOURCE_FIELDS[field]).__name__}, got {value!r}')
-    missing = [f for f in SOURCE_FIELDS if f not in entry]
-    if missing:
-      raise ConfigError(f'{where} lacks the fields {", ".join(missing)}: build it with '
-                        'lmjax.config.data_source(...)')
 
 
 def resolve_source(cfg_data, entry) -> ml_collections.ConfigDict:
@@ -561,43 +554,6 @@ def eval_sources(cfg_data) -> dict[str, ml_collections.ConfigDict]:
   out.update((name, resolve_source(cfg_data, e))
              for name, e in sorted(cfg_data.eval_sources.items()))
   return out
-
-
-def _validate_sources(cfg) -> None:
-  d = cfg.data
-  both = set(d.mixture) & set(d.eval_sources)
-  if both:
-    raise ConfigError(f'data.eval_sources.{sorted(both)[0]} has the name of a data.mixture '
-                      'source (each mixture source is evaluated already)')
-  for group in SOURCE_GROUPS:
-    for name, entry in d[group].items():
-      where = f'data.{group}.{name}'
-      if group == 'mixture' and not entry.weight > 0:
-        raise ConfigError(f'{where}.weight must be positive, got {entry.weight}')
-      if entry.source and entry.source not in _CHOICES['data.source']:
-        raise ConfigError(f'config key {where + ".source"!r} must be one of '
-                          f"{('',) + _CHOICES['data.source']}, got {entry.source!r}")
-      if entry.val_fraction != -1 and not 0 <= entry.val_fraction < 1:
-        raise ConfigError(f'{where}.val_fraction must be in [0, 1) (or -1: data.val_fraction)'
-                          f', got {entry.val_fraction}')
-      if entry.on_error and entry.on_error not in _CHOICES['data.on_error']:
-        raise ConfigError(f'config key {where + ".on_error"!r} must be one of '
-                          f"{('',) + _CHOICES['data.on_error']}, got {entry.on_error!r}")
-      resolved = resolve_source(d, entry)
-      if resolved.source == 'tfds' and not resolved.tfds_name:
-        raise ConfigError(f"{where}.tfds_name must be set: its source is 'tfds'")
-      if resolved.source in CORPUS_FORMATS and not resolved.files:
-        raise ConfigError(f'{where}.files must be set: its source is {resolved.source!r}')
-
-
-def _compatible(ref, value) -> bool:
-  if isinstance(ref, bool) or isinstance(value, bool):
-    return isinstance(ref, bool) and isinstance(value, bool)
-  if isinstance(ref, float):
-    return isinstance(value, (int, float))
-  if isinstance(ref, (tuple, list)) or isinstance(value, (tuple, list)):
-    return isinstance(value, (tuple, list, str))
-  return isinstance(value, type(ref))
 
 
 _CHOICES = {
@@ -633,8 +589,10 @@ def _get(cfg, key):
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Checks that need no devices: choices, divisibility, positivity."""
-  check_fields(cfg)
+  """Checks that need no devices: choices, divisibility, positivity. (Unknown keys and
+  wrong types never get here: the locked base config refuses them.)"""
+  from lmjax.data import validation as data_validation  # pylint: disable=import-outside-toplevel
+  data_validation.validate(cfg)
   for key, choices in _CHOICES.items():
     if _get(cfg, key) not in choices:
       raise ConfigError(f'config key {key!r} must be one of {choices}, got {_get(cfg, key)!r}')
@@ -655,20 +613,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if t.global_batch % t.grad_accum:
     raise ConfigError(f'train.global_batch ({t.global_batch}) must be divisible by '
                       f'train.grad_accum ({t.grad_accum})')
-  if cfg.data.seq_len < 2:
-    raise ConfigError(f'data.seq_len must be >= 2, got {cfg.data.seq_len}')
   if m.max_segments < 1:
     raise ConfigError(f'model.max_segments must be >= 1, got {m.max_segments}')
   if m.loss_chunk < 0 or (m.loss_chunk and cfg.data.seq_len % m.loss_chunk):
     raise ConfigError(f'model.loss_chunk ({m.loss_chunk}) must be 0 or divide data.seq_len '
                       f'({cfg.data.seq_len})')
-  if cfg.data.source == 'tfds' and not cfg.data.tfds_name and not cfg.data.mixture:
-    raise ConfigError("data.tfds_name must be set when data.source='tfds'")
-  if (cfg.data.source in CORPUS_FORMATS and not cfg.data.files.strip()
-      and not cfg.data.mixture):
-    raise ConfigError(f'data.files must name the shards when data.source='
-                      f"{cfg.data.source!r} (globs separated by commas)")
-  _validate_sources(cfg)
   if cfg.init_from.format not in ('auto', 'lmjax', 'hf'):
     raise ConfigError("config key 'init_from.format' must be one of ('auto', 'lmjax', 'hf'), "
                       f'got {cfg.init_from.format!r}')
@@ -691,33 +640,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f'rules.{logical} names mesh axis {a!r}, not one of {tuple(cfg.mesh)}')
 
 
-def _validate_data_group(cfg, group: str) -> None:
-  """The fields cfg.sft and cfg.dpo share: eval_path, max_degenerate."""
-  g = cfg[group]
-  if not 0 <= g.max_degenerate <= 1:
-    raise ConfigError(f'{group}.max_degenerate must be a fraction in [0, 1], got '
-                      f'{g.max_degenerate}')
-  if g.eval_path and g.source != 'jsonl':
-    raise ConfigError(f"{group}.eval_path names JSONL files, but {group}.source is "
-                      f"{g.source!r} (a TFDS dataset has its own splits): unset it")
-
-
 def _validate_stage(cfg) -> None:
-  if cfg.stage in ('sft', 'dpo'):
-    _validate_data_group(cfg, cfg.stage)
-  if cfg.stage == 'sft':
-    if cfg.data.mixture or cfg.data.eval_sources:
-      raise ConfigError("data.mixture / data.eval_sources are pretraining sources; with "
-                        "stage='sft' the data is cfg.sft")
-    if cfg.sft.source == 'tfds' and not cfg.sft.tfds_name:
-      raise ConfigError("sft.tfds_name must be set when sft.source='tfds'")
-    for key in ('eval_examples', 'eval_max_new_tokens', 'packing_bins'):
-      if cfg.sft[key] < 0 or (key != 'eval_examples' and cfg.sft[key] == 0):
-        raise ConfigError(f'sft.{key} must be positive, got {cfg.sft[key]}')
-  if cfg.stage == 'dpo':
-    if cfg.data.mixture or cfg.data.eval_sources:
-      raise ConfigError("data.mixture / data.eval_sources are pretraining sources; with "
-                        "stage='dpo' the data is cfg.dpo")
+  from lmjax.data import validation as data_validation  # pylint: disable=import-outside-toplevel
+  data_validation.validate_examples(cfg)
+  if cfg.stage == 'dpo':  # the DPO objective's own fields
     if not cfg.init_from.path:
       raise ConfigError("stage='dpo': set init_from.path (the SFT model to align; it is "
                         'also the reference)')
@@ -745,12 +671,13 @@ def to_dict(cfg: ml_collections.ConfigDict) -> dict:
 
 
 def from_dict(d: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """Rebuilds a locked config from a saved dict (checkpoints, notebooks)."""
+  """Rebuilds a locked config from a saved dict (checkpoints, notebooks): base_config()
+  with the named sources' entries, then every value (references saved resolved: an
+  equal model.vocab_size and tokenizer.vocab_size come back as equal values)."""
   cfg = base_config()
-  for group in SOURCE_GROUPS:  # the named sources' entries, then their values below
-    for name in d.get('data', {}).get(group, {}):
-      cfg.data[group][name] = data_source()
-  cfg.lock()
+  for group in SOURCE_GROUPS:
+    cfg.data[group] = {name: data_source() for name in d.get('data', {}).get(group, {})}
+  lock(cfg)
   flat = {}
 
   def walk(node, prefix):
@@ -767,4 +694,5 @@ def from_dict(d: Mapping[str, Any]) -> ml_collections.ConfigDict:
 
 
 def placeholder(t):
+  """A None-valued field that only a value of type `t` may set (ml_collections)."""
   return config_dict.placeholder(t)

@@ -20,8 +20,7 @@ def test_bench_full_vs_lora(tmp_path, capsys):
   out = tmp_path / 'rows.jsonl'
   argv = ['--config', os.path.join(ROOT, 'configs', 'pretrain_tiny.py'), '--steps', '2',
           '--warmup', '1', '--mode', 'both', '--json', str(out)]
-  for s in SMALL:
-    argv += ['--set', s]
+  argv += [f'--config.{s}' for s in SMALL]
   assert bench.main(argv) == 0
   full, lora = [json.loads(line) for line in out.read_text().splitlines()]
   assert full['mode'] == 'full' and lora['mode'] == 'lora'
@@ -44,7 +43,7 @@ def test_bench_mfu_with_a_given_peak_and_bad_override(capsys):
   row = bench.run(cfg, steps=1, warmup=1, peak_tflops=0.1)
   assert 0 < row['mfu'] < 1
   assert bench.main(['--config', os.path.join(ROOT, 'configs', 'pretrain_tiny.py'),
-                     '--set', 'optim.lrr=1']) == 2
+                     '--config.optim.lrr=1']) == 2
   assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
 
 
@@ -54,7 +53,7 @@ def test_bench_dpo_step_against_the_lm_step(tmp_path, capsys):
   full: a frozen copy, counted in memory; precomputed: read from the batch)."""
   out = tmp_path / 'rows.jsonl'
   common = ['--config', os.path.join(ROOT, 'configs', 'pretrain_tiny.py'), '--steps', '1',
-            '--warmup', '1'] + [a for s in SMALL for a in ('--set', s)]
+            '--warmup', '1'] + [f'--config.{s}' for s in SMALL]
   assert bench.main(common + ['--mode', 'both', '--objective', 'both', '--json', str(out)]) == 0
   rows = {(r['mode'], r['objective']): r for r in map(json.loads, out.read_text().splitlines())}
   assert set(rows) == {('full', 'lm'), ('lora', 'lm'), ('full', 'dpo (copy)'),
@@ -64,7 +63,7 @@ def test_bench_dpo_step_against_the_lm_step(tmp_path, capsys):
     assert r['loss'] > 0 and r['step_s'] > 0
   pre = tmp_path / 'pre.jsonl'
   assert bench.main(common + ['--mode', 'full', '--objective', 'dpo', '--json', str(pre),
-                              '--set', 'dpo.reference=precomputed']) == 0
+                              '--config.dpo.reference=precomputed']) == 0
   (row,) = map(json.loads, pre.read_text().splitlines())
   assert row['objective'] == 'dpo (precomputed)'
   # No reference copy: the step's arguments hold one set of params fewer.
@@ -166,5 +165,5 @@ def test_bench_matmul_count_matches_the_formula(capsys):
     assert all(k.startswith('bfloat16 x bfloat16') or k.endswith('(BF16_BF16_F32)')
                for k in shares), (mode, shares)
   argv = ['--config', os.path.join(ROOT, 'configs', 'pretrain_tiny.py'), '--matmuls',
-          '--mode', 'both', '--set', 'model.dtype=bfloat16']
-  assert bench.main(argv + [a for s in SMALL for a in ('--set', s)]) == 0  # the CLI runs
+          '--mode', 'both', '--config.model.dtype=bfloat16']
+  assert bench.main(argv + [f'--config.{s}' for s in SMALL]) == 0  # the CLI runs

@@ -33,8 +33,8 @@ def test_python_overrides_and_arg():
 
 
 @pytest.mark.parametrize('overrides, message', [
-    ({'optim.lrr': 1.0}, r"unknown config key 'optim.lrr' \(did you mean optim.lr"),
-    ({'modle.d_model': 8}, r"unknown config key 'modle.d_model'"),
+    ({'optim.lrr': 1.0}, r"unknown config key 'optim.lrr' \(did you mean \"lr\" instead"),
+    ({'modle.d_model': 8}, r"unknown config key 'modle.d_model' \(did you mean \"model\""),
     ({'optim.lr': 'fast'}, r"config key 'optim.lr'"),
     ({'model.n_kv_heads': 3}, r'model.n_heads \(4\) must be a multiple of model.n_kv_heads \(3\)'),
     ({'model.remat': 'some'}, r"model.remat' must be one of"),
@@ -55,7 +55,10 @@ def test_config_file_with_unknown_field(tmp_path):
                '  c = config.base_config()\n'
                '  c.train.stesp = 3\n'
                '  return c\n')
-  with pytest.raises(config_lib.ConfigError, match=r"unknown config key 'train.stesp'"):
+  # The locked base refuses the field in the config file itself: the file's line is named.
+  with pytest.raises(config_lib.ConfigError, match=r'bad.py, line 4: get_config\(None\) '
+                     r'raised AttributeError: Key "stesp" does not exist.* Did you mean '
+                     r'"steps" instead of "stesp"\?$'):
     config_lib.load(str(p))
   with pytest.raises(config_lib.ConfigError, match='config file not found'):
     config_lib.load(str(tmp_path / 'missing.py'))
@@ -79,3 +82,33 @@ def test_cli_rejects_bad_flags_before_starting(flag, message, tmp_path):
   assert out.returncode == 2 and 'Traceback' not in out.stderr
   assert out.stderr.startswith('error: ') and message in out.stderr
   assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_vocab_size_follows_the_tokenizer_unless_set():
+  """model.vocab_size is a FieldReference to tokenizer.vocab_size: one override sets both;
+  setting model.vocab_size itself (a padded embedding) unties them; saved resolved."""
+  cfg = config_lib.load(TINY, flags=['--config.tokenizer.vocab_size=512'])
+  assert cfg.tokenizer.vocab_size == cfg.model.vocab_size == 512
+  cfg = config_lib.load(TINY, flags=['--config.tokenizer.vocab_size=500',
+                                     '--config.model.vocab_size=512'])
+  assert (cfg.tokenizer.vocab_size, cfg.model.vocab_size) == (500, 512)
+  cfg.tokenizer.vocab_size = 256  # untied: the model keeps its own
+  assert cfg.model.vocab_size == 512
+  again = config_lib.from_dict(cfg.to_dict())
+  assert again.is_locked and again.to_dict() == cfg.to_dict()
+
+
+def test_command_line_values_are_parsed_by_their_field_type():
+  cfg = config_lib.load(TINY, flags=['--config.train.progress_bar=false',
+                                     '--config.rules.length=tensor',  # a placeholder(str)
+                                     "--config.rules.batch=('data',)",
+                                     '--config.optim.lr=1e-2', '--config.data.text_glob=a*.py'])
+  assert cfg.train.progress_bar is False and cfg.rules.length == 'tensor'
+  assert cfg.rules.batch == ('data',) and cfg.optim.lr == 0.01 and cfg.data.text_glob == 'a*.py'
+  for flags, message in (
+      (['--config.train.steps=1.5'], r"flag --config.train.steps=1.5: invalid literal for int"),
+      (['--config.rules.length=3'], r"rules.length names mesh axis '3'"),  # a str: a name
+      (['--config.optim.lrr=1'], r"unknown config key 'optim.lrr' \(did you mean \"lr\""),
+      (['--workdir=x'], r"unexpected argument '--workdir=x'")):
+    with pytest.raises(config_lib.ConfigError, match=message):
+      config_lib.load(TINY, flags=flags)

@@ -259,20 +259,39 @@ def test_mixture_config_checks_and_round_trip(corpora):
       config_lib.validate(c)
 
   bad(r'data.mixture.a.weight must be positive', a=config_lib.data_source(weight=0.0))
-  bad(r"unknown config key 'data.mixture.a.wieght' \(did you mean data.mixture.a.weight",
+  bad(r'data.mixture.a: unknown config key \'wieght\' \(did you mean "weight"',
       a=dict(config_lib.data_source().to_dict(), wieght=1.0))
+  bad(r"data.mixture.a: config key 'weight': .*'str'.* type <class 'float'>",
+      a=dict(config_lib.data_source().to_dict(), weight='heavy'))
   bad(r'data.mixture.a lacks the fields .*build it with lmjax.config.data_source',
       a=dict(text_glob='x', weight=1.0))
   bad(r'data.mixture.a-b: a source name must be', **{'a-b': config_lib.data_source()})
   bad(r"data.mixture.a.tfds_name must be set", a=config_lib.data_source(source='tfds'))
   bad(r"data.eval_sources.held_out has the name of a data.mixture source",
       held_out=config_lib.data_source())
-  with pytest.raises(config_lib.ConfigError, match=r"unknown field 'wieght' \(did you mean weight"):
+  with pytest.raises(config_lib.ConfigError,
+                     match=r'data_source: Key "wieght" does not exist.* Did you mean "weight"'):
     config_lib.data_source(wieght=1.0)
-  assert config_lib.is_known_key('data.mixture.anything.val_fraction')
-  assert not config_lib.is_known_key('data.mixture.anything.val_frac')
-  assert config_lib.is_known_key('data.mixture.domain.weight', 'configs/dapt_tiny.py')
-  assert not config_lib.is_known_key('data.mixture.domian.weight', 'configs/dapt_tiny.py')
+  # The command line reaches a named source's fields, and only those.
+  cfg = config_lib.load('configs/dapt_tiny.py', flags=['--config.data.mixture.domain.weight=2',
+                                                       '--config.data.mixture.domain.source=jsonl',
+                                                       '--config.data.mixture.domain.files=x'])
+  assert cfg.data.mixture.domain.weight == 2.0 and cfg.data.mixture.domain.files == 'x'
+  for flag, message in (
+      ('--config.data.mixture.domain.val_frac=0.5', r"'data.mixture.domain.val_frac' \(did you "
+       r'mean "val_fraction"'),
+      ('--config.data.mixture.domian.weight=0.5', r"'data.mixture.domian.weight' \(did you "
+       r'mean "domain"'),
+      ('--config.data.mixture.extra.weight=0.5', r"unknown config key 'data.mixture.extra.weight'"),
+      ('--config.data.mixture.domain.weight=heavy', r"could not convert string to float")):
+    with pytest.raises(config_lib.ConfigError, match=message):
+      config_lib.load('configs/dapt_tiny.py', flags=[flag])
+  # A config file adds an entry to a group it starts from inside `unlocked()`.
+  cfg = config_lib.build('configs/dapt_tiny.py')
+  with cfg.data.eval_sources.unlocked():
+    cfg.data.eval_sources.held_out = config_lib.data_source(text_glob='x', val_fraction=0.5)
+  config_lib.validate(config_lib.lock(cfg))
+  assert cfg.data.eval_sources.is_locked and cfg.data.mixture.general.is_locked
 
 
 def test_dapt_tiny_config():

@@ -28,9 +28,9 @@ def recipe(tmp_path_factory):
   """experiments/recipe_tiny.py --smoke: the three shipped stage configs chained
   (pretrain_tiny:smoke -> sft_lora_tiny:smoke -> dpo_tiny:smoke). (stdout, root)"""
   root = str(tmp_path_factory.mktemp('recipe'))
-  quiet = [f'--set={s}.train.progress_bar=False' for s in ('pretrain', 'sft', 'dpo')]
+  quiet = [f'--config.{s}.train.progress_bar=False' for s in ('pretrain', 'sft', 'dpo')]
   out = _run(['experiments/recipe_tiny.py', '--smoke', f'--root={root}', '--test_limit=24',
-              '--set=sft.train.steps=10'] + quiet)
+              '--config.sft.train.steps=10'] + quiet)
   return out, root
 
 
@@ -61,7 +61,7 @@ def test_recipe_chains_the_stages_and_prints_their_metrics(recipe):
   assert all(res[s]['test_n'] == 24 for s in res)
   # A second run finds every stage done and only measures.
   again = _run(['experiments/recipe_tiny.py', '--smoke', f'--root={root}', '--test_limit=4',
-                '--set=sft.train.steps=10'])
+                '--config.sft.train.steps=10'])
   assert again.count('(done: not retrained)') == 3 and 'compiled train step' not in again
 
 

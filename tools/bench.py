@@ -2,14 +2,15 @@
 
   python tools/bench.py --config=configs/pretrain_tiny.py [--steps=10] [--warmup=2]
       [--mode=full|lora|both] [--objective=lm|dpo|both] [--data=synthetic|real]
-      [--set KEY=VALUE ...] [--peak_tflops=X] [--json=out.json] [--matmuls]
+      [--config.KEY=VALUE ...] [--peak_tflops=X] [--json=out.json] [--matmuls]
 
 Columns: device (count x kind), mode, objective (lm: next-token, the pretraining and SFT
 step; dpo: train.global_batch pairs = twice the rows, with its reference: adapters_off /
 copy / precomputed), params (the model's), trainable (what the optimizer
 updates), optimizer-state bytes (all devices), batch x seq, tokens/s, MFU, step time,
 peak memory per device (compiled.memory_analysis(): arguments + outputs + temporaries -
-aliased), compile time.
+aliased), compile time. --config.KEY=VALUE overrides a config field, as for
+`python -m lmjax.train` (e.g. --config.model.remat=dots; JSON rows record them).
 
 MFU = tokens/s x (6N + 6·L·T·heads·head_dim) / (devices x peak), the standard formula
 (causal attention counted once; N = every matmul weight incl. the output projection) for
@@ -37,27 +38,11 @@ Bad input: one line, `error: <reason>`, exit code 2 (--verbose: with the traceba
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import sys
 import time
 
 from lmjax import cli
-
-
-def _parse_set(items):
-  out = {}
-  for item in items or []:
-    key, eq, value = item.partition('=')
-    if not eq:
-      from lmjax import config as config_lib  # pylint: disable=import-outside-toplevel
-      raise config_lib.ConfigError(f'--set takes KEY=VALUE, got {item!r}')
-    try:
-      value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      pass
-    out[key] = value
-  return out
 
 
 def _prepare(cfg, mode: str, objective: str, devices=None):
@@ -250,8 +235,6 @@ def main(argv) -> int:
   parser.add_argument('--mode', default='full', choices=('full', 'lora', 'both'))
   parser.add_argument('--objective', default='lm', choices=('lm', 'dpo', 'both'))
   parser.add_argument('--data', default='synthetic', choices=('synthetic', 'real'))
-  parser.add_argument('--set', action='append', metavar='KEY=VALUE',
-                      help='config override, e.g. --set model.remat=dots (repeatable)')
   parser.add_argument('--peak_tflops', type=float, default=None,
                       help='per-device peak for MFU (default: the datasheet bf16 figure)')
   parser.add_argument('--json', default=None, help='append the rows to this JSONL file')
@@ -259,11 +242,13 @@ def main(argv) -> int:
                       help='trace the step (no compile, no timing) and print its matmul '
                       'FLOPs per token and their shares by operand dtype and precision')
   cli.add_verbose_flag(parser)
-  args = parser.parse_args(argv)
+  args, flags = parser.parse_known_args(argv)  # the rest: --config.KEY=VALUE overrides
 
   from lmjax import config as config_lib
-  overrides = _parse_set(args.set)
-  cfg = config_lib.load(args.config, overrides={'lora.enabled': False, **overrides})
+  from ml_collections.config_flags import config_path
+  cfg = config_lib.load(args.config, overrides={'lora.enabled': False}, flags=flags)
+  overrides = {k: config_path.get_value(k, cfg) for k in
+               (f.split('=', 1)[0].split('.', 1)[1] for f in flags)}
   modes = ('full', 'lora') if args.mode == 'both' else (args.mode,)
   objectives = ('lm', 'dpo') if args.objective == 'both' else (args.objective,)
   rows = []

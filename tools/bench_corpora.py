@@ -172,11 +172,11 @@ def _status() -> dict:
   return out
 
 
-def measure_big(args, overrides: dict) -> dict:
+def measure_big(args, flags: list[str]) -> dict:
   """In this (fresh) process: index the big shard, read --batches shuffled batches."""
   from lmjax import config as config_lib  # pylint: disable=import-outside-toplevel
   from lmjax.data import pipeline, sources, tokenizer  # pylint: disable=import-outside-toplevel
-  cfg = config_lib.load(args.config, overrides=overrides)
+  cfg = config_lib.load(args.config, flags=flags)
   tok = tokenizer.load_tokenizer(cfg)
   base = _status()['VmRSS']
   peak_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -252,13 +252,12 @@ def main(argv) -> int:
   cli.add_verbose_flag(parser)
   args, rest = parser.parse_known_args(argv)
   from lmjax import config as config_lib  # pylint: disable=import-outside-toplevel
-  overrides = config_lib.cli_overrides(rest)
-  overrides['data.worker_threads'] = args.threads
+  flags = rest + [f'--config.data.worker_threads={args.threads}']
   if args.measure_big:
-    print(json.dumps(measure_big(args, overrides)))
+    print(json.dumps(measure_big(args, flags)))
     return 0
   from lmjax.data import sources, tokenizer  # pylint: disable=import-outside-toplevel
-  cfg = config_lib.load(args.config, overrides=overrides)
+  cfg = config_lib.load(args.config, flags=flags)
   tok = tokenizer.load_tokenizer(cfg)
   formats = [f for f in args.formats.split(',') if f]
   unknown = sorted(set(formats) - set(FORMATS))

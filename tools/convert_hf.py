@@ -24,7 +24,6 @@ Bad input: one line, `error: <reason>`, exit code 2 (--verbose: with the traceba
 """
 
 import argparse
-import ast
 import sys
 
 from lmjax import cli
@@ -59,29 +58,20 @@ def _parse(argv):
                    'and tokenizer, not the source model\'s (for a model that no longer matches it)')
   cli.add_verbose_flag(exp)
   args, rest = parser.parse_known_args(argv)
-  overrides = {}
-  for arg in rest:
-    if args.command != 'import' or not arg.startswith('--config.') or '=' not in arg:
-      parser.error(f'unexpected argument {arg!r}'
-                   + (' (overrides are --config.KEY=VALUE)' if args.command == 'import' else ''))
-    key, value = arg[len('--config.'):].split('=', 1)
-    try:
-      overrides[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      overrides[key] = value  # a plain string: a path, a name
-  return args, overrides
+  if rest and args.command != 'import':
+    parser.error(f'unexpected arguments {rest}')
+  return args, rest
 
 
 @cli.main
 def main(argv) -> int:
-  args, overrides = _parse(argv)
+  args, flags = _parse(argv)
   from lmjax import config as config_lib
   if args.command == 'import':
     if args.config:
-      base = config_lib.load(args.config, overrides=overrides)
+      base = config_lib.load(args.config, flags=flags)
     else:
-      base = config_lib.base_config()
-      config_lib.apply_overrides(base, overrides)
+      base = config_lib.apply_flags(config_lib.base_config(), flags)
   # Imported once the arguments and the config are checked: their errors come before jax
   # starts.
   from lmjax import hf

@@ -141,7 +141,7 @@ def main(argv) -> int:
   args, overrides = parse(argv)
   if 'run' in args.steps:  # the config and overrides are checked here, not on the VM
     from lmjax import config as config_lib  # pylint: disable=import-outside-toplevel
-    config_lib.load(args.config, overrides=config_lib.cli_overrides(overrides))
+    config_lib.load(args.config, flags=overrides)
   for step, cmd in commands(args, overrides):
     print(f'[{step}] {shlex.join(cmd)}', flush=True)
     if not args.dry_run:

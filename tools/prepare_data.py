@@ -40,11 +40,8 @@ def main(argv) -> int:
   from lmjax import config as config_lib
   from lmjax.data import quality
   beam_options = [a for a in rest if not a.startswith('--config.')] if args.runner else []
-  try:
-    overrides = config_lib.cli_overrides([a for a in rest if a not in beam_options])
-  except ValueError as e:
-    parser.error(str(e))
-  cfg = config_lib.apply_overrides(config_lib.build(args.config), overrides)
+  cfg = config_lib.apply_flags(config_lib.lock(config_lib.build(args.config)),
+                               [a for a in rest if a not in beam_options])
   report = quality.prepare(cfg, os.path.abspath(args.out), args.runner, beam_options)
   print(quality.summary(report))
   return 0

@@ -31,11 +31,7 @@ def main(argv) -> int:
   cli.add_verbose_flag(parser)
   args, rest = parser.parse_known_args(argv)
   from lmjax import config as config_lib
-  try:
-    overrides = config_lib.cli_overrides(rest)
-  except ValueError as e:
-    parser.error(str(e))
-  cfg = config_lib.load(args.config, overrides=overrides)
+  cfg = config_lib.load(args.config, flags=rest)
   if cfg.stage != 'pretrain':
     raise config_lib.ConfigError(f"stage={cfg.stage!r}: pretokenize is for the pretraining "
                                  'pipeline (cfg.data)')

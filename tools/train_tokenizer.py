@@ -26,17 +26,13 @@ def _parse(argv):
   parser.add_argument('--vocab_size', type=int, default=None,
                       help='pieces (default: the config\'s tokenizer.vocab_size)')
   cli.add_verbose_flag(parser)
-  args, rest = parser.parse_known_args(argv)
-  try:
-    return args, config_lib.cli_overrides(rest)
-  except ValueError as e:
-    parser.error(str(e))
+  return parser.parse_known_args(argv)
 
 
 @cli.main
 def main(argv) -> int:
-  args, overrides = _parse(argv)
-  cfg = config_lib.load(args.config, overrides=overrides)
+  args, rest = _parse(argv)
+  cfg = config_lib.load(args.config, flags=rest)
   if args.vocab_size:
     # Not validated against model.vocab_size: the tokenizer may serve another config.
     cfg.tokenizer.vocab_size = args.vocab_size

@@ -87,6 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
   # held_out: the held-out splits' documents are evaluation text too.
   cfg.decontam = dict(enabled=False, ngram=13, eval_globs='', eval_jsonl='',
                       exempt=('validation',), held_out=True)
+  cfg.lock()  # a config file updates these fields; a typo in one fails
   return cfg
 
 

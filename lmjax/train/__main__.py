@@ -40,35 +40,15 @@ def _train(cfg, workdir: str) -> int:
   return 0
 
 
-def _config_arg(argv) -> str | None:
-  """The value of the last --config=PATH[:arg] (or --config PATH[:arg]) in argv."""
-  value = None
-  for i, arg in enumerate(argv):
-    if arg.startswith('--config='):
-      value = arg.split('=', 1)[1]
-    elif arg == '--config' and i + 1 < len(argv):
-      value = argv[i + 1]
-  return value
-
-
 def _parse_flags(argv):
   """absl parsing, with bad input (a config file that is missing or fails to build, a typo
-  in a --config.KEY override, a flag value absl refuses) reported as one line, exit code 2,
-  rather than a traceback."""
-  config_file = _config_arg(argv[1:])
+  in a --config.KEY override, a value of the wrong type) reported as one line, exit code
+  2, rather than a traceback: the config and its overrides are tried once here first, by
+  lmjax.config (the same ml_collections parsing, its errors as ConfigError)."""
+  config_file, overrides, _ = config_lib.split_args(argv[1:])
   try:
-    if config_file:  # built here first: config_flags would bury its error in a traceback
-      path, _, arg = config_file.partition('.py:')
-      if arg:
-        config_lib.build(path + '.py', arg)
-      else:
-        config_lib.build(config_file)
-    for arg in argv[1:]:
-      if arg.startswith('--config.'):
-        key = arg[len('--config.'):].split('=', 1)[0]
-        if not config_lib.is_known_key(key, config_file):
-          raise config_lib.ConfigError(f'unknown config key {key!r} in {arg}'
-                                       f'{config_lib.suggest(key, config_file)}')
+    if config_file:
+      config_lib.apply_flags(config_lib.build(config_file), overrides)
   except UserError as e:
     cli.report(e, cli.verbose(argv[1:]))
     raise SystemExit(cli.BAD_INPUT) from None
