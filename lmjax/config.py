@@ -35,9 +35,10 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field lmjax reads, with its default. Configs update this."""
   cfg = ml_collections.ConfigDict()
   cfg.seed = 0
-  # What the run trains on: 'pretrain' (next-token prediction on cfg.data documents) or
-  # 'sft' (cfg.sft conversations, loss on assistant tokens only). With lora.enabled either
-  # stage trains LoRA adapters on a frozen base (init_from) instead of every weight.
+  # The objective (lmjax/train/objectives): 'pretrain' (next-token prediction on cfg.data
+  # documents), 'sft' (cfg.sft conversations, loss on assistant tokens only) or 'dpo'
+  # (cfg.dpo preference pairs). With lora.enabled it trains LoRA adapters on a frozen base
+  # (init_from) instead of every weight.
   cfg.stage = 'pretrain'
 
   cfg.model = dict(
@@ -219,7 +220,7 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.sft = dict(
       source='jsonl',         # jsonl | tfds (tfds_name's records, data.data_dir).
       # JSONL file / glob(s) with '{split}' for the split name, e.g. 'sft/{split}.jsonl';
-      # '' = the built-in synthetic task (data/sft_task.py), written on first use. Without
+      # 'builtin:synthetic' = the built-in task (data/sft_task.py), written on first use. Without
       # '{split}' it is the train split only (no eval split unless eval_path names one).
       path='',
       # JSONL file / glob(s) of held-out examples: the data.eval_split split ('' = path's).
@@ -251,7 +252,7 @@ def base_config() -> ml_collections.ConfigDict:
   # template is sft.template.
   cfg.dpo = dict(
       source='jsonl',         # jsonl | tfds ({"prompt", "chosen", "rejected"} records).
-      path='',                # JSONL with '{split}'; '' = the built-in preference task.
+      path='',                # JSONL with '{split}'; 'builtin:synthetic' = the built-in pairs.
       eval_path='',           # held-out pairs (data.eval_split), as sft.eval_path.
       allow_overlap=False,    # as sft.allow_overlap.
       # Degenerate pairs (chosen == rejected, an empty completion, a prompt that leaves no
@@ -686,44 +687,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f'rules.{logical} names mesh axis {a!r}, not one of {tuple(cfg.mesh)}')
 
 
-def _validate_data_group(cfg, group: str) -> None:
-  """The fields cfg.sft and cfg.dpo share: eval_path, max_degenerate."""
-  g = cfg[group]
-  if not 0 <= g.max_degenerate <= 1:
-    raise ConfigError(f'{group}.max_degenerate must be a fraction in [0, 1], got '
-                      f'{g.max_degenerate}')
-  if g.eval_path and g.source != 'jsonl':
-    raise ConfigError(f"{group}.eval_path names JSONL files, but {group}.source is "
-                      f"{g.source!r} (a TFDS dataset has its own splits): unset it")
-
-
 def _validate_stage(cfg) -> None:
-  if cfg.stage in ('sft', 'dpo'):
-    _validate_data_group(cfg, cfg.stage)
-  if cfg.stage == 'sft':
-    if cfg.data.mixture or cfg.data.eval_sources:
-      raise ConfigError("data.mixture / data.eval_sources are pretraining sources; with "
-                        "stage='sft' the data is cfg.sft")
-    if cfg.sft.source == 'tfds' and not cfg.sft.tfds_name:
-      raise ConfigError("sft.tfds_name must be set when sft.source='tfds'")
-    for key in ('eval_examples', 'eval_max_new_tokens', 'packing_bins'):
-      if cfg.sft[key] < 0 or (key != 'eval_examples' and cfg.sft[key] == 0):
-        raise ConfigError(f'sft.{key} must be positive, got {cfg.sft[key]}')
-  if cfg.stage == 'dpo':
-    if cfg.data.mixture or cfg.data.eval_sources:
-      raise ConfigError("data.mixture / data.eval_sources are pretraining sources; with "
-                        "stage='dpo' the data is cfg.dpo")
-    if not cfg.init_from.path:
-      raise ConfigError("stage='dpo': set init_from.path (the SFT model to align; it is "
-                        'also the reference)')
-    if cfg.dpo.beta <= 0:
-      raise ConfigError(f'dpo.beta must be positive, got {cfg.dpo.beta}')
-    if not 0 <= cfg.dpo.label_smoothing < 0.5:
-      raise ConfigError(f'dpo.label_smoothing must be in [0, 0.5), got '
-                        f'{cfg.dpo.label_smoothing}')
-    if cfg.dpo.reference == 'adapters_off' and not cfg.lora.enabled:
-      raise ConfigError("dpo.reference='adapters_off' needs lora.enabled (the reference is "
-                        'the base without adapters)')
+  # The objective's own checks (its config group): lmjax/train/objectives/.
+  from lmjax.train import objectives  # pylint: disable=import-outside-toplevel
+  objectives.validate(cfg)
   if cfg.lora.enabled:
     from lmjax.models import lora  # pylint: disable=import-outside-toplevel
     try:

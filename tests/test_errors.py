@@ -89,7 +89,8 @@ def test_empty_dataset(tmp_path):
 def test_sequences_that_cannot_fit_seq_len(tmp_path):
   cfg = pretrain_cfg(tmp_path)
   cfg.stage = 'sft'
-  cfg.sft.update(task_sizes=dict(train=50, validation=10, test=10), overlong='drop')
+  cfg.sft.update(path='builtin:synthetic', task_sizes=dict(train=50, validation=10, test=10),
+                 overlong='drop')
   cfg.data.update(seq_len=8, data_dir=str(tmp_path / 'tfds'))
   tok = sft_tokenizer(tmp_path)
   it = formats.make_sft_iterator(cfg, tok, 'train', batch_size=2)

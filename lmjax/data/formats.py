@@ -205,15 +205,31 @@ class Subset:
     return f'Subset({self.name}, {len(self)} of {len(self._records)})'
 
 
+# The built-in synthetic task (data/sft_task.py: conversations for sft.path, preference
+# pairs for dpo.path), written under data.data_dir on first use; it has every split.
+BUILTIN = 'builtin:synthetic'
+
+
+def is_builtin(path: str) -> bool:
+  """Whether a data path names the built-in synthetic task."""
+  return path.strip() == BUILTIN
+
+
+def empty_path_message(group: str) -> str:
+  """The error for an unset <group>.path."""
+  return (f"{group}.path is empty: set it to your JSONL files (e.g. "
+          f"'data/{{split}}.jsonl') or to {BUILTIN!r} for the built-in synthetic task")
+
+
 def split_source(cfg, split: str, group: str = 'sft') -> tuple[str, str] | None:
   """(path, field) of the JSONL files that hold `split` of cfg.<group> ('sft' or 'dpo';
-  '' = the built-in task), or None when there is no such split: the eval split
-  (data.eval_split) is <group>.eval_path when set; a path with '{split}' names every
-  split; one without it holds data.train_split only."""
+  BUILTIN = the built-in task), or None when there is no such split: the eval split
+  (data.eval_split) is <group>.eval_path when set; a path with '{split}' (or the built-in
+  task) names every split; one without it holds data.train_split only."""
   g = cfg[group]
   if split == cfg.data.eval_split and g.eval_path:
     return g.eval_path, f'{group}.eval_path'
-  if not g.path or '{split}' in g.path or split == cfg.data.train_split:
+  if is_builtin(g.path) or '{split}' in g.path or split == cfg.data.train_split:
     return g.path, f'{group}.path'
   return None
 
@@ -225,8 +241,8 @@ def has_split(cfg, split: str, group: str = 'sft') -> bool:
 
 def split_files(cfg, split: str, group: str = 'sft') -> list[str]:
   """The JSONL files of `split` of cfg.<group> ('sft' or 'dpo'; see split_source): a file, a
-  glob or comma-separated globs, '{split}' filled in; '' = the built-in synthetic task
-  (written on first use). DataError when the data has no such split."""
+  glob or comma-separated globs, '{split}' filled in; BUILTIN = the built-in synthetic task
+  (written on first use). DataError when the data has no such split or no path."""
   g, source = cfg[group], split_source(cfg, split, group)
   if source is None:
     raise DataError(
@@ -235,7 +251,9 @@ def split_files(cfg, split: str, group: str = 'sft') -> list[str]:
         f'{group}.eval_path to held-out examples (the {cfg.data.eval_split!r} split) or put '
         f"'{{split}}' in {group}.path")
   path, field = source
-  if not path:
+  if not path.strip():
+    raise DataError(empty_path_message(field.split('.')[0]))
+  if is_builtin(path):
     from lmjax.data import sft_task  # pylint: disable=g-import-not-at-top
     root = sft_task.ensure(cfg) if group == 'sft' else sft_task.ensure_pairs(cfg)
     return [os.path.join(root, f'{split}.jsonl')]

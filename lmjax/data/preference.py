@@ -198,6 +198,24 @@ def get_pairs(cfg, split: str) -> Pairs:
   return pairs
 
 
+def answer_examples(cfg, split: str, limit: int | None = None, tokenizer=None
+                    ) -> list[dict[str, str]]:
+  """[{'prompt', 'answer', 'task'}] of the first `limit` pairs of a cfg.dpo split, for
+  evaluate.exact_match: prompt = the chat up to the chosen turn's header (encode it with
+  formats.prompt_ids), answer = the chosen completion's last turn, task = the record's
+  'task' field ('' if none). Meaningful for pairs whose chosen answer is the only right
+  one (the built-in task's)."""
+  pairs = get_pairs(cfg, split)
+  tags = pairs.stats.get('tags') or []
+  n = len(pairs) if limit is None else min(limit, len(pairs))
+  out = []
+  for i in range(n):
+    prompt, chosen, _ = pairs[i]
+    out.append({'prompt': formats.render_prompt(prompt + chosen, cfg.sft.template, tokenizer),
+                'answer': chosen[-1]['content'], 'task': tags[i] if i < len(tags) else ''})
+  return out
+
+
 class _Indexed:
   """pairs[i] -> (i, pairs[i]): a pair keeps its index in the split through shuffling and
   sharding (the key of its precomputed reference log-probs). keep: the indices to read
