@@ -6,8 +6,8 @@ is the index; docs/errors.md is the table of what the user sees. Tested elsewher
   divide (test_step.py); train.wandb without wandb installed (test_tracking.py);
 - data: pretraining corpora's bad records, empty shards, truncated files and a missing
   zstandard, failing with file:line / row or skipped and counted (test_corpora.py);
-  malformed JSONL lines (test_formats.py, test_preference.py); a path without
-  {split}, an eval split overlapping train, degenerate records (identical pairs, empty
+  malformed JSONL lines (test_formats.py, test_preference.py); an unset SFT/DPO path, a
+  path without {split}, an eval split overlapping train, degenerate records (identical pairs, empty
   completions or assistant turns, no room for an answer) counted, dropped, warned or
   refused before compiling (test_data_check.py); tokenizer vs model vocab (test_data.py,
   test_hf.py); chat templates that cannot mark assistant tokens (test_tokenizers.py);

@@ -305,7 +305,7 @@ def test_task_is_deterministic_and_correct(tmp_path):
     assert solve(user['content']) == asst['content'] and len(asst['content']) <= 3
     tasks.add(ex['task'])
   assert tasks == set(sft_task.TASKS)
-  evals = sft_task.eval_examples(f'{a}/test.jsonl', 'llama3')
+  evals = formats.file_answer_examples(f'{a}/test.jsonl', 'llama3')
   assert len(evals) == 30
   for ex in evals:
     q = ex['prompt'].split('<|end_header_id|>\n\n')[1].split('<|eot_id|>')[0]

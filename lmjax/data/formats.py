@@ -52,7 +52,7 @@ import grain
 import numpy as np
 from grain.experimental import FirstFitPackIterDataset
 
-from lmjax.data import sources
+from lmjax.data import chat_template, sft_task, sources
 from lmjax.data.pipeline import (_JsonSafeState, _ThreadPrefetch, shuffle_seed)
 from lmjax.data.sources import DataError
 
@@ -254,7 +254,6 @@ def split_files(cfg, split: str, group: str = 'sft') -> list[str]:
   if not path.strip():
     raise DataError(empty_path_message(field.split('.')[0]))
   if is_builtin(path):
-    from lmjax.data import sft_task  # pylint: disable=g-import-not-at-top
     root = sft_task.ensure(cfg) if group == 'sft' else sft_task.ensure_pairs(cfg)
     return [os.path.join(root, f'{split}.jsonl')]
   return split_files_of(path, split, field)
@@ -327,7 +326,6 @@ def resolve_template(template: str, tokenizer=None) -> str:
 
 
 def _model_template(tokenizer):
-  from lmjax.data import chat_template  # pylint: disable=import-outside-toplevel
   if tokenizer is None:
     raise DataError("sft.template='model' renders with the tokenizer's chat template: "
                     'pass the tokenizer')
@@ -441,6 +439,29 @@ def answer_normalizer(template: str, tokenizer=None):
     return text.strip().split('\n', 1)[0].strip()
 
   return normalize
+
+
+def file_answer_examples(path: str, template: str = 'llama3', limit: int | None = None
+                  ) -> list[dict[str, str]]:
+  """[{'prompt', 'answer', 'task'}] of a messages JSONL file for evaluate.exact_match:
+  prompt = the rendered chat up to the final assistant turn's header (encode it as
+  [BOS] + tokenizer.encode(prompt), as lmjax.api does), answer = that turn's content.
+  Pass normalize=answer_normalizer(template) to cut at the end-of-turn marker."""
+  out = []
+  with open(path, encoding='utf-8') as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      obj = json.loads(line)
+      try:
+        turns = normalize_example(obj)
+      except ValueError as e:
+        raise DataError(f'{path}:{n}: malformed example: {e}') from None
+      out.append({'prompt': render_prompt(turns, template),
+                  'answer': turns[-1]['content'], 'task': obj.get('task', '')})
+      if limit is not None and len(out) >= limit:
+        break
+  return out
 
 
 # ---- The grain pipeline -------------------------------------------------------------

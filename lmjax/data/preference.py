@@ -25,7 +25,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from lmjax.data import formats
+from lmjax.data import chat_template, formats, sources
 from lmjax.data.sources import DataError
 
 COUNTS = formats.COUNTS
@@ -86,7 +86,6 @@ def encode_pair(pair: tuple[list, list, list], tokenizer, template: str):
   template ends the turn). The rows share prompt_len tokens."""
   prompt, chosen, rejected = pair
   if formats.resolve_template(template, tokenizer) == 'model':
-    from lmjax.data import chat_template  # pylint: disable=import-outside-toplevel
     tmpl = chat_template.ModelTemplate(tokenizer)
     rows = []
     for c in (chosen, rejected):
@@ -185,7 +184,6 @@ def get_pairs(cfg, split: str) -> Pairs:
             f'(first: {stats["first_error"]})', flush=True)
     pairs = Pairs(items, name, stats)
   elif d.source == 'tfds':
-    from lmjax.data import sources  # pylint: disable=import-outside-toplevel
     data = cfg.data.copy_and_resolve_references()
     with data.unlocked():
       data.source, data.tfds_name = 'tfds', d.tfds_name
