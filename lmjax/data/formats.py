@@ -52,8 +52,8 @@ import grain
 import numpy as np
 from grain.experimental import FirstFitPackIterDataset
 
-from lmjax.data import chat_template, sft_task, sources
-from lmjax.data.pipeline import (_JsonSafeState, _ThreadPrefetch, shuffle_seed)
+from lmjax.data import chat_template, pipeline, sft_task, sources
+from lmjax.data.pipeline import shuffle_seed
 from lmjax.data.sources import DataError
 
 ROLES = ('system', 'user', 'assistant')
@@ -489,71 +489,33 @@ def overlong_fate(mask: np.ndarray, seq_len: int, mode: str) -> str | None:
   return 'dropped' if mode == 'drop' else 'truncated'
 
 
-class _OverlongIterator(grain.DatasetIterator):
-  """Truncates or drops conversations longer than seq_len; a kept one carries the
-  number dropped since the previous one ('dropped') and whether it was cut
-  ('truncated'), as [L] features whose first entry holds the count. A truncated one with
-  no loss token left is dropped instead. `limit` consecutive drops (a whole epoch) raise."""
+def _overlong(seq_len: int, mode: str):
+  """keep(example, dropped) for pipeline.CountDrops: truncates or drops conversations
+  longer than seq_len (a truncated one with no loss token left is dropped instead); a kept
+  one carries the number dropped since the previous one ('dropped') and whether it was cut
+  ('truncated'), as [L] features whose first entry holds the count."""
+  if mode not in ('truncate', 'drop'):
+    raise DataError(f"sft.overlong must be 'truncate' or 'drop', got {mode!r}")
 
-  def __init__(self, parent, seq_len: int, mode: str, limit: int, name: str):
-    super().__init__(parent)
-    self._seq_len, self._mode, self._pending = seq_len, mode, 0
-    self._limit, self._name = limit, name
+  def keep(ex, dropped):
+    fate = overlong_fate(ex['mask'], seq_len, mode)
+    if fate in ('dropped', 'no_room'):
+      return None
+    cut = int(fate == 'truncated')
+    if cut:
+      ex = {k: v[:seq_len] for k, v in ex.items()}
+    counts = {k: np.zeros(len(ex['tokens']), np.int32) for k in COUNTS}
+    counts['dropped'][0], counts['truncated'][0] = dropped, cut
+    return {**ex, **counts}
 
-  def _drop(self):
-    self._pending += 1
-    if self._pending >= self._limit:
-      raise DataError(f'{self._name}: {self._pending} examples in a row are longer than '
-                      f'data.seq_len={self._seq_len} (sft.overlong={self._mode!r}; a '
-                      'truncated one needs an assistant token left): raise data.seq_len')
-
-  def __next__(self):
-    while True:
-      ex = next(self._parent)
-      fate = overlong_fate(ex['mask'], self._seq_len, self._mode)
-      if fate in ('dropped', 'no_room'):
-        self._drop()
-        continue
-      cut = int(fate == 'truncated')
-      if cut:
-        ex = {k: v[:self._seq_len] for k, v in ex.items()}
-      counts = {k: np.zeros(len(ex['tokens']), np.int32) for k in COUNTS}
-      counts['dropped'][0], counts['truncated'][0] = self._pending, cut
-      self._pending = 0
-      return {**ex, **counts}
-
-  def get_state(self):
-    return {'parent': self._parent.get_state(), 'pending': self._pending}
-
-  def set_state(self, state):
-    self._parent.set_state(state['parent'])
-    self._pending = int(state['pending'])
-
-
-class _Overlong(grain.IterDataset):
-
-  def __init__(self, parent, seq_len: int, mode: str, limit: int, name: str):
-    super().__init__(parent)
-    if mode not in ('truncate', 'drop'):
-      raise DataError(f"sft.overlong must be 'truncate' or 'drop', got {mode!r}")
-    self._args = (seq_len, mode, max(int(limit), 1), name)
-
-  def __iter__(self):
-    return _OverlongIterator(self._parent.__iter__(), *self._args)
+  return keep
 
 
 def _to_example(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """A packed row -> {inputs, targets, segment_ids, positions, loss_mask, dropped,
   truncated}: loss where the target is an assistant token of the same conversation."""
-  tokens, seg = row['tokens'], row['tokens_segment_ids'].astype(np.int32)
-  same = np.zeros(tokens.shape, bool)
-  same[:-1] = (seg[1:] == seg[:-1]) & (seg[:-1] != 0)
-  targets = np.zeros_like(tokens)
-  targets[:-1] = np.where(same[:-1], tokens[1:], 0)
-  loss = np.zeros(tokens.shape, np.float32)
-  loss[:-1] = same[:-1] & (row['mask'][1:] > 0)
-  return {'inputs': tokens, 'targets': targets, 'segment_ids': seg,
-          'positions': row['tokens_positions'].astype(np.int32), 'loss_mask': loss,
+  return {**pipeline.features(row['tokens'], row['tokens_segment_ids'],
+                              row['tokens_positions'], row['mask']),
           **{k: np.int32(row[k].sum()) for k in COUNTS}}
 
 
@@ -571,7 +533,11 @@ def make_sft_dataset(cfg, tokenizer, split: str, *, batch_size: int, process_ind
   it, share = encoded_stream(cfg, conv, split, _Encode(tokenizer, s.template), '/sft',
                              batch_size=batch_size, process_index=process_index,
                              process_count=process_count, seed=seed, repeat=repeat)
-  it = _Overlong(it, d.seq_len, s.overlong, share if repeat else 2**62, conv.name)
+  it = pipeline.CountDrops(
+      it, _overlong(d.seq_len, s.overlong), share if repeat else 2**62,
+      lambda n: f'{conv.name}: {n} examples in a row are longer than data.seq_len='
+                f'{d.seq_len} (sft.overlong={s.overlong!r}; a truncated one needs an '
+                'assistant token left): raise data.seq_len')
   lengths = {k: d.seq_len for k in ('tokens', 'mask') + COUNTS}
   # cuDNN attention takes at most model.max_segments runs a row: conversations + padding.
   per_bin = cfg.model.max_segments - 1 if cfg.model.attention == 'cudnn' else None
@@ -585,36 +551,26 @@ def make_sft_dataset(cfg, tokenizer, split: str, *, batch_size: int, process_ind
 def encoded_stream(cfg, examples, split: str, encode: grain.transforms.Map, salt: str, *,
                    batch_size: int, process_index: int, process_count: int, seed: int,
                    repeat: bool) -> tuple[grain.IterDataset, int]:
-  """The head of an example pipeline (SFT conversations, DPO pairs): this process's share
-  of `examples` (len + __getitem__, with .name), shuffled for the train split, repeated,
-  mapped by `encode` on cfg.data.worker_threads threads. Returns (the stream, the share's
-  size)."""
+  """The head of a chat example pipeline (SFT conversations, DPO pairs): pipeline.
+  example_stream on cfg.data.worker_threads threads. Returns (the stream, the size of
+  this process's share)."""
   d = cfg.data
   if batch_size <= 0:
     raise ValueError(f'batch_size must be positive, got {batch_size}')
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} is not in [0, {process_count})')
-  ds = grain.MapDataset.source(examples)
-  if process_count > 1:
-    if len(examples) < process_count:
-      raise DataError(f'{examples.name} has {len(examples)} examples, fewer than the '
-                      f'{process_count} processes that share it')
-    ds = ds[process_index::process_count]
-  if d.shuffle and split == d.train_split:
-    ds = ds.shuffle(seed=shuffle_seed(seed, salt))
-  share = len(ds)
+  ds = pipeline.example_stream(d, examples, split, encode, process_index=process_index,
+                               process_count=process_count, seed=seed, salt=salt,
+                               repeat=False)
+  share = len(ds)  # this process's examples, once
   if repeat:
     ds = ds.repeat()
   threads = max(int(d.worker_threads), 0)
-  return ds.map(encode).to_iter_dataset(
+  return ds.to_iter_dataset(
       grain.ReadOptions(num_threads=threads, prefetch_buffer_size=16 * threads)), share
 
 
 def finish(cfg, it: grain.IterDataset) -> grain.IterDataset:
-  """The tail of a batch pipeline: cfg.data.prefetch batches ahead, JSON-safe state."""
-  if cfg.data.prefetch > 0:
-    it = _ThreadPrefetch(it, cfg.data.prefetch)
-  return _JsonSafeState(it)
+  """The tail of a batch pipeline: pipeline.finish (prefetch, JSON-safe state)."""
+  return pipeline.finish(cfg.data, it)
 
 
 def make_sft_iterator(cfg, tokenizer, split: str, *, batch_size: int, process_index: int = 0,
