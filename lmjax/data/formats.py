@@ -271,33 +271,39 @@ def split_files_of(path: str, split: str, field: str) -> list[str]:
   return files
 
 
+def read_split(cfg, split: str, group: str, read, from_jsonl, from_tfds, unit: str):
+  """The records of `split` of a chat data group (cfg.sft, cfg.dpo): from its JSONL files,
+  read(files, on_error) -> (items, stats) wrapped as from_jsonl(items, name, stats) (its
+  malformed lines skipped are reported), or from its TFDS dataset's records wrapped as
+  from_tfds(records, name). DataError when none is usable."""
+  g = cfg[group]
+  if g.source == 'jsonl':
+    files = split_files(cfg, split, group)
+    items, stats = read(files, g.on_error)
+    name = (files[0] if len(files) == 1
+            else f'{len(files)} files of {split_source(cfg, split, group)[0]}')
+    if stats['skipped']:
+      print(f'lmjax: {group} {split}: skipped {stats["skipped"]} malformed {unit} of '
+            f'{name} (first: {stats["first_error"]})', flush=True)
+    out = from_jsonl(items, name, stats)
+  elif g.source == 'tfds':
+    d = cfg.data.copy_and_resolve_references()
+    with d.unlocked():
+      d.source, d.tfds_name = 'tfds', g.tfds_name
+    src = sources.get_source(d, split)
+    out = from_tfds(src._source, src.name)  # pylint: disable=protected-access
+  else:
+    raise DataError(f"{group}.source must be 'jsonl' or 'tfds', got {g.source!r}")
+  if len(out) == 0:
+    raise DataError(f'{group} split {split!r} ({out.name}) has no usable '
+                    f'{unit.rstrip("s")}')
+  return out
+
+
 def get_conversations(cfg, split: str) -> Conversations:
   """The conversations of `split` from cfg.sft (jsonl files or a TFDS dataset)."""
-  s = cfg.sft
-  if s.source == 'jsonl':
-    files = split_files(cfg, split)
-    items, stats = read_jsonl(files, s.on_error)
-    name = (files[0] if len(files) == 1
-            else f'{len(files)} files of {split_source(cfg, split)[0]}')
-    if stats['skipped']:
-      print(f'lmjax: sft {split}: skipped {stats["skipped"]} malformed examples of '
-            f'{name} (first: {stats["first_error"]})', flush=True)
-    conv = Conversations(items, name, stats)
-  elif s.source == 'tfds':
-    src = sources.get_source(_tfds_data(cfg), split)
-    conv = _TfdsConversations(src._source, src.name)  # pylint: disable=protected-access
-  else:
-    raise DataError(f"sft.source must be 'jsonl' or 'tfds', got {s.source!r}")
-  if len(conv) == 0:
-    raise DataError(f'sft split {split!r} ({conv.name}) has no usable example')
-  return conv
-
-
-def _tfds_data(cfg):
-  d = cfg.data.copy_and_resolve_references()
-  with d.unlocked():
-    d.source, d.tfds_name = 'tfds', cfg.sft.tfds_name
-  return d
+  return read_split(cfg, split, 'sft', read_jsonl, Conversations, _TfdsConversations,
+                    'examples')
 
 
 # ---- Templates ----------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from lmjax.data import chat_template, formats, pipeline, sources
+from lmjax.data import chat_template, formats, pipeline
 from lmjax.data.sources import DataError
 
 COUNTS = formats.COUNTS
@@ -166,27 +166,8 @@ class Pairs:
 
 def get_pairs(cfg, split: str) -> Pairs:
   """The pairs of `split` from cfg.dpo (JSONL files, a TFDS dataset, or the built-in task)."""
-  d = cfg.dpo
-  if d.source == 'jsonl':
-    files = formats.split_files(cfg, split, 'dpo')
-    items, stats = read_pairs(files, d.on_error)
-    name = (files[0] if len(files) == 1
-            else f'{len(files)} files of {formats.split_source(cfg, split, "dpo")[0]}')
-    if stats['skipped']:
-      print(f'lmjax: dpo {split}: skipped {stats["skipped"]} malformed pairs of {name} '
-            f'(first: {stats["first_error"]})', flush=True)
-    pairs = Pairs(items, name, stats)
-  elif d.source == 'tfds':
-    data = cfg.data.copy_and_resolve_references()
-    with data.unlocked():
-      data.source, data.tfds_name = 'tfds', d.tfds_name
-    src = sources.get_source(data, split)
-    pairs = Pairs(src._source, src.name, raw=True)  # pylint: disable=protected-access
-  else:
-    raise DataError(f"dpo.source must be 'jsonl' or 'tfds', got {d.source!r}")
-  if len(pairs) == 0:
-    raise DataError(f'dpo split {split!r} ({pairs.name}) has no usable pair')
-  return pairs
+  return formats.read_split(cfg, split, 'dpo', read_pairs, Pairs,
+                            lambda records, name: Pairs(records, name, raw=True), 'pairs')
 
 
 def answer_examples(cfg, split: str, limit: int | None = None, tokenizer=None
