@@ -35,9 +35,11 @@ class LM(base.Objective):
 
   def split_batch(self, host):
     batch, counts = super().split_batch(host)
-    if self.mixture:  # each source's tokens, counted on the host; the tag stays there
-      n = len(self.mixture)
+    n = len(self.mixture)
+    if n and pipeline.SOURCE in host:  # each source's tokens, counted here; not sent to device
       counts = np.bincount(host[pipeline.SOURCE].ravel(), minlength=n + 1)[1:n + 1]
+    elif n:  # one named source's eval batches: no tags
+      counts = np.zeros(n, np.int64)
     return batch, counts
 
   def sums(self, setup):
