@@ -193,8 +193,7 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
                                        process_index=pi, process_count=pc, seed=cfg.seed,
                                        keep=checked.keep)
   # exact match: the first N questions of the objective's own eval data (none: skipped)
-  em_examples = (objective.answer_examples(tok, cfg.data.eval_split, cfg.sft.eval_examples)
-                 if eval_every > 0 else [])
+  em_examples = objective.answer_examples(tok, cfg.data.eval_split) if eval_every > 0 else []
 
   # ---- State: resume the workdir's latest checkpoint, start from init_from, or init --
   if resumed_meta is not None:
@@ -209,7 +208,7 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
     state = state_lib.init_state(cfg, setup)
   start = int(state['step'])
   _print(f'model: {setup.n_params / 1e6:.2f}M params | {cfg.model.n_layers} layers, '
-         f'd_model {cfg.model.d_model}, vocab {cfg.model.vocab_size} | stage {cfg.stage}')
+         f'd_model {cfg.model.d_model}, vocab {cfg.model.vocab_size} | stage {objective.name}')
   if setup.lora is not None:
     _print(f'{lora_lib.describe(cfg)} ({setup.n_trainable / setup.n_params:.2%} of the '
            f'model); base {cfg.lora.base_dtype}, frozen')

@@ -32,12 +32,7 @@ import numpy as np
 from lmjax import evaluate as evaluate_lib
 from lmjax.data import check as data_check
 from lmjax.data import pipeline
-from lmjax.errors import UserError
 from lmjax.train import forward
-
-
-class EvalError(UserError, RuntimeError):
-  """An eval split gave nothing to evaluate."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,10 +171,11 @@ class Objective:
     """The eval summary: {'eval_loss', ...} over cfg.train.eval_batches batches."""
     raise NotImplementedError
 
-  def answer_examples(self, tokenizer, split: str, limit: int) -> list[dict]:
+  def answer_examples(self, tokenizer, split: str) -> list[dict]:
     """[{'prompt', 'answer', 'task'}] from the objective's own data for greedy exact
-    match at each eval; [] when its data has no exact answers."""
-    del tokenizer, split, limit
+    match at each eval; [] when its data has no exact answers (or its config asks for
+    none)."""
+    del tokenizer, split
     return []
 
   def exact_match(self, graphdef, params, tokenizer, mesh, examples) -> dict:

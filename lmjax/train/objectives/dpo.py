@@ -12,10 +12,11 @@ reference (dpo.reference), averaged over the pairs of the global batch (the norm
                   the data (train/ref_logps.py): no reference weights or forward pass;
     (auto: adapters_off with LoRA, else copy; dpo.reference_free: a reference of log-prob 0.)
 The variants follow their papers: sigmoid (DPO) and its conservative form
-(label_smoothing), robust DPO, hinge (SLiC) on summed log-probs; IPO on per-token averaged
-log-probs, for its loss and its reward metrics (the IPO paper and TRL 0.x; TRL 1.x computes
-IPO's rewards from summed log-probs); RPO (rpo_alpha) adds the mean per-token NLL of each
-chosen completion, averaged over pairs (TRL 1.x weights it by tokens over the batch).
+(label_smoothing), robust DPO and hinge (SLiC) on summed log-probs; IPO on per-token
+averaged log-probs, for its loss and its reward metrics alike (the IPO paper, and TRL 0.x;
+TRL 1.16 logs IPO's rewards from summed log-probs); RPO (rpo_alpha) adds alpha x the mean
+per-token NLL of each chosen completion, a per-pair term averaged over the pairs like the
+loss (TRL 1.16 instead weights it by tokens over the batch).
 Metrics, named as TRL's: rewards/{chosen,rejected,margins,accuracies} (accuracies a strict
 '>': 0 at step 0), logps/{chosen,rejected}; eval_loss and eval/<metric> on held-out pairs.
 Overlong pairs (dpo.overlong) are counted as 'dpo/dropped' and 'dpo/truncated'. Exact match
@@ -164,10 +165,11 @@ class DPO(base.Objective):
     out.update((f'eval/{k}', v / n) for k, v in total.items())
     return out
 
-  def answer_examples(self, tokenizer, split, limit):
-    """The built-in task's held-out pairs as questions (prompt, chosen answer); none for
-    other pairs: a chosen completion is a preferred answer, not the only right one."""
-    d = self.cfg.dpo
+  def answer_examples(self, tokenizer, split):
+    """The first sft.eval_examples of the built-in task's held-out pairs as questions
+    (prompt, chosen answer); none for other pairs: a chosen completion is a preferred
+    answer, not the only right one."""
+    d, limit = self.cfg.dpo, self.cfg.sft.eval_examples
     if limit <= 0 or d.source != 'jsonl' or d.eval_path or not formats.is_builtin(d.path):
       return []
     return preference.answer_examples(self.cfg, split, limit, tokenizer)

@@ -15,6 +15,7 @@ import numpy as np
 
 from lmjax import config as config_lib
 from lmjax.data import pipeline
+from lmjax.data.sources import DataError
 from lmjax.train import forward
 from lmjax.train.objectives import base
 
@@ -78,8 +79,8 @@ class LM(base.Objective):
       nll, n = self.eval_outputs(eval_step, weights, tokenizer, mesh, process_index,
                                  process_count, source=source, keep=keep)
       if n == 0:
-        raise base.EvalError(f'eval split {cfg.data.eval_split!r} ({source or "data"}) has '
-                             'no loss tokens')
+        raise DataError(f'eval split {cfg.data.eval_split!r} ({source or "data"}) has no '
+                        'loss tokens')
       return nll, n
 
     named = {name: run(name) for name in config_lib.eval_sources(cfg.data)}

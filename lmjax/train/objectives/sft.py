@@ -27,7 +27,7 @@ def validate_data_group(cfg, group: str) -> None:
   g = cfg[group]
   if cfg.data.mixture or cfg.data.eval_sources:
     raise config_lib.ConfigError(
-        f"data.mixture / data.eval_sources are pretraining sources; with stage={cfg.stage!r} "
+        f"data.mixture / data.eval_sources are pretraining sources; with stage={group!r} "
         f'the data is cfg.{group}')
   if g.source == 'jsonl' and not g.path.strip():
     raise config_lib.ConfigError(formats.empty_path_message(group))
@@ -95,7 +95,9 @@ class SFT(lm.LM):
   def split_batch(self, host):
     return {k: host[k] for k in self.batch_keys}, overlong_counts(host)
 
-  def answer_examples(self, tokenizer, split, limit):
+  def answer_examples(self, tokenizer, split):
+    """The first sft.eval_examples conversations of `split` as questions."""
+    limit = self.cfg.sft.eval_examples
     if limit <= 0 or not formats.has_split(self.cfg, split, 'sft'):
       return []
     return formats.answer_examples(self.cfg, split, limit, tokenizer)
