@@ -143,6 +143,7 @@ def run(cfg, *, mode: str = 'full', objective: str = 'lm', steps: int = 10, warm
   state = state_lib.init_state(cfg, setup)
   gb, seq = cfg.train.global_batch * setup.objective.rows_per_example, cfg.data.seq_len
   keys = tuple(spec)
+  reference = getattr(setup.objective, 'reference', None)  # DPO's: the row's label
   if data == 'real' and 'ref_logps' in keys:  # dpo.reference='precomputed'
     raise config_lib.ConfigError("--data=real with dpo.reference='precomputed' needs the "
                                  'tables the training loop computes: bench it with '
