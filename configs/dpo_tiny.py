@@ -37,8 +37,10 @@ def get_config(arg=None):
   # rpo_alpha: plain DPO (0) lowered the chosen answers' likelihood with the rejected ones'
   # and broke generation on this tiny model (docs/benchmarks.md); RPO's chosen-NLL term
   # keeps the SFT behaviour.
-  cfg.dpo.update(path='', loss_type='sigmoid', beta=0.1, rpo_alpha=1.0, reference='auto')
-  cfg.sft.update(path='', template='chatml', eval_examples=120, eval_max_new_tokens=16)
+  cfg.dpo.update(path='builtin:synthetic', loss_type='sigmoid', beta=0.1, rpo_alpha=1.0,
+                 reference='auto')
+  cfg.sft.update(path='builtin:synthetic', template='chatml', eval_examples=120,
+                 eval_max_new_tokens=16)
   cfg.data.update(seq_len=64)  # one pair per row pair: questions are short
   cfg.train.update(global_batch=16, steps=150, log_every=10, eval_every=50, eval_batches=8)
   cfg.optim.update(lr=1e-3, warmup_steps=10, weight_decay=0.0)

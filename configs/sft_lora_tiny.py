@@ -41,7 +41,8 @@ def get_config(arg=None):
   # modules_to_save), as is usual when a chat template is new to a model.
   cfg.lora.update(enabled=True, targets='all-linear', rank=16, alpha=32.0,
                   train_params='embed')
-  cfg.sft.update(path='', template='chatml', eval_examples=120, eval_max_new_tokens=16)
+  cfg.sft.update(path='builtin:synthetic', template='chatml', eval_examples=120,
+                 eval_max_new_tokens=16)
   cfg.train.update(global_batch=16, steps=200, log_every=10, eval_every=50, eval_batches=4)
   cfg.optim.update(lr=2e-3, warmup_steps=20, weight_decay=0.0)
   cfg.checkpoint.update(every=100)

@@ -107,7 +107,8 @@ def main(argv=None) -> int:
   print('\n=== test exact match (greedy, the built-in task)', flush=True)
   for name, _ in STAGES:
     em = lmjax.load(results[name]['workdir']).exact_match(
-        'test', limit=limit, sft={'template': 'chatml', 'path': '', 'source': 'jsonl'})
+        'test', limit=limit,
+        sft={'template': 'chatml', 'path': 'builtin:synthetic', 'source': 'jsonl'})
     results[name]['test_exact_match'] = em['accuracy']
     results[name]['test_n'] = em['n']
     print(f'{name}: {em["accuracy"]:.3f} ({em["correct"]}/{em["n"]})', flush=True)

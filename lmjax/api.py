@@ -227,17 +227,20 @@ class Model:
 
   def exact_match(self, split: str = 'test', *, limit: int | None = None,
                   max_new_tokens: int = 16, batch_size: int = 64, sft: dict | None = None,
-                  keep: int = 5) -> dict:
+                  keep: int = 5, examples: list[dict] | None = None) -> dict:
     """Task accuracy on a split of the config's SFT data (cfg.sft; `sft={...}` overrides
     its fields, e.g. path=, template=): greedy answers to each conversation's final
     question, cut at the template's end-of-turn marker, compared exactly with the data's
-    answers. evaluate.exact_match's result (accuracy, by_task, samples)."""
+    answers. examples: [{'prompt', 'answer'}] (rendered prompts, e.g.
+    preference.answer_examples') to answer instead of the split's. evaluate.exact_match's
+    result (accuracy, by_task, samples)."""
     from lmjax.data import formats
     cfg = self.config.copy_and_resolve_references()
     if sft:
       config_lib.apply_overrides(cfg, {f'sft.{k}': v for k, v in sft.items()})
     tok = self._tok()
-    examples = formats.answer_examples(cfg, split, limit, tok)
+    if examples is None:
+      examples = formats.answer_examples(cfg, split, limit, tok)
     gen = lambda prompts: self._complete(
         [formats.prompt_ids(p, tok, cfg.sft.template) for p in prompts], max_new_tokens,
         0.0, 0, 1.0, None, 0)

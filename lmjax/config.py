@@ -56,9 +56,10 @@ def base_config() -> ml_collections.ConfigDict:
   # model's embedding may be padded beyond its tokenizer's pieces).
   vocab_size = config_dict.FieldReference(32000)
   cfg.seed = 0
-  # What the run trains on: 'pretrain' (next-token prediction on cfg.data documents) or
-  # 'sft' (cfg.sft conversations, loss on assistant tokens only). With lora.enabled either
-  # stage trains LoRA adapters on a frozen base (init_from) instead of every weight.
+  # The objective (lmjax/train/objectives): 'pretrain' (next-token prediction on cfg.data
+  # documents), 'sft' (cfg.sft conversations, loss on assistant tokens only) or 'dpo'
+  # (cfg.dpo preference pairs). With lora.enabled it trains LoRA adapters on a frozen base
+  # (init_from) instead of every weight.
   cfg.stage = 'pretrain'
 
   cfg.model = dict(
@@ -245,7 +246,7 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.sft = dict(
       source='jsonl',         # jsonl | tfds (tfds_name's records, data.data_dir).
       # JSONL file / glob(s) with '{split}' for the split name, e.g. 'sft/{split}.jsonl';
-      # '' = the built-in synthetic task (data/sft_task.py), written on first use. Without
+      # 'builtin:synthetic' = the built-in task (data/sft_task.py), written on first use. Without
       # '{split}' it is the train split only (no eval split unless eval_path names one).
       path='',
       # JSONL file / glob(s) of held-out examples: the data.eval_split split ('' = path's).
@@ -277,7 +278,7 @@ def base_config() -> ml_collections.ConfigDict:
   # template is sft.template.
   cfg.dpo = dict(
       source='jsonl',         # jsonl | tfds ({"prompt", "chosen", "rejected"} records).
-      path='',                # JSONL with '{split}'; '' = the built-in preference task.
+      path='',                # JSONL with '{split}'; 'builtin:synthetic' = the built-in pairs.
       eval_path='',           # held-out pairs (data.eval_split), as sft.eval_path.
       allow_overlap=False,    # as sft.allow_overlap.
       # Degenerate pairs (chosen == rejected, an empty completion, a prompt that leaves no
@@ -641,20 +642,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 
 def _validate_stage(cfg) -> None:
-  from lmjax.data import validation as data_validation  # pylint: disable=import-outside-toplevel
-  data_validation.validate_examples(cfg)
-  if cfg.stage == 'dpo':  # the DPO objective's own fields
-    if not cfg.init_from.path:
-      raise ConfigError("stage='dpo': set init_from.path (the SFT model to align; it is "
-                        'also the reference)')
-    if cfg.dpo.beta <= 0:
-      raise ConfigError(f'dpo.beta must be positive, got {cfg.dpo.beta}')
-    if not 0 <= cfg.dpo.label_smoothing < 0.5:
-      raise ConfigError(f'dpo.label_smoothing must be in [0, 0.5), got '
-                        f'{cfg.dpo.label_smoothing}')
-    if cfg.dpo.reference == 'adapters_off' and not cfg.lora.enabled:
-      raise ConfigError("dpo.reference='adapters_off' needs lora.enabled (the reference is "
-                        'the base without adapters)')
+  # The objective's own checks (its config group): lmjax/train/objectives/.
+  from lmjax.train import objectives  # pylint: disable=import-outside-toplevel
+  objectives.validate(cfg)
   if cfg.lora.enabled:
     from lmjax.models import lora  # pylint: disable=import-outside-toplevel
     try:

@@ -24,12 +24,12 @@ from flax import nnx
 
 from lmjax import sharding
 from lmjax.data import pipeline
-from lmjax.train import step as step_lib
+from lmjax.train import forward
 
 
 @partial(jax.jit, static_argnames=('graphdef',))
 def _nll_sums(graphdef, params, batch):
-  nll, _ = step_lib.loss_sums(graphdef, params, batch, 0.0)
+  nll, _ = forward.loss_sums(graphdef, params, batch, 0.0)
   return nll, jnp.sum(batch['loss_mask'])
 
 
@@ -58,23 +58,38 @@ def perplexity(graphdef, params, cfg, tokenizer, split: str | None = None, *,
   it = pipeline.make_lm_iterator(cfg, tokenizer, split, batch_size=batch_size // pc,
                                  process_index=jax.process_index(), process_count=pc,
                                  repeat=False)
-  total, count, n = 0.0, 0.0, 0
   try:
     with sharding.use_mesh(mesh, rules):
-      for batch in it:
-        if max_batches is not None and n >= max_batches:
-          break
-        step_lib.check_host_batch(cfg, batch)
-        nll, k = _nll_sums(graphdef, params, sharding.place_batch(batch, mesh, rules))
-        total, count, n = total + float(nll), count + float(k), n + 1
+      sums, n = sum_outputs(lambda p, b: _nll_sums(graphdef, p, b), params, it, cfg, mesh,
+                            limit=max_batches)
   finally:
     if hasattr(it, 'close'):
       it.close()
+  total, count = sums if n else (0.0, 0.0)
   if count == 0:
     raise ValueError(f'split {split!r} gave no full batch of {batch_size} x '
                      f'{cfg.data.seq_len} tokens to evaluate')
   loss = total / count
   return {'loss': loss, 'ppl': math.exp(min(loss, 50.0)), 'tokens': count, 'batches': n}
+
+
+def sum_outputs(step, weights, batches: Iterable[dict], cfg, mesh, *,
+                limit: int | None = None):
+  """(the sums of step(weights, batch)'s outputs over `batches` (host batches, at most
+  `limit`), as a pytree of float64 host floats, and the number of batches run): what a
+  loss or metric averaged over a whole eval set needs. Each batch is checked
+  (forward.check_host_batch) and placed on `mesh`, split over its data-parallel axes."""
+  outs = []
+  for host in batches:
+    if limit is not None and len(outs) >= limit:
+      break
+    forward.check_host_batch(cfg, host)
+    outs.append(step(weights, sharding.place_batch(host, mesh, cfg.rules)))
+  if not outs:
+    return None, 0
+  outs = jax.device_get(outs)
+  total = jax.tree.map(lambda *xs: float(np.sum(np.asarray(xs, np.float64))), *outs)
+  return total, len(outs)
 
 
 def normalize_answer(text: str) -> str:

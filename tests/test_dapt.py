@@ -11,10 +11,9 @@ from lmjax import checkpoint as ckpt_lib
 from lmjax import config as config_lib
 from lmjax import sharding
 from lmjax.data import pipeline, tokenizer as tokenizer_lib
-from lmjax.train import loop
+from lmjax.train import compat, loop, objectives
 from lmjax.train import metrics as metrics_lib
 from lmjax.train import state as state_lib
-from lmjax.train import step as step_lib
 from util import tiny_config, write_corpus
 
 VOCAB = 384  # room for sentencepiece's byte fallback
@@ -125,8 +124,9 @@ def test_dapt_run_metrics_tokenizer_and_start(corpora, source, tmp_path):
   # Step 0 is the source model: its eval equals one of the source params on this mesh.
   mesh = out.setup.mesh
   src_params = ckpt_lib.InitSource(src_dir, 'lmjax', 4, {}, src_tok).load_params(cfg, out.setup)
-  want = loop.evaluate(step_lib.make_eval_step(cfg, out.setup), {'params': src_params}, cfg, out.tokenizer,
-                       mesh, 0, 1)
+  objective = out.setup.objective
+  want = objective.evaluate(objective.eval_step(out.setup), {'params': src_params},
+                            out.tokenizer, mesh, 0, 1)
   assert [e['step'] for e in out.evals] == [0, 2]
   assert out.evals[0] == {'step': 0, **want}
   # Per-domain evals; eval_loss pools the mixture's two sources.
@@ -234,7 +234,7 @@ def test_eval_runs_the_same_batches_on_every_process(corpora, source):
 
   for p in range(2):
     calls.clear()
-    out = loop.evaluate(eval_step, None, cfg, tok, mesh, p, 2)
+    out = objectives.get(cfg).evaluate(eval_step, None, tok, mesh, p, 2)
     assert calls == [(4, cfg.data.seq_len)] * cfg.train.eval_batches
     assert out['eval_loss'] == 1.0
 
@@ -300,7 +300,7 @@ def test_dapt_tiny_config():
                                                                                 'domain'}
   assert config_lib.load('configs/dapt_tiny.py:/runs/base').init_from.path == '/runs/base'
   base = config_lib.load('configs/pretrain_tiny.py')
-  assert not loop.arch_diff(base.model, cfg.model)
+  assert not compat.arch_diff(base.model, cfg.model)
 
 
 @pytest.mark.slow

@@ -56,7 +56,7 @@ def held_out(make, train, n):
 
 def checked(cfg, tok):
   lines = []
-  return check.check_stage(cfg, tok, log=lines.append), lines
+  return check.check_stage(cfg, tok, cfg.stage, log=lines.append), lines
 
 
 # ---- The eval split ----------------------------------------------------------------
@@ -95,14 +95,28 @@ def test_a_path_without_split_has_no_eval_split(tok, tmp_path, stage):
   assert formats.split_files(cfg, 'held', stage) == [held]
 
 
+@pytest.mark.parametrize('stage', ['sft', 'dpo'])
+def test_an_empty_path_names_the_field_and_the_builtin_task(stage, tmp_path):
+  cfg = make_cfg(stage, '')
+  cfg.init_from.path = str(tmp_path)
+  with pytest.raises(config_lib.ConfigError, match=re.escape(
+      f"{stage}.path is empty: set it to your JSONL files (e.g. 'data/{{split}}.jsonl') or to "
+      "'builtin:synthetic' for the built-in synthetic task")):
+    config_lib.validate(cfg)
+  with pytest.raises(DataError, match=f'{stage}.path is empty'):
+    formats.split_files(cfg, 'train', stage)
+  cfg[stage].path = 'builtin:synthetic'
+  config_lib.validate(cfg)
+
+
 def test_eval_path_is_validated():
   cfg = make_cfg('sft', '', eval_path='x.jsonl', source='tfds', tfds_name='t')
   with pytest.raises(config_lib.ConfigError, match='sft.eval_path names JSONL files'):
     config_lib.validate(cfg)
-  cfg = make_cfg('sft', '', max_degenerate=1.5)
+  cfg = make_cfg('sft', 'builtin:synthetic', max_degenerate=1.5)
   with pytest.raises(config_lib.ConfigError, match=r'sft.max_degenerate must be a fraction'):
     config_lib.validate(cfg)
-  cfg = make_cfg('sft', '', on_degenerate='skip')
+  cfg = make_cfg('sft', 'builtin:synthetic', on_degenerate='skip')
   with pytest.raises(config_lib.ConfigError, match="'sft.on_degenerate' must be one of"):
     config_lib.validate(cfg)
 
@@ -135,7 +149,7 @@ def test_overlap_is_an_error_or_a_loud_warning(tok, tmp_path, stage):
 
 def test_builtin_tasks_pass_the_check_by_default(tok, tmp_path):
   for stage in ('sft', 'dpo'):
-    cfg = make_cfg(stage, '')
+    cfg = make_cfg(stage, 'builtin:synthetic')
     cfg.data.data_dir = str(tmp_path)
     cfg.sft.task_sizes = cfg.dpo.task_sizes = dict(train=600, validation=60, test=60)
     result, lines = checked(cfg, tok)
@@ -227,7 +241,7 @@ def test_resumed_stream_with_dropped_records_is_exact(tok, tmp_path):
   cfg.train.eval_every = 0
   make = lambda: formats.make_sft_iterator(
       cfg, tok, 'train', batch_size=2, seed=3,
-      keep=check.check_stage(cfg, tok, log=lambda _: None).keep['train'])
+      keep=check.check_stage(cfg, tok, cfg.stage, log=lambda _: None).keep['train'])
   it = make()
   stream = [next(it) for _ in range(10)]  # more than an epoch
   it = make()

@@ -17,7 +17,6 @@ from lmjax.train import loop
 from lmjax.train import metrics as metrics_lib
 from lmjax.train import ref_logps
 from lmjax.train import state as state_lib
-from lmjax.train import step as step_lib
 from util import pretrain_cfg
 
 
@@ -27,7 +26,8 @@ def _dpo_cfg(base, lora=True, reference='auto', **train):
   cfg.stage = 'dpo'
   cfg.init_from.path = workdir
   cfg.lora.update(enabled=lora, rank=4, alpha=8.0)
-  cfg.dpo.update(task_sizes=dict(train=400, validation=32, test=32), beta=0.1,
+  cfg.dpo.update(path='builtin:synthetic', task_sizes=dict(train=400, validation=32, test=32),
+                 beta=0.1,
                  reference=reference)
   cfg.sft.update(task_sizes=dict(train=100, validation=16, test=16), eval_examples=4,
                  eval_max_new_tokens=8)
@@ -77,7 +77,7 @@ def test_three_references_give_the_same_loss(base):
       assert set(b) == set(host) | {'ref_logps'} and b['ref_logps'].shape == (8,)
       for k in host:
         np.testing.assert_array_equal(b[k], host[k])
-    sums = step_lib.make_dpo_eval_step(c, setup)(weights, sharding.place_batch(b, mesh, c.rules))
+    sums = setup.objective.eval_step(setup)(weights, sharding.place_batch(b, mesh, c.rules))
     results[mode] = {k: float(v) for k, v in jax.device_get(sums).items()}
   a, c_, p = results['adapters_off'], results['copy'], results['precomputed']
   assert a['loss'] / a['pairs'] != pytest.approx(math.log(2), abs=1e-4)  # not the identity
@@ -94,14 +94,16 @@ def test_lora_dpo_run_metrics_and_step_zero(base, tmp_path):
   e0 = out.evals[0]
   assert e0['eval_loss'] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference
   assert e0['eval/rewards/margins'] == pytest.approx(0.0, abs=1e-6)
-  # At step 0 the policy is the base: its exact match is the base model's.
-  em = lmjax.load(base[1]).exact_match('validation', limit=4, max_new_tokens=8, sft={
-      'task_sizes.train': 100, 'task_sizes.validation': 16, 'task_sizes.test': 16})
+  # At step 0 the policy is the base: its exact match on the held-out built-in pairs'
+  # questions (their chosen answers) is the base model's.
+  questions = preference.answer_examples(cfg, 'validation', 4, out.tokenizer)
+  em = lmjax.load(base[1]).exact_match(examples=questions, max_new_tokens=8)
   assert e0['eval/exact_match'] == em['accuracy'] and em['n'] == 4
   rows = [r for r in metrics_lib.read_jsonl(str(tmp_path / 'lora' / 'metrics.jsonl'))
           if 'loss' in r]
   for key in ('rewards/chosen', 'rewards/rejected', 'rewards/margins', 'rewards/accuracies',
-              'logps/chosen', 'logps/rejected', 'grad_norm', 'pairs', 'sft/dropped'):
+              'logps/chosen', 'logps/rejected', 'grad_norm', 'pairs', 'dpo/dropped',
+              'dpo/truncated'):
     assert key in rows[0], key
   assert rows[0]['loss'] == pytest.approx(math.log(2), abs=1e-5)
   assert rows[-1]['rewards/margins'] > 0 and out.evals[-1]['eval_loss'] < e0['eval_loss']

@@ -6,8 +6,8 @@ is the index; docs/errors.md is the table of what the user sees. Tested elsewher
   divide (test_step.py); train.wandb without wandb installed (test_tracking.py);
 - data: pretraining corpora's bad records, empty shards, truncated files and a missing
   zstandard, failing with file:line / row or skipped and counted (test_corpora.py);
-  malformed JSONL lines (test_formats.py, test_preference.py); a path without
-  {split}, an eval split overlapping train, degenerate records (identical pairs, empty
+  malformed JSONL lines (test_formats.py, test_preference.py); an unset SFT/DPO path, a
+  path without {split}, an eval split overlapping train, degenerate records (identical pairs, empty
   completions or assistant turns, no room for an answer) counted, dropped, warned or
   refused before compiling (test_data_check.py); tokenizer vs model vocab (test_data.py,
   test_hf.py); chat templates that cannot mark assistant tokens (test_tokenizers.py);
@@ -89,7 +89,8 @@ def test_empty_dataset(tmp_path):
 def test_sequences_that_cannot_fit_seq_len(tmp_path):
   cfg = pretrain_cfg(tmp_path)
   cfg.stage = 'sft'
-  cfg.sft.update(task_sizes=dict(train=50, validation=10, test=10), overlong='drop')
+  cfg.sft.update(path='builtin:synthetic', task_sizes=dict(train=50, validation=10, test=10),
+                 overlong='drop')
   cfg.data.update(seq_len=8, data_dir=str(tmp_path / 'tfds'))
   tok = sft_tokenizer(tmp_path)
   it = formats.make_sft_iterator(cfg, tok, 'train', batch_size=2)

@@ -305,7 +305,7 @@ def test_task_is_deterministic_and_correct(tmp_path):
     assert solve(user['content']) == asst['content'] and len(asst['content']) <= 3
     tasks.add(ex['task'])
   assert tasks == set(sft_task.TASKS)
-  evals = sft_task.eval_examples(f'{a}/test.jsonl', 'llama3')
+  evals = formats.file_answer_examples(f'{a}/test.jsonl', 'llama3')
   assert len(evals) == 30
   for ex in evals:
     q = ex['prompt'].split('<|end_header_id|>\n\n')[1].split('<|eot_id|>')[0]
@@ -313,8 +313,8 @@ def test_task_is_deterministic_and_correct(tmp_path):
     assert ex['prompt'].endswith('<|start_header_id|>assistant<|end_header_id|>\n\n')
 
 
-def test_builtin_task_is_the_default_and_trains(tok, tmp_path):
-  cfg = make_cfg('', template='chatml')
+def test_builtin_task_is_named_and_trains(tok, tmp_path):
+  cfg = make_cfg('builtin:synthetic', template='chatml')
   cfg.data.update(data_dir=str(tmp_path), seq_len=3 * SEQ)
   cfg.sft.task_sizes = dict(train=50, validation=10, test=10)
   b = next(formats.make_sft_iterator(cfg, tok, 'train', batch_size=2))

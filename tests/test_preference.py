@@ -25,7 +25,7 @@ def tok(tmp_path_factory):
   return sft_tokenizer(tmp_path_factory.mktemp('tok'), VOCAB)
 
 
-def make_cfg(path='', **dpo):
+def make_cfg(path='builtin:synthetic', **dpo):
   cfg = config_lib.base_config()
   cfg.data.update(seq_len=SEQ, worker_threads=0, prefetch=0)
   cfg.dpo.update(path=str(path), **dpo)

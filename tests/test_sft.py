@@ -33,7 +33,8 @@ def _sft_cfg(base, **train):
   cfg.stage = 'sft'
   cfg.init_from.path = workdir
   cfg.lora.update(enabled=True, rank=4, alpha=8.0)
-  cfg.sft.update(task_sizes=dict(train=1000, validation=64, test=64), eval_examples=8,
+  cfg.sft.update(path='builtin:synthetic', task_sizes=dict(train=1000, validation=64, test=64),
+                 eval_examples=8,
                  eval_max_new_tokens=12)
   cfg.data.seq_len = 96  # the longest task example (~80 tokens with this tokenizer) fits
   cfg.train.update(steps=8, eval_every=0, eval_batches=2)

@@ -198,7 +198,7 @@ def test_bfloat16_step_has_no_float32_matmul(mode, stage, tie, chunk):
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
   setup = state_lib.make_setup(cfg, mesh)
   step = step_lib.make_train_step(cfg, setup)
-  rows = cfg.train.global_batch * loop.rows_per_example(cfg)
+  rows = cfg.train.global_batch * setup.objective.rows_per_example
   with sharding.use_mesh(mesh, cfg.rules):
     jaxpr = jax.make_jaxpr(step.jitted)(setup.abstract_state,
                                         step_lib.batch_spec(cfg, mesh, rows))

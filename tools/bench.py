@@ -51,7 +51,7 @@ def _prepare(cfg, mode: str, objective: str, devices=None):
   from lmjax import config as config_lib
   from lmjax import sharding
   from lmjax.models import lora as lora_lib
-  from lmjax.train import loop
+  from lmjax.train import loop, objectives
   from lmjax.train import state as state_lib
   from lmjax.train import step as step_lib
 
@@ -66,10 +66,11 @@ def _prepare(cfg, mode: str, objective: str, devices=None):
   if mode == 'lora':
     lora_lib.validate(cfg)
   mesh = sharding.make_mesh(cfg.mesh, devices)
-  loop.check_batch(cfg, mesh)
-  setup = state_lib.make_setup(cfg, mesh)
+  obj = objectives.get(cfg)
+  loop.check_batch(cfg, mesh, obj)
+  setup = state_lib.make_setup(cfg, mesh, obj)
   train_step = step_lib.make_train_step(cfg, setup)
-  spec = step_lib.batch_spec(cfg, mesh, cfg.train.global_batch * loop.rows_per_example(cfg))
+  spec = step_lib.batch_spec(cfg, mesh, cfg.train.global_batch * obj.rows_per_example, obj)
   return cfg, mesh, setup, train_step, spec
 
 
@@ -81,7 +82,6 @@ def matmul_shares(cfg, *, mode: str = 'full', objective: str = 'lm', devices=Non
   import jax
   from lmjax import sharding
   from lmjax.models import transformer
-  from lmjax.train import loop
   from lmjax.train import metrics as metrics_lib
 
   cfg, mesh, setup, train_step, spec = _prepare(cfg, mode, objective, devices)
@@ -92,7 +92,7 @@ def matmul_shares(cfg, *, mode: str = 'full', objective: str = 'lm', devices=Non
     prec = getattr(precision, 'name', None) or 'default'
     by[f'{lhs.dtype} x {rhs.dtype} ({prec})'] += flops
   total = sum(by.values())
-  tokens = cfg.train.global_batch * loop.rows_per_example(cfg) * cfg.data.seq_len
+  tokens = cfg.train.global_batch * setup.objective.rows_per_example * cfg.data.seq_len
   return {'mode': mode, 'objective': objective, 'matmul_flops_per_token': total / tokens,
           'formula_flops_per_token': transformer.flops_per_token(cfg.model, cfg.data.seq_len),
           'shares': {k: v / total for k, v in by.most_common()}}
@@ -118,18 +118,18 @@ def run(cfg, *, mode: str = 'full', objective: str = 'lm', steps: int = 10, warm
 
   from lmjax import config as config_lib
   from lmjax import sharding
+  from lmjax.data import tokenizer as tokenizer_lib
   from lmjax.models import transformer
-  from lmjax.train import loop
   from lmjax.train import metrics as metrics_lib
   from lmjax.train import state as state_lib
   from lmjax.train import step as step_lib
 
   cfg, mesh, setup, train_step, spec = _prepare(cfg, mode, objective, devices)
   state = state_lib.init_state(cfg, setup)
-  gb, seq = cfg.train.global_batch * loop.rows_per_example(cfg), cfg.data.seq_len  # rows
+  gb, seq = cfg.train.global_batch * setup.objective.rows_per_example, cfg.data.seq_len
   keys = tuple(spec)
-  reference = step_lib.reference_mode(cfg)  # None unless a DPO step with a reference
-  if data == 'real' and reference == 'precomputed':
+  reference = getattr(setup.objective, 'reference', None)  # DPO's: the row's label
+  if data == 'real' and 'ref_logps' in keys:  # dpo.reference='precomputed'
     raise config_lib.ConfigError("--data=real with dpo.reference='precomputed' needs the "
                                  'tables the training loop computes: bench it with '
                                  '--data=synthetic')
@@ -156,11 +156,11 @@ def run(cfg, *, mode: str = 'full', objective: str = 'lm', steps: int = 10, warm
     it = None
     next_batch = lambda: fixed
   else:
-    tok = loop.load_tokenizer(cfg, None, None)
-    it = loop.data_iterator(cfg, tok, cfg.data.train_split,
-                            batch_size=cfg.train.global_batch // jax.process_count(),
-                            process_index=jax.process_index(),
-                            process_count=jax.process_count())
+    tok = tokenizer_lib.run_tokenizer(cfg)
+    it = setup.objective.data_iterator(tok, cfg.data.train_split,
+                                       batch_size=cfg.train.global_batch // jax.process_count(),
+                                       process_index=jax.process_index(),
+                                       process_count=jax.process_count())
 
     def next_batch():
       host = {k: v for k, v in next(it).items() if k in keys}

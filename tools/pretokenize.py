@@ -37,9 +37,9 @@ def main(argv) -> int:
                                  'pipeline (cfg.data)')
   from lmjax import checkpoint as ckpt_lib  # imported once the config is checked
   from lmjax.data import pipeline, tokenized
-  from lmjax.train import loop
+  from lmjax.data import tokenizer as tokenizer_lib
   source = ckpt_lib.open_init_source(cfg.init_from) if cfg.init_from.path else None
-  tok = loop.load_tokenizer(cfg, None, source)
+  tok = tokenizer_lib.run_tokenizer(cfg, None, source)
   d = cfg.data
   splits = args.splits.split(',') if args.splits else [d.train_split, d.eval_split]
   groups = config_lib.eval_sources(d)  # the mixture's sources and the extra eval sets

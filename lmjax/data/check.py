@@ -84,12 +84,10 @@ class SplitCheck:
 
 @dataclasses.dataclass
 class StageCheck:
-  """The check of a run's data: each checked split, whether the stage's data has an eval
-  split (`has_eval`: else evaluation is skipped) and whether cfg.sft has one for the
-  exact-match questions (`exact_match`)."""
+  """The check of a run's data: each checked split, and whether the data has an eval
+  split (`has_eval`: else evaluation is skipped)."""
   splits: dict[str, SplitCheck]
   has_eval: bool = True
-  exact_match: bool = True
 
   @property
   def keep(self) -> dict[str, np.ndarray]:
@@ -112,11 +110,10 @@ def _records(cfg, split: str, group: str):
   return preference.get_pairs(cfg, split)
 
 
-def check_split(cfg, tokenizer, split: str, group: str | None = None) -> SplitCheck:
-  """Counts the degenerate records of `split` of cfg.<group> (default cfg.stage) and
+def check_split(cfg, tokenizer, split: str, group: str) -> SplitCheck:
+  """Counts the degenerate records of `split` of cfg.<group> ('sft' or 'dpo') and
   applies <group>.on_degenerate / max_degenerate: DataError when the split fails (the
   message names the counts, the first such record and the fields to change)."""
-  group = group or cfg.stage
   g, seq_len = cfg[group], cfg.data.seq_len
   t0 = time.perf_counter()
   records = _records(cfg, split, group)
@@ -187,7 +184,7 @@ def line(check: SplitCheck, cfg) -> str:
 
 def _builtin(cfg, group: str) -> bool:
   g = cfg[group]
-  return g.source == 'jsonl' and not g.path and not g.eval_path
+  return g.source == 'jsonl' and formats.is_builtin(g.path) and not g.eval_path
 
 
 def _shared_files(cfg, group: str) -> list[str]:
@@ -220,25 +217,19 @@ def check_overlap(cfg, train: SplitCheck, held: SplitCheck,
       'exact match partly measure training data')
 
 
-def check_stage(cfg, tokenizer, log: Callable[[str], None] = print) -> StageCheck:
-  """The data check of an SFT or DPO run (nothing for pretraining): its train split, and
-  its eval split when the run evaluates and the data has one (else a line saying that
-  evaluation is skipped). Logs one line per split; DataError when the data fails."""
-  group = cfg.stage
-  if group not in UNITS:
-    return StageCheck({})
+def check_stage(cfg, tokenizer, group: str,
+                log: Callable[[str], None] = print) -> StageCheck:
+  """The data check of cfg.<group>'s chat data ('sft' conversations or 'dpo' pairs): its
+  train split, and its eval split when the run evaluates and the data has one (else a
+  line saying that evaluation is skipped). Logs one line per split; DataError when the
+  data fails."""
   d, evaluates = cfg.data, cfg.train.eval_every > 0
   has_eval = formats.has_split(cfg, d.eval_split, group)
-  exact_match = formats.has_split(cfg, d.eval_split, 'sft')
   if evaluates and not has_eval:
     log(f"lmjax: {group} data has no {d.eval_split!r} split ({group}.path "
         f"{cfg[group].path!r} has no '{{split}}', and {group}.eval_path is unset): "
         'eval_loss and exact match are skipped, not measured on training data; set '
         f'{group}.eval_path to held-out {UNITS[group]}')
-  elif evaluates and cfg.sft.eval_examples > 0 and not exact_match:
-    log(f"lmjax: sft data has no {d.eval_split!r} split for the exact-match questions "
-        f"(sft.path {cfg.sft.path!r} has no '{{split}}', and sft.eval_path is unset): "
-        'exact match is skipped')
   train = check_split(cfg, tokenizer, d.train_split, group)
   splits = {d.train_split: train}
   if evaluates and has_eval and d.eval_split == d.train_split:
@@ -248,4 +239,4 @@ def check_stage(cfg, tokenizer, log: Callable[[str], None] = print) -> StageChec
     held = splits[d.eval_split] = check_split(cfg, tokenizer, d.eval_split, group)
     check_overlap(cfg, train, held, log)
     log(line(held, cfg))
-  return StageCheck(splits, has_eval=has_eval, exact_match=exact_match)
+  return StageCheck(splits, has_eval=has_eval)

@@ -52,8 +52,8 @@ import grain
 import numpy as np
 from grain.experimental import FirstFitPackIterDataset
 
-from lmjax.data import sources
-from lmjax.data.pipeline import (_JsonSafeState, _ThreadPrefetch, shuffle_seed)
+from lmjax.data import chat_template, pipeline, sft_task, sources
+from lmjax.data.pipeline import shuffle_seed
 from lmjax.data.sources import DataError
 
 ROLES = ('system', 'user', 'assistant')
@@ -205,15 +205,31 @@ class Subset:
     return f'Subset({self.name}, {len(self)} of {len(self._records)})'
 
 
+# The built-in synthetic task (data/sft_task.py: conversations for sft.path, preference
+# pairs for dpo.path), written under data.data_dir on first use; it has every split.
+BUILTIN = 'builtin:synthetic'
+
+
+def is_builtin(path: str) -> bool:
+  """Whether a data path names the built-in synthetic task."""
+  return path.strip() == BUILTIN
+
+
+def empty_path_message(group: str) -> str:
+  """The error for an unset <group>.path."""
+  return (f"{group}.path is empty: set it to your JSONL files (e.g. "
+          f"'data/{{split}}.jsonl') or to {BUILTIN!r} for the built-in synthetic task")
+
+
 def split_source(cfg, split: str, group: str = 'sft') -> tuple[str, str] | None:
   """(path, field) of the JSONL files that hold `split` of cfg.<group> ('sft' or 'dpo';
-  '' = the built-in task), or None when there is no such split: the eval split
-  (data.eval_split) is <group>.eval_path when set; a path with '{split}' names every
-  split; one without it holds data.train_split only."""
+  BUILTIN = the built-in task), or None when there is no such split: the eval split
+  (data.eval_split) is <group>.eval_path when set; a path with '{split}' (or the built-in
+  task) names every split; one without it holds data.train_split only."""
   g = cfg[group]
   if split == cfg.data.eval_split and g.eval_path:
     return g.eval_path, f'{group}.eval_path'
-  if not g.path or '{split}' in g.path or split == cfg.data.train_split:
+  if is_builtin(g.path) or '{split}' in g.path or split == cfg.data.train_split:
     return g.path, f'{group}.path'
   return None
 
@@ -225,8 +241,8 @@ def has_split(cfg, split: str, group: str = 'sft') -> bool:
 
 def split_files(cfg, split: str, group: str = 'sft') -> list[str]:
   """The JSONL files of `split` of cfg.<group> ('sft' or 'dpo'; see split_source): a file, a
-  glob or comma-separated globs, '{split}' filled in; '' = the built-in synthetic task
-  (written on first use). DataError when the data has no such split."""
+  glob or comma-separated globs, '{split}' filled in; BUILTIN = the built-in synthetic task
+  (written on first use). DataError when the data has no such split or no path."""
   g, source = cfg[group], split_source(cfg, split, group)
   if source is None:
     raise DataError(
@@ -235,8 +251,9 @@ def split_files(cfg, split: str, group: str = 'sft') -> list[str]:
         f'{group}.eval_path to held-out examples (the {cfg.data.eval_split!r} split) or put '
         f"'{{split}}' in {group}.path")
   path, field = source
-  if not path:
-    from lmjax.data import sft_task  # pylint: disable=g-import-not-at-top
+  if not path.strip():
+    raise DataError(empty_path_message(field.split('.')[0]))
+  if is_builtin(path):
     root = sft_task.ensure(cfg) if group == 'sft' else sft_task.ensure_pairs(cfg)
     return [os.path.join(root, f'{split}.jsonl')]
   return split_files_of(path, split, field)
@@ -254,33 +271,39 @@ def split_files_of(path: str, split: str, field: str) -> list[str]:
   return files
 
 
+def read_split(cfg, split: str, group: str, read, from_jsonl, from_tfds, unit: str):
+  """The records of `split` of a chat data group (cfg.sft, cfg.dpo): from its JSONL files,
+  read(files, on_error) -> (items, stats) wrapped as from_jsonl(items, name, stats) (its
+  malformed lines skipped are reported), or from its TFDS dataset's records wrapped as
+  from_tfds(records, name). DataError when none is usable."""
+  g = cfg[group]
+  if g.source == 'jsonl':
+    files = split_files(cfg, split, group)
+    items, stats = read(files, g.on_error)
+    name = (files[0] if len(files) == 1
+            else f'{len(files)} files of {split_source(cfg, split, group)[0]}')
+    if stats['skipped']:
+      print(f'lmjax: {group} {split}: skipped {stats["skipped"]} malformed {unit} of '
+            f'{name} (first: {stats["first_error"]})', flush=True)
+    out = from_jsonl(items, name, stats)
+  elif g.source == 'tfds':
+    d = cfg.data.copy_and_resolve_references()
+    with d.unlocked():
+      d.source, d.tfds_name = 'tfds', g.tfds_name
+    src = sources.get_source(d, split)
+    out = from_tfds(src._source, src.name)  # pylint: disable=protected-access
+  else:
+    raise DataError(f"{group}.source must be 'jsonl' or 'tfds', got {g.source!r}")
+  if len(out) == 0:
+    raise DataError(f'{group} split {split!r} ({out.name}) has no usable '
+                    f'{unit.rstrip("s")}')
+  return out
+
+
 def get_conversations(cfg, split: str) -> Conversations:
   """The conversations of `split` from cfg.sft (jsonl files or a TFDS dataset)."""
-  s = cfg.sft
-  if s.source == 'jsonl':
-    files = split_files(cfg, split)
-    items, stats = read_jsonl(files, s.on_error)
-    name = (files[0] if len(files) == 1
-            else f'{len(files)} files of {split_source(cfg, split)[0]}')
-    if stats['skipped']:
-      print(f'lmjax: sft {split}: skipped {stats["skipped"]} malformed examples of '
-            f'{name} (first: {stats["first_error"]})', flush=True)
-    conv = Conversations(items, name, stats)
-  elif s.source == 'tfds':
-    src = sources.get_source(_tfds_data(cfg), split)
-    conv = _TfdsConversations(src._source, src.name)  # pylint: disable=protected-access
-  else:
-    raise DataError(f"sft.source must be 'jsonl' or 'tfds', got {s.source!r}")
-  if len(conv) == 0:
-    raise DataError(f'sft split {split!r} ({conv.name}) has no usable example')
-  return conv
-
-
-def _tfds_data(cfg):
-  d = cfg.data.copy_and_resolve_references()
-  with d.unlocked():
-    d.source, d.tfds_name = 'tfds', cfg.sft.tfds_name
-  return d
+  return read_split(cfg, split, 'sft', read_jsonl, Conversations, _TfdsConversations,
+                    'examples')
 
 
 # ---- Templates ----------------------------------------------------------------------
@@ -309,7 +332,6 @@ def resolve_template(template: str, tokenizer=None) -> str:
 
 
 def _model_template(tokenizer):
-  from lmjax.data import chat_template  # pylint: disable=import-outside-toplevel
   if tokenizer is None:
     raise DataError("sft.template='model' renders with the tokenizer's chat template: "
                     'pass the tokenizer')
@@ -425,6 +447,29 @@ def answer_normalizer(template: str, tokenizer=None):
   return normalize
 
 
+def file_answer_examples(path: str, template: str = 'llama3', limit: int | None = None
+                  ) -> list[dict[str, str]]:
+  """[{'prompt', 'answer', 'task'}] of a messages JSONL file for evaluate.exact_match:
+  prompt = the rendered chat up to the final assistant turn's header (encode it as
+  [BOS] + tokenizer.encode(prompt), as lmjax.api does), answer = that turn's content.
+  Pass normalize=answer_normalizer(template) to cut at the end-of-turn marker."""
+  out = []
+  with open(path, encoding='utf-8') as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      obj = json.loads(line)
+      try:
+        turns = normalize_example(obj)
+      except ValueError as e:
+        raise DataError(f'{path}:{n}: malformed example: {e}') from None
+      out.append({'prompt': render_prompt(turns, template),
+                  'answer': turns[-1]['content'], 'task': obj.get('task', '')})
+      if limit is not None and len(out) >= limit:
+        break
+  return out
+
+
 # ---- The grain pipeline -------------------------------------------------------------
 
 class _Encode(grain.transforms.Map):
@@ -450,71 +495,33 @@ def overlong_fate(mask: np.ndarray, seq_len: int, mode: str) -> str | None:
   return 'dropped' if mode == 'drop' else 'truncated'
 
 
-class _OverlongIterator(grain.DatasetIterator):
-  """Truncates or drops conversations longer than seq_len; a kept one carries the
-  number dropped since the previous one ('dropped') and whether it was cut
-  ('truncated'), as [L] features whose first entry holds the count. A truncated one with
-  no loss token left is dropped instead. `limit` consecutive drops (a whole epoch) raise."""
+def _overlong(seq_len: int, mode: str):
+  """keep(example, dropped) for pipeline.CountDrops: truncates or drops conversations
+  longer than seq_len (a truncated one with no loss token left is dropped instead); a kept
+  one carries the number dropped since the previous one ('dropped') and whether it was cut
+  ('truncated'), as [L] features whose first entry holds the count."""
+  if mode not in ('truncate', 'drop'):
+    raise DataError(f"sft.overlong must be 'truncate' or 'drop', got {mode!r}")
 
-  def __init__(self, parent, seq_len: int, mode: str, limit: int, name: str):
-    super().__init__(parent)
-    self._seq_len, self._mode, self._pending = seq_len, mode, 0
-    self._limit, self._name = limit, name
+  def keep(ex, dropped):
+    fate = overlong_fate(ex['mask'], seq_len, mode)
+    if fate in ('dropped', 'no_room'):
+      return None
+    cut = int(fate == 'truncated')
+    if cut:
+      ex = {k: v[:seq_len] for k, v in ex.items()}
+    counts = {k: np.zeros(len(ex['tokens']), np.int32) for k in COUNTS}
+    counts['dropped'][0], counts['truncated'][0] = dropped, cut
+    return {**ex, **counts}
 
-  def _drop(self):
-    self._pending += 1
-    if self._pending >= self._limit:
-      raise DataError(f'{self._name}: {self._pending} examples in a row are longer than '
-                      f'data.seq_len={self._seq_len} (sft.overlong={self._mode!r}; a '
-                      'truncated one needs an assistant token left): raise data.seq_len')
-
-  def __next__(self):
-    while True:
-      ex = next(self._parent)
-      fate = overlong_fate(ex['mask'], self._seq_len, self._mode)
-      if fate in ('dropped', 'no_room'):
-        self._drop()
-        continue
-      cut = int(fate == 'truncated')
-      if cut:
-        ex = {k: v[:self._seq_len] for k, v in ex.items()}
-      counts = {k: np.zeros(len(ex['tokens']), np.int32) for k in COUNTS}
-      counts['dropped'][0], counts['truncated'][0] = self._pending, cut
-      self._pending = 0
-      return {**ex, **counts}
-
-  def get_state(self):
-    return {'parent': self._parent.get_state(), 'pending': self._pending}
-
-  def set_state(self, state):
-    self._parent.set_state(state['parent'])
-    self._pending = int(state['pending'])
-
-
-class _Overlong(grain.IterDataset):
-
-  def __init__(self, parent, seq_len: int, mode: str, limit: int, name: str):
-    super().__init__(parent)
-    if mode not in ('truncate', 'drop'):
-      raise DataError(f"sft.overlong must be 'truncate' or 'drop', got {mode!r}")
-    self._args = (seq_len, mode, max(int(limit), 1), name)
-
-  def __iter__(self):
-    return _OverlongIterator(self._parent.__iter__(), *self._args)
+  return keep
 
 
 def _to_example(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """A packed row -> {inputs, targets, segment_ids, positions, loss_mask, dropped,
   truncated}: loss where the target is an assistant token of the same conversation."""
-  tokens, seg = row['tokens'], row['tokens_segment_ids'].astype(np.int32)
-  same = np.zeros(tokens.shape, bool)
-  same[:-1] = (seg[1:] == seg[:-1]) & (seg[:-1] != 0)
-  targets = np.zeros_like(tokens)
-  targets[:-1] = np.where(same[:-1], tokens[1:], 0)
-  loss = np.zeros(tokens.shape, np.float32)
-  loss[:-1] = same[:-1] & (row['mask'][1:] > 0)
-  return {'inputs': tokens, 'targets': targets, 'segment_ids': seg,
-          'positions': row['tokens_positions'].astype(np.int32), 'loss_mask': loss,
+  return {**pipeline.features(row['tokens'], row['tokens_segment_ids'],
+                              row['tokens_positions'], row['mask']),
           **{k: np.int32(row[k].sum()) for k in COUNTS}}
 
 
@@ -532,7 +539,11 @@ def make_sft_dataset(cfg, tokenizer, split: str, *, batch_size: int, process_ind
   it, share = encoded_stream(cfg, conv, split, _Encode(tokenizer, s.template), '/sft',
                              batch_size=batch_size, process_index=process_index,
                              process_count=process_count, seed=seed, repeat=repeat)
-  it = _Overlong(it, d.seq_len, s.overlong, share if repeat else 2**62, conv.name)
+  it = pipeline.CountDrops(
+      it, _overlong(d.seq_len, s.overlong), share if repeat else 2**62,
+      lambda n: f'{conv.name}: {n} examples in a row are longer than data.seq_len='
+                f'{d.seq_len} (sft.overlong={s.overlong!r}; a truncated one needs an '
+                'assistant token left): raise data.seq_len')
   lengths = {k: d.seq_len for k in ('tokens', 'mask') + COUNTS}
   # cuDNN attention takes at most model.max_segments runs a row: conversations + padding.
   per_bin = cfg.model.max_segments - 1 if cfg.model.attention == 'cudnn' else None
@@ -546,36 +557,26 @@ def make_sft_dataset(cfg, tokenizer, split: str, *, batch_size: int, process_ind
 def encoded_stream(cfg, examples, split: str, encode: grain.transforms.Map, salt: str, *,
                    batch_size: int, process_index: int, process_count: int, seed: int,
                    repeat: bool) -> tuple[grain.IterDataset, int]:
-  """The head of an example pipeline (SFT conversations, DPO pairs): this process's share
-  of `examples` (len + __getitem__, with .name), shuffled for the train split, repeated,
-  mapped by `encode` on cfg.data.worker_threads threads. Returns (the stream, the share's
-  size)."""
+  """The head of a chat example pipeline (SFT conversations, DPO pairs): pipeline.
+  example_stream on cfg.data.worker_threads threads. Returns (the stream, the size of
+  this process's share)."""
   d = cfg.data
   if batch_size <= 0:
     raise ValueError(f'batch_size must be positive, got {batch_size}')
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} is not in [0, {process_count})')
-  ds = grain.MapDataset.source(examples)
-  if process_count > 1:
-    if len(examples) < process_count:
-      raise DataError(f'{examples.name} has {len(examples)} examples, fewer than the '
-                      f'{process_count} processes that share it')
-    ds = ds[process_index::process_count]
-  if d.shuffle and split == d.train_split:
-    ds = ds.shuffle(seed=shuffle_seed(seed, salt))
-  share = len(ds)
+  ds = pipeline.example_stream(d, examples, split, encode, process_index=process_index,
+                               process_count=process_count, seed=seed, salt=salt,
+                               repeat=False)
+  share = len(ds)  # this process's examples, once
   if repeat:
     ds = ds.repeat()
   threads = max(int(d.worker_threads), 0)
-  return ds.map(encode).to_iter_dataset(
+  return ds.to_iter_dataset(
       grain.ReadOptions(num_threads=threads, prefetch_buffer_size=16 * threads)), share
 
 
 def finish(cfg, it: grain.IterDataset) -> grain.IterDataset:
-  """The tail of a batch pipeline: cfg.data.prefetch batches ahead, JSON-safe state."""
-  if cfg.data.prefetch > 0:
-    it = _ThreadPrefetch(it, cfg.data.prefetch)
-  return _JsonSafeState(it)
+  """The tail of a batch pipeline: pipeline.finish (prefetch, JSON-safe state)."""
+  return pipeline.finish(cfg.data, it)
 
 
 def make_sft_iterator(cfg, tokenizer, split: str, *, batch_size: int, process_index: int = 0,

@@ -62,21 +62,27 @@ def _has_tokens(example) -> bool:
   return len(example['tokens']) > 0
 
 
-def _to_example(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """A packed row (tokens, tokens_segment_ids, tokens_positions) -> model features."""
-  tokens = row['tokens']
-  seg = row['tokens_segment_ids'].astype(np.int32)
-  same_doc = np.zeros(tokens.shape, bool)
-  same_doc[:-1] = (seg[1:] == seg[:-1]) & (seg[:-1] != 0)
+def features(tokens: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray,
+             mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """The model features of a row of packed sequences (every objective's rows):
+  targets[t] = tokens[t + 1] where both belong to the same sequence (segment id > 0), else
+  0; loss_mask[t] = 1 there, and only where mask[t + 1] > 0 when a per-token `mask` is
+  given (e.g. 1 on assistant tokens)."""
+  seg = segment_ids.astype(np.int32)
+  same = np.zeros(tokens.shape, bool)
+  same[:-1] = (seg[1:] == seg[:-1]) & (seg[:-1] != 0)
   targets = np.zeros_like(tokens)
-  targets[:-1] = np.where(same_doc[:-1], tokens[1:], 0)
-  example = {
-      'inputs': tokens,
-      'targets': targets,
-      'segment_ids': seg,
-      'positions': row['tokens_positions'].astype(np.int32),
-      'loss_mask': same_doc.astype(np.float32),
-  }
+  targets[:-1] = np.where(same[:-1], tokens[1:], 0)
+  if mask is not None:
+    same[:-1] &= mask[1:] > 0
+  return {'inputs': tokens, 'targets': targets, 'segment_ids': seg,
+          'positions': positions.astype(np.int32), 'loss_mask': same.astype(np.float32)}
+
+
+def _to_example(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A packed row of documents (tokens, tokens_segment_ids, tokens_positions) -> model
+  features (and the mixture's per-token source tag)."""
+  example = features(row['tokens'], row['tokens_segment_ids'], row['tokens_positions'])
   if SOURCE in row:
     example[SOURCE] = row[SOURCE].astype(np.int32)
   return example
@@ -209,6 +215,75 @@ def shard_iterator(make, shards: int, *, batch_size: int, process_index: int,
                               + j, process_count=shards) for j in range(per)])
 
 
+def example_stream(d, examples, split: str, encode, *, process_index: int,
+                   process_count: int, seed: int, salt: str, repeat: bool,
+                   unit: str = 'examples') -> grain.MapDataset:
+  """The head of every example pipeline (documents, conversations, pairs): this process's
+  share of `examples` (len + __getitem__, with .name; disjoint shares fixed for the whole
+  run), shuffled for the train split when d.shuffle (reshuffled every epoch: grain folds
+  the epoch into the seed), repeated, mapped by `encode`."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} is not in [0, {process_count})')
+  ds = grain.MapDataset.source(examples)
+  if process_count > 1:
+    if len(examples) < process_count:
+      raise sources.DataError(f'{examples.name} has {len(examples)} {unit}, fewer than the '
+                              f'{process_count} processes that share it')
+    ds = ds[process_index::process_count]
+  if d.shuffle and split == d.train_split:
+    ds = ds.shuffle(seed=shuffle_seed(seed, salt))
+  if repeat:
+    ds = ds.repeat()
+  return ds.map(encode)
+
+
+class _CountDropsIterator(grain.DatasetIterator):
+  """keep(example, dropped) -> the example to yield, or None to drop it (counted; the next
+  kept one is told how many were dropped since the previous). `limit` drops in a row (a
+  whole epoch) raise DataError(too_many(count)). State: the parent's and the count."""
+
+  def __init__(self, parent, keep, limit: int, too_many):
+    super().__init__(parent)
+    self._keep, self._limit, self._too_many, self._pending = keep, limit, too_many, 0
+
+  def __next__(self):
+    while True:
+      out = self._keep(next(self._parent), self._pending)
+      if out is not None:
+        self._pending = 0
+        return out
+      self._pending += 1
+      if self._pending >= self._limit:
+        raise sources.DataError(self._too_many(self._pending))
+
+  def get_state(self):
+    return {'parent': self._parent.get_state(), 'pending': self._pending}
+
+  def set_state(self, state):
+    self._parent.set_state(state['parent'])
+    self._pending = int(state['pending'])
+
+
+class CountDrops(grain.IterDataset):
+  """The counting filter of an example pipeline (see _CountDropsIterator): overlong
+  conversations or pairs dropped, and counted in the examples that follow."""
+
+  def __init__(self, parent, keep, limit: int, too_many):
+    super().__init__(parent)
+    self._args = (keep, max(int(limit), 1), too_many)
+
+  def __iter__(self):
+    return _CountDropsIterator(self._parent.__iter__(), *self._args)
+
+
+def finish(d, it: grain.IterDataset) -> grain.IterDataset:
+  """The tail of every batch pipeline: d.prefetch batches ahead in a thread, and a
+  JSON-safe, exactly resumable state."""
+  if d.prefetch > 0:
+    it = _ThreadPrefetch(it, d.prefetch)
+  return _JsonSafeState(it)
+
+
 def _documents(d, tokenizer, split: str, *, process_index: int, process_count: int,
                seed: int, salt: str, repeat: bool, source_id: int = 0) -> grain.MapDataset:
   """Tokenized documents of one source's split: this process's share, shuffled (train
@@ -218,17 +293,9 @@ def _documents(d, tokenizer, split: str, *, process_index: int, process_count: i
     source = tokenized.get_source(d, split, tokenizer, max(int(d.worker_threads), 1))
   else:
     source = sources.get_source(d, split)
-  ds = grain.MapDataset.source(source)
-  if process_count > 1:
-    if len(source) < process_count:
-      raise sources.DataError(f'{source.name} has {len(source)} documents, fewer than the '
-                              f'{process_count} processes that share it')
-    ds = ds[process_index::process_count]  # disjoint shares, fixed for the whole run
-  if d.shuffle and split == d.train_split:
-    ds = ds.shuffle(seed=shuffle_seed(seed, salt))
-  if repeat:
-    ds = ds.repeat()  # each epoch reshuffled (grain folds the epoch into the seed)
-  return ds.map(_Tokenize(tokenizer, d.add_bos, d.add_eos, source_id)).filter(_has_tokens)
+  return example_stream(d, source, split, _Tokenize(tokenizer, d.add_bos, d.add_eos, source_id),
+                        process_index=process_index, process_count=process_count, seed=seed,
+                        salt=salt, repeat=repeat, unit='documents').filter(_has_tokens)
 
 
 def source_split(d, source_d, split: str) -> str:
@@ -279,10 +346,7 @@ def make_lm_dataset(cfg, tokenizer, split: str, *, batch_size: int, process_inde
     lengths = {'tokens': d.seq_len, SOURCE: d.seq_len}
   it = ConcatThenSplitIterDataset(it, length_struct=lengths)
   it = it.map(_to_example)
-  it = it.batch(batch_size, drop_remainder=True)
-  if d.prefetch > 0:
-    it = _ThreadPrefetch(it, d.prefetch)
-  return _JsonSafeState(it)
+  return finish(d, it.batch(batch_size, drop_remainder=True))
 
 
 def make_lm_iterator(cfg, tokenizer, split: str, *, batch_size: int, process_index: int = 0,

@@ -25,7 +25,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from lmjax.data import formats
+from lmjax.data import chat_template, formats, pipeline
 from lmjax.data.sources import DataError
 
 COUNTS = formats.COUNTS
@@ -86,7 +86,6 @@ def encode_pair(pair: tuple[list, list, list], tokenizer, template: str):
   template ends the turn). The rows share prompt_len tokens."""
   prompt, chosen, rejected = pair
   if formats.resolve_template(template, tokenizer) == 'model':
-    from lmjax.data import chat_template  # pylint: disable=import-outside-toplevel
     tmpl = chat_template.ModelTemplate(tokenizer)
     rows = []
     for c in (chosen, rejected):
@@ -104,17 +103,10 @@ def encode_pair(pair: tuple[list, list, list], tokenizer, template: str):
 
 
 def _row(tokens, mask, seq_len):
+  """One sequence padded to seq_len (segment id 0 on padding) -> model features."""
   n = len(tokens)
-  inputs = np.zeros(seq_len, np.int32)
-  inputs[:n] = tokens
-  targets = np.zeros(seq_len, np.int32)
-  targets[:n - 1] = tokens[1:]
-  loss = np.zeros(seq_len, np.float32)
-  loss[:n - 1] = mask[1:]
-  seg = np.zeros(seq_len, np.int32)
-  seg[:n] = 1
-  return {'inputs': inputs, 'targets': targets, 'segment_ids': seg,
-          'positions': np.arange(seq_len, dtype=np.int32), 'loss_mask': loss}
+  pad = lambda x: np.pad(np.asarray(x, np.int32), (0, seq_len - n))
+  return pipeline.features(pad(tokens), pad(np.ones(n)), np.arange(seq_len), pad(mask))
 
 
 def pair_fate(encoded, seq_len: int, overlong: str = 'truncate') -> str | None:
@@ -174,28 +166,26 @@ class Pairs:
 
 def get_pairs(cfg, split: str) -> Pairs:
   """The pairs of `split` from cfg.dpo (JSONL files, a TFDS dataset, or the built-in task)."""
-  d = cfg.dpo
-  if d.source == 'jsonl':
-    files = formats.split_files(cfg, split, 'dpo')
-    items, stats = read_pairs(files, d.on_error)
-    name = (files[0] if len(files) == 1
-            else f'{len(files)} files of {formats.split_source(cfg, split, "dpo")[0]}')
-    if stats['skipped']:
-      print(f'lmjax: dpo {split}: skipped {stats["skipped"]} malformed pairs of {name} '
-            f'(first: {stats["first_error"]})', flush=True)
-    pairs = Pairs(items, name, stats)
-  elif d.source == 'tfds':
-    from lmjax.data import sources  # pylint: disable=import-outside-toplevel
-    data = cfg.data.copy_and_resolve_references()
-    with data.unlocked():
-      data.source, data.tfds_name = 'tfds', d.tfds_name
-    src = sources.get_source(data, split)
-    pairs = Pairs(src._source, src.name, raw=True)  # pylint: disable=protected-access
-  else:
-    raise DataError(f"dpo.source must be 'jsonl' or 'tfds', got {d.source!r}")
-  if len(pairs) == 0:
-    raise DataError(f'dpo split {split!r} ({pairs.name}) has no usable pair')
-  return pairs
+  return formats.read_split(cfg, split, 'dpo', read_pairs, Pairs,
+                            lambda records, name: Pairs(records, name, raw=True), 'pairs')
+
+
+def answer_examples(cfg, split: str, limit: int | None = None, tokenizer=None
+                    ) -> list[dict[str, str]]:
+  """[{'prompt', 'answer', 'task'}] of the first `limit` pairs of a cfg.dpo split, for
+  evaluate.exact_match: prompt = the chat up to the chosen turn's header (encode it with
+  formats.prompt_ids), answer = the chosen completion's last turn, task = the record's
+  'task' field ('' if none). Meaningful for pairs whose chosen answer is the only right
+  one (the built-in task's)."""
+  pairs = get_pairs(cfg, split)
+  tags = pairs.stats.get('tags') or []
+  n = len(pairs) if limit is None else min(limit, len(pairs))
+  out = []
+  for i in range(n):
+    prompt, chosen, _ = pairs[i]
+    out.append({'prompt': formats.render_prompt(prompt + chosen, cfg.sft.template, tokenizer),
+                'answer': chosen[-1]['content'], 'task': tags[i] if i < len(tags) else ''})
+  return out
 
 
 class _Indexed:
@@ -225,57 +215,29 @@ class _Encode(grain.transforms.Map):
     return index, encode_pair(pair, self.tokenizer, self.template)
 
 
-class _RowsIterator(grain.DatasetIterator):
-  """Encoded pairs -> {feature: [2, seq_len]} row pairs with counts; drops and counts."""
+def _pair_rows(seq_len: int, mode: str, name: str, with_index: bool, ref_logps):
+  """keep((index, encoded pair), dropped) for pipeline.CountDrops: {feature: [2, seq_len]}
+  row pairs with their counts (module doc), or None for a dropped pair."""
 
-  def __init__(self, parent, seq_len: int, mode: str, limit: int, name: str,
-               with_index: bool, ref_logps):
-    super().__init__(parent)
-    self._seq_len, self._mode, self._limit, self._name = seq_len, mode, limit, name
-    self._with_index, self._ref = with_index, ref_logps
-    self._pending = 0
-
-  def __next__(self):
-    while True:
-      index, encoded = next(self._parent)
-      out = pair_rows(encoded, self._seq_len, self._mode)
-      if out is not None:
-        break
-      self._pending += 1
-      if self._pending >= self._limit:
-        raise DataError(f'{self._name}: {self._pending} pairs in a row do not fit '
-                        f'data.seq_len={self._seq_len} (dpo.overlong={self._mode!r}): raise '
-                        'data.seq_len')
+  def keep(item, dropped):
+    index, encoded = item
+    out = pair_rows(encoded, seq_len, mode)
+    if out is None:
+      return None
     (c, r), cut = out
     rows = {k: np.stack([c[k], r[k]]) for k in c}
-    rows['dropped'] = np.array([self._pending, 0], np.int32)
+    rows['dropped'] = np.array([dropped, 0], np.int32)
     rows['truncated'] = np.array([int(cut), 0], np.int32)
-    if self._with_index:
+    if with_index:
       rows['index'] = np.array([index, index], np.int32)
-    if self._ref is not None:
-      rows['ref_logps'] = np.asarray(self._ref[index], np.float32)
+    if ref_logps is not None:
+      rows['ref_logps'] = np.asarray(ref_logps[index], np.float32)
       if not np.all(np.isfinite(rows['ref_logps'])):
-        raise DataError(f'{self._name}[{index}]: no precomputed reference log-probs for this '
+        raise DataError(f'{name}[{index}]: no precomputed reference log-probs for this '
                         'pair (the table was computed for other data or settings)')
-    self._pending = 0
     return rows
 
-  def get_state(self):
-    return {'parent': self._parent.get_state(), 'pending': self._pending}
-
-  def set_state(self, state):
-    self._parent.set_state(state['parent'])
-    self._pending = int(state['pending'])
-
-
-class _Rows(grain.IterDataset):
-
-  def __init__(self, parent, *args):
-    super().__init__(parent)
-    self._args = args
-
-  def __iter__(self):
-    return _RowsIterator(self._parent.__iter__(), *self._args)
+  return keep
 
 
 def _flatten_pairs(batch):
@@ -311,7 +273,11 @@ def make_pair_iterator(cfg, tokenizer, split: str, *, batch_size: int, process_i
                                      _Encode(tokenizer, cfg.sft.template), '/dpo',
                                      batch_size=batch_size, process_index=process_index,
                                      process_count=process_count, seed=seed, repeat=repeat)
-  it = _Rows(it, cfg.data.seq_len, cfg.dpo.overlong, share if repeat else 2**62, pairs.name,
-             with_index, ref_logps)
+  seq_len, mode = cfg.data.seq_len, cfg.dpo.overlong
+  it = pipeline.CountDrops(
+      it, _pair_rows(seq_len, mode, pairs.name, with_index, ref_logps),
+      share if repeat else 2**62,
+      lambda n: f'{pairs.name}: {n} pairs in a row do not fit data.seq_len={seq_len} '
+                f'(dpo.overlong={mode!r}): raise data.seq_len')
   return iter(formats.finish(cfg, it.batch(batch_size, drop_remainder=True)
                              .map(_flatten_pairs)))

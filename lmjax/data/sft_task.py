@@ -14,8 +14,10 @@ the small numeric/letter tasks repeat across splits by construction (they test t
 format and the stop were learned, near 100% expected). Answers are one token or a few.
 
     root = write_task('/tmp/sft', seed=0, sizes={'train': 20000, 'validation': 500, 'test': 500})
-    acc = evaluate.exact_match(gen, eval_examples(root + '/test.jsonl', 'llama3'),
+    acc = evaluate.exact_match(gen, formats.file_answer_examples(root + '/test.jsonl', 'llama3'),
                                normalize=formats.answer_normalizer('llama3'))
+
+The task is what sft.path / dpo.path = 'builtin:synthetic' (formats.BUILTIN) reads.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import shutil
 import string
 import tempfile
 
-from lmjax.data import formats, sources
+from lmjax.data import sources
 
 TASKS = ('next_letter', 'larger', 'add', 'upper', 'reverse', 'length')
 SPLITS = ('train', 'validation', 'test')
@@ -119,29 +121,6 @@ def ensure(cfg) -> str:
     write_task(root, cfg.sft.task_seed, dict(cfg.sft.task_sizes))
     print(f'lmjax: wrote the synthetic SFT task to {root}', flush=True)
   return root
-
-
-def eval_examples(path: str, template: str = 'llama3', limit: int | None = None
-                  ) -> list[dict[str, str]]:
-  """[{'prompt', 'answer', 'task'}] of a messages JSONL file for evaluate.exact_match:
-  prompt = the rendered chat up to the final assistant turn's header (encode it as
-  [BOS] + tokenizer.encode(prompt), as lmjax.api does), answer = that turn's content.
-  Pass normalize=formats.answer_normalizer(template) to cut at the end-of-turn marker."""
-  out = []
-  with open(path, encoding='utf-8') as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      obj = json.loads(line)
-      try:
-        turns = formats.normalize_example(obj)
-      except ValueError as e:
-        raise sources.DataError(f'{path}:{n}: malformed example: {e}') from None
-      out.append({'prompt': formats.render_prompt(turns, template),
-                  'answer': turns[-1]['content'], 'task': obj.get('task', '')})
-      if limit is not None and len(out) >= limit:
-        break
-  return out
 
 
 # ---- Preference pairs (DPO) ---------------------------------------------------------------

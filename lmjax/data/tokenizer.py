@@ -35,6 +35,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from lmjax import config as config_lib
 from lmjax.data import sources
 from lmjax.errors import NotFoundError, UserError
 
@@ -554,6 +555,29 @@ def load_tokenizer(cfg) -> Tokenizer:
         'or run tools/train_tokenizer.py to train a sentencepiece model there)')
   check_vocab(tok, cfg.model.vocab_size)
   return tok
+
+
+def run_tokenizer(cfg, resumed_meta: dict | None = None, source=None) -> Tokenizer:
+  """A training run's tokenizer: cfg.tokenizer.path when set; else, for a run from
+  init_from, its source's (`source`: checkpoint.InitSource; recorded in the checkpoint
+  meta, so a resumed run keeps it); else load_tokenizer's default path (trained on the
+  train split if missing)."""
+  path, whose = cfg.tokenizer.path, ''
+  if not path and resumed_meta and resumed_meta.get('init_from'):
+    path, whose = resumed_meta.get('tokenizer', ''), 'this run\'s (checkpoint meta)'
+  if not path and source is not None:
+    if not source.tokenizer_path:
+      raise config_lib.ConfigError(
+          f'init_from {source} has no tokenizer (tokenizer.json or tokenizer.model): set '
+          'tokenizer.path')
+    path, whose = source.tokenizer_path, f'the tokenizer of init_from {source}'
+  if not whose:
+    return load_tokenizer(cfg)
+  if not os.path.exists(path):
+    raise NotFoundError(f'{whose} is missing: {path}; set tokenizer.path')
+  inherited = cfg.copy_and_resolve_references()
+  inherited.tokenizer.update(path=path, train_if_missing=False)
+  return load_tokenizer(inherited)
 
 
 def check_vocab(tok: Tokenizer, model_vocab: int) -> None:

@@ -1,5 +1,6 @@
-"""Checks of the data groups of a config (cfg.data with its named sources, cfg.sft,
-cfg.dpo's data fields) that involve several fields; lmjax.config.validate calls them.
+"""Checks of cfg.data (its single source and its named sources) that involve several
+fields; lmjax.config.validate calls them. The chat data groups (cfg.sft, cfg.dpo) are
+checked by their objectives (lmjax/train/objectives).
 Unknown keys and wrong types never get here: the locked base config refuses them.
 
 Standard library only (and lmjax.config): a config is checked before jax or a data
@@ -27,22 +28,6 @@ def validate(cfg) -> None:
     raise ConfigError(f'data.files must name the shards when data.source='
                       f"{cfg.data.source!r} (globs separated by commas)")
   _validate_sources(cfg)
-
-
-def validate_examples(cfg) -> None:
-  """cfg.sft / cfg.dpo, the data of stage 'sft' / 'dpo' (formats.py, preference.py)."""
-  if cfg.stage not in ('sft', 'dpo'):
-    return
-  _validate_data_group(cfg, cfg.stage)
-  if cfg.data.mixture or cfg.data.eval_sources:
-    raise ConfigError("data.mixture / data.eval_sources are pretraining sources; with "
-                      f"stage={cfg.stage!r} the data is cfg.{cfg.stage}")
-  if cfg.stage == 'sft':
-    if cfg.sft.source == 'tfds' and not cfg.sft.tfds_name:
-      raise ConfigError("sft.tfds_name must be set when sft.source='tfds'")
-    for key in ('eval_examples', 'eval_max_new_tokens', 'packing_bins'):
-      if cfg.sft[key] < 0 or (key != 'eval_examples' and cfg.sft[key] == 0):
-        raise ConfigError(f'sft.{key} must be positive, got {cfg.sft[key]}')
 
 
 def _check_sources(key: str, group) -> None:
@@ -94,14 +79,3 @@ def _validate_sources(cfg) -> None:
         raise ConfigError(f"{where}.tfds_name must be set: its source is 'tfds'")
       if resolved.source in CORPUS_FORMATS and not resolved.files:
         raise ConfigError(f'{where}.files must be set: its source is {resolved.source!r}')
-
-
-def _validate_data_group(cfg, group: str) -> None:
-  """The fields cfg.sft and cfg.dpo share: eval_path, max_degenerate."""
-  g = cfg[group]
-  if not 0 <= g.max_degenerate <= 1:
-    raise ConfigError(f'{group}.max_degenerate must be a fraction in [0, 1], got '
-                      f'{g.max_degenerate}')
-  if g.eval_path and g.source != 'jsonl':
-    raise ConfigError(f"{group}.eval_path names JSONL files, but {group}.source is "
-                      f"{g.source!r} (a TFDS dataset has its own splits): unset it")

@@ -67,7 +67,9 @@ def dpo(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: jax.Ar
         chosen_tokens: jax.Array | None = None,
         rejected_tokens: jax.Array | None = None,
         rpo_alpha: float = 0.0) -> tuple[jax.Array, dict]:
-  """Per-pair preference losses [B] and their rewards, as the DPO paper and TRL define them.
+  """Per-pair preference losses [B] and their rewards, as the papers define them (DPO, IPO,
+  RPO, ...; where TRL 1.16 differs, for IPO's reward metrics and RPO's weighting, see
+  train/objectives/dpo.py).
 
   Inputs are [B] sequence log-probs summed over completion tokens (policy and reference;
   the reference's are ignored with reference_free, i.e. a reference of log-prob 0). With

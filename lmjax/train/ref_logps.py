@@ -23,14 +23,13 @@ import jax
 import numpy as np
 
 from lmjax import sharding
-from lmjax.data import preference
-from lmjax.train import step as step_lib
+from lmjax.data import preference, sources
+from lmjax.train import forward
 
 
 def fingerprint(cfg, reference: dict, tokenizer, split: str, n_pairs: int) -> str:
   """What a split's table depends on, as a canonical JSON string (the tokenizer: its
   location and the digest of its files, chat template included)."""
-  from lmjax.data import sources  # pylint: disable=import-outside-toplevel
   d = cfg.dpo
   key = {
       'reference': reference, 'model': cfg.model.to_dict(),
@@ -44,6 +43,22 @@ def fingerprint(cfg, reference: dict, tokenizer, split: str, n_pairs: int) -> st
   return json.dumps(key, sort_keys=True, default=str)
 
 
+def make_step(setup):
+  """(params, batch with 'index' [2B]) -> (index, completion log-prob sums) [2B] each,
+  replicated to every process: what dpo.reference='precomputed' stores per pair.
+  params: the reference's, sharded like setup's params."""
+  graphdef = setup.graphdef
+
+  def step(params, batch):
+    lp, _ = forward.row_logps(graphdef, params, batch)
+    return batch['index'], lp
+
+  rows = {k: ((1, 1), None) for k in forward.TOKEN_KEYS}
+  rows['index'] = ((1,), None)
+  return forward.jit_eval(setup, step, forward.batch_shardings(setup.mesh, setup.rules, rows),
+                          weights_sh=setup.state_shardings['params'])
+
+
 def compute(cfg, setup, params, tokenizer, split: str, n_pairs: int) -> np.ndarray:
   """The [n_pairs, 2] table of `split` under `params` (the reference, sharded like setup's
   params). Every process reads its share of the split in batches of
@@ -53,15 +68,15 @@ def compute(cfg, setup, params, tokenizer, split: str, n_pairs: int) -> np.ndarr
   local = cfg.train.global_batch // pc
   share = -(-n_pairs // pc)  # the largest process share
   batches = -(-share // local)
-  ref_step = step_lib.make_ref_logps_step(setup)
+  ref_step = make_step(setup)
   table = np.full((n_pairs, 2), np.nan, np.float32)
   it = preference.make_pair_iterator(cfg, tokenizer, split, batch_size=local,
                                      process_index=pi, process_count=pc, repeat=True,
                                      with_index=True)
   try:
     for _ in range(batches):
-      host = {k: v for k, v in next(it).items() if k not in preference.COUNTS}
-      step_lib.check_host_batch(cfg, host)
+      host = {k: v for k, v in next(it).items() if k in forward.TOKEN_KEYS + ('index',)}
+      forward.check_host_batch(cfg, host)
       index, lp = jax.device_get(ref_step(params, sharding.place_batch(host, setup.mesh,
                                                                        setup.rules)))
       table[index[0::2], 0] = lp[0::2]

@@ -3,6 +3,9 @@
 Params are a plain nested dict of arrays (`nnx.to_pure_dict`); the model's graph
 definition is static and rebuilt from the config, so checkpoints hold only arrays.
 
+The objective (train/objectives) may add entries, frozen (DPO's reference copy,
+'ref_params') or trained with the model (a reward model's score head); Setup.extra.
+
 With cfg.lora.enabled the state is {'step', 'params', 'adapters', 'opt_state'}: the
 params are the frozen base (in lora.base_dtype), the optimizer state covers the adapters
 only, and a checkpoint holds everything but the params (`Setup.saved`): the base is
@@ -24,6 +27,7 @@ from jax.sharding import Mesh
 from lmjax import sharding
 from lmjax.models import lora as lora_lib
 from lmjax.models import transformer
+from lmjax.train import objectives
 
 
 def model_config(cfg) -> ml_collections.FrozenConfigDict:
@@ -101,7 +105,8 @@ def optimizer(cfg) -> optax.GradientTransformation:
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-  """What the step and loop need besides the state: static model graph, shardings."""
+  """What the step and loop need besides the state: static model graph, shardings, the
+  objective (train/objectives) and the state entries it adds (`extra`)."""
   graphdef: Any
   tx: optax.GradientTransformation
   mesh: Mesh
@@ -110,32 +115,80 @@ class Setup:
   abstract_state: Any        # ShapeDtypeStructs with shardings (for restore).
   n_params: int              # the model's parameters
   n_trainable: int           # what the optimizer updates (= n_params without LoRA)
+  objective: Any = None      # the run's objectives.Objective
   lora: Any = None           # cfg.lora (frozen) when adapters train, else None
-  reference: bool = False    # DPO 'copy': state['ref_params'], a frozen copy of the params
+  extra: dict = dataclasses.field(default_factory=dict)  # name -> objectives.StateEntry
 
   @property
   def trainable(self) -> str:
-    """The state entry the optimizer updates: 'adapters' (LoRA) or 'params'."""
+    """The model's state entry the optimizer updates: 'adapters' (LoRA) or 'params'."""
     return 'adapters' if self.lora is not None else 'params'
 
+  @property
+  def trainable_keys(self) -> tuple[str, ...]:
+    """Every state entry the optimizer updates: the model's, then the objective's."""
+    return (self.trainable,) + tuple(k for k, e in self.extra.items() if e.trainable)
+
+  def get_trainable(self, state: dict):
+    """What the optimizer updates: state[trainable] alone, or a dict of the entries when
+    the objective adds trainable ones."""
+    keys = self.trainable_keys
+    return state[keys[0]] if len(keys) == 1 else {k: state[k] for k in keys}
+
+  def put_trainable(self, state: dict, trainable) -> dict:
+    """`state` with its trainable entries replaced by `trainable` (get_trainable's form)."""
+    keys = self.trainable_keys
+    return dict(state, **({keys[0]: trainable} if len(keys) == 1 else trainable))
+
+  def with_trainable(self, state: dict, trainable) -> dict:
+    """weights(state) with the trainable entries taken from `trainable`: what a forward
+    pass differentiated with respect to them uses."""
+    return self.weights(self.put_trainable(state, trainable))
+
+  @property
+  def needs_base(self) -> bool:
+    """Whether a resumed run reloads the base model it started from (init_from): LoRA's
+    frozen params, or an objective's state that depends on it (DPO's reference)."""
+    return self.lora is not None or bool(getattr(self.objective, 'needs_base', False))
+
+  def unsaved(self) -> tuple[str, ...]:
+    """The state entries checkpoints leave out, rebuilt from the base model on resume:
+    LoRA's frozen params, and the objective's unsaved entries."""
+    keys = ('params',) if self.lora is not None else ()
+    return keys + tuple(k for k, e in self.extra.items() if not e.saved)
+
   def saved(self, state: dict) -> dict:
-    """The part of `state` a checkpoint holds: all of it, or with LoRA all but the
-    frozen base params (small, adapter-only checkpoints)."""
-    return {k: v for k, v in state.items()
-            if k != 'ref_params' and (k != 'params' or self.lora is None)}
+    """The part of `state` a checkpoint holds: all of it but `unsaved()` (with LoRA,
+    small adapter-only checkpoints)."""
+    skip = self.unsaved()
+    return {k: v for k, v in state.items() if k not in skip}
 
   @property
   def abstract_saved(self) -> dict:
     return self.saved(self.abstract_state)
 
   def weights(self, state: dict) -> dict:
-    """What a forward pass needs: {'params'} or {'params', 'adapters'} (and DPO's
-    'ref_params' when it keeps a copy)."""
-    return {k: state[k] for k in ('params', 'adapters', 'ref_params') if k in state}
+    """What a forward pass needs: {'params'}, with LoRA 'adapters', and the objective's
+    entries (e.g. DPO's 'ref_params')."""
+    return {k: state[k] for k in ('params', 'adapters', *self.extra) if k in state}
 
   @property
   def weight_shardings(self) -> dict:
     return self.weights(self.state_shardings)
+
+  def rebuild(self, state: dict, load_base) -> dict:
+    """A restored `state` completed with the unsaved entries: load_base() (the base
+    params, sharded like state['params']; called once per entry, so no two entries share
+    buffers) as LoRA's frozen params, and each unsaved objective entry's init of it."""
+    state = dict(state)
+    if self.lora is not None:
+      state['params'] = load_base()
+    for i, (name, e) in enumerate(self.extra.items()):
+      if not e.saved:
+        with sharding.use_mesh(self.mesh, self.rules):
+          state[name] = jax.jit(e.init, out_shardings=e.shardings, donate_argnums=(0,))(
+              load_base(), entry_key(self.objective.cfg.seed, i))
+    return state
 
 
 def logical_param_specs(cfg):
@@ -152,7 +205,9 @@ def _base_dtype(cfg, shapes):
                       if jnp.issubdtype(a.dtype, jnp.floating) else a, shapes)
 
 
-def make_setup(cfg, mesh: Mesh) -> Setup:
+def make_setup(cfg, mesh: Mesh, objective=None) -> Setup:
+  """The run's Setup; objective: the run's (default objectives.get(cfg))."""
+  objective = objectives.get(cfg) if objective is None else objective
   rules = dict(cfg.rules)
   graphdef, specs, shapes = logical_param_specs(cfg)
   param_sh = sharding.tree_shardings(specs, shapes, mesh, rules)
@@ -164,33 +219,32 @@ def make_setup(cfg, mesh: Mesh) -> Setup:
   if cfg.lora.enabled:
     lora = ml_collections.FrozenConfigDict(cfg.lora)
     abstract_state['params'] = _base_dtype(cfg, shapes)
-    trainable, trainable_sh = lora_lib.shapes(cfg), lora_lib.shardings(cfg, mesh, rules)
-    abstract_state['adapters'] = trainable
-    state_sh['adapters'] = trainable_sh
+    abstract_state['adapters'] = lora_lib.shapes(cfg)
+    state_sh['adapters'] = lora_lib.shardings(cfg, mesh, rules)
   else:
-    abstract_state['params'] = trainable = shapes
-    trainable_sh = param_sh
+    abstract_state['params'] = shapes
+  extra = objective.state_entries(abstract_state['params'], param_sh)
+  for name, e in extra.items():
+    abstract_state[name], state_sh[name] = e.abstract, e.shardings
+  setup = Setup(graphdef=graphdef, tx=tx, mesh=mesh, rules=rules, state_shardings=state_sh,
+                abstract_state=None, n_params=n_params, n_trainable=0, objective=objective,
+                lora=lora, extra=extra)
+  trainable, trainable_sh = setup.get_trainable(abstract_state), setup.get_trainable(state_sh)
   abstract_opt = jax.eval_shape(tx.init, trainable)
   state_sh['opt_state'] = optax.tree_map_params(
       tx, lambda _, s: s, abstract_opt, trainable_sh,
       transform_non_params=lambda _: sharding.replicated(mesh))
   abstract_state['opt_state'] = abstract_opt
-  reference = _ref_mode(cfg) == 'copy'
-  if reference:
-    abstract_state['ref_params'] = abstract_state['params']
-    state_sh['ref_params'] = param_sh
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, state_sh)
-  return Setup(graphdef=graphdef, tx=tx, mesh=mesh, rules=rules,
-               state_shardings=state_sh, abstract_state=abstract_state,
-               n_params=n_params, n_trainable=transformer.count_params(trainable), lora=lora,
-               reference=reference)
+  return dataclasses.replace(setup, abstract_state=abstract_state,
+                             n_trainable=transformer.count_params(trainable))
 
 
-def _ref_mode(cfg) -> str | None:
-  from lmjax.train import step  # pylint: disable=import-outside-toplevel
-  return step.reference_mode(cfg)
+def entry_key(seed: int, index: int):
+  """The key an objective's state entry `index` is initialised from."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 3), index)
 
 
 def adapter_key(cfg):
@@ -218,13 +272,13 @@ def init_state(cfg, setup: Setup, params: Any | None = None) -> dict:
   def fresh(p):
     state = {'step': jnp.zeros((), jnp.int32)}
     if init_adapters is None:
-      state.update(params=p, opt_state=setup.tx.init(p))
+      state['params'] = p
     else:
-      adapters = init_adapters(adapter_key(cfg), p)
-      state.update(params=lora_lib.base_params(p, cfg), adapters=adapters,
-                   opt_state=setup.tx.init(adapters))
-    if setup.reference:  # DPO's frozen reference: the starting params
-      state['ref_params'] = jax.tree.map(jnp.copy, state['params'])
+      state['adapters'] = init_adapters(adapter_key(cfg), p)
+      state['params'] = lora_lib.base_params(p, cfg)
+    for i, (name, e) in enumerate(setup.extra.items()):  # e.g. DPO's frozen reference
+      state[name] = e.init(state['params'], entry_key(cfg.seed, i))
+    state['opt_state'] = setup.tx.init(setup.get_trainable(state))
     return state
 
   with sharding.use_mesh(setup.mesh, setup.rules):

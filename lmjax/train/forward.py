@@ -1,0 +1,82 @@
+"""The model's forward pass as the objectives use it, and jitting an eval step.
+
+Everything here takes a `weights` dict, what setup.weights(state) returns: 'params' (the
+model's, or with LoRA the frozen base) and, with LoRA, 'adapters'; an objective's own state
+entries (a frozen reference copy, a score head) sit next to them under their names.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmjax import sharding
+from lmjax.models import attention as attn_lib
+from lmjax.models import lora as lora_lib
+from lmjax.train import losses
+
+# The arrays of every token batch, [rows, seq_len]; an objective adds per-row ones ([rows]).
+TOKEN_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
+
+
+def model_stats(graphdef, params, batch, *, adapters=None, lora=None, dropout_rng=None):
+  """(logsumexp, target logit) [B, T] of the model's logits for the batch (losses.
+  logit_stats), computed model.loss_chunk positions at a time when set."""
+  model = nnx.merge(graphdef, params)
+  h = model.hidden(batch['inputs'], batch['positions'], batch['segment_ids'],
+                   adapters=adapters, lora=lora, dropout_rng=dropout_rng)
+  unembed = lambda x: sharding.constrain(model.unembed(x), ('batch', 'length', 'vocab'))
+  return losses.chunked_logit_stats(h, unembed, batch['targets'], model.cfg.loss_chunk)
+
+
+def loss_sums(graphdef, params, batch, z_loss, *, adapters=None, lora=None, dropout_rng=None):
+  """(nll, z-loss) summed over the batch's loss tokens (LoRA adapters unmerged if given)."""
+  params = lora_lib.effective_params(params, adapters)
+  stats = model_stats(graphdef, params, batch, adapters=adapters, lora=lora,
+                      dropout_rng=dropout_rng)
+  return losses.nll_sums(*stats, batch['loss_mask'], z_loss)
+
+
+def row_logps(graphdef, params, batch, *, adapters=None, lora=None, dropout_rng=None):
+  """(log-prob sums, loss-token counts) [rows] of each row's loss tokens: one forward pass
+  for every row of the batch (the completions of pairs, labelled rows, ...)."""
+  params = lora_lib.effective_params(params, adapters)
+  stats = model_stats(graphdef, params, batch, adapters=adapters, lora=lora,
+                      dropout_rng=dropout_rng)
+  return losses.sequence_sums(*stats, batch['loss_mask'])
+
+
+def check_host_batch(cfg, host: dict) -> None:
+  """What the step cannot check on device: with model.attention='cudnn', every row holds
+  at most model.max_segments runs of segment ids (a clear error, before the step)."""
+  if cfg.model.attention == 'cudnn' and 'segment_ids' in host:
+    attn_lib.check_segments(host['segment_ids'], cfg.model.max_segments)
+
+
+def batch_shardings(mesh, rules, spec: dict) -> dict:
+  """{key: sharding} of a batch whose arrays have the ranks of `spec` ({key: (shape,
+  dtype)}): every array split over the data-parallel axes along its rows."""
+  return {k: sharding.batch_sharding(mesh, rules, ndim=len(shape))
+          for k, (shape, _) in spec.items()}
+
+
+def jit_eval(setup, step, batch_sh, weights_sh=None) -> Callable:
+  """step(weights, batch) jitted with replicated outputs, run under the mesh; weights_sh:
+  the first argument's shardings (default setup.weight_shardings)."""
+  weights_sh = setup.weight_shardings if weights_sh is None else weights_sh
+  jitted = jax.jit(step, in_shardings=(weights_sh, batch_sh),
+                   out_shardings=sharding.replicated(setup.mesh))
+
+  def run(weights, batch):
+    with sharding.use_mesh(setup.mesh, setup.rules):
+      return jitted(weights, batch)
+
+  return run
+
+
+def token_count(batch) -> jax.Array:
+  """The batch's loss tokens, float32."""
+  return jnp.sum(batch['loss_mask'].astype(jnp.float32))
