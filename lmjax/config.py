@@ -660,6 +660,9 @@ def to_dict(cfg: ml_collections.ConfigDict) -> dict:
   return cfg.to_dict()
 
 
+BUILTIN_DATA = 'builtin:synthetic'  # sft.path / dpo.path of the built-in synthetic task
+
+
 def from_dict(d: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """Rebuilds a locked config from a saved dict (checkpoints, notebooks): base_config()
   with the named sources' entries, then every value (references saved resolved: an
@@ -678,6 +681,10 @@ def from_dict(d: Mapping[str, Any]) -> ml_collections.ConfigDict:
         flat[prefix + k] = tuple(v) if isinstance(v, list) else v
 
   walk(d, '')
+  group = flat.get('stage')  # saved before built-in data was named: '' meant it
+  if group in ('sft', 'dpo') and flat.get(f'{group}.path') == '':
+    if flat.get(f'{group}.source', 'jsonl') == 'jsonl':
+      flat[f'{group}.path'] = BUILTIN_DATA
   apply_overrides(cfg, flat)
   validate(cfg)
   return cfg

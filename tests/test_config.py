@@ -71,6 +71,20 @@ def test_round_trip_through_dict():
   assert again.rules.batch == ('data', 'fsdp')
 
 
+def test_saved_configs_with_an_empty_data_path_meant_the_builtin_task():
+  """Runs saved when an empty sft.path / dpo.path meant the built-in task still load."""
+  for stage in ('sft', 'dpo'):
+    d = config_lib.base_config().to_dict()
+    d['stage'] = stage
+    d[stage]['path'] = ''
+    d['init_from']['path'] = '/runs/sft'
+    assert config_lib.from_dict(d)[stage].path == 'builtin:synthetic'
+  cfg = config_lib.base_config()
+  cfg.stage, cfg.sft.path = 'sft', ''
+  with pytest.raises(config_lib.ConfigError, match='sft.path'):
+    config_lib.validate(cfg)  # a config the user writes must name it
+
+
 @pytest.mark.parametrize('flag, message', [
     ('--config.optim.lrr=1', "unknown config key 'optim.lrr'"),
     ('--config.optim.lr=abc', "could not convert string to float: 'abc'"),

@@ -52,6 +52,7 @@ import grain
 import numpy as np
 from grain.experimental import FirstFitPackIterDataset
 
+from lmjax import config as config_lib
 from lmjax.data import chat_template, pipeline, sft_task, sources
 from lmjax.data.pipeline import shuffle_seed
 from lmjax.data.sources import DataError
@@ -207,7 +208,7 @@ class Subset:
 
 # The built-in synthetic task (data/sft_task.py: conversations for sft.path, preference
 # pairs for dpo.path), written under data.data_dir on first use; it has every split.
-BUILTIN = 'builtin:synthetic'
+BUILTIN = config_lib.BUILTIN_DATA  # sft.path / dpo.path of the built-in synthetic task
 
 
 def is_builtin(path: str) -> bool:
