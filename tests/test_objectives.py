@@ -54,14 +54,15 @@ class _PairedRewards(objectives.LM):
     d = self.cfg.model.d_model
     return {'score': objectives.StateEntry(
         jax.ShapeDtypeStruct((d, 1), jnp.float32), sharding.replicated(param_shardings[
-            'embed'].mesh), init=lambda params, key: reward.init_score(key, d, 0.02),
+            'embed'].mesh), init=lambda params, key: 0.02 * jax.random.normal(key, (d, 1)),
         trainable=True)}
 
   def sums(self, setup):
     def sums(weights, batch, rng):
       model = nnx.merge(setup.graphdef, weights['params'])
       h = model.hidden(batch['inputs'], batch['positions'], batch['segment_ids'])
-      r = reward.last_token_rewards(h, batch['segment_ids'] > 0, weights['score'])
+      scores = jnp.einsum('btd,dk->bt', h.astype(jnp.float32), weights['score'])
+      r = reward.last_token_rewards(scores, batch['segment_ids'] > 0)
       loss, _ = losses.bradley_terry(r[0::2], r[1::2], margin=batch['margin'][0::2])
       return jnp.sum(loss), {'loss': jnp.sum(loss)}
     return sums
