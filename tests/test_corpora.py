@@ -475,6 +475,7 @@ def test_train_on_a_jsonl_corpus(tmp_path):
   assert [e['step'] for e in out.evals] == [0, 3] and np.isfinite(out.evals[-1]['eval_loss'])
 
 
+@pytest.mark.slow
 def test_bench_corpora_smoke(tmp_path, monkeypatch, capsys):
   """tools/bench_corpora.py end to end on a tiny corpus (its figures: docs/benchmarks.md)."""
   sys.path.insert(0, os.path.join(ROOT, 'tools'))

@@ -206,6 +206,7 @@ def test_compiles_once_per_bucket(tiny):
   assert gen._generate._cache_size() - before == 2
 
 
+@pytest.mark.slow
 def test_sharded_params_on_8_device_mesh_match_one_device(tiny, prompts, greedy):
   model, graphdef, params = tiny
   cfg = tiny_config(init_std=0.5)

@@ -194,6 +194,7 @@ def test_init_matches_peft_kaiming_uniform():
 
 # ---- Sharding --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sharded_adapters_match_one_device():
   cfg, graphdef, params = _setup(rank=4)
   cfg.mesh.update(data=2, fsdp=2, tensor=2)

@@ -170,6 +170,7 @@ def _packed_reference(q, k, v, offsets, lengths):
   return out
 
 
+@pytest.mark.slow
 def test_packed_description_computes_the_masked_attention():
   """The xla path with a segment mask == attention segment by segment over the runs that
   `segment_runs` describes (the function the cuDNN packed path is asked to compute)."""

@@ -166,6 +166,7 @@ def _read_offline_run(path):
   return run, config, rows
 
 
+@pytest.mark.slow
 def test_wandb_offline_logs_the_scalars_and_a_resume_continues_the_run(tmp_path, monkeypatch):
   wandb = pytest.importorskip('wandb')
   for key, value in {'WANDB_MODE': 'offline', 'WANDB_DIR': tmp_path / 'wandb',

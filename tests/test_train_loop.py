@@ -102,6 +102,7 @@ def test_eval_metrics_and_sample(corpus, tmp_path):
   assert os.listdir(tmp_path / 'run' / 'tb')  # TensorBoard event file written
 
 
+@pytest.mark.slow
 def test_nan_stops_with_clear_error(corpus, tmp_path):
   cfg = _cfg(corpus, steps=5)
   cfg.optim.update(lr=1e30, clip_norm=0.0, warmup_steps=0)  # diverges at once
