@@ -486,21 +486,6 @@ def load(path: str, overrides: Mapping[str, Any] | None = None,
   return cfg
 
 
-def from_args(argv: list[str], default: str | None = None,
-              check: bool = True) -> tuple[ml_collections.ConfigDict, list[str]]:
-  """(the config of argv's --config=FILE[:arg] (else `default`) with its --config.KEY=VALUE
-  overrides, the other arguments): the config arguments every tool takes, for a tool
-  that parses its own flags with argparse. check=False: not validated (a config that
-  is not a training config, e.g. configs/data/*.py)."""
-  path, flags, rest = split_args(argv)
-  path = path or default
-  if not path:
-    raise ConfigError('no config: pass --config=FILE[:arg] (configs/*.py)')
-  if check:
-    return load(path, flags=flags), rest
-  return apply_flags(lock(build(path)), flags), rest
-
-
 # ---- Named sources: data.mixture and data.eval_sources --------------------------------
 
 # The fields of a named source. '' (val_fraction: -1) = the value of the same cfg.data field.

@@ -111,13 +111,6 @@ def batch_spec(cfg, mesh, rows: int, objective=None) -> dict:
       mesh, cfg.rules, len(shape))) for k, (shape, dtype) in obj.batch_spec(rows).items()}
 
 
-def make_eval_step(cfg, setup: Setup) -> Callable:
-  """The objective's eval step: (weights, batch) -> what its evaluate sums; weights =
-  setup.weights(state)."""
-  del cfg
-  return setup.objective.eval_step(setup)
-
-
 def make_merge(setup: Setup) -> Callable:
   """weights -> params with the adapters merged (W + s·A@B), sharded like the params: what
   generation runs on. Without LoRA the params themselves."""
