@@ -74,10 +74,11 @@ def perplexity(graphdef, params, cfg, tokenizer, split: str | None = None, *,
 
 
 def sum_outputs(step, weights, batches: Iterable[dict], cfg, mesh, *,
-                limit: int | None = None):
+                limit: int | None = None, reducers: Mapping[str, str] | None = None):
   """(the sums of step(weights, batch)'s outputs over `batches` (host batches, at most
   `limit`), as a pytree of float64 host floats, and the number of batches run): what a
-  loss or metric averaged over a whole eval set needs. Each batch is checked
+  loss or metric averaged over a whole eval set needs (reducers: {key: 'min' | 'max'} of
+  a dict output, combined so instead of summed). Each batch is checked
   (forward.check_host_batch) and placed on `mesh`, split over its data-parallel axes."""
   outs = []
   for host in batches:
@@ -89,6 +90,9 @@ def sum_outputs(step, weights, batches: Iterable[dict], cfg, mesh, *,
     return None, 0
   outs = jax.device_get(outs)
   total = jax.tree.map(lambda *xs: float(np.sum(np.asarray(xs, np.float64))), *outs)
+  for key, how in (reducers or {}).items():  # a dict output's min / max keys
+    if isinstance(total, dict) and key in total:
+      total[key] = float({'min': np.min, 'max': np.max}[how]([o[key] for o in outs]))
   return total, len(outs)
 
 

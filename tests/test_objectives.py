@@ -45,6 +45,7 @@ class _PairedRewards(objectives.LM):
   name = 'toy_reward'
   rows_per_example = 2
   normaliser = 'pairs'
+  reducers = {'min_reward': 'min', 'max_reward': 'max'}
 
   def __init__(self, cfg):
     super().__init__(cfg)
@@ -64,7 +65,8 @@ class _PairedRewards(objectives.LM):
       scores = jnp.einsum('btd,dk->bt', h.astype(jnp.float32), weights['score'])
       r = reward.last_token_rewards(scores, batch['segment_ids'] > 0)
       loss, _ = losses.bradley_terry(r[0::2], r[1::2], margin=batch['margin'][0::2])
-      return jnp.sum(loss), {'loss': jnp.sum(loss)}
+      return jnp.sum(loss), {'loss': jnp.sum(loss), 'min_reward': jnp.min(r),
+                             'max_reward': jnp.max(r)}
     return sums
 
   def denominator(self, batch):
@@ -88,3 +90,24 @@ def test_a_new_objective_with_a_trainable_head_needs_no_loop_edit():
   assert m['pairs'] == cfg.train.global_batch // 2 and np.isfinite(m['loss'])
   assert not np.array_equal(jax.device_get(state['score']), before)  # the head trained
   assert set(state['opt_state'][1][0].mu) == {'params', 'score'}
+
+
+def test_min_and_max_metrics_combine_over_micro_batches():
+  """A 'min' / 'max' reducer gives the whole batch's extreme under gradient accumulation,
+  where a sum would add the micro-batches' values."""
+  out = {}
+  for accum in (1, 2):
+    cfg = tiny_config()
+    cfg.train.grad_accum = accum
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+    toy = _PairedRewards(cfg)
+    setup = state_lib.make_setup(cfg, mesh, toy)
+    state = state_lib.init_state(cfg, setup)
+    batch = random_batch(cfg)
+    batch['margin'] = np.zeros(cfg.train.global_batch, np.float32)
+    _, m = step_lib.make_train_step(cfg, setup)(state, sharding.place_batch(batch, mesh,
+                                                                             cfg.rules))
+    out[accum] = {k: float(m[k]) for k in ('loss', 'min_reward', 'max_reward')}
+  assert out[1]['min_reward'] < out[1]['max_reward']
+  for k, v in out[1].items():
+    np.testing.assert_allclose(out[2][k], v, rtol=1e-5, atol=1e-6)

@@ -67,17 +67,16 @@ def make_train_step(cfg, setup: Setup) -> Callable:
         g_acc, aux_acc = carry
         mrng = None if rng is None else jax.random.fold_in(rng, i)
         (_, aux), g = grad_fn(trainable, state, mb, denom, mrng)
-        return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, aux_acc, aux)), None
+        return (jax.tree.map(jnp.add, g_acc, g), obj.combine(aux_acc, aux)), None
 
       zeros = jax.tree.map(jnp.zeros_like, trainable)
-      aux0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
-                          jax.eval_shape(lambda: sums(setup.weights(state),
+      aux0 = obj.init_aux(jax.eval_shape(lambda: sums(setup.weights(state),
                                                       jax.tree.map(lambda x: x[0], micro),
                                                       rng)[1]))
       (grads, aux), _ = jax.lax.scan(body, (zeros, aux0), (micro, jnp.arange(accum)))
     updates, opt_state = tx.update(grads, state['opt_state'], trainable)
     new_trainable = optax.apply_updates(trainable, updates)
-    metrics = {k: v / denom for k, v in aux.items()}
+    metrics = obj.metrics(aux, denom)
     if isinstance(opt_state, state_lib.GuardState):  # train.skip_bad_steps
       metrics.update(skipped=opt_state.consecutive > 0, skipped_steps=opt_state.skipped,
                      skipped_in_a_row=opt_state.consecutive)

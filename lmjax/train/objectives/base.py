@@ -12,7 +12,10 @@ An objective owns:
     trainable ones such as a reward model's score head, next to the model's params;
   - anything computed once before training (`prepare`: DPO's precomputed references);
   - its loss (`sums`: loss sums and metric sums of a batch) and normaliser
-    (`denominator`, logged as `normaliser`: loss tokens or pairs);
+    (`denominator`, logged as `normaliser`: loss tokens or pairs), how metric sums of
+    micro-batches combine (`reducers`: a sum by default, or a min / max) and the logged
+    metrics they give (`metrics`: each sum over the normaliser by default, or, e.g.,
+    over the count of one label's rows);
   - its eval (`eval_step`, `evaluate`: the eval summary and metric names), exact-match
     questions from its own eval data (`answer_examples`, `exact_match`) and the prompt of
     the sample at the end of a run (`sample_prompt`).
@@ -142,6 +145,26 @@ class Objective:
     """What the sums are divided by over the global batch: its loss tokens (at least 1)."""
     return jnp.maximum(forward.token_count(batch), 1.0)
 
+  # How a metric of `sums` combines over micro-batches (and eval batches): by key, 'min'
+  # or 'max' (e.g. the lowest reward of the batch); every other key is a sum.
+  reducers: dict[str, str] = {}
+
+  def init_aux(self, aux):
+    """The identity of `combine` for metrics shaped as `aux` (ShapeDtypeStructs)."""
+    fill = {'min': jnp.inf, 'max': -jnp.inf}
+    return {k: jnp.full(a.shape, fill.get(self.reducers.get(k), 0), a.dtype)
+            for k, a in aux.items()}
+
+  def combine(self, a: dict, b: dict) -> dict:
+    """Two micro-batches' metrics as one's: summed, or min / max (`reducers`)."""
+    ops = {'min': jnp.minimum, 'max': jnp.maximum}
+    return {k: ops.get(self.reducers.get(k), jnp.add)(a[k], b[k]) for k in a}
+
+  def metrics(self, aux: dict, denom) -> dict:
+    """The logged train metrics of a step's combined sums: each sum divided by the
+    normaliser, a min / max as it is."""
+    return {k: v if k in self.reducers else v / denom for k, v in aux.items()}
+
   # ---- Eval ---------------------------------------------------------------------------
 
   def eval_step(self, setup) -> Callable:
@@ -150,7 +173,8 @@ class Objective:
 
   def eval_outputs(self, eval_step, weights, tokenizer, mesh, process_index: int,
                    process_count: int, source: str | None = None, keep=None):
-    """eval_step's outputs summed (on the host, float64) over exactly
+    """eval_step's outputs summed (on the host, float64; a min / max for `reducers`' keys
+    of a dict output) over exactly
     cfg.train.eval_batches batches of the eval split, read in order and repeated when this
     process's share holds fewer (every process runs the same number of eval steps: each
     is a collective, uneven counts would hang a multi-host run)."""
@@ -161,7 +185,8 @@ class Objective:
                             repeat=True, source=source, keep=keep)
     try:
       batches = (self.split_batch(b)[0] for b in itertools.islice(it, cfg.train.eval_batches))
-      total, _ = evaluate_lib.sum_outputs(eval_step, weights, batches, cfg, mesh)
+      total, _ = evaluate_lib.sum_outputs(eval_step, weights, batches, cfg, mesh,
+                                          reducers=self.reducers)
     finally:
       it.close()  # stops its prefetch thread
     return total
