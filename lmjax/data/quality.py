@@ -44,7 +44,9 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from lmjax.data import sources
+from lmjax import config as config_lib
+from lmjax.data import corpora, sources
+from lmjax.data import tokenizer as tokenizer_lib
 from lmjax.data.sources import DataError
 
 STEPS = ('sanity', 'quality', 'exact_dedup', 'decontam', 'near_dedup')
@@ -54,7 +56,6 @@ _END_PUNCT = tuple('.!?"\'')
 
 def default_config() -> ml_collections.ConfigDict:
   """Every field of a preparation config, with its default."""
-  from lmjax import config as config_lib  # pylint: disable=import-outside-toplevel
   cfg = ml_collections.ConfigDict()
   # The source, as in training: local_text / tfds, or a corpus of JSONL / Parquet /
   # save_to_disk shards (data.files; data.id_key names records in the report).
@@ -371,7 +372,6 @@ def _init_worker(cfg_dict: dict) -> None:
   if cfg.near_dedup.enabled:
     _Worker.params = minhash_params(cfg.near_dedup.num_perm, cfg.near_dedup.seed)
   if cfg.tokenizer_path:
-    from lmjax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
     _Worker.tokenizer = tokenizer_lib.from_path(cfg.tokenizer_path)
 
 
@@ -716,7 +716,6 @@ def _default_name(cfg) -> str:
   elif d.source == 'tfds':
     base = re.sub(r'[^a-z0-9_]+', '_', d.tfds_name.lower())
   else:
-    from lmjax.data import corpora  # pylint: disable=import-outside-toplevel
     base = corpora.dataset_name(d)
   return base + '_clean'
 

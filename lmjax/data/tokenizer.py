@@ -36,7 +36,7 @@ import numpy as np
 import sentencepiece as spm
 
 from lmjax import config as config_lib
-from lmjax.data import sources
+from lmjax.data import chat_template, corpora, sources
 from lmjax.errors import NotFoundError, UserError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -128,7 +128,6 @@ class Tokenizer:
       ids = [] if self.eos_id is None else [self.eos_id]
       ids += self._generation_eos
       if self.chat_template:
-        from lmjax.data import chat_template  # pylint: disable=import-outside-toplevel
         end = chat_template.end_of_turn_id(self)
         if end is not None:
           ids.append(end)
@@ -512,7 +511,6 @@ def default_path(cfg) -> str:
   if d.source == 'local_text':
     name = sources.dataset_name(d.text_glob, d.val_fraction)
   elif d.source in ('jsonl', 'parquet', 'hf_disk'):
-    from lmjax.data import corpora  # pylint: disable=import-outside-toplevel
     name = corpora.dataset_name(d)
   else:
     name = d.tfds_name.replace('/', '_').replace(':', '_')
