@@ -58,7 +58,7 @@ def check_resumable(saved_cfg, cfg, where: str) -> None:
         'use a new --workdir or the checkpoint\'s settings')
 
 
-def check_init_source(source: ckpt_lib.InitSource, cfg) -> None:
+def check_init_source(source, cfg) -> None:
   """ConfigError when init_from's model has another architecture than cfg.model; a warning
   for each FUNCTION_KEYS field that differs."""
   diff = arch_diff(source.model, cfg.model)
