@@ -264,6 +264,16 @@ def hf_config_from_model(mcfg, arch: str = 'llama', max_position_embeddings: int
   return c
 
 
+def score_config(hf_config: dict) -> dict:
+  """A *ForCausalLM config.json as its *ForSequenceClassification (num_labels=1) reward
+  model's: the architecture and the single label, every other key as it was."""
+  c = copy.deepcopy(hf_config)
+  c.update(architectures=[SCORE_ARCHS[hf_arch(hf_config)]], id2label={'0': 'LABEL_0'},
+           label2id={'LABEL_0': 0})
+  c.pop('num_labels', None)
+  return c
+
+
 def _flatten(d: dict, prefix: str) -> dict:
   out = {}
   for k, v in d.items():
@@ -632,6 +642,9 @@ def save_hf(params: dict, cfg, out_dir: str, arch: str | None = None,
   Every process must call this (multi-host gathers); process 0 writes. Returns the paths.
   """
   mcfg = cfg.model
+  if (hf_config is not None and transformer.head_kind(mcfg) == 'score'
+      and hf_head(hf_config) == 'lm'):
+    hf_config = score_config(hf_config)  # a reward model trained from a causal LM
   if hf_config is not None:
     source_arch = hf_arch(hf_config)
     if arch and arch != source_arch:

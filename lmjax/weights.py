@@ -8,7 +8,10 @@ Hugging Face model.
 
 `InitSource` reads the params a new run starts from (cfg.init_from): another lmjax
 workdir's checkpoint, restored straight into the new run's shardings (any mesh), or a
-Hugging Face model directory (through lmjax.hf).
+Hugging Face model directory (through lmjax.hf). A source with a next-token head read for
+a reward model (model.head='score') gives its body and a fresh score head: the lm_head is
+dropped, the score drawn from a normal of std model.init_std, seeded by the run's seed
+(so a LoRA run, whose frozen base is re-read on resume, finds the same one).
 
 This module sits above checkpoint.py (Orbax) and hf.py (safetensors), which do not
 import it.
@@ -29,6 +32,7 @@ from lmjax import hf, sharding
 from lmjax.checkpoint import HF_META_KEYS, Checkpointer, CheckpointError
 from lmjax.data import tokenizer as tokenizer_lib
 from lmjax.models import lora
+from lmjax.models import transformer
 from lmjax.train import state as state_lib
 
 
@@ -49,6 +53,46 @@ def detect_format(path: str) -> str:
   raise CheckpointError(f'init_from.path {path!r} is neither an lmjax workdir (with '
                         'checkpoints/) nor a Hugging Face model dir (config.json + '
                         '*.safetensors)')
+
+
+# ---- A fresh reward head on a language model's body -----------------------------------
+
+def source_head(model: dict) -> str:
+  """The head of a source's model fields: 'lm' when they predate model.head."""
+  return model.get('head') or 'lm'
+
+
+def score_key(seed: int):
+  """The key a fresh score head is drawn from (distinct from the params' init key)."""
+  return jax.random.fold_in(jax.random.key(seed), 4)
+
+
+def _lm_abstract(cfg, abstract: Any):
+  """(the config with model.head='lm', the ShapeDtypeStructs of its params): `abstract`'s
+  (a score-head model's) with lm_head in place of score, same dtypes and mesh."""
+  lm_cfg = cfg.copy_and_resolve_references()
+  with lm_cfg.unlocked():
+    lm_cfg.model.head = 'lm'
+  _, specs, shapes = state_lib.logical_param_specs(lm_cfg)
+  mesh = jax.tree.leaves(abstract)[0].sharding.mesh
+  shardings = sharding.tree_shardings(specs, shapes, mesh, dict(cfg.rules))
+  dtype = abstract['embed'].dtype
+  out = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(
+      a.shape, dtype if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype, sharding=s),
+                     shapes, shardings)
+  return lm_cfg, out
+
+
+def with_fresh_score(params: dict, cfg, abstract: Any) -> dict:
+  """A language model's params as a reward model's: lm_head dropped, a fresh `score`
+  [D, 1] ~ normal(model.init_std) from score_key(cfg.seed), placed as abstract['score']."""
+  a = abstract['score']
+  draw = lambda key: (cfg.model.init_std * jax.random.normal(key, a.shape, jnp.float32)
+                      ).astype(a.dtype)
+  score = jax.jit(draw, out_shardings=a.sharding)(score_key(cfg.seed))
+  out = {k: v for k, v in params.items() if k != 'lm_head'}
+  out['score'] = score
+  return out
 
 
 # ---- Starting from another run (cfg.init_from) ------------------------------------------
@@ -79,7 +123,15 @@ class InitSource:
 
   def read_params(self, cfg, abstract: Any, mesh, rules) -> Any:
     """The source's params with `abstract`'s shardings and dtypes (a LoRA run's: its base
-    with its adapters merged)."""
+    with its adapters merged). A next-token model read for a reward model (cfg's
+    model.head='score'): its body and a fresh score head (with_fresh_score)."""
+    if (transformer.head_kind(cfg.model) == 'score'
+        and source_head(self.model) == 'lm'):
+      lm_cfg, lm_abstract = _lm_abstract(cfg, abstract)
+      return with_fresh_score(self._read(lm_cfg, lm_abstract, mesh, rules), cfg, abstract)
+    return self._read(cfg, abstract, mesh, rules)
+
+  def _read(self, cfg, abstract, mesh, rules):
     if self.format == 'lmjax':
       return _restore_merged(self.path, self.step, abstract)
     params = hf.load_params(self.path, cfg, mesh=mesh, rules=rules)
