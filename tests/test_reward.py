@@ -267,7 +267,7 @@ def test_export_to_transformers_and_load_reward_match_the_eval_path(full_run, tm
   assert c['architectures'] == ['LlamaForSequenceClassification']
   assert c['pad_token_id'] == tok.pad_id
   hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(
-      hf_dir, torch_dtype=torch.float32).eval()
+      hf_dir, dtype=torch.float32).eval()
   n = max(map(len, seqs))
   ids = torch.full((len(seqs), n), tok.pad_id, dtype=torch.long)
   mask = torch.zeros((len(seqs), n), dtype=torch.long)
