@@ -310,3 +310,50 @@ def test_lora_reward_model_trains_adapters_and_score_and_resumes(base, tmp_path)
                                  adapters=w['adapters'], lora=straight.setup.lora)
   np.testing.assert_allclose(model.reward(seqs), np.asarray(jax.device_get(want)), atol=1e-5)
   assert math.isfinite(b['margin'].sum())
+
+
+def test_a_hugging_face_causal_lm_becomes_a_reward_model(tmp_path):
+  """init_from a *ForCausalLM: its body and a fresh score head; exported with the source's
+  config.json, it is the *ForSequenceClassification of that model, and transformers
+  scores it as lmjax does."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  from lmjax import evaluate, hf  # pylint: disable=import-outside-toplevel
+  from lmjax.train import compat  # pylint: disable=import-outside-toplevel
+  config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, pad_token_id=0)
+  torch.manual_seed(0)
+  lm = transformers.LlamaForCausalLM(config).eval()
+  lm.save_pretrained(str(tmp_path / 'lm'))
+  cfg = hf.config_from_hf(str(tmp_path / 'lm')).copy_and_resolve_references()
+  cfg.update_from_flattened_dict({'model.head': 'score', 'model.init_std': 0.5,
+                                  'mesh.fsdp': 1, 'mesh.data': 1})
+  source = weights.open_init_source({'path': str(tmp_path / 'lm'), 'format': 'auto',
+                                     'step': -1})
+  compat.check_init_source(source, cfg)  # head lm -> score: allowed
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  setup = state_lib.make_setup(cfg, mesh)
+  params = source.load_params(cfg, setup)
+  assert 'lm_head' not in params and params['score'].shape == (32, 1)
+  np.testing.assert_array_equal(np.asarray(params['embed']),
+                                lm.model.embed_tokens.weight.detach().numpy())
+  hf.save_hf(params, cfg, str(tmp_path / 'rm'), hf_config=source.hf_config)
+  c = json.load(open(tmp_path / 'rm' / 'config.json'))
+  assert c['architectures'] == ['LlamaForSequenceClassification'] and c['pad_token_id'] == 0
+  rm = transformers.AutoModelForSequenceClassification.from_pretrained(
+      str(tmp_path / 'rm'), dtype=torch.float32).eval()
+  seqs = [[5, 9, 17, 3], [7, 8, 9, 10, 11, 12]]
+  want = evaluate.sequence_rewards(setup.graphdef, params, seqs, mesh=mesh, rules=cfg.rules)
+  ids = torch.tensor([s + [0] * (6 - len(s)) for s in seqs])
+  with torch.no_grad():
+    got = rm(input_ids=ids, attention_mask=(ids > 0).long()).logits[:, 0].numpy()
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  # A reward model cannot become a language model again, nor resume as one.
+  lm_cfg = cfg.copy_and_resolve_references()
+  lm_cfg.model.head = 'lm'
+  with pytest.raises(config_lib.ConfigError, match="model.head: source 'score' vs config 'lm'"):
+    compat.check_init_source(weights.InitSource('x', 'lmjax', 1, cfg.model.to_dict(), ''),
+                             lm_cfg)
+  with pytest.raises(Exception, match="model.head: checkpoint 'lm' vs config 'score'"):
+    compat.check_resumable(lm_cfg, cfg, 'x')
