@@ -24,6 +24,7 @@ from lmjax import config as config_lib
 from lmjax import sharding, weights
 from lmjax.data import preference
 from lmjax.data.sources import DataError
+from lmjax.models import transformer
 from lmjax.train import loop
 from lmjax.train import metrics as metrics_lib
 from lmjax.train import state as state_lib
@@ -113,6 +114,11 @@ def test_init_from_a_language_model_gives_a_fresh_score_head(base):
   want = cfg.model.init_std * jax.random.normal(weights.score_key(cfg.seed), (64, 1))
   np.testing.assert_allclose(params['score'], np.asarray(want), rtol=1e-6)
   assert setup.objective.row_keys == {'margin': jnp.float32, 'label': jnp.float32}
+  # FLOPs: a [D, 1] head instead of the [D, V] projection.
+  lm = cfg.model.copy_and_resolve_references()
+  lm.head = 'lm'
+  assert (transformer.flops_per_token(lm, 32) - transformer.flops_per_token(cfg.model, 32)
+          == 6 * 64 * (384 - 1))
 
 
 def test_config_errors_name_the_field(base):
