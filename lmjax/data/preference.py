@@ -9,10 +9,10 @@ Reward-model pairs (cfg.reward) may add per-pair columns (GROUP_COLUMNS): "margi
 finite number, default 0) and "label" (in [0, 1]: the share of judges preferring chosen,
 default 1); a bad value makes the record malformed (skipped and counted, or with
 on_error='fail' an error naming file:line). Both rows of a pair carry them, float32.
-Splits as formats.split_files reads them (<group>.path, <group>.eval_path). Pairs are rendered
-with cfg.sft.template (formats.chunks: the prompt's chunks are encoded on their own, so
-prompt tokens are identical in both rows), [BOS] prompt completion [EOS], loss mask on the
-completion tokens (the assistant content, its end-of-turn marker and EOS).
+Splits as formats.split_files reads them (<group>.path, <group>.eval_path). Pairs are
+rendered with cfg.sft.template (formats.chunks: the prompt's chunks are encoded on their
+own, so prompt tokens are identical in both rows), [BOS] prompt completion [EOS], loss mask
+on the completion tokens (the assistant content, its end-of-turn marker and EOS).
 
 A row holds one sequence, padded to data.seq_len (segment id 0 on padding), so a batch of
 B pairs is [2B, seq_len] with pair i in rows 2i (chosen) and 2i + 1 (rejected): a pair
