@@ -17,7 +17,7 @@ import numpy as np
 
 import lmjax
 from lmjax import config as config_lib
-from lmjax import evaluate, hf
+from lmjax import evaluate, weights
 from lmjax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,13 +77,13 @@ print(f"exact match {acc['correct']}/{acc['n']}")
 
 # %% [markdown]
 # ## Export to Hugging Face format and load it back
-# `hf.export_workdir` writes config.json, generation_config.json, safetensors and the
+# `weights.export_workdir` writes config.json, generation_config.json, safetensors and the
 # tokenizer's files; transformers' `AutoModelForCausalLM.from_pretrained` reads it, and so
 # does `lmjax.load`.
 
 # %%
 hf_dir = os.path.join(WORKDIR, 'hf_export')
-hf.export_workdir(WORKDIR, hf_dir, overwrite=True)
+weights.export_workdir(WORKDIR, hf_dir, overwrite=True)
 print(sorted(os.listdir(hf_dir)))
 m2 = lmjax.load(hf_dir)
 a, b = m.score(['def f(x):\n    return x\n'])[0], m2.score(['def f(x):\n    return x\n'])[0]

@@ -26,7 +26,7 @@ import numpy as np
 
 from lmjax import checkpoint as ckpt_lib
 from lmjax import config as config_lib
-from lmjax import evaluate, sharding
+from lmjax import evaluate, hf, sharding, weights
 from lmjax.data import tokenizer as tokenizer_lib
 from lmjax.errors import NotFoundError
 from lmjax.models import transformer
@@ -276,7 +276,7 @@ def load(path: str, step: int | None = None, *, devices: Sequence[Any] | None = 
   if seq_len is not None and seq_len < 2:
     raise ValueError(f'lmjax.load: seq_len must be >= 2, got {seq_len}')
   device_mesh_cfg = dict(DEFAULT_MESH if mesh is None else mesh)
-  if ckpt_lib.is_hf_dir(path):
+  if weights.is_hf_dir(path):
     model = _load_hf(path, device_mesh_cfg, devices, tokenizer, seq_len)
   else:
     model = _load_workdir(path, step, device_mesh_cfg, devices, tokenizer, seq_len)
@@ -309,7 +309,7 @@ def _load_workdir(path, step, mesh_cfg, devices, tokenizer_path, seq_len) -> Mod
     raise ckpt_lib.CheckpointError(f'lmjax.load: {path} holds neither checkpoints/ (an lmjax '
                                    'workdir) nor config.json + *.safetensors (Hugging Face)')
   m = sharding.make_mesh(mesh_cfg, devices)
-  params, saved, meta, step = ckpt_lib.load_params(path, step, m)
+  params, saved, meta, step = weights.load_params(path, step, m)
   cfg = _with_mesh(saved, mesh_cfg, seq_len)
   graphdef, _, _ = state_lib.logical_param_specs(cfg)
   if tokenizer_path:
@@ -337,7 +337,6 @@ def _tokenizer(cfg, path):
 
 
 def _load_hf(path, mesh_cfg, devices, tokenizer_path, seq_len) -> Model:
-  from lmjax import hf
   hf_config = hf.read_hf_config(path)
   window = hf.attention_window(hf_config)
   base = config_lib.base_config()

@@ -57,8 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
   vocab_size = config_dict.FieldReference(32000)
   cfg.seed = 0
   # The objective (lmjax/train/objectives): 'pretrain' (next-token prediction on cfg.data
-  # documents), 'sft' (cfg.sft conversations, loss on assistant tokens only) or 'dpo'
-  # (cfg.dpo preference pairs). With lora.enabled it trains LoRA adapters on a frozen base
+  # documents), 'sft' (cfg.sft conversations, loss on assistant tokens only), 'dpo'
+  # (cfg.dpo preference pairs) or 'reward' (a reward model on cfg.reward pairs). With lora.enabled it trains LoRA adapters on a frozen base
   # (init_from) instead of every weight.
   cfg.stage = 'pretrain'
 
@@ -301,6 +301,29 @@ def base_config() -> ml_collections.ConfigDict:
       on_error='skip',        # skip | fail: malformed JSONL lines.
       task_sizes=dict(train=20000, validation=500, test=500),  # built-in task pairs.
       task_seed=0,
+  )
+
+  # Reward models (stage='reward', model.head='score'; train/objectives/reward.py): the
+  # Bradley-Terry loss on preference pairs read as cfg.dpo's are, with optional per-pair
+  # 'margin' and 'label' (the share of judges preferring chosen) columns.
+  cfg.reward = dict(
+      source='jsonl',         # jsonl | tfds, as dpo.source.
+      path='',                # JSONL with '{split}'; 'builtin:synthetic' = the built-in pairs.
+      eval_path='',           # held-out pairs (data.eval_split), as sft.eval_path.
+      allow_overlap=False,    # as sft.allow_overlap.
+      on_degenerate='drop',   # as dpo.on_degenerate / max_degenerate.
+      max_degenerate=0.05,
+      tfds_name='',
+      # drop (default; as TRL's RewardTrainer filters by max_length): a pair longer than
+      # data.seq_len is skipped, counted; truncate: cut to fit, but a response is then
+      # scored at a token it does not end with.
+      overlong='drop',
+      on_error='skip',        # skip | fail: malformed JSONL lines (bad margin / label too).
+      task_sizes=dict(train=20000, validation=500, test=500),  # built-in task pairs.
+      task_seed=0,
+      # > 0: + coef x (r_chosen + r_rejected)^2 per pair (TRL's center_rewards_coefficient):
+      # keeps the rewards centred on 0.
+      center_rewards_coefficient=0.0,
   )
 
   # LoRA adapters (models/lora.py): the base params are frozen, only adapters train.
@@ -552,7 +575,7 @@ _CHOICES = {
     'data.source': ('local_text', 'tfds', 'jsonl', 'parquet', 'hf_disk'),
     'data.on_error': ('fail', 'skip'),
     'tokenizer.model_type': ('bpe', 'unigram'),
-    'stage': ('pretrain', 'sft', 'dpo'),
+    'stage': ('pretrain', 'sft', 'dpo', 'reward'),
     'train.wandb.mode': ('', 'online', 'offline', 'disabled'),
     'dpo.reference': ('auto', 'adapters_off', 'copy', 'precomputed'),
     'sft.source': ('jsonl', 'tfds'),
@@ -565,6 +588,10 @@ _CHOICES = {
     'dpo.overlong': ('truncate', 'drop'),
     'dpo.on_error': ('skip', 'fail'),
     'dpo.on_degenerate': ('drop', 'warn', 'fail'),
+    'reward.source': ('jsonl', 'tfds'),
+    'reward.overlong': ('truncate', 'drop'),
+    'reward.on_error': ('skip', 'fail'),
+    'reward.on_degenerate': ('drop', 'warn', 'fail'),
 }
 
 
@@ -645,7 +672,7 @@ def to_dict(cfg: ml_collections.ConfigDict) -> dict:
   return cfg.to_dict()
 
 
-BUILTIN_DATA = 'builtin:synthetic'  # sft.path / dpo.path of the built-in synthetic task
+BUILTIN_DATA = 'builtin:synthetic'  # sft/dpo/reward.path of the built-in synthetic task
 
 
 def from_dict(d: Mapping[str, Any]) -> ml_collections.ConfigDict:

@@ -5,7 +5,8 @@
     hf.save_hf(params, cfg, '/out/hf',                         # back to safetensors
                hf_config=hf.read_hf_config('/ckpt/Llama-3.2-1B'),
                generation_config=hf.read_generation_config('/ckpt/Llama-3.2-1B'))
-    hf.import_hf(hf_dir, workdir) / hf.export_workdir(workdir, out_dir)  # via checkpoints
+    hf.import_hf(hf_dir, workdir)           # into a workdir's step-0 checkpoint
+    weights.export_workdir(workdir, out_dir)  # a workdir's params back (lmjax/weights.py)
 
 Layouts, per layer (lmjax stacks layer parameters on a leading 'layers' axis):
   q, k, v    [d, n, h] <- q_proj.weight [n*h, d]    o       [n, h, d] <- o_proj.weight [d, n*h]
@@ -23,7 +24,7 @@ was (or, if it had none, built from config.json's token ids). The model config m
 still describe the source's network: a config that no longer matches (e.g. a resized
 vocabulary) is an error. `import_hf` records both files in the checkpoint meta, and every
 run started from it (init_from, LoRA, merged checkpoints) carries them on, so
-`export_workdir` finds them however many runs later. A model trained from scratch gets a
+`weights.export_workdir` finds them however many runs later. A model trained from scratch gets a
 config.json made from cfg.model (max_position_embeddings = data.seq_len, its tokenizer's
 token ids) and a generation_config.json with those ids.
 
@@ -260,6 +261,16 @@ def hf_config_from_model(mcfg, arch: str = 'llama', max_position_embeddings: int
   if score:  # how transformers writes num_labels=1
     c.update(id2label={'0': 'LABEL_0'}, label2id={'LABEL_0': 0})
   c.update(extra)
+  return c
+
+
+def score_config(hf_config: dict) -> dict:
+  """A *ForCausalLM config.json as its *ForSequenceClassification (num_labels=1) reward
+  model's: the architecture and the single label, every other key as it was."""
+  c = copy.deepcopy(hf_config)
+  c.update(architectures=[SCORE_ARCHS[hf_arch(hf_config)]], id2label={'0': 'LABEL_0'},
+           label2id={'LABEL_0': 0})
+  c.pop('num_labels', None)
   return c
 
 
@@ -631,6 +642,9 @@ def save_hf(params: dict, cfg, out_dir: str, arch: str | None = None,
   Every process must call this (multi-host gathers); process 0 writes. Returns the paths.
   """
   mcfg = cfg.model
+  if (hf_config is not None and transformer.head_kind(mcfg) == 'score'
+      and hf_head(hf_config) == 'lm'):
+    hf_config = score_config(hf_config)  # a reward model trained from a causal LM
   if hf_config is not None:
     source_arch = hf_arch(hf_config)
     if arch and arch != source_arch:
@@ -836,25 +850,3 @@ def _write_import(hf_dir: str, workdir: str, cfg, mesh) -> None:
     ckpt.wait()
   finally:
     ckpt.close()
-
-
-def export_workdir(workdir: str, out_dir: str, step: int | None = None, arch: str | None = None,
-                   mesh=None, source_config: bool = True, **kwargs) -> list[str]:
-  """lmjax workdir checkpoint (latest, or `step`) -> HF model dir, with the run's
-  tokenizer files when it has one (its meta's, else where its config points).
-  A run that started from an HF model (imported, or through init_from, however many runs
-  back) gets the source's config.json and generation_config.json, recorded in its
-  checkpoint meta (see save_hf's hf_config); `source_config=False` makes them from the
-  model config and tokenizer instead. kwargs go to `save_hf`."""
-  from lmjax.data import tokenizer as tokenizer_lib
-  params, cfg, meta, _ = ckpt_lib.load_params(workdir, step, mesh)
-  tok = kwargs.pop('tokenizer_path', None)
-  if tok is None:
-    for path in (meta.get('tokenizer'), tokenizer_lib.resolve_path(cfg)):
-      if path and os.path.exists(path):
-        tok = path
-        break
-  if source_config:
-    kwargs.setdefault('hf_config', meta.get('hf_config'))
-    kwargs.setdefault('generation_config', meta.get('hf_generation_config'))
-  return save_hf(params, cfg, out_dir, arch=arch, tokenizer_path=tok, **kwargs)

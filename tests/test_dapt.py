@@ -9,7 +9,7 @@ import pytest
 
 from lmjax import checkpoint as ckpt_lib
 from lmjax import config as config_lib
-from lmjax import sharding
+from lmjax import sharding, weights
 from lmjax.data import pipeline, tokenizer as tokenizer_lib
 from lmjax.train import compat, loop, objectives
 from lmjax.train import metrics as metrics_lib
@@ -86,7 +86,7 @@ def test_init_from_workdir_reshards_with_fresh_optimizer(corpora, source):
   cfg = _dapt(corpora, src_dir)
   mesh = sharding.make_mesh(cfg.mesh)
   setup = state_lib.make_setup(cfg, mesh)
-  init = ckpt_lib.open_init_source(cfg.init_from)
+  init = weights.open_init_source(cfg.init_from)
   assert (init.format, init.step) == ('lmjax', 4)
   state = state_lib.init_state(cfg, setup, params=init.load_params(cfg, setup))
 
@@ -123,7 +123,7 @@ def test_dapt_run_metrics_tokenizer_and_start(corpora, source, tmp_path):
 
   # Step 0 is the source model: its eval equals one of the source params on this mesh.
   mesh = out.setup.mesh
-  src_params = ckpt_lib.InitSource(src_dir, 'lmjax', 4, {}, src_tok).load_params(cfg, out.setup)
+  src_params = weights.InitSource(src_dir, 'lmjax', 4, {}, src_tok).load_params(cfg, out.setup)
   objective = out.setup.objective
   want = objective.evaluate(objective.eval_step(out.setup), {'params': src_params},
                             out.tokenizer, mesh, 0, 1)
@@ -311,14 +311,14 @@ def test_init_from_a_hugging_face_dir(corpora, source, tmp_path):
   from lmjax import hf
   src_dir, src_tok = source
   hf_dir = str(tmp_path / 'hf')
-  hf.export_workdir(src_dir, hf_dir)
+  weights.export_workdir(src_dir, hf_dir)
   assert os.path.exists(os.path.join(hf_dir, 'tokenizer.model'))
   cfg = _dapt(corpora, hf_dir, steps=2, eval_every=0)
-  init = ckpt_lib.open_init_source(cfg.init_from)
+  init = weights.open_init_source(cfg.init_from)
   assert init.format == 'hf' and init.tokenizer_path == hf_dir  # its tokenizer files
   setup = state_lib.make_setup(cfg, sharding.make_mesh(cfg.mesh))
   got = init.load_params(cfg, setup)
-  want = ckpt_lib.InitSource(src_dir, 'lmjax', 4, {}, src_tok).load_params(cfg, setup)
+  want = weights.InitSource(src_dir, 'lmjax', 4, {}, src_tok).load_params(cfg, setup)
   _params_equal(got, want)
   out = loop.train(cfg, str(tmp_path / 'run'))
   assert int(out.state['step']) == 2

@@ -27,7 +27,7 @@ from safetensors.numpy import save_file  # noqa: E402
 from lmjax import checkpoint as ckpt_lib  # noqa: E402
 from lmjax import config as config_lib  # noqa: E402
 import lmjax  # noqa: E402
-from lmjax import hf, sharding  # noqa: E402
+from lmjax import hf, sharding, weights  # noqa: E402
 from lmjax.data import formats  # noqa: E402
 from lmjax.data import tokenizer as tokenizer_lib  # noqa: E402
 from lmjax.models import reward, transformer  # noqa: E402
@@ -213,7 +213,7 @@ def test_export_keeps_the_source_config(case, tmp_path):
   base.data.seq_len = 256
   base.mesh.update(data=1, fsdp=-1, tensor=1)
   hf.import_hf(str(src), str(work), base)
-  hf.export_workdir(str(work), str(out))
+  weights.export_workdir(str(work), str(out))
 
   exported = _json(out / 'config.json')
   assert exported == source, _changed(exported, source)
@@ -239,7 +239,7 @@ def test_export_keeps_the_source_config(case, tmp_path):
   assert diff < TOL, diff
 
   other = 'float32' if case == 'mistral' else 'bfloat16'
-  hf.export_workdir(str(work), str(tmp_path / 'other'), dtype=other)
+  weights.export_workdir(str(work), str(tmp_path / 'other'), dtype=other)
   exported = _json(tmp_path / 'other' / 'config.json')
   assert _changed(exported, source) == {'dtype'} <= set(hf.EXPORT_CHANGED_FIELDS)
   assert exported['dtype'] == other
@@ -258,11 +258,11 @@ def test_source_without_generation_config_or_with_legacy_keys(tmp_path):
                 rope_scaling=rope, transformers_version='4.45.0')
   (src / 'config.json').write_text(json.dumps(legacy))
   hf.import_hf(str(src), str(work))
-  hf.export_workdir(str(work), str(tmp_path / 'out'))
+  weights.export_workdir(str(work), str(tmp_path / 'out'))
   assert _json(tmp_path / 'out' / 'config.json') == legacy
   assert _json(tmp_path / 'out' / hf.GENERATION_FILE) == dict(
       bos_token_id=5, eos_token_id=7, pad_token_id=3)
-  hf.export_workdir(str(work), str(tmp_path / 'f16'), dtype='float16')
+  weights.export_workdir(str(work), str(tmp_path / 'f16'), dtype='float16')
   exported = _json(tmp_path / 'f16' / 'config.json')
   assert _changed(exported, legacy) == {'torch_dtype'} and 'dtype' not in exported
   assert exported['torch_dtype'] == 'float16'
@@ -290,7 +290,7 @@ def test_export_checks_the_model_against_the_source_config(tmp_path):
     hf.save_hf(params, cfg, str(tmp_path / 'x'), hf_config=wrong)
   assert not os.path.exists(tmp_path / 'x')
   # From the model config (what a model trained from scratch gets).
-  hf.export_workdir(str(work), str(tmp_path / 'new'), arch='llama', source_config=False)
+  weights.export_workdir(str(work), str(tmp_path / 'new'), arch='llama', source_config=False)
   made = _json(tmp_path / 'new' / 'config.json')
   assert made['model_type'] == 'llama' and made['max_position_embeddings'] == 256
   assert 'eos_token_id' not in made and _json(tmp_path / 'new' / hf.GENERATION_FILE) == {}
@@ -322,7 +322,7 @@ def _export_keeps_source(chain, run):
   out = chain['root'] / f'{run}_hf'
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always')
-    hf.export_workdir(str(chain['root'] / run), str(out))
+    weights.export_workdir(str(chain['root'] / run), str(out))
   assert _json(out / 'config.json') == chain['config'], run
   assert _json(out / hf.GENERATION_FILE) == chain['gen'], run
   # The run's tokenizer (trained here) has other ids: the source's are kept, with a warning.
@@ -337,7 +337,7 @@ def test_source_config_survives_training(chain):
   out = _export_keeps_source(chain, 'dapt')
   assert transformers.AutoModelForCausalLM.from_pretrained(str(out)).config.eos_token_id == 7
   # Without the source config: made from the model config and the run's tokenizer.
-  hf.export_workdir(str(chain['root'] / 'dapt'), str(chain['root'] / 'new'),
+  weights.export_workdir(str(chain['root'] / 'dapt'), str(chain['root'] / 'new'),
                     source_config=False)
   made = _json(chain['root'] / 'new' / 'config.json')
   assert (made['bos_token_id'], made['eos_token_id'], made['pad_token_id']) == (2, 3, 0)
@@ -358,7 +358,7 @@ def test_source_config_survives_lora_and_merge(chain):
   for stop_after in (1, None):  # preempted at step 1, then resumed
     loop.train(lora, str(chain['root'] / 'lora'), devices=jax.devices()[:1],
                stop_after=stop_after)
-  ckpt_lib.write_merged(str(chain['root'] / 'lora'), str(chain['root'] / 'merged'))
+  weights.write_merged(str(chain['root'] / 'lora'), str(chain['root'] / 'merged'))
   for run in ('lora', 'merged'):
     _export_keeps_source(chain, run)
 

@@ -18,14 +18,18 @@ from util import random_batch, tiny_config
 def test_the_factory_and_what_each_objective_declares():
   cfg = tiny_config()
   got = {}
-  for stage in ('pretrain', 'sft', 'dpo'):
+  for stage in ('pretrain', 'sft', 'dpo', 'reward'):
     cfg.stage = stage
     o = objectives.get(cfg)
     got[stage] = (type(o).__name__, o.rows_per_example, o.normaliser, o.counters)
   assert got == {
       'pretrain': ('LM', 1, 'loss_tokens', ()),
       'sft': ('SFT', 1, 'loss_tokens', ('sft/dropped', 'sft/truncated')),
-      'dpo': ('DPO', 2, 'pairs', ('dpo/dropped', 'dpo/truncated'))}
+      'dpo': ('DPO', 2, 'pairs', ('dpo/dropped', 'dpo/truncated')),
+      'reward': ('Reward', 2, 'pairs', ('reward/dropped', 'reward/truncated'))}
+  cfg.stage = 'reward'
+  assert objectives.get(cfg).batch_keys == forward.TOKEN_KEYS + ('margin', 'label')
+  cfg.stage = 'dpo'
   cfg.dpo.reference = 'precomputed'
   assert objectives.get(cfg).batch_keys == forward.TOKEN_KEYS + ('ref_logps',)
   cfg.dpo.reference = 'copy'

@@ -16,7 +16,7 @@ transformers = pytest.importorskip('transformers')
 import lmjax  # noqa: E402
 from hf_tokenizers import CONVERSATIONS, make_bpe_dir  # noqa: E402
 from lmjax import config as config_lib  # noqa: E402
-from lmjax import hf  # noqa: E402
+from lmjax import hf, weights  # noqa: E402
 from lmjax.train import loop  # noqa: E402
 from util import tiny_config, write_corpus  # noqa: E402
 
@@ -131,7 +131,7 @@ def test_llama3_style_checkpoint_end_to_end(tmp_path):
 
   # 4. Export, reload in transformers, apply its chat template.
   out = tmp_path / 'export'
-  hf.export_workdir(str(sft), str(out))
+  weights.export_workdir(str(sft), str(out))
   for name in ('tokenizer.json', 'tokenizer_config.json'):
     assert os.path.exists(out / name), name
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()

@@ -15,7 +15,7 @@ from flax import nnx
 import lmjax
 from lmjax import checkpoint as ckpt_lib
 from lmjax import config as config_lib
-from lmjax import sharding
+from lmjax import sharding, weights
 from lmjax.models import lora
 from lmjax.train import loop
 from lmjax.train import metrics as metrics_lib
@@ -46,7 +46,7 @@ def _sft_cfg(base, **train):
 
 
 def _base_params(base, mesh_cfg=None):
-  params, _, _, _ = ckpt_lib.load_params(base[1], mesh=sharding.make_mesh(
+  params, _, _, _ = weights.load_params(base[1], mesh=sharding.make_mesh(
       mesh_cfg or {'data': 1, 'fsdp': -1, 'tensor': 1}))
   return jax.device_get(params)
 
@@ -162,7 +162,7 @@ def test_load_merge_tool_and_init_from_of_an_sft_run(base, sft_run, tmp_path):
   # init_from an SFT workdir (e.g. the next stage) starts from the merged model.
   cfg = _sft_cfg(base)
   cfg.init_from.path = workdir
-  source = ckpt_lib.open_init_source(cfg.init_from)
+  source = weights.open_init_source(cfg.init_from)
   setup = state_lib.make_setup(cfg, sharding.make_mesh(cfg.mesh))
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6),
                jax.device_get(source.load_params(cfg, setup)), want)

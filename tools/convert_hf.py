@@ -74,7 +74,7 @@ def main(argv) -> int:
       base = config_lib.apply_flags(config_lib.base_config(), flags)
   # Imported once the arguments and the config are checked: their errors come before jax
   # starts.
-  from lmjax import hf
+  from lmjax import hf, weights
   if args.command == 'import':
     cfg = hf.import_hf(args.hf_dir, args.workdir, base_cfg=base)
     m = cfg.model
@@ -82,10 +82,11 @@ def main(argv) -> int:
           f'd_model {m.d_model}, vocab {m.vocab_size}, tokenizer '
           f'{cfg.tokenizer.path or "none (set tokenizer.path)"}')
   else:
-    written = hf.export_workdir(args.workdir, args.out_dir, step=args.step, arch=args.arch,
-                                dtype=args.dtype, overwrite=args.overwrite,
-                                source_config=not args.new_config,
-                                max_shard_bytes=int(args.max_shard_gb * 2**30))
+    written = weights.export_workdir(args.workdir, args.out_dir, step=args.step,
+                                     arch=args.arch, dtype=args.dtype,
+                                     overwrite=args.overwrite,
+                                     source_config=not args.new_config,
+                                     max_shard_bytes=int(args.max_shard_gb * 2**30))
     print(f'exported {args.workdir} -> {args.out_dir}: '
           + ', '.join(sorted(p.rsplit('/', 1)[-1] for p in written)))
   return 0

@@ -33,13 +33,13 @@ def main(argv) -> int:
   if not args.out and not args.peft_dir:
     parser.error('give --out and/or --peft_dir')
 
-  from lmjax import checkpoint as ckpt_lib
+  from lmjax import weights
   from lmjax.models import lora
   if args.out:
-    step = ckpt_lib.write_merged(args.workdir, args.out, args.step)
+    step = weights.write_merged(args.workdir, args.out, args.step)
     print(f'merged step {step} of {args.workdir} -> {args.out}')
   if args.peft_dir:
-    adapters, cfg, meta, step = ckpt_lib.load_adapters(args.workdir, args.step)
+    adapters, cfg, meta, step = weights.load_adapters(args.workdir, args.step)
     base = (meta.get('init_from') or {}).get('path')
     paths = lora.save_peft_adapter(adapters, cfg, args.peft_dir, base_model_name_or_path=base)
     print(f'adapters of step {step} ({lora.describe(cfg)}) -> {", ".join(paths)}')

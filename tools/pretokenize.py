@@ -35,10 +35,10 @@ def main(argv) -> int:
   if cfg.stage != 'pretrain':
     raise config_lib.ConfigError(f"stage={cfg.stage!r}: pretokenize is for the pretraining "
                                  'pipeline (cfg.data)')
-  from lmjax import checkpoint as ckpt_lib  # imported once the config is checked
+  from lmjax import weights  # imported once the config is checked
   from lmjax.data import pipeline, tokenized
   from lmjax.data import tokenizer as tokenizer_lib
-  source = ckpt_lib.open_init_source(cfg.init_from) if cfg.init_from.path else None
+  source = weights.open_init_source(cfg.init_from) if cfg.init_from.path else None
   tok = tokenizer_lib.run_tokenizer(cfg, None, source)
   d = cfg.data
   splits = args.splits.split(',') if args.splits else [d.train_split, d.eval_split]

@@ -1,4 +1,4 @@
-"""The data check of an SFT or DPO run, before it compiles: degenerate records, and an
+"""The data check of an SFT, DPO or reward-model run, before it compiles: degenerate records, and an
 eval split that is held out.
 
 Degenerate records teach nothing, or the wrong thing:
@@ -7,6 +7,8 @@ Degenerate records teach nothing, or the wrong thing:
          data.seq_len (no assistant token left once cut: the pipeline drops it).
     dpo: chosen == rejected (equal token rows once cut to data.seq_len: no DPO gradient);
          an empty (or blank) completion; a prompt that leaves no room for a completion.
+    reward: the same as dpo (its pairs are read the same way; equal rows get equal
+         rewards: no gradient).
 Every record of a split is encoded as the pipeline encodes it (template, tokenizer,
 data.seq_len, <group>.overlong: formats.overlong_fate, preference.pair_fate) and counted:
 one console line per split, and the checkpoint meta's 'data_check'. With
@@ -43,7 +45,8 @@ CATEGORIES = {  # group -> (category, how a count of it reads)
             ('empty_completion', 'with an empty completion'),
             ('no_room', 'whose prompt leaves no room for a completion within data.seq_len')),
 }
-UNITS = {'sft': 'examples', 'dpo': 'pairs'}
+CATEGORIES['reward'] = CATEGORIES['dpo']
+UNITS = {'sft': 'examples', 'dpo': 'pairs', 'reward': 'pairs'}
 
 
 @dataclasses.dataclass
@@ -107,11 +110,11 @@ def _blank(turns) -> bool:
 def _records(cfg, split: str, group: str):
   if group == 'sft':
     return formats.get_conversations(cfg, split)
-  return preference.get_pairs(cfg, split)
+  return preference.get_pairs(cfg, split, group)
 
 
 def check_split(cfg, tokenizer, split: str, group: str) -> SplitCheck:
-  """Counts the degenerate records of `split` of cfg.<group> ('sft' or 'dpo') and
+  """Counts the degenerate records of `split` of cfg.<group> ('sft', 'dpo', 'reward') and
   applies <group>.on_degenerate / max_degenerate: DataError when the split fails (the
   message names the counts, the first such record and the fields to change)."""
   g, seq_len = cfg[group], cfg.data.seq_len
@@ -130,7 +133,7 @@ def check_split(cfg, tokenizer, split: str, group: str) -> SplitCheck:
       fate = formats.overlong_fate(mask, seq_len, g.overlong)
       flags[i] = (_blank(rec), fate == 'no_room')
     else:
-      enc = preference.encode_pair(rec, tokenizer, template)
+      enc = preference.encode_pair(rec, tokenizer, template)  # rec[3]: columns, if any
       fate = preference.pair_fate(enc, seq_len, g.overlong)
       n = seq_len if fate in (None, 'truncated') else None  # the rows as the pipeline cuts them
       flags[i] = (np.array_equal(enc[1][:n], enc[3][:n]), _blank(rec[1] + rec[2]),
@@ -219,10 +222,10 @@ def check_overlap(cfg, train: SplitCheck, held: SplitCheck,
 
 def check_stage(cfg, tokenizer, group: str,
                 log: Callable[[str], None] = print) -> StageCheck:
-  """The data check of cfg.<group>'s chat data ('sft' conversations or 'dpo' pairs): its
-  train split, and its eval split when the run evaluates and the data has one (else a
-  line saying that evaluation is skipped). Logs one line per split; DataError when the
-  data fails."""
+  """The data check of cfg.<group>'s chat data ('sft' conversations, 'dpo' or 'reward'
+  pairs): its train split, and its eval split when the run evaluates and the data has one
+  (else a line saying that evaluation is skipped). Logs one line per split; DataError
+  when the data fails."""
   d, evaluates = cfg.data, cfg.train.eval_every > 0
   has_eval = formats.has_split(cfg, d.eval_split, group)
   if evaluates and not has_eval:

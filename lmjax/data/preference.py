@@ -1,17 +1,22 @@
-"""Preference pairs -> token rows for DPO: each pair is two rows, chosen then rejected.
+"""Preference pairs -> token rows for DPO and reward models: each pair is two rows, chosen
+then rejected.
 
 Examples (a JSONL line or a TFDS record), as TRL's DPOTrainer takes them:
     {"prompt": str, "chosen": str, "rejected": str}
     {"prompt": [messages], "chosen": [assistant messages], "rejected": [...]}
     {"chosen": [messages], "rejected": [messages]}   (the shared leading turns = prompt)
-Splits as formats.split_files reads them (dpo.path, dpo.eval_path). Pairs are rendered
-with cfg.sft.template (formats.chunks: the prompt's chunks are encoded on their own, so
-prompt tokens are identical in both rows), [BOS] prompt completion [EOS], loss mask on the
-completion tokens (the assistant content, its end-of-turn marker and EOS).
+Reward-model pairs (cfg.reward) may add per-pair columns (GROUP_COLUMNS): "margin" (a
+finite number, default 0) and "label" (in [0, 1]: the share of judges preferring chosen,
+default 1); a bad value makes the record malformed (skipped and counted, or with
+on_error='fail' an error naming file:line). Both rows of a pair carry them, float32.
+Splits as formats.split_files reads them (<group>.path, <group>.eval_path). Pairs are
+rendered with cfg.sft.template (formats.chunks: the prompt's chunks are encoded on their
+own, so prompt tokens are identical in both rows), [BOS] prompt completion [EOS], loss mask
+on the completion tokens (the assistant content, its end-of-turn marker and EOS).
 
 A row holds one sequence, padded to data.seq_len (segment id 0 on padding), so a batch of
 B pairs is [2B, seq_len] with pair i in rows 2i (chosen) and 2i + 1 (rejected): a pair
-stays on one device under data parallelism. Longer pairs (cfg.dpo.overlong): 'truncate'
+stays on one device under data parallelism. Longer pairs (<group>.overlong): 'truncate'
 cuts each completion to fit, and drops the pair when its prompt leaves no completion token
 in either row; 'drop' drops any pair longer than seq_len. Chosen rows carry 'dropped' (pairs
 dropped since the previous pair) and 'truncated' (0/1) counts, as formats.COUNTS, 0 on
@@ -51,9 +56,36 @@ def _turns(value, what: str) -> list[dict[str, str]]:
   return turns
 
 
-def normalize_pair(obj: Any) -> tuple[list, list, list]:
+def _number(value, name: str) -> float:
+  if isinstance(value, np.ndarray) and value.ndim == 0:
+    value = value.item()
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                     np.floating)):
+    raise ValueError(f'"{name}" must be a number, got {value!r}')
+  if not np.isfinite(value):
+    raise ValueError(f'"{name}" must be finite, got {value!r}')
+  return float(value)
+
+
+def _label(value) -> float:
+  p = _number(value, 'label')
+  if not 0.0 <= p <= 1.0:
+    raise ValueError(f'"label" (the share of judges preferring chosen) must be in [0, 1], '
+                     f'got {value!r}')
+  return p
+
+
+# Optional per-pair columns: name -> (default, parse: value -> float or ValueError).
+COLUMNS = {'margin': (0.0, lambda v: _number(v, 'margin')), 'label': (1.0, _label)}
+# The columns each data group's pairs keep (as a 4th item, {name: float}).
+GROUP_COLUMNS = {'dpo': (), 'reward': ('margin', 'label')}
+
+
+def normalize_pair(obj: Any, columns: tuple[str, ...] = ()) -> tuple:
   """A pair object -> (prompt turns, chosen turns, rejected turns); ValueError if malformed.
-  Chosen and rejected end with an assistant turn; the prompt does not."""
+  Chosen and rejected end with an assistant turn; the prompt does not. With `columns`
+  (names in COLUMNS), a 4th item {name: value}: the object's, or the default when absent
+  or null."""
   if not isinstance(obj, dict):
     raise ValueError(f'a pair must be a JSON object, got {type(obj).__name__}')
   if 'chosen' not in obj or 'rejected' not in obj:
@@ -75,7 +107,14 @@ def normalize_pair(obj: Any) -> tuple[list, list, list]:
       raise ValueError(f'"{name}" must end with an assistant turn')
   if prompt[-1]['role'] == 'assistant':
     raise ValueError('the prompt must not end with an assistant turn')
-  return prompt, chosen, rejected
+  if not columns:
+    return prompt, chosen, rejected
+  extras = {}
+  for name in columns:
+    default, parse = COLUMNS[name]
+    value = obj.get(name)
+    extras[name] = default if value is None else parse(value)
+  return prompt, chosen, rejected, extras
 
 
 def encode_pair(pair: tuple[list, list, list], tokenizer, template: str):
@@ -84,7 +123,7 @@ def encode_pair(pair: tuple[list, list, list], tokenizer, template: str):
   the model's template, the prompt rendered with its generation prompt and encoded alone,
   then the rest of the conversation, mask 1 on its assistant tokens (no extra EOS: the
   template ends the turn). The rows share prompt_len tokens."""
-  prompt, chosen, rejected = pair
+  prompt, chosen, rejected = pair[:3]
   if formats.resolve_template(template, tokenizer) == 'model':
     tmpl = chat_template.ModelTemplate(tokenizer)
     rows = []
@@ -134,18 +173,23 @@ def pair_rows(encoded, seq_len: int, overlong: str = 'truncate'):
           _row(rt[:seq_len], rm[:seq_len], seq_len)), True
 
 
-def read_pairs(paths: list[str], on_error: str = 'skip') -> tuple[list, dict]:
-  """Normalized pairs of JSONL files and stats (formats.read_records); on_error='fail'
-  raises DataError('file:line: ...')."""
-  return formats.read_records(paths, normalize_pair, on_error=on_error,
-                              what='preference pair', field='dpo.on_error')
+def read_pairs(paths: list[str], on_error: str = 'skip', group: str = 'dpo'
+               ) -> tuple[list, dict]:
+  """Normalized pairs of JSONL files (with cfg.<group>'s GROUP_COLUMNS) and stats
+  (formats.read_records); on_error='fail' raises DataError('file:line: ...')."""
+  columns = GROUP_COLUMNS[group]
+  return formats.read_records(paths, lambda obj: normalize_pair(obj, columns),
+                              on_error=on_error, what='preference pair',
+                              field=f'{group}.on_error')
 
 
 class Pairs:
   """Random-access normalized pairs of one split (len + __getitem__, for grain)."""
 
-  def __init__(self, items, name: str, stats: dict | None = None, raw: bool = False):
+  def __init__(self, items, name: str, stats: dict | None = None, raw: bool = False,
+               columns: tuple[str, ...] = ()):
     self._items, self.name, self.stats, self._raw = items, name, stats or {}, raw
+    self.columns = columns
 
   def __len__(self) -> int:
     return len(self._items)
@@ -159,15 +203,19 @@ class Pairs:
     if not self._raw:
       return item
     try:
-      return normalize_pair(dict(item))
+      return normalize_pair(dict(item), self.columns)
     except ValueError as e:
       raise DataError(f'{self.name}[{index}]: malformed preference pair: {e}') from None
 
 
-def get_pairs(cfg, split: str) -> Pairs:
-  """The pairs of `split` from cfg.dpo (JSONL files, a TFDS dataset, or the built-in task)."""
-  return formats.read_split(cfg, split, 'dpo', read_pairs, Pairs,
-                            lambda records, name: Pairs(records, name, raw=True), 'pairs')
+def get_pairs(cfg, split: str, group: str = 'dpo') -> Pairs:
+  """The pairs of `split` from cfg.<group> ('dpo' or 'reward': JSONL files, a TFDS
+  dataset, or the built-in task), with the group's GROUP_COLUMNS."""
+  columns = GROUP_COLUMNS[group]
+  return formats.read_split(
+      cfg, split, group, lambda paths, on_error: read_pairs(paths, on_error, group),
+      lambda items, name, stats: Pairs(items, name, stats, columns=columns),
+      lambda records, name: Pairs(records, name, raw=True, columns=columns), 'pairs')
 
 
 def answer_examples(cfg, split: str, limit: int | None = None, tokenizer=None
@@ -182,7 +230,7 @@ def answer_examples(cfg, split: str, limit: int | None = None, tokenizer=None
   n = len(pairs) if limit is None else min(limit, len(pairs))
   out = []
   for i in range(n):
-    prompt, chosen, _ = pairs[i]
+    prompt, chosen = pairs[i][:2]
     out.append({'prompt': formats.render_prompt(prompt + chosen, cfg.sft.template, tokenizer),
                 'answer': chosen[-1]['content'], 'task': tags[i] if i < len(tags) else ''})
   return out
@@ -212,15 +260,17 @@ class _Encode(grain.transforms.Map):
 
   def map(self, item):
     index, pair = item
-    return index, encode_pair(pair, self.tokenizer, self.template)
+    extras = pair[3] if len(pair) > 3 else {}
+    return index, encode_pair(pair, self.tokenizer, self.template), extras
 
 
 def _pair_rows(seq_len: int, mode: str, name: str, with_index: bool, ref_logps):
-  """keep((index, encoded pair), dropped) for pipeline.CountDrops: {feature: [2, seq_len]}
-  row pairs with their counts (module doc), or None for a dropped pair."""
+  """keep((index, encoded pair, columns), dropped) for pipeline.CountDrops: {feature:
+  [2, seq_len]} row pairs with their counts (module doc) and columns, or None for a
+  dropped pair."""
 
   def keep(item, dropped):
-    index, encoded = item
+    index, encoded, extras = item
     out = pair_rows(encoded, seq_len, mode)
     if out is None:
       return None
@@ -228,6 +278,8 @@ def _pair_rows(seq_len: int, mode: str, name: str, with_index: bool, ref_logps):
     rows = {k: np.stack([c[k], r[k]]) for k in c}
     rows['dropped'] = np.array([dropped, 0], np.int32)
     rows['truncated'] = np.array([int(cut), 0], np.int32)
+    for k, v in extras.items():  # the pair's columns, on both rows
+      rows[k] = np.full(2, v, np.float32)
     if with_index:
       rows['index'] = np.array([index, index], np.int32)
     if ref_logps is not None:
@@ -249,10 +301,12 @@ def make_pair_iterator(cfg, tokenizer, split: str, *, batch_size: int, process_i
                        process_count: int = 1, seed: int | None = None,
                        repeat: bool = True, with_index: bool = False,
                        ref_logps: np.ndarray | None = None,
-                       keep=None) -> grain.DatasetIterator:
-  """Batches of `batch_size` pairs of this process's share of the cfg.dpo `split`:
-  {inputs, targets, segment_ids, positions, loss_mask} [2·batch_size, seq_len] (pair i in
-  rows 2i, 2i + 1) plus 'dropped'/'truncated' [2·batch_size] counts. The train split is
+                       keep=None, group: str = 'dpo') -> grain.DatasetIterator:
+  """Batches of `batch_size` pairs of this process's share of the cfg.<group> `split`
+  ('dpo' or 'reward'): {inputs, targets, segment_ids, positions, loss_mask}
+  [2·batch_size, seq_len] (pair i in rows 2i, 2i + 1) plus 'dropped'/'truncated'
+  [2·batch_size] counts, and the group's GROUP_COLUMNS ('margin', 'label': [2·batch_size]
+  float32, the pair's value on both rows). The train split is
   shuffled when cfg.data.shuffle; repeat=False: one pass. get_state()/set_state() resume
   the exact stream (JSON-safe).
 
@@ -263,21 +317,21 @@ def make_pair_iterator(cfg, tokenizer, split: str, *, batch_size: int, process_i
   ones: data/check.py), before sharding and shuffling; None = all. A pair keeps its index.
   """
   seed = cfg.seed if seed is None else seed
-  pairs = get_pairs(cfg, split)
+  pairs = get_pairs(cfg, split, group)
   if ref_logps is not None and np.shape(ref_logps) != (len(pairs), 2):
     raise DataError(f'precomputed reference log-probs of shape {np.shape(ref_logps)} do not '
                     f'match the {len(pairs)} pairs of {pairs.name}')
   if keep is not None and not len(keep):
-    raise DataError(f'dpo split {split!r} ({pairs.name}) has no pair left to train on')
+    raise DataError(f'{group} split {split!r} ({pairs.name}) has no pair left to train on')
   it, share = formats.encoded_stream(cfg, _Indexed(pairs, keep), split,
-                                     _Encode(tokenizer, cfg.sft.template), '/dpo',
+                                     _Encode(tokenizer, cfg.sft.template), f'/{group}',
                                      batch_size=batch_size, process_index=process_index,
                                      process_count=process_count, seed=seed, repeat=repeat)
-  seq_len, mode = cfg.data.seq_len, cfg.dpo.overlong
+  seq_len, mode = cfg.data.seq_len, cfg[group].overlong
   it = pipeline.CountDrops(
       it, _pair_rows(seq_len, mode, pairs.name, with_index, ref_logps),
       share if repeat else 2**62,
       lambda n: f'{pairs.name}: {n} pairs in a row do not fit data.seq_len={seq_len} '
-                f'(dpo.overlong={mode!r}): raise data.seq_len')
+                f'({group}.overlong={mode!r}): raise data.seq_len')
   return iter(formats.finish(cfg, it.batch(batch_size, drop_remainder=True)
                              .map(_flatten_pairs)))

@@ -557,7 +557,7 @@ def load_tokenizer(cfg) -> Tokenizer:
 
 def run_tokenizer(cfg, resumed_meta: dict | None = None, source=None) -> Tokenizer:
   """A training run's tokenizer: cfg.tokenizer.path when set; else, for a run from
-  init_from, its source's (`source`: checkpoint.InitSource; recorded in the checkpoint
+  init_from, its source's (`source`: weights.InitSource; recorded in the checkpoint
   meta, so a resumed run keeps it); else load_tokenizer's default path (trained on the
   train split if missing)."""
   path, whose = cfg.tokenizer.path, ''

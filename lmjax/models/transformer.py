@@ -390,11 +390,13 @@ def flops_per_token(cfg, seq_len: int) -> float:
   """Training FLOPs per token: 6N + 6·L·T·(heads·head_dim) (causal attention counted once).
 
   N counts every matmul weight: the layers and the output projection (the tied
-  embedding counts once, as the output projection); the input lookup is not a matmul.
+  embedding counts once, as the output projection; a reward model's score head [D, 1]);
+  the input lookup is not a matmul.
   """
   h = head_dim(cfg)
   per_layer = (cfg.d_model * h * (cfg.n_heads * 2 + cfg.n_kv_heads * 2)
                + 3 * cfg.d_model * cfg.d_ff)
-  n_matmul = cfg.n_layers * per_layer + cfg.d_model * cfg.vocab_size
+  out = 1 if head_kind(cfg) == 'score' else cfg.vocab_size
+  n_matmul = cfg.n_layers * per_layer + cfg.d_model * out
   attn = 6 * cfg.n_layers * seq_len * cfg.n_heads * h
   return 6 * n_matmul + attn

@@ -11,8 +11,10 @@ from lmjax import config as config_lib
 from lmjax.models import lora as lora_lib
 
 # Fields that define the parameter shapes; a checkpoint can only resume with equal ones.
+# 'head' (lm | score): init_from may turn a language model into a reward model (a fresh
+# score head, lmjax/weights.py), nothing else.
 ARCH_KEYS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim',
-             'd_ff', 'tie_embeddings', 'qkv_bias', 'param_dtype')
+             'd_ff', 'tie_embeddings', 'qkv_bias', 'param_dtype', 'head')
 # Fields that change what the params compute but not their shapes: init_from warns when
 # they differ (changing them can be the point, e.g. RoPE scaling for longer contexts).
 FUNCTION_KEYS = ('rope_theta', 'rope_scaling', 'norm_eps')
@@ -20,13 +22,16 @@ FUNCTION_KEYS = ('rope_theta', 'rope_scaling', 'norm_eps')
 
 def arch_diff(source_model, model) -> list[tuple[str, object, object]]:
   """(key, source value, config value) for each ARCH_KEYS field that differs; only the
-  keys `source_model` defines are compared, head_dim 0 as d_model // n_heads."""
+  keys `source_model` defines are compared, head_dim 0 as d_model // n_heads, and a
+  missing head as 'lm' (configs written before the field existed)."""
   def value(m, k):
     if k == 'head_dim' and not m.get('head_dim'):
       return m['d_model'] // m['n_heads']
+    if k == 'head':
+      return m.get('head') or 'lm'
     return m[k]
   return [(k, value(source_model, k), value(model, k)) for k in ARCH_KEYS
-          if k in source_model and value(source_model, k) != value(model, k)]
+          if (k in source_model or k == 'head') and value(source_model, k) != value(model, k)]
 
 
 def lora_diff(saved_cfg, cfg) -> list[tuple[str, object, object]]:
@@ -58,12 +63,14 @@ def check_resumable(saved_cfg, cfg, where: str) -> None:
         'use a new --workdir or the checkpoint\'s settings')
 
 
-def check_init_source(source: ckpt_lib.InitSource, cfg) -> None:
-  """ConfigError when init_from's model has another architecture than cfg.model; a warning
-  for each FUNCTION_KEYS field that differs."""
+def check_init_source(source, cfg) -> None:
+  """ConfigError when init_from's model has another architecture than cfg.model (but a
+  language model read for a reward model: head 'lm' -> 'score', which gets a fresh score
+  head); a warning for each FUNCTION_KEYS field that differs."""
   diff = arch_diff(source.model, cfg.model)
   if source.format == 'hf':  # converted to the config's dtype on load
     diff = [d for d in diff if d[0] != 'param_dtype']
+  diff = [d for d in diff if d != ('head', 'lm', 'score')]
   if diff:
     detail = ', '.join(f'model.{k}: source {a!r} vs config {b!r}' for k, a, b in diff)
     raise config_lib.ConfigError(

@@ -2,7 +2,7 @@
 
 Everything here takes a `weights` dict, what setup.weights(state) returns: 'params' (the
 model's, or with LoRA the frozen base) and, with LoRA, 'adapters'; an objective's own state
-entries (a frozen reference copy, a score head) sit next to them under their names.
+entries (a frozen reference copy, an extra head) sit next to them under their names.
 """
 
 from __future__ import annotations

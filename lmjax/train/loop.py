@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 
 from lmjax import checkpoint as ckpt_lib
 from lmjax import config as config_lib
-from lmjax import distributed, generate, provenance, sharding
+from lmjax import distributed, generate, provenance, sharding, weights
 from lmjax.data import tokenizer as tokenizer_lib
 from lmjax.errors import UserError
 from lmjax.models import lora as lora_lib
@@ -162,12 +162,12 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
       if not resumed_meta.get('init_from'):
         raise ckpt_lib.CheckpointError(f'{ckpt.directory} holds no run started from a base '
                                        'model (no init_from in its meta): use a new --workdir')
-      source = ckpt_lib.base_source(resumed_meta['init_from'], ckpt.directory)
+      source = weights.base_source(resumed_meta['init_from'], ckpt.directory)
     elif cfg.init_from.path:
       _print(f'init_from.path ignored: resuming this workdir\'s own checkpoint '
              f'(step {ckpt.latest_step()})')
   elif cfg.init_from.path:
-    source = ckpt_lib.open_init_source(cfg.init_from)
+    source = weights.open_init_source(cfg.init_from)
     compat.check_init_source(source, cfg)
   run_meta = {'init_from': (resumed_meta or {}).get('init_from'),
               'provenance': provenance.collect(mesh.devices.flat)}  # source, versions, devices

@@ -4,7 +4,8 @@ Params are a plain nested dict of arrays (`nnx.to_pure_dict`); the model's graph
 definition is static and rebuilt from the config, so checkpoints hold only arrays.
 
 The objective (train/objectives) may add entries, frozen (DPO's reference copy,
-'ref_params') or trained with the model (a reward model's score head); Setup.extra.
+'ref_params') or trained with the model (an extra head); Setup.extra. A reward model's
+score head is one of the params (model.head='score').
 
 With cfg.lora.enabled the state is {'step', 'params', 'adapters', 'opt_state'}: the
 params are the frozen base (in lora.base_dtype), the optimizer state covers the adapters

@@ -9,7 +9,7 @@ An objective owns:
     token arrays (`row_keys`, e.g. 'ref_logps' or a 'label'), the data check before
     compiling (`check_data`) and its host-side counters (`counters`, `split_batch`);
   - its extra state (`state_entries`): frozen entries such as DPO's reference copy, or
-    trainable ones such as a reward model's score head, next to the model's params;
+    trainable ones such as an extra head, next to the model's params;
   - anything computed once before training (`prepare`: DPO's precomputed references);
   - its loss (`sums`: loss sums and metric sums of a batch) and normaliser
     (`denominator`, logged as `normaliser`: loss tokens or pairs), how metric sums of
