@@ -1,4 +1,4 @@
-"""The data check of an SFT or DPO run, before it compiles: degenerate records, and an
+"""The data check of an SFT, DPO or KTO run, before it compiles: degenerate records, and an
 eval split that is held out.
 
 Degenerate records teach nothing, or the wrong thing:
@@ -7,6 +7,8 @@ Degenerate records teach nothing, or the wrong thing:
          data.seq_len (no assistant token left once cut: the pipeline drops it).
     dpo: chosen == rejected (equal token rows once cut to data.seq_len: no DPO gradient);
          an empty (or blank) completion; a prompt that leaves no room for a completion.
+    kto: an empty (or blank) completion; a prompt that leaves no room for a completion
+         (judged with the example's KL row, as the pipeline encodes them together).
 Every record of a split is encoded as the pipeline encodes it (template, tokenizer,
 data.seq_len, <group>.overlong: formats.overlong_fate, preference.pair_fate) and counted:
 one console line per split, and the checkpoint meta's 'data_check'. With
@@ -33,7 +35,7 @@ from typing import Callable
 
 import numpy as np
 
-from lmjax.data import formats, preference
+from lmjax.data import feedback, formats, preference
 from lmjax.data.sources import DataError
 
 CATEGORIES = {  # group -> (category, how a count of it reads)
@@ -42,8 +44,10 @@ CATEGORIES = {  # group -> (category, how a count of it reads)
     'dpo': (('identical', 'with chosen == rejected'),
             ('empty_completion', 'with an empty completion'),
             ('no_room', 'whose prompt leaves no room for a completion within data.seq_len')),
+    'kto': (('empty_completion', 'with an empty completion'),
+            ('no_room', 'whose prompt leaves no room for a completion within data.seq_len')),
 }
-UNITS = {'sft': 'examples', 'dpo': 'pairs'}
+UNITS = {'sft': 'examples', 'dpo': 'pairs', 'kto': 'examples'}
 
 
 @dataclasses.dataclass
@@ -107,11 +111,13 @@ def _blank(turns) -> bool:
 def _records(cfg, split: str, group: str):
   if group == 'sft':
     return formats.get_conversations(cfg, split)
+  if group == 'kto':
+    return feedback.get_examples(cfg, split)
   return preference.get_pairs(cfg, split)
 
 
 def check_split(cfg, tokenizer, split: str, group: str) -> SplitCheck:
-  """Counts the degenerate records of `split` of cfg.<group> ('sft' or 'dpo') and
+  """Counts the degenerate records of `split` of cfg.<group> ('sft', 'dpo', 'kto') and
   applies <group>.on_degenerate / max_degenerate: DataError when the split fails (the
   message names the counts, the first such record and the fields to change)."""
   g, seq_len = cfg[group], cfg.data.seq_len
@@ -124,11 +130,16 @@ def check_split(cfg, tokenizer, split: str, group: str) -> SplitCheck:
   hashes = np.zeros(len(records), np.int64)
   for i in range(len(records)):
     rec = records[i]
-    hashes[i] = hash(json.dumps(rec, sort_keys=True))
+    hashes[i] = hash(json.dumps(rec if group != 'kto' else records.example(i),
+                                sort_keys=True))  # a KTO example without its KL partner
     if group == 'sft':
       _, mask = formats.encode(rec, tokenizer, template)
       fate = formats.overlong_fate(mask, seq_len, g.overlong)
       flags[i] = (_blank(rec), fate == 'no_room')
+    elif group == 'kto':  # (prompt, completion, KL partner's completion, liked)
+      enc = preference.encode_pair(rec[:3], tokenizer, template)
+      fate = preference.pair_fate(enc, seq_len, g.overlong)
+      flags[i] = (_blank(rec[1]), fate == 'no_room')
     else:
       enc = preference.encode_pair(rec, tokenizer, template)
       fate = preference.pair_fate(enc, seq_len, g.overlong)
@@ -219,10 +230,10 @@ def check_overlap(cfg, train: SplitCheck, held: SplitCheck,
 
 def check_stage(cfg, tokenizer, group: str,
                 log: Callable[[str], None] = print) -> StageCheck:
-  """The data check of cfg.<group>'s chat data ('sft' conversations or 'dpo' pairs): its
-  train split, and its eval split when the run evaluates and the data has one (else a
-  line saying that evaluation is skipped). Logs one line per split; DataError when the
-  data fails."""
+  """The data check of cfg.<group>'s chat data ('sft' conversations, 'dpo' pairs, 'kto'
+  examples): its train split, and its eval split when the run evaluates and the data has
+  one (else a line saying that evaluation is skipped). Logs one line per split; DataError
+  when the data fails."""
   d, evaluates = cfg.data, cfg.train.eval_every > 0
   has_eval = formats.has_split(cfg, d.eval_split, group)
   if evaluates and not has_eval:

@@ -255,7 +255,7 @@ def split_files(cfg, split: str, group: str = 'sft') -> list[str]:
   if not path.strip():
     raise DataError(empty_path_message(field.split('.')[0]))
   if is_builtin(path):
-    root = sft_task.ensure(cfg) if group == 'sft' else sft_task.ensure_pairs(cfg)
+    root = sft_task.ensure(cfg) if group == 'sft' else sft_task.ensure_pairs(cfg, group)
     return [os.path.join(root, f'{split}.jsonl')]
   return split_files_of(path, split, field)
 

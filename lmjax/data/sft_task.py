@@ -172,9 +172,10 @@ def write_pairs(root: str, seed: int = 0, sizes: dict | None = None) -> str:
   return _write_splits(root, sizes, lambda n, split: make_pairs(n, seed, split))
 
 
-def ensure_pairs(cfg) -> str:
-  """The built-in preference task's directory for cfg.dpo, written if missing."""
-  d = cfg.dpo
+def ensure_pairs(cfg, group: str = 'dpo') -> str:
+  """The built-in preference task's directory for cfg.<group> ('dpo', or 'kto', which
+  splits each pair into a liked and a disliked answer), written if missing."""
+  d = cfg[group]
   sizes = json.dumps(dict(d.task_sizes), sort_keys=True)
   tag = hashlib.sha256(sizes.encode()).hexdigest()[:8]
   root = os.path.join(sources.default_data_dir(cfg.data), 'pref_task',
