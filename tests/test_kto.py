@@ -232,16 +232,17 @@ def test_step_zero_identities_and_one_sided_batches(base, probe):
   assert float(m['count/chosen']) + float(m['count/rejected']) == 8
   sums = setup.objective.sums(setup)
   adapters = probe.state['adapters']
+
+  def loss(a, b):
+    total, aux = sums({'params': params, 'adapters': a}, b, None)
+    return total / 8, aux
+
+  grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
   for label in (1, 0):
     b = sharding.place_batch(dict(host, label=np.full_like(host['label'], label)), mesh,
                              cfg.rules)
-
-    def loss(a, b=b):
-      total, aux = sums({'params': params, 'adapters': a}, b, None)
-      return total / 8, aux
-
     with sharding.use_mesh(mesh, cfg.rules):
-      (value, aux), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(adapters)
+      (value, aux), grads = grad_fn(adapters, b)
     assert np.isfinite(float(value)) and float(value) > 0
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
     m = setup.objective.metrics(jax.device_get(aux), 8.0)
