@@ -214,11 +214,12 @@ class KTO(base.Objective):
                keep=None):
     """The KTO loss and metrics over cfg.train.eval_batches batches of held-out examples:
     eval_loss, eval_examples, eval/kl, eval/rewards/margins, ... (kl: the batches' z,
-    examples-weighted)."""
+    examples-weighted; no counts)."""
     total = self.eval_outputs(eval_step, weights, tokenizer, mesh, process_index,
                               process_count, keep=keep)
     n = total.pop('examples')
-    m = {key: float(v) for key, v in self.metrics(total, n).items()}
+    m = {key: float(v) for key, v in self.metrics(total, n).items()
+         if not key.startswith('count/')}  # the split's, not the model's
     out = {'eval_loss': m.pop('loss'), 'eval_examples': n}
     out.update((f'eval/{key}', v) for key, v in m.items())
     return out
