@@ -144,7 +144,7 @@ def get_examples(cfg, split: str) -> Feedback:
                            lambda records, name: make(records, name, raw=True), 'examples')
   if len(out) < 2:
     raise DataError(f'kto split {split!r} ({out.name}) has {len(out)} example: a KL row '
-                    'needs another example\'s completion, so KTO needs at least 2')
+                    "needs another example's completion; give kto.path at least 2")
   return out
 
 
