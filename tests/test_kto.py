@@ -169,7 +169,15 @@ def test_data_check_and_weight_balance(tok, tmp_path):
   assert train.first == f'{path}:5' and checked.keep['train'].tolist() == [0, 1, 2, 3]
   assert any('kto data, train split: 5 examples' in s and '1 degenerate dropped' in s
              for s in lines)
-  # λD·nD / (λU·nU) in [1, 4/3]: no warning; else a WARNING naming the fix.
+  # The objective's check counts the labels of the kept train examples (2 liked, 2
+  # disliked) and warns when λD·nD / (λU·nU) is outside [1, 4/3], naming a fix.
+  cfg.kto.desirable_weight = 2.0
+  lines = []
+  kto_lib.KTO(cfg).check_data(tok, lines.append)
+  assert lines[-1] == ('WARNING: kto data has 2 liked and 2 disliked training examples: '
+                       'kto.desirable_weight x liked / (kto.undesirable_weight x disliked) = '
+                       "2.000, outside [1, 4/3] (the KTO paper's advice); set e.g. "
+                       'kto.undesirable_weight=2')
   assert kto_lib.balance_warning(10, 10, 1.0, 1.0) is None
   assert kto_lib.balance_warning(12, 10, 1.0, 1.0) is None
   low = kto_lib.balance_warning(10, 30, 1.0, 1.0)
