@@ -58,8 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.seed = 0
   # The objective (lmjax/train/objectives): 'pretrain' (next-token prediction on cfg.data
   # documents), 'sft' (cfg.sft conversations, loss on assistant tokens only), 'dpo'
-  # (cfg.dpo preference pairs) or 'kto' (cfg.kto like/dislike feedback). With lora.enabled it trains LoRA adapters on a frozen base
-  # (init_from) instead of every weight.
+  # (cfg.dpo preference pairs) or 'kto' (cfg.kto like/dislike feedback). With lora.enabled
+  # it trains LoRA adapters on a frozen base (init_from) instead of every weight.
   cfg.stage = 'pretrain'
 
   cfg.model = dict(

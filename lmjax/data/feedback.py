@@ -60,8 +60,8 @@ def normalize_feedback(obj: Any) -> list[tuple[list, list, bool]]:
     raise ValueError('an example needs "prompt", "completion" and "label" (or a pair: '
                      f'"chosen" and "rejected"), has {sorted(obj)}')
   label = _bool(obj['label'])
-  prompt = preference._turns(obj['prompt'], 'prompt')  # pylint: disable=protected-access
-  completion = preference._turns(obj['completion'], 'completion')  # pylint: disable=protected-access
+  turns = preference._turns  # pylint: disable=protected-access
+  prompt, completion = turns(obj['prompt'], 'prompt'), turns(obj['completion'], 'completion')
   if isinstance(obj['prompt'], (str, bytes)) and isinstance(obj['completion'], (str, bytes)):
     prompt[0]['sep'] = ''  # plain template: prompt + completion exactly, as formats does
   if completion[-1]['role'] != 'assistant':
@@ -181,7 +181,8 @@ class _Encode(grain.transforms.Map):
 def _rows(seq_len: int, mode: str, name: str, with_index: bool, ref_logps):
   """keep((index, encoded, liked), dropped) for pipeline.CountDrops: a DPO pair's rows
   (preference._pair_rows) plus 'label' [2]."""
-  pair = preference._pair_rows(seq_len, mode, name, with_index, ref_logps)  # pylint: disable=protected-access
+  pair = preference._pair_rows(  # pylint: disable=protected-access
+      seq_len, mode, name, with_index, ref_logps)
 
   def keep(item, dropped):
     index, encoded, liked = item
