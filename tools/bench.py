@@ -8,9 +8,9 @@ Columns: device (count x kind), mode, objective (lm: next-token, the pretraining
 step; dpo: train.global_batch pairs = twice the rows, with its reference: adapters_off /
 copy / precomputed; kto: train.global_batch examples = twice the rows too, each with its
 KL row, the same tokens as dpo's; both = lm and dpo, all = lm, dpo and kto), params (the
-model's), trainable (what the optimizer updates), optimizer-state bytes (all devices), batch x seq, tokens/s, MFU, step time,
-peak memory per device (compiled.memory_analysis(): arguments + outputs + temporaries -
-aliased), compile time. --config.KEY=VALUE overrides a config field, as for
+model's), trainable (what the optimizer updates), optimizer-state bytes (all devices),
+batch x seq, tokens/s, MFU, step time, peak memory per device (compiled.memory_analysis():
+arguments + outputs + temporaries - aliased), compile time. --config.KEY=VALUE overrides a config field, as for
 `python -m lmjax.train` (e.g. --config.model.remat=dots; JSON rows record them).
 
 MFU = tokens/s x (6N + 6·L·T·heads·head_dim) / (devices x peak), the standard formula
