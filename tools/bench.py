@@ -11,7 +11,8 @@ KL row, the same tokens as dpo's; both = lm and dpo, all = lm, dpo and kto), par
 model's), trainable (what the optimizer updates), optimizer-state bytes (all devices),
 batch x seq, tokens/s, MFU, step time, peak memory per device (compiled.memory_analysis():
 arguments + outputs + temporaries - aliased), compile time. --config.KEY=VALUE overrides a
-config field, as for `python -m lmjax.train` (e.g. --config.model.remat=dots; JSON rows record them).
+config field, as for `python -m lmjax.train` (e.g. --config.model.remat=dots; JSON rows
+record them).
 
 MFU = tokens/s x (6N + 6·L·T·heads·head_dim) / (devices x peak), the standard formula
 (causal attention counted once; N = every matmul weight incl. the output projection) for
