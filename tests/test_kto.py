@@ -348,3 +348,42 @@ def test_kto_config_errors(tmp_path):
     with pytest.raises(config_lib.ConfigError, match=msg):
       config_lib.validate(c)
   assert os.path.basename(formats.BUILTIN) == formats.BUILTIN  # the built-in data's name
+
+
+@pytest.mark.slow
+def test_grad_accumulation_z_per_micro_batch_and_kl_examples_weighted():
+  """With train.grad_accum = 2 each micro-batch's KL rows give its own z (as TRL's per
+  forward pass); the logged kl is the examples-weighted mean of the two, the loss the
+  examples' mean and rewards the per-label means over the whole step."""
+  from lmjax.train import step as step_lib  # pylint: disable=import-outside-toplevel
+  from util import random_batch, tiny_config  # pylint: disable=import-outside-toplevel
+  cfg = tiny_config()
+  cfg.stage = 'kto'
+  cfg.kto.reference = 'precomputed'  # a reference unlike the policy: z > 0
+  cfg.train.update(global_batch=4, grad_accum=2)
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  setup = state_lib.make_setup(cfg, mesh)
+  state = state_lib.init_state(cfg, setup)
+  with cfg.unlocked():
+    cfg.train.global_batch = 8  # random_batch's rows: 4 examples, each with its KL row
+  batch = random_batch(cfg)
+  batch['label'] = np.array([1, 1, 0, 0, 1, 1, 0, 0], np.int32)
+  rng = np.random.default_rng(0)
+  # Rows of 32 random tokens of 256: policy log-probs near -32·ln 256 = -177; the KL
+  # rows' references 5 nats lower, so z > 0.
+  batch['ref_logps'] = (-177.0 - np.where(np.arange(8) % 2, 5.0, 0.0)
+                        + rng.normal(0, 1, 8)).astype(np.float32)
+  eval_step = setup.objective.eval_step(setup)
+  weights = setup.weights(state)
+  halves = [jax.device_get(eval_step(weights, sharding.place_batch(
+      {k: v[h * 4:(h + 1) * 4] for k, v in batch.items()}, mesh, cfg.rules))) for h in (0, 1)]
+  _, m = step_lib.make_train_step(cfg, setup)(state, sharding.place_batch(batch, mesh,
+                                                                           cfg.rules))
+  z = [h['kl'] / 2 for h in halves]
+  assert z[0] > 0 and z[1] > 0 and z[0] != pytest.approx(z[1])
+  assert float(m['kl']) == pytest.approx((z[0] + z[1]) / 2, rel=1e-5)
+  assert float(m['loss']) == pytest.approx((halves[0]['loss'] + halves[1]['loss']) / 4,
+                                           rel=1e-5)
+  chosen = (halves[0]['rewards/chosen'] + halves[1]['rewards/chosen']) / 2
+  assert float(m['rewards/chosen']) == pytest.approx(chosen, rel=1e-5)
+  assert float(m['count/chosen']) == 2 and float(m['examples']) == 4
