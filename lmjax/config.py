@@ -58,8 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.seed = 0
   # The objective (lmjax/train/objectives): 'pretrain' (next-token prediction on cfg.data
   # documents), 'sft' (cfg.sft conversations, loss on assistant tokens only), 'dpo'
-  # (cfg.dpo preference pairs) or 'reward' (a reward model on cfg.reward pairs). With lora.enabled it trains LoRA adapters on a frozen base
-  # (init_from) instead of every weight.
+  # (cfg.dpo preference pairs), 'kto' (cfg.kto like/dislike feedback) or 'reward' (a
+  # reward model on cfg.reward pairs). With lora.enabled it trains LoRA adapters on a
+  # frozen base (init_from) instead of every weight.
   cfg.stage = 'pretrain'
 
   cfg.model = dict(
@@ -299,6 +300,35 @@ def base_config() -> ml_collections.ConfigDict:
       overlong='truncate',    # truncate (completions; a prompt that fills seq_len drops
                               # the pair, counted) | drop (any pair longer than seq_len).
       on_error='skip',        # skip | fail: malformed JSONL lines.
+      task_sizes=dict(train=20000, validation=500, test=500),  # built-in task pairs.
+      task_seed=0,
+  )
+
+  # Unpaired like/dislike feedback and the KTO loss (data/feedback.py, train/losses.py
+  # `kto`); the chat template is sft.template.
+  cfg.kto = dict(
+      # jsonl | tfds: {"prompt", "completion", "label": true | false} records (strings or
+      # chat messages), or preference pairs {"prompt", "chosen", "rejected"}, each split
+      # into a liked and a disliked example.
+      source='jsonl',
+      path='',                # JSONL with '{split}'; 'builtin:synthetic' = the built-in
+                              # pairs (dpo's), split into liked and disliked answers.
+      eval_path='',           # held-out examples (data.eval_split), as sft.eval_path.
+      allow_overlap=False,    # as sft.allow_overlap.
+      # Degenerate examples (an empty completion, a prompt that leaves no room for a
+      # completion within data.seq_len): as sft.on_degenerate / max_degenerate.
+      on_degenerate='drop',
+      max_degenerate=0.05,
+      tfds_name='',
+      loss_type='kto',        # kto | apo_zero_unpaired (see losses.kto).
+      beta=0.1,
+      # The weights of liked (λD) and disliked (λU) examples' losses; keep
+      # λD·n_liked / (λU·n_disliked) in [1, 4/3] (the KTO paper; a warning says so).
+      desirable_weight=1.0,
+      undesirable_weight=1.0,
+      reference='auto',       # auto | adapters_off | copy | precomputed, as dpo.reference.
+      overlong='truncate',    # truncate | drop, as dpo.overlong (an example with its KL row).
+      on_error='skip',        # skip | fail: malformed JSONL lines (and non-bool labels).
       task_sizes=dict(train=20000, validation=500, test=500),  # built-in task pairs.
       task_seed=0,
   )
@@ -575,7 +605,7 @@ _CHOICES = {
     'data.source': ('local_text', 'tfds', 'jsonl', 'parquet', 'hf_disk'),
     'data.on_error': ('fail', 'skip'),
     'tokenizer.model_type': ('bpe', 'unigram'),
-    'stage': ('pretrain', 'sft', 'dpo', 'reward'),
+    'stage': ('pretrain', 'sft', 'dpo', 'kto', 'reward'),
     'train.wandb.mode': ('', 'online', 'offline', 'disabled'),
     'dpo.reference': ('auto', 'adapters_off', 'copy', 'precomputed'),
     'sft.source': ('jsonl', 'tfds'),
@@ -588,6 +618,12 @@ _CHOICES = {
     'dpo.overlong': ('truncate', 'drop'),
     'dpo.on_error': ('skip', 'fail'),
     'dpo.on_degenerate': ('drop', 'warn', 'fail'),
+    'kto.source': ('jsonl', 'tfds'),
+    'kto.loss_type': ('kto', 'apo_zero_unpaired'),
+    'kto.reference': ('auto', 'adapters_off', 'copy', 'precomputed'),
+    'kto.overlong': ('truncate', 'drop'),
+    'kto.on_error': ('skip', 'fail'),
+    'kto.on_degenerate': ('drop', 'warn', 'fail'),
     'reward.source': ('jsonl', 'tfds'),
     'reward.overlong': ('truncate', 'drop'),
     'reward.on_error': ('skip', 'fail'),

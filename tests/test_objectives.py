@@ -40,6 +40,12 @@ def test_the_factory_and_what_each_objective_declares():
   assert 'ref_params' not in setup.saved(state)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state['ref_params']),
                jax.device_get(state['params']))
+  cfg.stage = 'kto'  # KTO: an example and its KL row, a label per row
+  o = objectives.get(cfg)
+  assert (type(o).__name__, o.rows_per_example, o.normaliser, o.counters, o.batch_keys) == (
+      'KTO', 2, 'examples', ('kto/dropped', 'kto/truncated'), forward.TOKEN_KEYS + ('label',))
+  cfg.kto.reference = 'precomputed'
+  assert objectives.get(cfg).batch_keys == forward.TOKEN_KEYS + ('label', 'ref_logps')
 
 
 class _PairedRewards(objectives.LM):

@@ -1,16 +1,18 @@
 """Benchmarks a config's train step: one table row per mode.
 
   python tools/bench.py --config=configs/pretrain_tiny.py [--steps=10] [--warmup=2]
-      [--mode=full|lora|both] [--objective=lm|dpo|both] [--data=synthetic|real]
+      [--mode=full|lora|both] [--objective=lm|dpo|kto|both|all] [--data=synthetic|real]
       [--config.KEY=VALUE ...] [--peak_tflops=X] [--json=out.json] [--matmuls]
 
 Columns: device (count x kind), mode, objective (lm: next-token, the pretraining and SFT
 step; dpo: train.global_batch pairs = twice the rows, with its reference: adapters_off /
-copy / precomputed), params (the model's), trainable (what the optimizer
-updates), optimizer-state bytes (all devices), batch x seq, tokens/s, MFU, step time,
-peak memory per device (compiled.memory_analysis(): arguments + outputs + temporaries -
-aliased), compile time. --config.KEY=VALUE overrides a config field, as for
-`python -m lmjax.train` (e.g. --config.model.remat=dots; JSON rows record them).
+copy / precomputed; kto: train.global_batch examples = twice the rows too, each with its
+KL row, the same tokens as dpo's; both = lm and dpo, all = lm, dpo and kto), params (the
+model's), trainable (what the optimizer updates), optimizer-state bytes (all devices),
+batch x seq, tokens/s, MFU, step time, peak memory per device (compiled.memory_analysis():
+arguments + outputs + temporaries - aliased), compile time. --config.KEY=VALUE overrides a
+config field, as for `python -m lmjax.train` (e.g. --config.model.remat=dots; JSON rows
+record them).
 
 MFU = tokens/s x (6N + 6·L·T·heads·head_dim) / (devices x peak), the standard formula
 (causal attention counted once; N = every matmul weight incl. the output projection) for
@@ -58,11 +60,11 @@ def _prepare(cfg, mode: str, objective: str, devices=None):
   cfg = cfg.copy_and_resolve_references()
   with cfg.unlocked():
     cfg.lora.enabled = mode == 'lora'
-    if objective == 'dpo':
-      cfg.stage = 'dpo'
-    elif cfg.stage == 'dpo':
-      raise config_lib.ConfigError("objective='lm' with a stage='dpo' config: use "
-                                   "objective='dpo'")
+    if objective in ('dpo', 'kto'):
+      cfg.stage = objective
+    elif cfg.stage in ('dpo', 'kto'):
+      raise config_lib.ConfigError(f"objective='lm' with a stage={cfg.stage!r} config: use "
+                                   f'objective={cfg.stage!r}')
   if mode == 'lora':
     lora_lib.validate(cfg)
   mesh = sharding.make_mesh(cfg.mesh, devices)
@@ -112,7 +114,9 @@ def run(cfg, *, mode: str = 'full', objective: str = 'lm', steps: int = 10, warm
         data: str = 'synthetic', peak_tflops: float | None = None, devices=None) -> dict:
   """Times `steps` train steps (after `warmup`) of `cfg` in `mode` ('full' | 'lora') with
   `objective` ('lm': next-token, the pretraining/SFT step; 'dpo': train.global_batch
-  pairs, 2x the rows, against cfg.dpo.reference); returns the table row as a dict."""
+  pairs, 2x the rows, against cfg.dpo.reference; 'kto': train.global_batch examples and
+  their KL rows, 2x the rows, against cfg.kto.reference); returns the table row as a
+  dict."""
   import jax
   import numpy as np
 
@@ -128,11 +132,11 @@ def run(cfg, *, mode: str = 'full', objective: str = 'lm', steps: int = 10, warm
   state = state_lib.init_state(cfg, setup)
   gb, seq = cfg.train.global_batch * setup.objective.rows_per_example, cfg.data.seq_len
   keys = tuple(spec)
-  reference = getattr(setup.objective, 'reference', None)  # DPO's: the row's label
-  if data == 'real' and 'ref_logps' in keys:  # dpo.reference='precomputed'
-    raise config_lib.ConfigError("--data=real with dpo.reference='precomputed' needs the "
-                                 'tables the training loop computes: bench it with '
-                                 '--data=synthetic')
+  reference = getattr(setup.objective, 'reference', None)  # DPO's, KTO's: the row's label
+  if data == 'real' and 'ref_logps' in keys:  # <dpo|kto>.reference='precomputed'
+    raise config_lib.ConfigError(f"--data=real with {objective}.reference='precomputed' "
+                                 'needs the tables the training loop computes: bench it '
+                                 'with --data=synthetic')
   t0 = time.perf_counter()
   with sharding.use_mesh(mesh, cfg.rules):
     compiled = train_step.jitted.lower(setup.abstract_state, spec).compile()
@@ -152,6 +156,8 @@ def run(cfg, *, mode: str = 'full', objective: str = 'lm', steps: int = 10, warm
             'loss_mask': np.ones((gb, seq), np.float32)}
     if 'ref_logps' in keys:  # any finite reference log-probs: the step's work is the same
       host['ref_logps'] = np.full((gb,), -float(seq), np.float32)
+    if 'label' in keys:  # KTO: liked and disliked examples (each with its KL row) alternate
+      host['label'] = (np.arange(gb) // 2 % 2).astype(np.int32)
     fixed = sharding.place_batch(host, mesh, cfg.rules)
     it = None
     next_batch = lambda: fixed
@@ -233,7 +239,8 @@ def main(argv) -> int:
   parser.add_argument('--steps', type=int, default=10)
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--mode', default='full', choices=('full', 'lora', 'both'))
-  parser.add_argument('--objective', default='lm', choices=('lm', 'dpo', 'both'))
+  parser.add_argument('--objective', default='lm',
+                      choices=('lm', 'dpo', 'kto', 'both', 'all'))
   parser.add_argument('--data', default='synthetic', choices=('synthetic', 'real'))
   parser.add_argument('--peak_tflops', type=float, default=None,
                       help='per-device peak for MFU (default: the datasheet bf16 figure)')
@@ -250,7 +257,8 @@ def main(argv) -> int:
   overrides = {k: config_path.get_value(k, cfg) for k in
                (f.split('=', 1)[0].split('.', 1)[1] for f in flags)}
   modes = ('full', 'lora') if args.mode == 'both' else (args.mode,)
-  objectives = ('lm', 'dpo') if args.objective == 'both' else (args.objective,)
+  objectives = {'both': ('lm', 'dpo'), 'all': ('lm', 'dpo', 'kto')}.get(
+      args.objective, (args.objective,))
   rows = []
   if args.matmuls:
     for objective in objectives:
@@ -277,6 +285,11 @@ def main(argv) -> int:
             f'per token ({dpo["step_s"] / lm["step_s"]:.2f}x the step time for '
             f'{dpo["batch"] / lm["batch"]:.0f}x the rows; reference '
             f'{dpo["objective"].split("(")[-1].rstrip(")")})')
+    kto = by.get((m, 'kto'))
+    if kto and dpo:  # the same tokens: B examples + their KL rows vs B pairs
+      print(f'{m}: KTO vs DPO step: {kto["step_s"] / dpo["step_s"]:.2f}x the step time on '
+            f'the same tokens ({kto["batch"]} rows each; reference '
+            f'{kto["objective"].split("(")[-1].rstrip(")")})')
   if args.json:
     with open(args.json, 'a') as f:
       for r in rows:

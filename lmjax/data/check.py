@@ -1,5 +1,5 @@
-"""The data check of an SFT, DPO or reward-model run, before it compiles: degenerate records, and an
-eval split that is held out.
+"""The data check of an SFT, DPO, KTO or reward-model run, before it compiles: degenerate
+records, and an eval split that is held out.
 
 Degenerate records teach nothing, or the wrong thing:
     sft: a conversation with an empty (or blank) assistant turn, which trains the model to
@@ -7,6 +7,8 @@ Degenerate records teach nothing, or the wrong thing:
          data.seq_len (no assistant token left once cut: the pipeline drops it).
     dpo: chosen == rejected (equal token rows once cut to data.seq_len: no DPO gradient);
          an empty (or blank) completion; a prompt that leaves no room for a completion.
+    kto: an empty (or blank) completion; a prompt that leaves no room for a completion
+         (judged with the example's KL row, as the pipeline encodes them together).
     reward: the same as dpo (its pairs are read the same way; equal rows get equal
          rewards: no gradient).
 Every record of a split is encoded as the pipeline encodes it (template, tokenizer,
@@ -35,7 +37,7 @@ from typing import Callable
 
 import numpy as np
 
-from lmjax.data import formats, preference
+from lmjax.data import feedback, formats, preference
 from lmjax.data.sources import DataError
 
 CATEGORIES = {  # group -> (category, how a count of it reads)
@@ -44,9 +46,11 @@ CATEGORIES = {  # group -> (category, how a count of it reads)
     'dpo': (('identical', 'with chosen == rejected'),
             ('empty_completion', 'with an empty completion'),
             ('no_room', 'whose prompt leaves no room for a completion within data.seq_len')),
+    'kto': (('empty_completion', 'with an empty completion'),
+            ('no_room', 'whose prompt leaves no room for a completion within data.seq_len')),
 }
 CATEGORIES['reward'] = CATEGORIES['dpo']
-UNITS = {'sft': 'examples', 'dpo': 'pairs', 'reward': 'pairs'}
+UNITS = {'sft': 'examples', 'dpo': 'pairs', 'kto': 'examples', 'reward': 'pairs'}
 
 
 @dataclasses.dataclass
@@ -110,11 +114,13 @@ def _blank(turns) -> bool:
 def _records(cfg, split: str, group: str):
   if group == 'sft':
     return formats.get_conversations(cfg, split)
+  if group == 'kto':
+    return feedback.get_examples(cfg, split)
   return preference.get_pairs(cfg, split, group)
 
 
 def check_split(cfg, tokenizer, split: str, group: str) -> SplitCheck:
-  """Counts the degenerate records of `split` of cfg.<group> ('sft', 'dpo', 'reward') and
+  """Counts the degenerate records of `split` of cfg.<group> ('sft', 'dpo', 'kto', 'reward') and
   applies <group>.on_degenerate / max_degenerate: DataError when the split fails (the
   message names the counts, the first such record and the fields to change)."""
   g, seq_len = cfg[group], cfg.data.seq_len
@@ -127,11 +133,16 @@ def check_split(cfg, tokenizer, split: str, group: str) -> SplitCheck:
   hashes = np.zeros(len(records), np.int64)
   for i in range(len(records)):
     rec = records[i]
-    hashes[i] = hash(json.dumps(rec, sort_keys=True))
+    hashes[i] = hash(json.dumps(rec if group != 'kto' else records.example(i),
+                                sort_keys=True))  # a KTO example without its KL partner
     if group == 'sft':
       _, mask = formats.encode(rec, tokenizer, template)
       fate = formats.overlong_fate(mask, seq_len, g.overlong)
       flags[i] = (_blank(rec), fate == 'no_room')
+    elif group == 'kto':  # (prompt, completion, KL partner's completion, liked)
+      enc = preference.encode_pair(rec[:3], tokenizer, template)
+      fate = preference.pair_fate(enc, seq_len, g.overlong)
+      flags[i] = (_blank(rec[1]), fate == 'no_room')
     else:
       enc = preference.encode_pair(rec, tokenizer, template)  # rec[3]: columns, if any
       fate = preference.pair_fate(enc, seq_len, g.overlong)
@@ -223,9 +234,9 @@ def check_overlap(cfg, train: SplitCheck, held: SplitCheck,
 def check_stage(cfg, tokenizer, group: str,
                 log: Callable[[str], None] = print) -> StageCheck:
   """The data check of cfg.<group>'s chat data ('sft' conversations, 'dpo' or 'reward'
-  pairs): its train split, and its eval split when the run evaluates and the data has one
-  (else a line saying that evaluation is skipped). Logs one line per split; DataError
-  when the data fails."""
+  pairs, 'kto' examples): its train split, and its eval split when the run evaluates and
+  the data has one (else a line saying that evaluation is skipped). Logs one line per
+  split; DataError when the data fails."""
   d, evaluates = cfg.data, cfg.train.eval_every > 0
   has_eval = formats.has_split(cfg, d.eval_split, group)
   if evaluates and not has_eval:

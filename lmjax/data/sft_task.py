@@ -174,7 +174,8 @@ def write_pairs(root: str, seed: int = 0, sizes: dict | None = None) -> str:
 
 def ensure_pairs(cfg, group: str = 'dpo') -> str:
   """The built-in preference task's directory for cfg.<group> ('dpo' or 'reward': its
-  task_sizes and task_seed), written if missing."""
+  task_sizes and task_seed; 'kto', which splits each pair into a liked and a disliked
+  answer), written if missing."""
   d = cfg[group]
   sizes = json.dumps(dict(d.task_sizes), sort_keys=True)
   tag = hashlib.sha256(sizes.encode()).hexdigest()[:8]

@@ -1,15 +1,18 @@
-"""dpo.reference='precomputed': the reference model's log-probs, computed once before
-training and stored with the data (TRL's precompute_ref_log_probs).
+"""reference='precomputed' (dpo, kto): the reference model's log-probs, computed once
+before training and stored with the data (TRL's precompute_ref_log_probs).
 
-Each split's table is [n_pairs, 2] float32: the completion log-prob sums of the pair's
-chosen and rejected rows, exactly as the pipeline builds them (template, data.seq_len,
-dpo.overlong truncation); NaN for pairs the pipeline drops. The pair iterator attaches a
-pair's two values as batch['ref_logps'], so the train step runs the policy's forward pass
-only and holds no reference weights: full fine-tuning without a second copy of the model.
+Each split's table is [n, 2] float32, one line per example of two rows: the completion
+log-prob sums of a DPO pair's chosen and rejected rows (the default, cfg.dpo), or of a
+KTO example's row and its KL row (group='kto', data/feedback.py), exactly as the pipeline
+builds them (template, data.seq_len, <group>.overlong truncation); NaN for examples the
+pipeline drops. The iterator attaches an example's two values as batch['ref_logps'], so
+the train step runs the policy's forward pass only and holds no reference weights: full
+fine-tuning without a second copy of the model.
 
 Tables are cached in <workdir>/ref_logps/<split>.npz with a fingerprint of everything they
 depend on (the reference checkpoint, model and dtype, tokenizer, template, seq_len,
-overlong policy, the pairs' source); a resume reuses them, any change recomputes.
+overlong policy, the data's source, and what the caller adds: KTO's KL partners); a
+resume reuses them, any change recomputes.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ from lmjax.data import preference, sources
 from lmjax.train import forward
 
 
-def fingerprint(cfg, reference: dict, tokenizer, split: str, n_pairs: int) -> str:
-  """What a split's table depends on, as a canonical JSON string (the tokenizer: its
-  location and the digest of its files, chat template included)."""
-  d = cfg.dpo
+def fingerprint(cfg, reference: dict, tokenizer, split: str, n_pairs: int,
+                group: str = 'dpo', extra: dict | None = None) -> str:
+  """What a split's table of cfg.<group>'s data depends on, as a canonical JSON string
+  (the tokenizer: its location and the digest of its files, chat template included;
+  `extra`: anything else the rows depend on)."""
+  d = cfg[group]
   key = {
       'reference': reference, 'model': cfg.model.to_dict(),
       'dtype': cfg.lora.base_dtype if cfg.lora.enabled else cfg.model.param_dtype,
@@ -40,6 +45,8 @@ def fingerprint(cfg, reference: dict, tokenizer, split: str, n_pairs: int) -> st
       'task': [dict(d.task_sizes), d.task_seed, sources.default_data_dir(cfg.data)],
       'split': split, 'pairs': n_pairs,
   }
+  if group != 'dpo' or extra:
+    key.update(group=group, **(extra or {}))
   return json.dumps(key, sort_keys=True, default=str)
 
 
@@ -59,20 +66,22 @@ def make_step(setup):
                           weights_sh=setup.state_shardings['params'])
 
 
-def compute(cfg, setup, params, tokenizer, split: str, n_pairs: int) -> np.ndarray:
+def compute(cfg, setup, params, tokenizer, split: str, n_pairs: int,
+            make_iterator: Callable | None = None) -> np.ndarray:
   """The [n_pairs, 2] table of `split` under `params` (the reference, sharded like setup's
   params). Every process reads its share of the split in batches of
   train.global_batch / processes pairs; all processes run the same number of batches (a
-  shorter share repeats) and every process ends with the whole table."""
+  shorter share repeats) and every process ends with the whole table. make_iterator:
+  the row-pair iterator (preference.make_pair_iterator's arguments; that by default)."""
+  make_iterator = make_iterator or preference.make_pair_iterator
   pi, pc = jax.process_index(), jax.process_count()
   local = cfg.train.global_batch // pc
   share = -(-n_pairs // pc)  # the largest process share
   batches = -(-share // local)
   ref_step = make_step(setup)
   table = np.full((n_pairs, 2), np.nan, np.float32)
-  it = preference.make_pair_iterator(cfg, tokenizer, split, batch_size=local,
-                                     process_index=pi, process_count=pc, repeat=True,
-                                     with_index=True)
+  it = make_iterator(cfg, tokenizer, split, batch_size=local, process_index=pi,
+                     process_count=pc, repeat=True, with_index=True)
   try:
     for _ in range(batches):
       host = {k: v for k, v in next(it).items() if k in forward.TOKEN_KEYS + ('index',)}
@@ -87,28 +96,33 @@ def compute(cfg, setup, params, tokenizer, split: str, n_pairs: int) -> np.ndarr
 
 
 def tables(cfg, setup, tokenizer, splits, *, workdir: str, reference: dict,
-           load_params: Callable[[], object]) -> dict[str, np.ndarray]:
+           load_params: Callable[[], object], group: str = 'dpo',
+           count: Callable | None = None, make_iterator: Callable | None = None,
+           extra: dict | None = None, unit: str = 'pairs') -> dict[str, np.ndarray]:
   """{split: table} for `splits`, from the workdir's cache or computed (then cached) with
-  load_params() (called at most once: the reference's params)."""
+  load_params() (called at most once: the reference's params). The data: cfg.<group>'s,
+  count(cfg, split) examples read by make_iterator (default: DPO's pairs); extra: more of
+  the fingerprint."""
+  count = count or (lambda c, s: len(preference.get_pairs(c, s)))
   params, out = None, {}
   for split in dict.fromkeys(splits):
-    n = len(preference.get_pairs(cfg, split))
-    key = fingerprint(cfg, reference, tokenizer, split, n)
+    n = count(cfg, split)
+    key = fingerprint(cfg, reference, tokenizer, split, n, group, extra)
     path = os.path.join(workdir, 'ref_logps', f'{split}.npz')
     cached = _read(path, key)
     if cached is not None:
       out[split] = cached
-      _print(f'dpo: reference log-probs of {split} ({n} pairs) from {path}')
+      _print(f'{group}: reference log-probs of {split} ({n} {unit}) from {path}')
       continue
     if params is None:
       params = load_params()
     t0 = time.perf_counter()
-    out[split] = compute(cfg, setup, params, tokenizer, split, n)
+    out[split] = compute(cfg, setup, params, tokenizer, split, n, make_iterator)
     if jax.process_index() == 0:
       _write(path, key, out[split])
     dropped = int(np.sum(np.isnan(out[split][:, 0])))
-    _print(f'dpo: reference log-probs of {split}: {n} pairs ({dropped} dropped as overlong) '
-           f'in {time.perf_counter() - t0:.1f}s -> {path}')
+    _print(f'{group}: reference log-probs of {split}: {n} {unit} ({dropped} dropped as '
+           f'overlong) in {time.perf_counter() - t0:.1f}s -> {path}')
   return out
 
 
@@ -117,7 +131,7 @@ def _read(path: str, key: str) -> np.ndarray | None:
     return None
   with np.load(path) as f:
     if str(f['fingerprint']) != key:
-      _print(f'dpo: {path} was computed for other data or settings; recomputing')
+      _print(f'lmjax: {path} was computed for other data or settings; recomputing')
       return None
     return np.asarray(f['logps'], np.float32)
 
