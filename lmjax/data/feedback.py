@@ -60,7 +60,7 @@ def normalize_feedback(obj: Any) -> list[tuple[list, list, bool]]:
     raise ValueError('an example needs "prompt", "completion" and "label" (or a pair: '
                      f'"chosen" and "rejected"), has {sorted(obj)}')
   label = _bool(obj['label'])
-  turns = preference._turns  # pylint: disable=protected-access
+  turns = preference.parse_turns
   prompt, completion = turns(obj['prompt'], 'prompt'), turns(obj['completion'], 'completion')
   if isinstance(obj['prompt'], (str, bytes)) and isinstance(obj['completion'], (str, bytes)):
     prompt[0]['sep'] = ''  # plain template: prompt + completion exactly, as formats does
@@ -180,13 +180,12 @@ class _Encode(grain.transforms.Map):
 
 def _rows(seq_len: int, mode: str, name: str, with_index: bool, ref_logps):
   """keep((index, encoded, liked), dropped) for pipeline.CountDrops: a DPO pair's rows
-  (preference._pair_rows) plus 'label' [2]."""
-  pair = preference._pair_rows(  # pylint: disable=protected-access
-      seq_len, mode, name, with_index, ref_logps)
+  (preference.pair_row_keeper) plus 'label' [2]."""
+  pair = preference.pair_row_keeper(seq_len, mode, name, with_index, ref_logps)
 
   def keep(item, dropped):
     index, encoded, liked = item
-    rows = pair((index, encoded), dropped)
+    rows = pair((index, encoded, {}), dropped)
     if rows is not None:
       rows['label'] = np.full(2, int(liked), np.int32)
     return rows
@@ -212,7 +211,7 @@ def make_feedback_iterator(cfg, tokenizer, split: str, *, batch_size: int,
   if keep is not None and not len(keep):
     raise DataError(f'kto split {split!r} ({examples.name}) has no example left to train on')
   it, share = formats.encoded_stream(
-      cfg, preference._Indexed(examples, keep), split,  # pylint: disable=protected-access
+      cfg, preference.Indexed(examples, keep), split,
       _Encode(tokenizer, cfg.sft.template), '/kto', batch_size=batch_size,
       process_index=process_index, process_count=process_count, seed=seed, repeat=repeat)
   seq_len, mode = cfg.data.seq_len, cfg.kto.overlong
@@ -222,4 +221,4 @@ def make_feedback_iterator(cfg, tokenizer, split: str, *, batch_size: int,
       lambda n: f'{examples.name}: {n} examples in a row do not fit data.seq_len={seq_len} '
                 f'(kto.overlong={mode!r}): raise data.seq_len')
   return iter(formats.finish(cfg, it.batch(batch_size, drop_remainder=True)
-                             .map(preference._flatten_pairs)))  # pylint: disable=protected-access
+                             .map(preference.flatten_pairs)))

@@ -36,7 +36,7 @@ from lmjax.data.sources import DataError
 COUNTS = formats.COUNTS
 
 
-def _turns(value, what: str) -> list[dict[str, str]]:
+def parse_turns(value, what: str) -> list[dict[str, str]]:
   text = lambda v: v.decode('utf-8') if isinstance(v, bytes) else v
   if isinstance(value, (str, bytes)):
     return [{'role': 'assistant' if what != 'prompt' else 'user', 'content': text(value)}]
@@ -90,9 +90,10 @@ def normalize_pair(obj: Any, columns: tuple[str, ...] = ()) -> tuple:
     raise ValueError(f'a pair must be a JSON object, got {type(obj).__name__}')
   if 'chosen' not in obj or 'rejected' not in obj:
     raise ValueError(f'a pair needs "chosen" and "rejected", has {sorted(obj)}')
-  chosen, rejected = _turns(obj['chosen'], 'chosen'), _turns(obj['rejected'], 'rejected')
+  chosen = parse_turns(obj['chosen'], 'chosen')
+  rejected = parse_turns(obj['rejected'], 'rejected')
   if 'prompt' in obj:
-    prompt = _turns(obj['prompt'], 'prompt')
+    prompt = parse_turns(obj['prompt'], 'prompt')
     if isinstance(obj['prompt'], (str, bytes)) and isinstance(obj['chosen'], (str, bytes)):
       prompt[0]['sep'] = ''  # plain template: prompt + completion exactly, as formats does
   else:  # implicit prompt: the longest shared prefix of whole turns
@@ -236,7 +237,7 @@ def answer_examples(cfg, split: str, limit: int | None = None, tokenizer=None
   return out
 
 
-class _Indexed:
+class Indexed:
   """pairs[i] -> (i, pairs[i]): a pair keeps its index in the split through shuffling and
   sharding (the key of its precomputed reference log-probs). keep: the indices to read
   (None = all)."""
@@ -264,7 +265,7 @@ class _Encode(grain.transforms.Map):
     return index, encode_pair(pair, self.tokenizer, self.template), extras
 
 
-def _pair_rows(seq_len: int, mode: str, name: str, with_index: bool, ref_logps):
+def pair_row_keeper(seq_len: int, mode: str, name: str, with_index: bool, ref_logps):
   """keep((index, encoded pair, columns), dropped) for pipeline.CountDrops: {feature:
   [2, seq_len]} row pairs with their counts (module doc) and columns, or None for a
   dropped pair."""
@@ -292,7 +293,7 @@ def _pair_rows(seq_len: int, mode: str, name: str, with_index: bool, ref_logps):
   return keep
 
 
-def _flatten_pairs(batch):
+def flatten_pairs(batch):
   """{k: [B, 2, ...]} -> {k: [2B, ...]}: rows 2i chosen, 2i + 1 rejected."""
   return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
 
@@ -323,15 +324,15 @@ def make_pair_iterator(cfg, tokenizer, split: str, *, batch_size: int, process_i
                     f'match the {len(pairs)} pairs of {pairs.name}')
   if keep is not None and not len(keep):
     raise DataError(f'{group} split {split!r} ({pairs.name}) has no pair left to train on')
-  it, share = formats.encoded_stream(cfg, _Indexed(pairs, keep), split,
+  it, share = formats.encoded_stream(cfg, Indexed(pairs, keep), split,
                                      _Encode(tokenizer, cfg.sft.template), f'/{group}',
                                      batch_size=batch_size, process_index=process_index,
                                      process_count=process_count, seed=seed, repeat=repeat)
   seq_len, mode = cfg.data.seq_len, cfg[group].overlong
   it = pipeline.CountDrops(
-      it, _pair_rows(seq_len, mode, pairs.name, with_index, ref_logps),
+      it, pair_row_keeper(seq_len, mode, pairs.name, with_index, ref_logps),
       share if repeat else 2**62,
       lambda n: f'{pairs.name}: {n} pairs in a row do not fit data.seq_len={seq_len} '
                 f'({group}.overlong={mode!r}): raise data.seq_len')
   return iter(formats.finish(cfg, it.batch(batch_size, drop_remainder=True)
-                             .map(_flatten_pairs)))
+                             .map(flatten_pairs)))
