@@ -28,28 +28,16 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 
 from lmjax import config as config_lib
-from lmjax.data import check as data_check
 from lmjax.data import feedback, formats
-from lmjax.train import forward, losses, ref_logps
-from lmjax.train.objectives import base
-from lmjax.train.objectives import dpo as dpo_lib
-from lmjax.train.objectives import sft as sft_lib
+from lmjax.train import losses, ref_logps
+from lmjax.train.objectives import paired
 
 # The metric sums of a batch that are means over the liked ('chosen') or disliked
 # ('rejected') examples.
 _PER_LABEL = ('rewards/chosen', 'rewards/rejected', 'logps/chosen', 'logps/rejected')
-
-
-def reference_mode(cfg) -> str:
-  """kto.reference resolved: 'adapters_off' with LoRA for 'auto', else 'copy'."""
-  mode = cfg.kto.reference
-  if mode == 'auto':
-    return 'adapters_off' if cfg.lora.enabled else 'copy'
-  return mode
 
 
 def balance_warning(n_liked: int, n_disliked: int, desirable_weight: float,
@@ -78,43 +66,28 @@ def balance_warning(n_liked: int, n_disliked: int, desirable_weight: float,
           f'paper\'s advice); set e.g. {fix}')
 
 
-class KTO(base.Objective):
+class KTO(paired.Aligned):
   """KTO (cfg.kto) against a reference (see the module doc)."""
 
   name = 'kto'
-  rows_per_example = 2
+  group = 'kto'
   normaliser = 'examples'
-  needs_base = True  # the reference is the starting model (init_from)
 
   def __init__(self, cfg):
     super().__init__(cfg)
-    self.reference = reference_mode(cfg)
-    self.row_keys = {'label': jnp.int32}
-    if self.reference == 'precomputed':
-      self.row_keys['ref_logps'] = jnp.float32
-    self.counters = tuple(f'kto/{k}' for k in formats.COUNTS)
-    self.tables = {}  # split -> precomputed reference log-probs
+    self.row_keys = {'label': jnp.int32, **self.row_keys}  # (+ 'ref_logps': precomputed)
 
   @classmethod
   def validate(cls, cfg):
-    k = cfg.kto
-    sft_lib.validate_data_group(cfg, 'kto')
-    if not cfg.init_from.path:
-      raise config_lib.ConfigError("stage='kto': set init_from.path (the SFT model to align; "
-                                   'it is also the reference)')
-    if k.beta <= 0:
-      raise config_lib.ConfigError(f'kto.beta must be positive, got {k.beta}')
+    super().validate(cfg)
     for key in ('desirable_weight', 'undesirable_weight'):
-      if k[key] <= 0:
-        raise config_lib.ConfigError(f'kto.{key} must be positive, got {k[key]}')
-    if k.reference == 'adapters_off' and not cfg.lora.enabled:
-      raise config_lib.ConfigError("kto.reference='adapters_off' needs lora.enabled (the "
-                                   'reference is the base without adapters)')
+      if cfg.kto[key] <= 0:
+        raise config_lib.ConfigError(f'kto.{key} must be positive, got {cfg.kto[key]}')
 
   # ---- Data and state -----------------------------------------------------------------
 
   def check_data(self, tokenizer, log):
-    checked = data_check.check_stage(self.cfg, tokenizer, 'kto', log=log)
+    checked = super().check_data(tokenizer, log)
     train = self.cfg.data.train_split
     liked = feedback.get_examples(self.cfg, train).labels()
     keep = checked.keep.get(train)
@@ -132,16 +105,6 @@ class KTO(base.Objective):
     return feedback.make_feedback_iterator(self.cfg, tokenizer, split, keep=keep,
                                            ref_logps=self.tables.get(split), **kw)
 
-  def split_batch(self, host):
-    return {k: host[k] for k in self.batch_keys}, sft_lib.overlong_counts(host)
-
-  def state_entries(self, abstract_params, param_shardings):
-    if self.reference != 'copy':
-      return {}
-    return {'ref_params': base.StateEntry(
-        abstract_params, param_shardings, init=lambda params, key: jax.tree.map(jnp.copy, params),
-        saved=False)}
-
   def prepare(self, setup, tokenizer, splits, *, workdir, base, load_base):
     if self.reference == 'precomputed':  # the reference = init_from's params
       self.tables = ref_logps.tables(
@@ -155,17 +118,13 @@ class KTO(base.Objective):
 
   def sums(self, setup):
     """(sum of per-example losses, metric sums); normalised by examples."""
-    graphdef, lora, k, mode = setup.graphdef, setup.lora, self.cfg.kto, self.reference
+    graphdef, lora, k = setup.graphdef, setup.lora, self.cfg.kto
 
     def sums(weights, batch, rng):
-      pol, pol_kl, n, n_kl = dpo_lib.pair_logps(
+      pol, pol_kl, n, n_kl = paired.row_logps(
           graphdef, weights['params'], batch, adapters=weights.get('adapters'), lora=lora,
           dropout_rng=rng)
-      if mode == 'precomputed':
-        ref, ref_kl = losses.split_pairs(batch['ref_logps'])
-      else:
-        params = weights['params'] if mode == 'adapters_off' else weights['ref_params']
-        ref, ref_kl, _, _ = jax.lax.stop_gradient(dpo_lib.pair_logps(graphdef, params, batch))
+      ref, ref_kl = self.reference_logps(graphdef, weights, batch)
       liked, _ = losses.split_pairs(batch['label'])
       loss, st = losses.kto(pol, ref, liked, n > 0, pol_kl, ref_kl, n_kl > 0,
                             loss_type=k.loss_type, beta=k.beta,
@@ -178,9 +137,6 @@ class KTO(base.Objective):
       return jnp.sum(loss), out
 
     return sums
-
-  def denominator(self, batch):
-    return jnp.float32(batch['inputs'].shape[0] // 2)  # examples in the global batch
 
   def metrics(self, aux, denom):
     """loss and kl over the examples; rewards/logps over the examples of their label (0
@@ -197,33 +153,6 @@ class KTO(base.Objective):
 
   # ---- Eval ---------------------------------------------------------------------------
 
-  def eval_step(self, setup):
-    """(weights, batch) -> sums of the KTO loss and metrics over the batch's examples,
-    with 'examples' (no dropout)."""
-    sums = self.sums(setup)
-
-    def step(weights, batch):
-      _, aux = sums(weights, batch, None)
-      return dict(aux, examples=self.denominator(batch))
-
-    spec = self.batch_spec(2)
-    return forward.jit_eval(setup, step, forward.batch_shardings(setup.mesh, setup.rules,
-                                                                 spec))
-
-  def evaluate(self, eval_step, weights, tokenizer, mesh, process_index, process_count,
-               keep=None):
-    """The KTO loss and metrics over cfg.train.eval_batches batches of held-out examples:
-    eval_loss, eval_examples, eval/kl, eval/rewards/margins, ... (kl: the batches' z,
-    examples-weighted; no counts)."""
-    total = self.eval_outputs(eval_step, weights, tokenizer, mesh, process_index,
-                              process_count, keep=keep)
-    n = total.pop('examples')
-    m = {key: float(v) for key, v in self.metrics(total, n).items()
-         if not key.startswith('count/')}  # the split's, not the model's
-    out = {'eval_loss': m.pop('loss'), 'eval_examples': n}
-    out.update((f'eval/{key}', v) for key, v in m.items())
-    return out
-
   def answer_examples(self, tokenizer, split):
     """The first sft.eval_examples liked answers of the built-in held-out data as
     questions; none for other data: a liked completion is a good answer, not the only
@@ -232,9 +161,3 @@ class KTO(base.Objective):
     if limit <= 0 or k.source != 'jsonl' or k.eval_path or not formats.is_builtin(k.path):
       return []
     return feedback.answer_examples(self.cfg, split, limit, tokenizer)
-
-  def exact_match(self, graphdef, params, tokenizer, mesh, examples):
-    return sft_lib.chat_exact_match(self.cfg, graphdef, params, tokenizer, mesh, examples)
-
-  def sample_prompt(self, tokenizer, text):
-    return sft_lib.chat_sample_prompt(self.cfg, tokenizer, text)

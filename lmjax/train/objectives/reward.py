@@ -30,13 +30,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmjax import config as config_lib
-from lmjax.data import check as data_check
-from lmjax.data import formats, preference
+from lmjax.data import preference
 from lmjax.models import lora as lora_lib
 from lmjax.models import reward as reward_lib
 from lmjax.models import transformer
-from lmjax.train import forward, losses
-from lmjax.train.objectives import base
+from lmjax.train import losses
+from lmjax.train.objectives import paired
 from lmjax.train.objectives import sft as sft_lib
 
 GROUP = 'reward'
@@ -51,18 +50,17 @@ def pair_rewards(graphdef, params, batch, *, adapters=None, lora=None, dropout_r
   return reward_lib.last_token_rewards(model.scores(h), batch['segment_ids'] > 0)
 
 
-class Reward(base.Objective):
+class Reward(paired.Paired):
   """A Bradley-Terry reward model on preference pairs (see the module doc)."""
 
   name = 'reward'
-  rows_per_example = 2
+  group = GROUP
   normaliser = 'pairs'
   reducers = {'min_reward': 'min', 'max_reward': 'max'}
 
   def __init__(self, cfg):
     super().__init__(cfg)
     self.row_keys = {k: jnp.float32 for k in preference.GROUP_COLUMNS[GROUP]}
-    self.counters = tuple(f'{GROUP}/{k}' for k in formats.COUNTS)
 
   @classmethod
   def validate(cls, cfg):
@@ -92,16 +90,10 @@ class Reward(base.Objective):
 
   # ---- Data ---------------------------------------------------------------------------
 
-  def check_data(self, tokenizer, log):
-    return data_check.check_stage(self.cfg, tokenizer, GROUP, log=log)
-
   def iterator(self, tokenizer, split, *, source=None, keep=None, **kw):
     del source  # validate: no named sources
     return preference.make_pair_iterator(self.cfg, tokenizer, split, keep=keep, group=GROUP,
                                          **kw)
-
-  def split_batch(self, host):
-    return {k: host[k] for k in self.batch_keys}, sft_lib.overlong_counts(host)
 
   # ---- Loss ---------------------------------------------------------------------------
 
@@ -125,30 +117,4 @@ class Reward(base.Objective):
 
     return sums
 
-  def denominator(self, batch):
-    return jnp.float32(batch['inputs'].shape[0] // 2)  # pairs in the global batch
-
-  # ---- Eval ---------------------------------------------------------------------------
-
-  def eval_step(self, setup):
-    """(weights, batch) -> the loss and metric sums over the batch's pairs, its min / max
-    reward, and 'pairs' (no dropout)."""
-    sums = self.sums(setup)
-
-    def step(weights, batch):
-      _, aux = sums(weights, batch, None)
-      return dict(aux, pairs=self.denominator(batch))
-
-    return forward.jit_eval(setup, step, forward.batch_shardings(setup.mesh, setup.rules,
-                                                                 self.batch_spec(2)))
-
-  def evaluate(self, eval_step, weights, tokenizer, mesh, process_index, process_count,
-               keep=None):
-    """eval_loss, eval_pairs and eval/{accuracy, margin, mean_reward, min_reward,
-    max_reward} over cfg.train.eval_batches batches of held-out pairs."""
-    total = self.eval_outputs(eval_step, weights, tokenizer, mesh, process_index,
-                              process_count, keep=keep)
-    n = total.pop('pairs')
-    out = {'eval_loss': total.pop('loss') / n, 'eval_pairs': n}
-    out.update((f'eval/{k}', v if k in self.reducers else v / n) for k, v in total.items())
-    return out
+  # ---- Eval: Paired's (eval_loss, eval_pairs, eval/<metric> on held-out pairs) ---------
