@@ -5,8 +5,9 @@
 
 The loop, the step and the state use the objective's interface (objectives/base.py) and
 never ask which objective runs. A new objective is a module here with a subclass of
-base.Objective, its entry in OBJECTIVES and in config._CHOICES['stage'], its config
-group in config.base_config(), a config in configs/ and tests.
+base.Objective (or of paired.Paired / paired.Aligned for two-row examples, with or
+without a reference model), its entry in OBJECTIVES and in config._CHOICES['stage'], its
+config group in config.base_config(), a config in configs/ and tests.
 """
 
 from __future__ import annotations
