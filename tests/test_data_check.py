@@ -155,7 +155,22 @@ def test_builtin_tasks_pass_the_check_by_default(tok, tmp_path):
     result, lines = checked(cfg, tok)
     assert result.has_eval and not result.keep
     assert all(c.degenerate == 0 for c in result.splits.values())
-    assert 'by design' in lines[1] and not any(l.startswith('WARNING') for l in lines)
+    assert result.splits['validation'].overlap == 0  # held out: no train question
+    assert not any(l.startswith('WARNING') for l in lines)
+
+
+def test_builtin_task_splits_hold_disjoint_questions():
+  """Every task's held-out questions are unseen in training, also for the small tasks
+  (25 to 100 distinct questions), and each split still holds every task."""
+  question = lambda e: e['messages'][0]['content']
+  splits = {s: sft_task.make_examples(600, seed=0, split=s) for s in sft_task.SPLITS}
+  for task in sft_task.TASKS:
+    qs = {s: {question(e) for e in ex if e['task'] == task} for s, ex in splits.items()}
+    assert all(qs.values()), task
+    assert not qs['train'] & (qs['validation'] | qs['test']) and not qs['validation'] & qs['test']
+    assert all(sft_task.question_split(q) == s for s, q_set in qs.items() for q in q_set)
+  pairs = sft_task.make_pairs(300, seed=0, split='test')
+  assert all(sft_task.question_split(p['prompt'][0]['content']) == 'test' for p in pairs)
 
 
 # ---- Degenerate records ------------------------------------------------------------

@@ -23,8 +23,8 @@ The eval split (data.eval_split): a <group>.path without '{split}' holds the tra
 only, so there is none unless <group>.eval_path names one; the loop then skips eval_loss
 and exact match, and says so. An eval split that shares records (equal, by hash) or files
 with the train split is an error, or a warning with their count under
-<group>.allow_overlap. The built-in tasks repeat their small questions across splits by
-design (data/sft_task.py): their overlap is reported, not refused.
+<group>.allow_overlap. The built-in tasks' splits hold disjoint questions
+(data/sft_task.py), so they pass as any held-out data must.
 """
 
 from __future__ import annotations
@@ -191,14 +191,7 @@ def line(check: SplitCheck, cfg) -> str:
              f'({check.group}.overlong={g.overlong!r})')
   if check.overlap and check.split != cfg.data.train_split:
     text += f'; {check.overlap} also in the train split'
-    if _builtin(cfg, check.group):
-      text += ' (the built-in task repeats its small questions by design)'
   return text + f'; checked in {check.seconds:.2f}s'
-
-
-def _builtin(cfg, group: str) -> bool:
-  g = cfg[group]
-  return g.source == 'jsonl' and formats.is_builtin(g.path) and not g.eval_path
 
 
 def _shared_files(cfg, group: str) -> list[str]:
@@ -212,11 +205,11 @@ def _shared_files(cfg, group: str) -> list[str]:
 def check_overlap(cfg, train: SplitCheck, held: SplitCheck,
                   log: Callable[[str], None] = print) -> None:
   """Sets held.overlap (its records that the train split holds too); DataError when there
-  are any, unless <group>.allow_overlap (then a warning) or the data is a built-in task."""
+  are any, unless <group>.allow_overlap (then a warning)."""
   group = held.group
   held.overlap = int(np.isin(held.hashes, train.hashes).sum())
   shared = _shared_files(cfg, group)
-  if not (held.overlap or shared) or (_builtin(cfg, group) and held is not train):
+  if not (held.overlap or shared):
     return
   files = (f' (both splits read {", ".join(shared[:2])}{", ..." if len(shared) > 2 else ""})'
            if shared else '')

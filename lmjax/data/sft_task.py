@@ -9,9 +9,12 @@ deterministically from (seed, split). Tasks and expected difficulty for a tiny m
     upper        'Uppercase: cat' -> 'CAT'                        medium (copy + map)
     reverse      'Reverse: cat' -> 'tac'                          medium-hard (reorder)
     length       'How many letters in kqzt?' -> '4'               medium (counting 2-7)
-Words are random 3-letter strings (17,576 of them) so string tasks cannot be memorized;
-the small numeric/letter tasks repeat across splits by construction (they test that the
-format and the stop were learned, near 100% expected). Answers are one token or a few.
+Words are random 3-letter strings (17,576 of them) so string tasks cannot be memorized.
+The splits hold disjoint questions: a question belongs to one split by a hash of its text
+(question_split: about 10% test, 10% validation, 80% train), so held-out exact match is on
+questions the model never trained on, also for the small tasks (next_letter: 20 train, 2
+validation and 3 test questions; larger 75 / 10 / 5; add 81 / 8 / 11), where a split's
+examples repeat its few questions. Answers are one token or a few.
 
     root = write_task('/tmp/sft', seed=0, sizes={'train': 20000, 'validation': 500, 'test': 500})
     acc = evaluate.exact_match(gen, formats.file_answer_examples(root + '/test.jsonl', 'llama3'),
@@ -33,6 +36,9 @@ import tempfile
 from lmjax.data import sources
 
 TASKS = ('next_letter', 'larger', 'add', 'upper', 'reverse', 'length')
+# The version of the generated data, in the cache directories' names: files written by a
+# version whose splits shared questions are not reused.
+VERSION = 2
 SPLITS = ('train', 'validation', 'test')
 LETTERS = string.ascii_lowercase
 
@@ -64,15 +70,31 @@ def make_question(task: str, rng: random.Random) -> tuple[str, str]:
   raise ValueError(f'unknown task {task!r}; known: {TASKS}')
 
 
+def question_split(question: str) -> str:
+  """The split a question belongs to: 'test', 'validation' or 'train' (about 10 / 10 / 80%),
+  by a hash of its text."""
+  bucket = int(hashlib.sha256(f'lmjax-task-split/{question}'.encode()).hexdigest()[:8], 16)
+  return {0: 'test', 1: 'validation'}.get(bucket % 10, 'train')
+
+
+def draw_question(task: str, rng: random.Random, split: str) -> tuple[str, str]:
+  """make_question drawn until the question belongs to `split` (question_split); a split
+  named otherwise than SPLITS takes any question."""
+  while True:
+    q, a = make_question(task, rng)
+    if split not in SPLITS or question_split(q) == split:
+      return q, a
+
+
 def make_examples(n: int, seed: int = 0, split: str = 'train',
                   tasks: tuple[str, ...] = TASKS) -> list[dict]:
   """n examples {'messages': [user, assistant], 'task'}, tasks in turn, deterministic in
-  (seed, split)."""
+  (seed, split), the questions `split`'s (question_split)."""
   rng = random.Random(f'lmjax-sft-task/{seed}/{split}')
   out = []
   for i in range(n):
     task = tasks[i % len(tasks)]
-    q, a = make_question(task, rng)
+    q, a = draw_question(task, rng, split)
     out.append({'messages': [{'role': 'user', 'content': q},
                              {'role': 'assistant', 'content': a}], 'task': task})
   return out
@@ -106,12 +128,12 @@ def write_task(root: str, seed: int = 0, sizes: dict | None = None,
 
 
 def default_root(cfg) -> str:
-  """<data_dir>/sft_task/seed<task_seed>_<hash of the sizes>."""
+  """<data_dir>/sft_task/v<VERSION>_seed<task_seed>_<hash of the sizes>."""
   s = cfg.sft
   sizes = json.dumps(dict(s.task_sizes), sort_keys=True)
   tag = hashlib.sha256(sizes.encode()).hexdigest()[:8]
   return os.path.join(sources.default_data_dir(cfg.data), 'sft_task',
-                      f'seed{s.task_seed}_{tag}')
+                      f'v{VERSION}_seed{s.task_seed}_{tag}')
 
 
 def ensure(cfg) -> str:
@@ -152,12 +174,12 @@ def make_pairs(n: int, seed: int = 0, split: str = 'train',
   """n preference pairs {'prompt': [user], 'chosen': [assistant], 'rejected': [assistant],
   'task'} from the SFT task's questions: chosen = the correct answer, rejected = a
   plausible wrong one (never equal to it). Deterministic in (seed, split); the questions
-  are drawn from their own stream, not the SFT examples'."""
+  are `split`'s (question_split), drawn from their own stream, not the SFT examples'."""
   rng = random.Random(f'lmjax-pref-task/{seed}/{split}')
   out = []
   for i in range(n):
     task = tasks[i % len(tasks)]
-    q, a = make_question(task, rng)
+    q, a = draw_question(task, rng, split)
     w = wrong_answer(task, q, a, rng)
     assert w != a, (task, q, a, w)
     out.append({'prompt': [{'role': 'user', 'content': q}],
@@ -180,7 +202,7 @@ def ensure_pairs(cfg, group: str = 'dpo') -> str:
   sizes = json.dumps(dict(d.task_sizes), sort_keys=True)
   tag = hashlib.sha256(sizes.encode()).hexdigest()[:8]
   root = os.path.join(sources.default_data_dir(cfg.data), 'pref_task',
-                      f'seed{d.task_seed}_{tag}')
+                      f'v{VERSION}_seed{d.task_seed}_{tag}')
   if not all(os.path.exists(os.path.join(root, f'{s}.jsonl')) for s in d.task_sizes):
     write_pairs(root, d.task_seed, dict(d.task_sizes))
     print(f'lmjax: wrote the synthetic preference task to {root}', flush=True)
