@@ -170,12 +170,13 @@ def test_one_device_and_eight_give_the_same_step(base):
             'grad_norm', 'pairs'):
     assert m8[k] == pytest.approx(m1[k], rel=1e-5, abs=1e-6), k
   assert m1['pairs'] == 8 and m1['min_reward'] < m1['max_reward']
-  # Adam's first step moves each entry by lr·g/(|g| + eps): where g is ~0 the step is
-  # sensitive to the reduction order, so a few entries may differ by a fraction of lr.
+  # Adam's first step moves each entry by lr·g/(|g| + eps): where g is ~0 its sign (and so
+  # the step, up to ±lr) depends on the reduction order, so a few entries may differ by up
+  # to 2·lr; the gradients themselves agree (grad_norm above).
   lr = cfg.optim.lr
   for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)):
     diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
-    assert diff.max() < 0.05 * lr
+    assert diff.max() <= 2 * lr * (1 + 1e-3)
     assert np.mean(diff > 1e-5 * np.abs(np.asarray(b)) + 1e-6) < 1e-2
 
 
