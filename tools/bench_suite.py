@@ -60,8 +60,12 @@ SUITES = {
         Case('1b lora bf16 base', B1, ONE + (('lora.base_dtype', 'bfloat16'),), mode='lora'),
         Case('125m packed (max_segments 32)', B125, (('model.max_segments', 32),)),
         Case('1b packed (max_segments 32)', B1, (('model.max_segments', 32),)),
-        Case('125m xla attention', B125, (('model.attention', 'xla'),)),
-        Case('125m unrolled layers', B125, ONE + (('model.scan_layers', False),)),
+        # xla attention keeps each layer's f32 [B, heads, T, T] scores for the gradient:
+        # batch 8 fits where 32 would need ~72 GiB more.
+        Case('125m xla attention batch 8', B125,
+             (('model.attention', 'xla'), ('train.global_batch', 8))),
+        Case('125m batch 8', B125, ONE + (('train.global_batch', 8),)),
+        Case('125m scanned layers', B125, ONE + (('model.scan_layers', True),)),
         Case('125m loss_chunk 512', B125, ONE + (('model.loss_chunk', 512),)),
         Case('125m batch 64 remat dots_no_batch', B125,
              ONE + (('train.global_batch', 64), ('model.remat', 'dots_no_batch'))),
@@ -73,6 +77,9 @@ SUITES = {
         Case('1b full dpo (copy)', B1, ONE, objective='dpo'),
         Case('1b full dpo (precomputed)', B1, ONE + (('dpo.reference', 'precomputed'),),
              objective='dpo'),
+        Case('1b unrolled layers', B1, ONE + (('model.scan_layers', False),)),
+        Case('1b lora unrolled layers', B1, ONE + (('model.scan_layers', False),), mode='lora'),
+        Case('125m batch 64', B125, ONE + (('train.global_batch', 64),)),
     ),
 }
 
