@@ -11,7 +11,9 @@ prompt length are rounded up to powers of two to limit recompiles.
 
 Sampling, per step: logits / temperature, then top-k, then top-p (the smallest set of
 tokens, most likely first, whose probability sums to >= top_p; the top token is always
-kept), then a draw. temperature 0 is greedy (argmax). Draws depend only on (seed, step,
+kept), then a draw (`sampling_logits`); each drawn token's log-prob under that truncated,
+renormalised distribution comes back with it (what online RL's importance ratios need,
+recomputed by the trainer with the same function). temperature 0 is greedy (argmax). Draws depend only on (seed, step,
 batch bucket), so a seed reproduces its samples.
 
 `sample` is the text-in, text-out wrapper the train loop prints a sample with.
@@ -44,33 +46,59 @@ class GenerateOutput:
   stopped: [B] bool, whether the row ended on a stop token.
   steps: tokens decoded per row before the loop ended (< max_new_tokens if every row
     stopped early).
+  logprobs: [B, max_new_tokens] float32, each generated token's log-prob under the
+    distribution it was drawn from (after temperature, top-k and top-p, renormalised:
+    `sampling_logits`), the stop token's included; 0 after it, and everywhere when greedy.
   """
   tokens: np.ndarray
   lengths: np.ndarray
   stopped: np.ndarray
   steps: int
+  logprobs: np.ndarray | None = None
 
   def ids(self) -> list[list[int]]:
     """Each row's generated ids, without the stop token."""
     return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
 
 
-def _choose(key, logits, temperature, top_p, *, top_k: int, greedy: bool, use_top_p: bool):
-  """logits [B, V] float32 -> token ids [B] int32 (see the module docstring)."""
-  if greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / temperature
-  k = min(top_k or (logits.shape[-1] if use_top_p else 0), logits.shape[-1])
+def sampling_logits(logits, temperature, top_p, *, top_k: int, use_top_p: bool, keep=None):
+  """The logits of the distribution a draw is made from: logits / temperature, and -inf
+  outside the kept set: top-k, then top-p (the smallest prefix of the top-k tokens, most
+  likely first, whose renormalised probability sums to >= top_p; the top token is always
+  kept). float32 [..., V]. keep: token ids [...] kept in any case (a trainer recomputing a
+  sampled token's log-prob after the policy moved: the token stays in the support).
+
+  The sampler draws from these logits and a trainer recomputes log-probs with this same
+  function, so the two agree (log_softmax of the result at the drawn token)."""
+  x = logits.astype(jnp.float32) / temperature
+  v = x.shape[-1]
+  k = min(top_k or (v if use_top_p else 0), v)
   if not k:
-    return jax.random.categorical(key, logits).astype(jnp.int32)
-  vals, idx = jax.lax.top_k(logits, k)  # sorted, most likely first
+    return x
+  vals = jax.lax.top_k(x, k)[0]  # sorted, most likely first
   if use_top_p:
     probs = jax.nn.softmax(vals, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (mass_before < top_p).at[:, 0].set(True)
-    vals = jnp.where(keep, vals, -jnp.inf)
-  choice = jax.random.categorical(key, vals)
-  return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    n_kept = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1), 1)  # a prefix
+  else:
+    n_kept = jnp.full(x.shape[:-1], k)
+  threshold = jnp.take_along_axis(vals, (n_kept - 1)[..., None], axis=-1)
+  kept = x >= threshold
+  if keep is not None:
+    kept |= jnp.arange(v) == keep[..., None]
+  return jnp.where(kept, x, -jnp.inf)
+
+
+def _choose(key, logits, temperature, top_p, *, top_k: int, greedy: bool, use_top_p: bool):
+  """logits [B, V] float32 -> (token ids [B] int32, their log-probs [B] under the
+  distribution drawn from: `sampling_logits`; 0 for greedy)."""
+  if greedy:
+    tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return tok, jnp.zeros(tok.shape, jnp.float32)
+  x = sampling_logits(logits, temperature, top_p, top_k=top_k, use_top_p=use_top_p)
+  tok = jax.random.categorical(key, x).astype(jnp.int32)
+  logp = jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), tok[:, None], axis=-1)[:, 0]
+  return tok, logp
 
 
 def _decode_loop(model, prompts, lengths, live, stop_ids, key, temperature, top_p, pad_id,
@@ -85,31 +113,34 @@ def _decode_loop(model, prompts, lengths, live, stop_ids, key, temperature, top_
   h, cache = model.decode_hidden(prompts, positions, cache, 0, kv_mask)
   logits = model.unembed(h[:, -1])
 
-  def emit(i, tok, out, n_gen, stopped, done):
+  def emit(i, picked, out, logps, n_gen, stopped, done):
+    tok, logp = picked
     tok = jnp.where(done, pad_id, tok)
     out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
+    logps = jax.lax.dynamic_update_slice(logps, jnp.where(done, 0.0, logp)[:, None], (0, i))
     hit = ~done & jnp.isin(tok, stop_ids)
     n_gen = n_gen + (~done & ~hit)
-    return tok, out, n_gen, stopped | hit, done | hit
+    return tok, out, logps, n_gen, stopped | hit, done | hit
 
   pick = lambda i, logits: choose(jax.random.fold_in(key, i), logits, temperature, top_p)
   out = jnp.full((b, n), pad_id, jnp.int32)
+  logps = jnp.zeros((b, n), jnp.float32)
   zeros = jnp.zeros((b,), jnp.int32)
-  carry = (jnp.int32(1), *emit(0, pick(0, logits), out, zeros, zeros > 0, ~live), cache)
+  carry = (jnp.int32(1), *emit(0, pick(0, logits), out, logps, zeros, zeros > 0, ~live), cache)
 
   def cond(carry):
-    i, done = carry[0], carry[5]
+    i, done = carry[0], carry[6]
     return (i < n) & ~jnp.all(done)
 
   def body(carry):
-    i, tok, out, n_gen, stopped, done, cache = carry
+    i, tok, out, logps, n_gen, stopped, done, cache = carry
     # Token i-1 sits at slot p + i - 1 with position lengths + i - 1.
     logits, cache = model.decode(tok[:, None], (lengths + i - 1)[:, None], cache,
                                  p + i - 1, kv_mask)
-    return (i + 1, *emit(i, pick(i, logits[:, 0]), out, n_gen, stopped, done), cache)
+    return (i + 1, *emit(i, pick(i, logits[:, 0]), out, logps, n_gen, stopped, done), cache)
 
-  i, _, out, n_gen, stopped, _, _ = jax.lax.while_loop(cond, body, carry)
-  return out, n_gen, stopped, i
+  i, _, out, logps, n_gen, stopped, _, _ = jax.lax.while_loop(cond, body, carry)
+  return out, logps, n_gen, stopped, i
 
 
 @partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'top_k', 'greedy',
@@ -206,13 +237,13 @@ def generate(graphdef, params, prompt_tokens: Sequence[Sequence[int]], *, max_ne
     scalars = jax.device_put(scalars, NamedSharding(mesh, P()))
   mesh_rules = (mesh, _hashable_rules(rules) if rules else None) if mesh is not None else None
   greedy = temperature == 0
-  out, n_gen, stopped, steps = _generate(
+  out, logps, n_gen, stopped, steps = jax.device_get(_generate(
       graphdef, params, *batched, *scalars, max_new_tokens=int(max_new_tokens),
       top_k=0 if greedy else int(top_k), greedy=greedy,
-      use_top_p=not greedy and top_p < 1.0, mesh_rules=mesh_rules)
-  out, n_gen, stopped, steps = jax.device_get((out, n_gen, stopped, steps))
+      use_top_p=not greedy and top_p < 1.0, mesh_rules=mesh_rules))
   return GenerateOutput(tokens=np.asarray(out)[:b], lengths=np.asarray(n_gen)[:b],
-                        stopped=np.asarray(stopped)[:b], steps=int(steps))
+                        stopped=np.asarray(stopped)[:b], steps=int(steps),
+                        logprobs=np.asarray(logps)[:b])
 
 
 def sample(graphdef, params, tokenizer, prompts: list, *, max_new_tokens: int = 64,

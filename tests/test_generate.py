@@ -172,7 +172,7 @@ def test_top_p_keeps_smallest_set_reaching_p():
 
   def draws(top_p, top_k=0):
     one = lambda k: gen._choose(k, logits, 1.0, top_p, top_k=top_k, greedy=False,
-                                use_top_p=top_p < 1)[0]
+                                use_top_p=top_p < 1)[0][0]  # (tokens, log-probs)
     return np.bincount(np.asarray(jax.vmap(one)(keys)), minlength=4) / len(keys)
 
   f = draws(0.7)  # 0.5 < 0.7 <= 0.5 + 0.3: keeps {1, 3}, renormalised to 5:3

@@ -7,6 +7,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def logit_stats(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -18,23 +19,24 @@ def logit_stats(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.A
 
 
 def chunked_logit_stats(hidden: jax.Array, unembed: Callable[[jax.Array], jax.Array],
-                        targets: jax.Array, chunk: int = 0) -> tuple[jax.Array, jax.Array]:
-  """logit_stats of unembed(hidden) ([B, T, D] -> [B, T, V]) computed `chunk` positions
-  at a time (chunk 0 or >= T: at once). Each chunk's logits are rematerialised in the
-  backward pass (jax.checkpoint inside a scan), so float32 logits for the whole batch
-  never exist: peak logits memory is B x chunk x V instead of B x T x V."""
+                        targets: jax.Array, chunk: int = 0, stats=logit_stats) -> tuple:
+  """stats(unembed(hidden), targets) ([B, T, D] -> [B, T, V] -> a tuple of [B, T]; default
+  logit_stats) computed `chunk` positions at a time (chunk 0 or >= T: at once). Each
+  chunk's logits are rematerialised in the backward pass (jax.checkpoint inside a scan),
+  so float32 logits for the whole batch never exist: peak logits memory is B x chunk x V
+  instead of B x T x V."""
   b, t = targets.shape
   if not chunk or chunk >= t:
-    return logit_stats(unembed(hidden), targets)
+    return stats(unembed(hidden), targets)
   if t % chunk:
     raise ValueError(f'model.loss_chunk={chunk} must divide the sequence length {t}')
   n = t // chunk
   split = lambda x: jnp.swapaxes(x.reshape((b, n, chunk) + x.shape[2:]), 0, 1)
-  stats = jax.checkpoint(lambda h, y: logit_stats(unembed(h), y))
-  _, (lse, tl) = jax.lax.scan(lambda c, xs: (c, stats(*xs)), None,
-                              (split(hidden), split(targets)))
+  chunk_stats = jax.checkpoint(lambda h, y: stats(unembed(h), y))
+  _, out = jax.lax.scan(lambda c, xs: (c, chunk_stats(*xs)), None,
+                        (split(hidden), split(targets)))
   join = lambda x: jnp.swapaxes(x, 0, 1).reshape(b, t)
-  return join(lse), join(tl)
+  return tuple(join(x) for x in out)
 
 
 def nll_sums(lse: jax.Array, target_logit: jax.Array, mask: jax.Array,
@@ -246,3 +248,120 @@ def bradley_terry(reward_chosen: jax.Array, reward_rejected: jax.Array, *,
   rc, rr = jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
   metrics = {'accuracy': (rc > rr).astype(jnp.float32), 'margin': rc - rr}
   return loss, metrics
+
+
+# ---- Online RL (GRPO and its variants) -----------------------------------------------
+
+GRPO_LOSSES = ('grpo', 'bnpo', 'dr_grpo', 'dapo')
+SCALE_REWARDS = ('group', 'batch', 'none')
+ADVANTAGE_EPS = 1e-4  # added to the std before dividing (TRL's)
+
+
+def group_advantages(rewards, group_size: int, scale: str = 'group'):
+  """Group-normalised advantages of rewards [N·G] (numpy, on the host: rewards come from
+  Python), each prompt's G completions consecutive: A = (r - mean of its group) / (std +
+  1e-4), the std of its group ('group'), of the whole batch ('batch'), or no division
+  ('none'). The std is the unbiased one (ddof 1, torch.std's, as TRL computes it), so G = 2
+  with different rewards gives A = ±1/√2 ≈ ±0.7071. Returns (advantages float64 [N·G],
+  zero_std bool [N·G]: the completion's group has rewards all equal, so A = 0)."""
+  if scale not in SCALE_REWARDS:
+    raise ValueError(f'scale_rewards must be one of {SCALE_REWARDS}, got {scale!r}')
+  r = np.asarray(rewards, np.float64)
+  if r.ndim != 1 or r.size % group_size:
+    raise ValueError(f'{r.shape} rewards do not split into groups of {group_size}')
+  g = r.reshape(-1, group_size)
+  group_std = g.std(axis=1, ddof=1) if group_size > 1 else np.zeros(len(g))
+  adv = (g - g.mean(axis=1, keepdims=True)).reshape(-1)
+  zero_std = np.repeat(np.isclose(group_std, 0.0), group_size)
+  if scale == 'group':
+    adv = adv / np.repeat(group_std + ADVANTAGE_EPS, group_size)
+  elif scale == 'batch':
+    adv = adv / ((r.std(ddof=1) if r.size > 1 else 0.0) + ADVANTAGE_EPS)
+  return adv, zero_std
+
+
+def sampling_stats(logits: jax.Array, targets: jax.Array, *, temperature: float,
+                   top_k: int = 0, top_p: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """(log-prob of each target, entropy) [..., T] float32 under the distribution a sampler
+  with these settings draws from (generate.sampling_logits: logits / temperature, top-k
+  and top-p, renormalised; the target always in the support): what online RL's ratios
+  and KL need to equal the sampler's own log-probs. The kept set is a constant of the
+  gradient (it depends on the logits only through a comparison)."""
+  from lmjax import generate  # pylint: disable=import-outside-toplevel
+  x = generate.sampling_logits(logits, temperature, top_p, top_k=top_k,
+                               use_top_p=top_p < 1.0, keep=targets)
+  logp = jax.nn.log_softmax(x, axis=-1)
+  target = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  p = jnp.exp(logp)
+  entropy = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
+  return target, jax.lax.stop_gradient(entropy)
+
+
+def grpo_sums(logps: jax.Array, old_logps: jax.Array, advantages: jax.Array,
+              mask: jax.Array, *, loss_type: str = 'grpo', epsilon_low: float = 0.2,
+              epsilon_high: float = 0.2, beta: float = 0.0,
+              ref_logps: jax.Array | None = None, max_completion_length: int = 1,
+              entropy: jax.Array | None = None) -> tuple[jax.Array, dict, jax.Array]:
+  """The GRPO loss of completion tokens, as TRL's GRPOTrainer computes it (TRL 0.2x):
+
+    ρ = exp(logp - old_logp)                                (per token)
+    l = -min(ρ·A, clip(ρ, 1 - ε_low, 1 + ε_high)·A) + β·k3,
+    k3 = exp(ref - logp) - (ref - logp) - 1  (>= 0; 0 with its gradient where π = π_ref)
+
+  logps, old_logps, ref_logps [R, T] (the completion tokens' log-probs under the policy,
+  the policy that sampled them, the reference), advantages [R], mask [R, T] (1 on
+  completion tokens, their stop token included). Aggregation, by loss_type, as
+  (sum, normaliser) so that sums of micro-batches over a global normaliser are exact:
+    grpo     each completion's token mean, averaged over completions:
+             (Σ_i Σ_t l·m / max(n_i, 1), rows)
+    bnpo     the token mean of the batch given (one micro-batch): (Σ l·m / max(Σ m, 1), 1)
+    dr_grpo  (Σ l·m, rows · max_completion_length)  (Dr. GRPO: no length bias)
+    dapo     (Σ l·m, Σ m)  (the token mean over the global batch)
+  With old_logps equal to logps (one update per rollout, μ = 1) every ρ is 1, so the
+  loss is the mean of -A, which is 0 where each group's advantages sum to 0, while its
+  gradient, -A·∇logp, is not.
+
+  Returns (loss sum, metric sums over the mask's tokens: 'kl' (k3, with a reference),
+  'clip_ratio/low_mean' (ρ < 1 - ε_low with A < 0), 'clip_ratio/high_mean' (ρ > 1 +
+  ε_high with A > 0), 'clip_ratio/region_mean' (either), 'entropy' (if given),
+  'completion_tokens'; normaliser)."""
+  if loss_type not in GRPO_LOSSES:
+    raise ValueError(f'loss_type must be one of {GRPO_LOSSES}, got {loss_type!r}')
+  mask = mask.astype(jnp.float32)
+  adv = advantages.astype(jnp.float32)[:, None]
+  ratio = jnp.exp(logps - old_logps)
+  clipped = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+  per_token = -jnp.minimum(ratio * adv, clipped * adv)
+  metrics = {}
+  if beta and ref_logps is not None:
+    d = ref_logps - logps
+    kl = jnp.exp(d) - d - 1.0
+    per_token = per_token + beta * kl
+    metrics['kl'] = jnp.sum(jax.lax.stop_gradient(kl) * mask)
+  ratio = jax.lax.stop_gradient(ratio)
+  low = ((ratio < 1.0 - epsilon_low) & (adv < 0)).astype(jnp.float32)
+  high = ((ratio > 1.0 + epsilon_high) & (adv > 0)).astype(jnp.float32)
+  metrics.update({'clip_ratio/low_mean': jnp.sum(low * mask),
+                  'clip_ratio/high_mean': jnp.sum(high * mask),
+                  'clip_ratio/region_mean': jnp.sum(jnp.maximum(low, high) * mask),
+                  'completion_tokens': jnp.sum(mask)})
+  if entropy is not None:
+    metrics['entropy'] = jnp.sum(entropy * mask)
+  rows = jnp.float32(logps.shape[0])
+  if loss_type == 'grpo':
+    n = jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+    return jnp.sum(jnp.sum(per_token * mask, axis=-1) / n), metrics, rows
+  total = jnp.sum(per_token * mask)
+  if loss_type == 'bnpo':
+    return total / jnp.maximum(jnp.sum(mask), 1.0), metrics, jnp.float32(1.0)
+  if loss_type == 'dr_grpo':
+    return total, metrics, rows * max_completion_length
+  return total, metrics, jnp.sum(mask)
+
+
+def grpo_loss(logps, old_logps, advantages, mask, **kw) -> tuple[jax.Array, dict]:
+  """grpo_sums over one batch as TRL logs it: (loss, each metric as a mean over the
+  batch's completion tokens)."""
+  total, m, normaliser = grpo_sums(logps, old_logps, advantages, mask, **kw)
+  n = jnp.maximum(m.pop('completion_tokens'), 1.0)
+  return total / normaliser, {k: v / n for k, v in m.items()}
