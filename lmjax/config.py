@@ -356,6 +356,45 @@ def base_config() -> ml_collections.ConfigDict:
       center_rewards_coefficient=0.0,
   )
 
+  # Online RL (stage='grpo', train/objectives/grpo.py): each step samples
+  # num_generations completions of every prompt of the batch (train.global_batch prompts)
+  # on the training mesh, scores them with reward functions, and updates the policy
+  # towards the better ones (GRPO and its DAPO / Dr. GRPO variants, as TRL's GRPOTrainer).
+  cfg.grpo = dict(
+      # jsonl | tfds: {"prompt": str | [messages], ...} records; every other field is a
+      # column the reward functions receive (e.g. "answer"). Conversations {"messages":
+      # [..., assistant]} work too: the prompt is the turns before the last, which
+      # becomes the "answer" column.
+      source='jsonl',
+      path='',                # JSONL with '{split}'; 'builtin:synthetic' = the built-in
+                              # task's questions (sft.task_sizes / task_seed), with answers.
+      eval_path='',           # held-out prompts (data.eval_split), as sft.eval_path.
+      allow_overlap=False,    # as sft.allow_overlap.
+      on_degenerate='drop',   # an empty prompt, or one that leaves no room for
+      max_degenerate=0.05,    # max_completion_length tokens within data.seq_len.
+      on_error='skip',        # skip | fail: malformed JSONL lines.
+      tfds_name='',
+      num_generations=4,      # G: completions per prompt (a group).
+      max_completion_length=32,
+      # Sampling; the trainer's log-probs are taken under the same distribution
+      # (temperature, top-k, top-p, renormalised), so the first update's ratios are 1.
+      temperature=1.0,
+      top_k=0,
+      top_p=1.0,
+      # Comma-separated reward functions: 'module.path:function' with TRL's signature
+      # f(prompts, completions, completion_ids, **columns) -> list[float | None], or a
+      # built-in: exact_match (the 'answer' column), format (one short line).
+      reward_funcs='exact_match',
+      reward_weights='',      # comma-separated weights, one per function ('' = all 1.0).
+      scale_rewards='group',  # group | batch | none: the std advantages are divided by.
+      loss_type='dapo',       # grpo | bnpo | dr_grpo | dapo (losses.grpo_sums).
+      epsilon_low=0.2,        # the clipped surrogate's range: [1 - low, 1 + high].
+      epsilon_high=0.2,
+      beta=0.0,               # > 0: + beta x KL(policy || reference), the k3 estimator.
+      reference='auto',       # auto | adapters_off | copy (the KL's reference, beta > 0).
+      num_iterations=1,       # μ: optimizer updates on each batch of completions.
+  )
+
   # LoRA adapters (models/lora.py): the base params are frozen, only adapters train.
   cfg.lora = dict(
       enabled=False,
@@ -605,7 +644,7 @@ _CHOICES = {
     'data.source': ('local_text', 'tfds', 'jsonl', 'parquet', 'hf_disk'),
     'data.on_error': ('fail', 'skip'),
     'tokenizer.model_type': ('bpe', 'unigram'),
-    'stage': ('pretrain', 'sft', 'dpo', 'kto', 'reward'),
+    'stage': ('pretrain', 'sft', 'dpo', 'kto', 'reward', 'grpo'),
     'train.wandb.mode': ('', 'online', 'offline', 'disabled'),
     'dpo.reference': ('auto', 'adapters_off', 'copy', 'precomputed'),
     'sft.source': ('jsonl', 'tfds'),
@@ -628,6 +667,12 @@ _CHOICES = {
     'reward.overlong': ('truncate', 'drop'),
     'reward.on_error': ('skip', 'fail'),
     'reward.on_degenerate': ('drop', 'warn', 'fail'),
+    'grpo.source': ('jsonl', 'tfds'),
+    'grpo.on_error': ('skip', 'fail'),
+    'grpo.on_degenerate': ('drop', 'warn', 'fail'),
+    'grpo.scale_rewards': ('group', 'batch', 'none'),
+    'grpo.loss_type': ('grpo', 'bnpo', 'dr_grpo', 'dapo'),
+    'grpo.reference': ('auto', 'adapters_off', 'copy'),
 }
 
 

@@ -1,13 +1,15 @@
 """Benchmarks a config's train step: one table row per mode.
 
   python tools/bench.py --config=configs/pretrain_tiny.py [--steps=10] [--warmup=2]
-      [--mode=full|lora|both] [--objective=lm|dpo|kto|both|all] [--data=synthetic|real]
+      [--mode=full|lora|both] [--objective=lm|dpo|kto|grpo|both|all] [--data=synthetic|real]
       [--config.KEY=VALUE ...] [--peak_tflops=X] [--json=out.json] [--matmuls]
 
 Columns: device (count x kind), mode, objective (lm: next-token, the pretraining and SFT
 step; dpo: train.global_batch pairs = twice the rows, with its reference: adapters_off /
 copy / precomputed; kto: train.global_batch examples = twice the rows too, each with its
-KL row, the same tokens as dpo's; both = lm and dpo, all = lm, dpo and kto), params (the
+KL row, the same tokens as dpo's; grpo: the update on train.global_batch x
+grpo.num_generations rows, every token a completion token, plus the rollout's generated
+tokens/s; both = lm and dpo, all = lm, dpo, kto and grpo), params (the
 model's), trainable (what the optimizer updates), optimizer-state bytes (all devices),
 batch x seq, tokens/s, MFU, step time, peak memory per device (compiled.memory_analysis():
 arguments + outputs + temporaries - aliased), compile time. --config.KEY=VALUE overrides a
@@ -60,9 +62,11 @@ def _prepare(cfg, mode: str, objective: str, devices=None):
   cfg = cfg.copy_and_resolve_references()
   with cfg.unlocked():
     cfg.lora.enabled = mode == 'lora'
-    if objective in ('dpo', 'kto'):
+    if objective in ('dpo', 'kto', 'grpo'):
       cfg.stage = objective
-    elif cfg.stage in ('dpo', 'kto'):
+      if objective == 'grpo' and not cfg.grpo.path:
+        cfg.grpo.path = 'builtin:synthetic'  # prompts are not read: rows are synthetic
+    elif cfg.stage in ('dpo', 'kto', 'grpo'):
       raise config_lib.ConfigError(f"objective='lm' with a stage={cfg.stage!r} config: use "
                                    f'objective={cfg.stage!r}')
   if mode == 'lora':
@@ -158,6 +162,9 @@ def run(cfg, *, mode: str = 'full', objective: str = 'lm', steps: int = 10, warm
       host['ref_logps'] = np.full((gb,), -float(seq), np.float32)
     if 'label' in keys:  # KTO: liked and disliked examples (each with its KL row) alternate
       host['label'] = (np.arange(gb) // 2 % 2).astype(np.int32)
+    if 'old_logps' in keys:  # GRPO: every token a completion token, advantages ±1
+      host['old_logps'] = np.full((gb, seq), -np.log(cfg.model.vocab_size), np.float32)
+      host['advantages'] = np.where(np.arange(gb) % 2, -1.0, 1.0).astype(np.float32)
     fixed = sharding.place_batch(host, mesh, cfg.rules)
     it = None
     next_batch = lambda: fixed
@@ -189,6 +196,9 @@ def run(cfg, *, mode: str = 'full', objective: str = 'lm', steps: int = 10, warm
     if it is not None:
       it.close()
 
+  rollout = {}
+  if objective == 'grpo':
+    rollout = _rollout_rate(cfg, setup, state, steps=max(1, steps // 5))
   dev = mesh.devices.flat[0]
   peak = peak_tflops * 1e12 if peak_tflops else metrics_lib.peak_flops(dev)
   tps = steps * gb * seq / dt
@@ -203,8 +213,39 @@ def run(cfg, *, mode: str = 'full', objective: str = 'lm', steps: int = 10, warm
       'tokens_per_s': tps, 'mfu': flops / (peak * mesh.devices.size) if peak else None,
       'step_s': dt / steps, 'peak_mem_bytes': peak_mem, 'compile_s': compile_s,
       'data_wait_frac': wait / dt, 'loss': loss, 'data': data,
-      'remat': cfg.model.remat, 'dtype': cfg.model.dtype,
+      'remat': cfg.model.remat, 'dtype': cfg.model.dtype, **rollout,
   }
+
+
+def _rollout_rate(cfg, setup, state, steps: int) -> dict:
+  """GRPO's sampling: train.global_batch random prompts of data.seq_len -
+  grpo.max_completion_length tokens, grpo.num_generations completions each, the full
+  max_completion_length (no stop token) from the state's params, with the KV-cache sampler
+  on the training mesh (after one untimed compile): {'rollout_tokens_per_s' (generated
+  tokens), 'rollout_s' (one rollout)}."""
+  import numpy as np
+
+  from lmjax import generate
+  from lmjax.train import step as step_lib
+  g = cfg.grpo
+  rng = np.random.default_rng(1)
+  p = cfg.data.seq_len - g.max_completion_length
+  prompts = [rng.integers(3, cfg.model.vocab_size, p).tolist()
+             for _ in range(cfg.train.global_batch) for _ in range(g.num_generations)]
+  params = step_lib.make_merge(setup)(setup.weights(state))
+
+  def once(seed):
+    return generate.generate(setup.graphdef, params, prompts,
+                             max_new_tokens=g.max_completion_length,
+                             temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                             seed=seed, mesh=setup.mesh, rules=setup.rules)
+
+  once(0)
+  t0 = time.perf_counter()
+  for i in range(steps):
+    out = once(i + 1)
+  dt = (time.perf_counter() - t0) / steps
+  return {'rollout_tokens_per_s': float(out.lengths.sum()) / dt, 'rollout_s': dt}
 
 
 HEADER = ('device', 'mode', 'objective', 'params', 'trainable', 'opt state', 'batch x seq', 'tokens/s',
@@ -240,7 +281,7 @@ def main(argv) -> int:
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--mode', default='full', choices=('full', 'lora', 'both'))
   parser.add_argument('--objective', default='lm',
-                      choices=('lm', 'dpo', 'kto', 'both', 'all'))
+                      choices=('lm', 'dpo', 'kto', 'grpo', 'both', 'all'))
   parser.add_argument('--data', default='synthetic', choices=('synthetic', 'real'))
   parser.add_argument('--peak_tflops', type=float, default=None,
                       help='per-device peak for MFU (default: the datasheet bf16 figure)')
@@ -257,7 +298,7 @@ def main(argv) -> int:
   overrides = {k: config_path.get_value(k, cfg) for k in
                (f.split('=', 1)[0].split('.', 1)[1] for f in flags)}
   modes = ('full', 'lora') if args.mode == 'both' else (args.mode,)
-  objectives = {'both': ('lm', 'dpo'), 'all': ('lm', 'dpo', 'kto')}.get(
+  objectives = {'both': ('lm', 'dpo'), 'all': ('lm', 'dpo', 'kto', 'grpo')}.get(
       args.objective, (args.objective,))
   rows = []
   if args.matmuls:
@@ -285,6 +326,12 @@ def main(argv) -> int:
             f'per token ({dpo["step_s"] / lm["step_s"]:.2f}x the step time for '
             f'{dpo["batch"] / lm["batch"]:.0f}x the rows; reference '
             f'{dpo["objective"].split("(")[-1].rstrip(")")})')
+    grpo = by.get((m, 'grpo'))
+    if grpo and lm:  # the update on rows of the same length (G completions per prompt)
+      print(f'{m}: GRPO update vs LM step: {lm["tokens_per_s"] / grpo["tokens_per_s"]:.2f}x '
+            f'the time per token; rollout {grpo["rollout_tokens_per_s"]:,.0f} generated '
+            f'tokens/s ({grpo["rollout_s"]:.2f} s for {grpo["batch"]} completions of '
+            f'{cfg.grpo.max_completion_length} tokens)')
     kto = by.get((m, 'kto'))
     if kto and dpo:  # the same tokens: B examples + their KL rows vs B pairs
       print(f'{m}: KTO vs DPO step: {kto["step_s"] / dpo["step_s"]:.2f}x the step time on '

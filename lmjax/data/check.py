@@ -9,6 +9,8 @@ Degenerate records teach nothing, or the wrong thing:
          an empty (or blank) completion; a prompt that leaves no room for a completion.
     kto: an empty (or blank) completion; a prompt that leaves no room for a completion
          (judged with the example's KL row, as the pipeline encodes them together).
+    grpo: an empty (or blank) prompt; one that leaves no room for
+         grpo.max_completion_length tokens within data.seq_len.
     reward: the same as dpo (its pairs are read the same way; equal rows get equal
          rewards: no gradient).
 Every record of a split is encoded as the pipeline encodes it (template, tokenizer,
@@ -37,7 +39,7 @@ from typing import Callable
 
 import numpy as np
 
-from lmjax.data import feedback, formats, preference
+from lmjax.data import feedback, formats, preference, prompts
 from lmjax.data.sources import DataError
 
 CATEGORIES = {  # group -> (category, how a count of it reads)
@@ -48,9 +50,13 @@ CATEGORIES = {  # group -> (category, how a count of it reads)
             ('no_room', 'whose prompt leaves no room for a completion within data.seq_len')),
     'kto': (('empty_completion', 'with an empty completion'),
             ('no_room', 'whose prompt leaves no room for a completion within data.seq_len')),
+    'grpo': (('empty_prompt', 'with an empty prompt'),
+             ('no_room', 'whose prompt leaves no room for grpo.max_completion_length '
+              'tokens within data.seq_len')),
 }
 CATEGORIES['reward'] = CATEGORIES['dpo']
-UNITS = {'sft': 'examples', 'dpo': 'pairs', 'kto': 'examples', 'reward': 'pairs'}
+UNITS = {'sft': 'examples', 'dpo': 'pairs', 'kto': 'examples', 'reward': 'pairs',
+         'grpo': 'prompts'}
 
 
 @dataclasses.dataclass
@@ -116,6 +122,8 @@ def _records(cfg, split: str, group: str):
     return formats.get_conversations(cfg, split)
   if group == 'kto':
     return feedback.get_examples(cfg, split)
+  if group == 'grpo':
+    return prompts.get_prompts(cfg, split)
   return preference.get_pairs(cfg, split, group)
 
 
@@ -139,6 +147,11 @@ def check_split(cfg, tokenizer, split: str, group: str) -> SplitCheck:
       _, mask = formats.encode(rec, tokenizer, template)
       fate = formats.overlong_fate(mask, seq_len, g.overlong)
       flags[i] = (_blank(rec), fate == 'no_room')
+    elif group == 'grpo':  # (prompt turns, columns)
+      n = len(prompts.encode_prompt(rec[0], tokenizer, template))
+      fate = None  # a prompt too long is degenerate (no_room), never cut
+      flags[i] = (all(not t['content'].strip() for t in rec[0]),
+                  n > prompts.max_prompt_length(cfg))
     elif group == 'kto':  # (prompt, completion, KL partner's completion, liked)
       enc = preference.encode_pair(rec[:3], tokenizer, template)
       fate = preference.pair_fate(enc, seq_len, g.overlong)

@@ -255,7 +255,9 @@ def split_files(cfg, split: str, group: str = 'sft') -> list[str]:
   if not path.strip():
     raise DataError(empty_path_message(field.split('.')[0]))
   if is_builtin(path):
-    root = sft_task.ensure(cfg) if group == 'sft' else sft_task.ensure_pairs(cfg, group)
+    # conversations (SFT; GRPO's prompts with their answers) or preference pairs
+    root = (sft_task.ensure(cfg) if group in ('sft', 'grpo')
+            else sft_task.ensure_pairs(cfg, group))
     return [os.path.join(root, f'{split}.jsonl')]
   return split_files_of(path, split, field)
 
@@ -438,14 +440,25 @@ def answer_normalizer(template: str, tokenizer=None):
   marker starts: a generation cut by max_new_tokens mid-marker still yields its answer),
   then keeps the first line, stripped. (The model's template ends answers with a special
   stop token, which generation stops at.)"""
-  end = end_marker(resolve_template(template, tokenizer))
+  cut = end_cutter(template, tokenizer)
 
   def normalize(text: str) -> str:
-    if end:
-      text = text.split(end, 1)[0].split('<|', 1)[0]
-    return text.strip().split('\n', 1)[0].strip()
+    return cut(text).strip().split('\n', 1)[0].strip()
 
   return normalize
+
+
+def end_cutter(template: str, tokenizer=None):
+  """text -> text before a built-in template's end-of-turn marker (for the marker
+  templates, before the first '<|', where any marker starts), the rest unchanged: a
+  generated answer as its reader sees it. (The model's template ends answers with a stop
+  token, which generation stops at.)"""
+  end = end_marker(resolve_template(template, tokenizer))
+
+  def cut(text: str) -> str:
+    return text.split(end, 1)[0].split('<|', 1)[0] if end else text
+
+  return cut
 
 
 def file_answer_examples(path: str, template: str = 'llama3', limit: int | None = None

@@ -49,6 +49,20 @@ def row_logps(graphdef, params, batch, *, adapters=None, lora=None, dropout_rng=
   return losses.sequence_sums(*stats, batch['loss_mask'])
 
 
+def sampling_logps(graphdef, params, batch, sampling: dict, *, adapters=None, lora=None,
+                   dropout_rng=None):
+  """(log-prob of each target, entropy) [rows, T] under the distribution a sampler with
+  `sampling` ({'temperature', 'top_k', 'top_p'}) draws from (losses.sampling_stats),
+  computed model.loss_chunk positions at a time when set."""
+  params = lora_lib.effective_params(params, adapters)
+  model = nnx.merge(graphdef, params)
+  h = model.hidden(batch['inputs'], batch['positions'], batch['segment_ids'],
+                   adapters=adapters, lora=lora, dropout_rng=dropout_rng)
+  unembed = lambda x: sharding.constrain(model.unembed(x), ('batch', 'length', 'vocab'))
+  stats = lambda logits, targets: losses.sampling_stats(logits, targets, **sampling)
+  return losses.chunked_logit_stats(h, unembed, batch['targets'], model.cfg.loss_chunk, stats)
+
+
 def check_host_batch(cfg, host: dict) -> None:
   """What the step cannot check on device: with model.attention='cudnn', every row holds
   at most model.max_segments runs of segment ids (a clear error, before the step)."""

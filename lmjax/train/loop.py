@@ -131,6 +131,8 @@ def _eval_line(step: int, e: dict) -> str:
   shown = lambda k: k.startswith('eval/') and not k.startswith(('eval/logps/', 'eval/rewards/c',
                                                                  'eval/rewards/rej'))
   named = ''.join(f', {name(k)} {v:.4f}' for k, v in e.items() if shown(k))
+  if 'eval_loss' not in e:  # an online objective's eval: rewards, no loss
+    return f'step {step}: eval{named[1:]}'
   return f'step {step}: eval_loss {e["eval_loss"]:.4f}{named}'
 
 
@@ -256,11 +258,19 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   def save(step, force=False):
     ckpt.save(step, setup.saved(state), cfg, data_iter=train_iter, force=force, meta=run_meta)
 
-  def next_batch():
-    host, counts = objective.split_batch(next(train_iter))  # counted here, not on device
+  def next_batch(step):
+    """(the step's device batch, seconds spent reading it): as read, or for an online
+    objective sampled from the current policy (rollout metrics kept for the log)."""
+    t = time.perf_counter()
+    host = next(train_iter)
+    read_s = time.perf_counter() - t
+    host, rollout_m = objective.rollout(setup, tok, state, host, step)
+    if rollout_m:
+      window_rollout.append(rollout_m)
+    host, counts = objective.split_batch(host)  # counted here, not on device
     window_counts[:] += counts
     step_lib.check_host_batch(cfg, host)
-    return sharding.place_batch(host, mesh, cfg.rules)
+    return sharding.place_batch(host, mesh, cfg.rules), read_s
 
   def log_counts():
     """The objective's counters over this log window, summed over all processes."""
@@ -282,11 +292,11 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
     report(_eval_line(0, run_eval(0)))
   window_t, window_steps, data_s = time.perf_counter(), 0, 0.0
   window_counts = np.zeros(len(objective.counters), np.int64)  # this process's, since the last log
+  window_rollout = []  # an online objective's rollout metrics since the last log
   with _Preemption() as preempt:
     for step in range(start, cfg.train.steps):
-      t_data = time.perf_counter()
-      batch = next_batch()
-      data_s += time.perf_counter() - t_data
+      batch, read_s = next_batch(step)
+      data_s += read_s
       with jax.transfer_guard('disallow'):  # no implicit host<->device copies in the step
         state, m = compiled(state, batch)
       window_steps += 1
@@ -314,10 +324,17 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
         m.update(tokens_per_s=tps, step_s=dt / window_steps, data_wait_frac=data_s / dt,
                  mfu=(flops_per_step * window_steps / dt / (peak * n_dev)) if peak else None)
         m.update(log_counts())
+        if window_rollout:  # an online objective's rollouts, averaged over the window
+          m.update({k: float(np.mean([r[k] for r in window_rollout if k in r]))
+                    for k in window_rollout[-1]})
+          window_rollout.clear()
         writer.write(done, m)
         history.append({'step': done, **m})
         if progress is not None:
-          progress.set_postfix(loss=f'{m["loss"]:.3f}', tok_s=f'{tps:,.0f}')
+          shown = dict(loss=f'{m["loss"]:.3f}', tok_s=f'{tps:,.0f}')
+          if 'reward' in m:
+            shown['reward'] = f'{m["reward"]:.3f}'
+          progress.set_postfix(**shown)
         window_t, window_steps, data_s = time.perf_counter(), 0, 0.0
 
       if eval_every > 0 and (done % eval_every == 0 or done == cfg.train.steps):

@@ -91,12 +91,17 @@ def guarded(cfg) -> bool:
   return bool(cfg.train.skip_bad_steps)
 
 
-def optimizer(cfg) -> optax.GradientTransformation:
+def optimizer(cfg, updates_per_step: int = 1) -> optax.GradientTransformation:
+  """AdamW on lr_schedule(cfg), which counts train steps: with several optimizer updates
+  per step (an objective's updates_per_step) they share their step's learning rate."""
   o = cfg.optim
   parts = []
   if o.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(o.clip_norm))
-  parts.append(optax.adamw(lr_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps,
+  schedule = lr_schedule(cfg)
+  if updates_per_step > 1:
+    schedule = lambda count, base=schedule: base(count // updates_per_step)
+  parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps,
                            weight_decay=o.weight_decay, mask=_decay_mask))
   tx = optax.chain(*parts)
   if guarded(cfg):
@@ -213,7 +218,7 @@ def make_setup(cfg, mesh: Mesh, objective=None) -> Setup:
   graphdef, specs, shapes = logical_param_specs(cfg)
   param_sh = sharding.tree_shardings(specs, shapes, mesh, rules)
   n_params = transformer.count_params(shapes)
-  tx = optimizer(cfg)
+  tx = optimizer(cfg, objective.updates_per_step)
   state_sh = {'step': sharding.replicated(mesh), 'params': param_sh}
   abstract_state = {'step': jax.ShapeDtypeStruct((), jnp.int32)}
   lora = None

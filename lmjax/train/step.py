@@ -37,7 +37,8 @@ def make_train_step(cfg, setup: Setup) -> Callable:
 
   The loss is the objective's sums divided by its normaliser over the global batch
   (loss tokens, or pairs). Under gradient accumulation micro-batch gradients of *sums* are
-  added, then divided once.
+  added, then divided once. An objective with updates_per_step > 1 (GRPO's μ) makes that
+  many optimizer updates on the step's batch; the step counter advances by one.
   """
   tx, obj = setup.tx, setup.objective
   accum = cfg.train.grad_accum
@@ -49,10 +50,12 @@ def make_train_step(cfg, setup: Setup) -> Callable:
     return total / denom, aux
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  iterations = obj.updates_per_step
 
-  def step(state, batch):
+  def update(state, batch, rng):
+    """One optimizer update on `batch`: (the state with new trainable entries and
+    optimizer state, its metrics)."""
     trainable = setup.get_trainable(state)
-    rng = dropout_key(cfg, state['step'])
     denom = obj.denominator(batch)
     if accum == 1:
       (_, aux), grads = grad_fn(trainable, state, batch, denom, rng)
@@ -83,11 +86,23 @@ def make_train_step(cfg, setup: Setup) -> Callable:
     metrics.update({
         'grad_norm': optax.tree.norm(grads),
         'param_norm': optax.tree.norm(new_trainable),  # of what trains (adapters w/ LoRA)
-        'lr': schedule(state['step']),
     })
     metrics[obj.normaliser] = denom
-    new_state = setup.put_trainable(state, new_trainable)
-    return dict(new_state, step=state['step'] + 1, opt_state=opt_state), metrics
+    return dict(setup.put_trainable(state, new_trainable), opt_state=opt_state), metrics
+
+  def step(state, batch):
+    rng = dropout_key(cfg, state['step'])
+    if iterations == 1:
+      new_state, metrics = update(state, batch, rng)
+    else:  # the objective's updates on one batch (GRPO's μ): metrics averaged over them
+      def body(s, i):
+        return update(s, batch, None if rng is None else jax.random.fold_in(rng, i))
+      new_state, stacked = jax.lax.scan(body, state, jnp.arange(iterations))
+      last = ('skipped', 'skipped_steps', 'skipped_in_a_row')
+      metrics = {k: v[-1] if k in last else jnp.mean(v.astype(jnp.float32), axis=0)
+                 for k, v in stacked.items()}
+    metrics['lr'] = schedule(state['step'])
+    return dict(new_state, step=state['step'] + 1), metrics
 
   batch_sh = forward.batch_shardings(setup.mesh, setup.rules, obj.batch_spec(1))
   jitted = jax.jit(step, in_shardings=(setup.state_shardings, batch_sh),

@@ -1,7 +1,7 @@
 """Training objectives: one module per objective, chosen by cfg.stage here and only here.
 
     objective = objectives.get(cfg)     # lm.LM ('pretrain'), sft.SFT, dpo.DPO, kto.KTO,
-                                        # reward.Reward
+                                        # reward.Reward, grpo.GRPO
 
 The loop, the step and the state use the objective's interface (objectives/base.py) and
 never ask which objective runs. A new objective is a module here with a subclass of
@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from lmjax.train.objectives.base import Objective, StateEntry
 from lmjax.train.objectives.dpo import DPO
+from lmjax.train.objectives.grpo import GRPO
 from lmjax.train.objectives.kto import KTO
 from lmjax.train.objectives.lm import LM
 from lmjax.train.objectives.reward import Reward
 from lmjax.train.objectives.sft import SFT
 
 OBJECTIVES: dict[str, type[Objective]] = {'pretrain': LM, 'sft': SFT, 'dpo': DPO,
-                                          'kto': KTO, 'reward': Reward}
+                                          'kto': KTO, 'reward': Reward, 'grpo': GRPO}
 
 __all__ = ['OBJECTIVES', 'Objective', 'StateEntry', 'get', 'validate']
 

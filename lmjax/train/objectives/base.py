@@ -5,13 +5,16 @@ state use without asking which objective runs.
 An objective owns:
   - its config checks (`validate`, a classmethod: config.validate calls it, no devices);
   - its data: the batch stream (`iterator`), how many rows one train.global_batch unit is
-    (`rows_per_example`: 2 for a pair), the per-row arrays its device batch adds to the
-    token arrays (`row_keys`, e.g. 'ref_logps' or a 'label'), the data check before
-    compiling (`check_data`) and its host-side counters (`counters`, `split_batch`);
+    (`rows_per_example`: 2 for a pair), the per-row and per-token arrays its device batch
+    adds to the token arrays (`row_keys`, e.g. 'ref_logps' or a 'label'; `token_keys`),
+    the data check before compiling (`check_data`), its host-side counters (`counters`,
+    `split_batch`) and, for an online objective, the rows it samples from the policy
+    before each step (`rollout`: GRPO's completions);
   - its extra state (`state_entries`): frozen entries such as DPO's reference copy, or
     trainable ones such as an extra head, next to the model's params;
   - anything computed once before training (`prepare`: DPO's precomputed references);
-  - its loss (`sums`: loss sums and metric sums of a batch) and normaliser
+  - its loss (`sums`: loss sums and metric sums of a batch; `updates_per_step` optimizer
+    updates on each batch) and normaliser
     (`denominator`, logged as `normaliser`: loss tokens or pairs), how metric sums of
     micro-batches combine (`reducers`: a sum by default, or a min / max) and the logged
     metrics they give (`metrics`: each sum over the normaliser by default, or, e.g.,
@@ -63,10 +66,12 @@ class Objective:
   rows_per_example = 1        # rows of a batch per train.global_batch unit
   normaliser = 'loss_tokens'  # the logged denominator's name
   needs_base = False          # its state depends on the run's base model (init_from)
+  updates_per_step = 1        # optimizer updates per train step on the step's batch
 
   def __init__(self, cfg):
     self.cfg = cfg
     self.row_keys: dict[str, Any] = {}   # per-row arrays of the device batch: dtype
+    self.token_keys: dict[str, Any] = {}  # per-token ([rows, seq_len]) ones: dtype
     self.counters: tuple[str, ...] = ()  # metric names of split_batch's counts
 
   # ---- Config -------------------------------------------------------------------------
@@ -80,7 +85,7 @@ class Objective:
   @property
   def batch_keys(self) -> tuple[str, ...]:
     """The arrays of a device batch."""
-    return forward.TOKEN_KEYS + tuple(self.row_keys)
+    return forward.TOKEN_KEYS + tuple(self.row_keys) + tuple(self.token_keys)
 
   def batch_spec(self, rows: int) -> dict:
     """{key: (shape, dtype)} of a global batch of `rows` rows."""
@@ -88,6 +93,7 @@ class Objective:
     for k in forward.TOKEN_KEYS:
       out[k] = ((rows, seq), jnp.float32 if k == 'loss_mask' else jnp.int32)
     out.update((k, ((rows,), dtype)) for k, dtype in self.row_keys.items())
+    out.update((k, ((rows, seq), dtype)) for k, dtype in self.token_keys.items())
     return out
 
   def check_data(self, tokenizer, log):
@@ -116,6 +122,13 @@ class Objective:
 
     return pipeline.shard_iterator(make, self.cfg.data.shards, batch_size=batch_size,
                                    process_index=process_index, process_count=process_count)
+
+  def rollout(self, setup, tokenizer, state, host: dict, step: int) -> tuple[dict, dict]:
+    """(the host batch to train on, metrics of making it) from the batch the data
+    iterator read: an online objective samples its rows from the policy in `state` (at
+    train step `step`); an offline one trains on the batch as read."""
+    del setup, tokenizer, state, step
+    return host, {}
 
   def split_batch(self, host: dict) -> tuple[dict, np.ndarray]:
     """(the device batch's arrays, this batch's counts for `counters`) of a host batch."""
