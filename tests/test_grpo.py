@@ -171,3 +171,70 @@ def test_lora_run_with_kl_logs_trl_metrics_and_resumes_exactly(base, tmp_path):
   keys = ('loss', 'kl', 'reward', 'completions/mean_length', 'grad_norm')
   pick = lambda w: {r['step']: tuple(r[k] for k in keys) for r in _rows(w)}
   assert pick(straight) == pick(split)
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_on_one_and_eight_devices_takes_the_same_steps(base, tmp_path):
+  """Full fine-tuning, μ = 2 updates a rollout, KL to a frozen copy: the 1-device run
+  samples the same completions and takes the same steps as the 8-device one."""
+  from lmjax.train import loop  # pylint: disable=import-outside-toplevel
+  runs = {}
+  for n in (1, 8):
+    cfg = _run_cfg(base, lora=False, beta=0.05, num_iterations=2, train={'steps': 2})
+    cfg.mesh.update(data=n)
+    out = loop.train(cfg, str(tmp_path / f'd{n}'), devices=jax.devices()[:n])
+    runs[n] = _rows(str(tmp_path / f'd{n}')), jax.device_get(out.state['params'])
+  (r1, p1), (r8, p8) = runs[1], runs[8]
+  for a, b in zip(r1, r8):
+    assert a['completions/mean_length'] == b['completions/mean_length']  # same samples
+    assert a['reward'] == b['reward']
+    for key in ('loss', 'kl', 'grad_norm', 'entropy'):
+      assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+  assert r1[-1]['kl'] > 0
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-5), p1, p8)
+
+
+def test_grpo_loss_is_zero_at_one_update_a_rollout_and_none_rewards_are_skipped(base, tmp_path):
+  """loss_type 'grpo', μ = 1: every ratio is 1 (float32 compute), each group's advantages
+  sum to 0, so the loss is 0 while the gradient is not. A reward function that abstains
+  on half the completions gives finite rewards."""
+  from lmjax.train import loop  # pylint: disable=import-outside-toplevel
+  cfg = _run_cfg(base, loss_type='grpo', reward_funcs='test_grpo:short_answers,'
+                 'test_grpo:no_opinion', reward_weights='', train={'steps': 2})
+  cfg.model.dtype = 'float32'
+  loop.train(cfg, str(tmp_path / 'run'))
+  rows = _rows(str(tmp_path / 'run'))
+  assert len(rows) == 2
+  for r in rows:
+    assert abs(r['loss']) < 1e-6 and r['grad_norm'] > 1e-4
+    assert r['rewards/no_opinion/mean'] == 1.0 and np.isfinite(r['reward'])
+    assert r['clip_ratio/region_mean'] == 0.0
+
+
+@pytest.mark.parametrize('override, message', [
+    (dict(num_generations=1), 'grpo.num_generations must be >= 2'),
+    (dict(max_completion_length=128), 'grpo.max_completion_length'),
+    (dict(temperature=0.0), 'grpo.temperature must be positive'),
+    (dict(top_p=0.0), 'grpo.top_p'),
+    (dict(num_iterations=0), 'grpo.num_iterations'),
+    (dict(reward_funcs='no_such_module:fn'), "grpo.reward_funcs: 'no_such_module:fn'"),
+    (dict(reward_funcs='exactmatch'), 'neither a built-in'),
+    (dict(reward_weights='1,2'), 'grpo.reward_weights has 2 weights for 2'),
+    (dict(reward_weights='a'), 'grpo.reward_weights must be comma-separated numbers'),
+    (dict(reference='adapters_off', beta=0.1, lora=False), 'needs lora.enabled'),
+])
+def test_config_errors_name_the_field(base, override, message):
+  from lmjax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from lmjax.errors import UserError  # pylint: disable=import-outside-toplevel
+  override = dict(override)
+  lora = override.pop('lora', True)
+  if 'reward_weights' in override and override['reward_weights'] == '1,2':
+    override['reward_funcs'] = 'exact_match'
+    message = 'grpo.reward_weights has 2 weights for 1'
+  cfg = _run_cfg(base, lora=lora, **override)
+  with pytest.raises(UserError, match=message.replace('(', r'\(')):  # one line, the field
+    config_lib.validate(cfg)
+  cfg = _run_cfg(base, beta=0.1)
+  cfg.init_from.path = ''
+  with pytest.raises(config_lib.ConfigError, match='grpo.beta > 0 needs init_from.path'):
+    config_lib.validate(cfg)
