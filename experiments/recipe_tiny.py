@@ -1,14 +1,14 @@
 """The whole recipe in one command: pretrain -> LoRA SFT -> DPO on the tiny model, and,
-with --stages, KTO and a reward model from the same SFT model.
+with --stages, KTO, a reward model and GRPO (online RL) from the same SFT model.
 
   python experiments/recipe_tiny.py                       # ~10 min on a 2-core CPU
-  python experiments/recipe_tiny.py --stages=all          # + KTO and the reward model
+  python experiments/recipe_tiny.py --stages=all          # + KTO, reward model, GRPO
   python experiments/recipe_tiny.py --smoke --root=/tmp/r # ~2 min: what CI runs (--stages=all)
 
 Each stage is a shipped config (configs/pretrain_tiny.py, sft_lora_tiny.py, dpo_tiny.py,
-kto_tiny.py, reward_tiny.py) whose init_from is its parent stage's workdir
-(<root>/<stage>): SFT continues pretraining; DPO, KTO and the reward model each start
-from the SFT model. --stages names the stages to run (default pretrain,sft,dpo; 'all':
+kto_tiny.py, reward_tiny.py, grpo_tiny.py) whose init_from is its parent stage's workdir
+(<root>/<stage>): SFT continues pretraining; DPO, KTO, the reward model and GRPO each
+start from the SFT model. --stages names the stages to run (default pretrain,sft,dpo; 'all':
 every one), each with its parent. A stage whose workdir already holds its final step is
 not retrained, so a re-run only completes what is missing (an interrupted stage resumes
 from its last checkpoint). Then it measures every generating stage's model the same way,
@@ -42,9 +42,10 @@ STAGES = {
     'dpo': ('configs/dpo_tiny.py', 'sft'),
     'kto': ('configs/kto_tiny.py', 'sft'),
     'reward': ('configs/reward_tiny.py', 'sft'),
+    'grpo': ('configs/grpo_tiny.py', 'sft'),
 }
 DEFAULT_STAGES = 'pretrain,sft,dpo'
-GENERATES = ('pretrain', 'sft', 'dpo', 'kto')  # a reward model scores, it does not write
+GENERATES = ('pretrain', 'sft', 'dpo', 'kto', 'grpo')  # a reward model scores, not writes
 
 
 def parse_stages(arg: str) -> list[str]:
@@ -86,12 +87,14 @@ def summarize(workdir: str) -> dict:
   from lmjax.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
   rows = metrics_lib.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
   train = [r for r in rows if 'loss' in r]
-  evals = [r for r in rows if 'eval_loss' in r]
+  evals = [r for r in rows if 'eval_loss' in r or 'eval/reward' in r]  # GRPO: no loss
   out = {'steps': train[-1]['step'] if train else 0,
          'train_loss': train[-1]['loss'] if train else None}
   if evals:
     first, last = evals[0], evals[-1]
-    out.update(eval_loss_start=first['eval_loss'], eval_loss=last['eval_loss'],
+    out.update(eval_loss_start=first.get('eval_loss'), eval_loss=last.get('eval_loss'),
+               # GRPO's greedy held-out completions, scored by its reward functions
+               eval_reward_start=first.get('eval/reward'), eval_reward=last.get('eval/reward'),
                val_exact_match=last.get('eval/exact_match'),
                # DPO's implicit rewards (TRL's names), a reward model's own; KTO: no accuracy
                reward_accuracy=last.get('eval/rewards/accuracies', last.get('eval/accuracy')),
@@ -162,17 +165,18 @@ def table(results: dict) -> str:
   def fmt(v, spec='.3f'):
     return '-' if v is None else format(v, spec)
   head = ('| stage | steps | wall | train loss | eval loss (start -> end) | val exact match '
-          '| reward acc (held-out, start -> end) | test exact match |')
-  def acc(r):
-    if r.get('reward_accuracy') is None:
+          '| reward acc (held-out, start -> end) | eval reward (start -> end) '
+          '| test exact match |')
+  def acc(r, key='reward_accuracy'):
+    if r.get(key) is None:
       return '-'
-    return f'{fmt(r.get("reward_accuracy_start"))} -> {fmt(r["reward_accuracy"])}'
-  lines = [head, '|' + '---|' * 8]
+    return f'{fmt(r.get(key + "_start"))} -> {fmt(r[key])}'
+  lines = [head, '|' + '---|' * 9]
   for name, r in results.items():
     wall = '-' if r['wall_s'] is None else f'{r["wall_s"] / 60:.1f} min'
     lines.append(f'| {name} | {r["steps"]} | {wall} | {fmt(r["train_loss"])} | '
                  f'{fmt(r.get("eval_loss_start"))} -> {fmt(r.get("eval_loss"))} | '
-                 f'{fmt(r.get("val_exact_match"))} | {acc(r)} | '
+                 f'{fmt(r.get("val_exact_match"))} | {acc(r)} | {acc(r, "eval_reward")} | '
                  f'{fmt(r.get("test_exact_match"))} |')
   return '\n'.join(lines)
 

@@ -14,7 +14,7 @@ from lmjax.train import metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
-STAGES = ('pretrain', 'sft', 'dpo', 'kto', 'reward')
+STAGES = ('pretrain', 'sft', 'dpo', 'kto', 'reward', 'grpo')
 
 
 def _run(args, cwd=ROOT, timeout=900):
@@ -27,8 +27,8 @@ def _run(args, cwd=ROOT, timeout=900):
 @pytest.fixture(scope='module')
 def recipe(tmp_path_factory):
   """experiments/recipe_tiny.py --smoke --stages=all: the shipped stage configs chained
-  (pretrain_tiny:smoke -> sft_lora_tiny:smoke -> dpo_tiny, kto_tiny and reward_tiny
-  :smoke, each from the SFT run). (stdout, root)"""
+  (pretrain_tiny:smoke -> sft_lora_tiny:smoke -> dpo_tiny, kto_tiny, reward_tiny and
+  grpo_tiny :smoke, each from the SFT run). (stdout, root)"""
   root = str(tmp_path_factory.mktemp('recipe'))
   quiet = [f'--config.{s}.train.progress_bar=False' for s in STAGES]
   out = _run(['experiments/recipe_tiny.py', '--smoke', '--stages=all', f'--root={root}',
@@ -44,13 +44,13 @@ def smoke_run(recipe):
 
 def test_recipe_chains_the_stages_and_prints_their_metrics(recipe):
   out, root = recipe
-  assert out.count('--- sample') == 4 and 'step 20: eval_loss' in out  # no reward sample
+  assert out.count('--- sample') == 5 and 'step 20: eval_loss' in out  # no reward sample
   assert 'LoRA r=16' in out and 'train_params=embed' in out  # the SFT config
   assert f'params from init_from {root}/pretrain' in out
-  assert out.count(f'params from init_from {root}/sft') == 3
+  assert out.count(f'params from init_from {root}/sft') == 4
   assert all(f'stage {s}' in out for s in STAGES)
   table = out[out.index('| stage |'):].splitlines()
-  assert [line.split('|')[1].strip() for line in table[2:7]] == list(STAGES)
+  assert [line.split('|')[1].strip() for line in table[2:8]] == list(STAGES)
   res = json.load(open(os.path.join(root, 'recipe.json')))
   assert [res[s]['steps'] for s in STAGES[:3]] == [20, 10, 10]
   assert res['kto']['reward_margin'] is not None and res['kto']['reward_accuracy'] is None
@@ -63,11 +63,15 @@ def test_recipe_chains_the_stages_and_prints_their_metrics(recipe):
   acc, n = res['dpo']['reward_accuracy'], dpo_evals[-1]['eval_pairs']
   assert acc == dpo_evals[-1]['eval/rewards/accuracies']
   assert round(acc * n) == pytest.approx(acc * n)  # a fraction of the held-out pairs
-  assert all(res[s]['test_n'] == 24 for s in STAGES[:4])
+  assert all(res[s]['test_n'] == 24 for s in STAGES if s != 'reward')
+  grpo = res['grpo']  # its evals score greedy held-out answers with its reward function
+  assert grpo['steps'] == 6 and grpo['eval_loss'] is None
+  assert 0 <= grpo['eval_reward_start'] <= 1 and 0 <= grpo['eval_reward'] <= 1
+  assert 'eval reward (start -> end)' in table[0]
   # A second run finds every stage done and only measures.
   again = _run(['experiments/recipe_tiny.py', '--smoke', '--stages=all', f'--root={root}',
                 '--test_limit=4', '--config.sft.train.steps=10'])
-  assert again.count('(done: not retrained)') == 5 and 'compiled train step' not in again
+  assert again.count('(done: not retrained)') == 6 and 'compiled train step' not in again
 
 
 def test_notebook_example_runs(smoke_run):
