@@ -73,16 +73,21 @@ def test_bench_dpo_step_against_the_lm_step(tmp_path, capsys):
 @pytest.mark.slow
 def test_bench_kto_step_on_the_dpo_tokens(tmp_path, capsys):
   """--objective=all: a KTO row (B examples + their KL rows) on the same rows as the DPO
-  row (B pairs), and the KTO vs DPO ratio line."""
+  row (B pairs), a GRPO row (G completions of B prompts, and its rollout rate), and the
+  ratio lines."""
   out = tmp_path / 'rows.jsonl'
   argv = ['--config', os.path.join(ROOT, 'configs', 'pretrain_tiny.py'), '--steps', '1',
           '--warmup', '1', '--mode', 'lora', '--objective', 'all', '--json', str(out)]
   assert bench.main(argv + [f'--config.{s}' for s in SMALL]) == 0
   rows = {r['objective']: r for r in map(json.loads, out.read_text().splitlines())}
-  assert set(rows) == {'lm', 'dpo (adapters_off)', 'kto (adapters_off)'}
+  assert set(rows) == {'lm', 'dpo (adapters_off)', 'kto (adapters_off)', 'grpo'}
   kto, dpo = rows['kto (adapters_off)'], rows['dpo (adapters_off)']
   assert kto['batch'] == dpo['batch'] == 2 * rows['lm']['batch'] and kto['loss'] > 0
-  assert 'lora: KTO vs DPO step: ' in capsys.readouterr().out
+  grpo = rows['grpo']  # G = 4 completions of each prompt, and the rollout's rate
+  assert grpo['batch'] == 4 * rows['lm']['batch'] and grpo['rollout_tokens_per_s'] > 0
+  printed = capsys.readouterr().out
+  assert 'lora: KTO vs DPO step: ' in printed and 'lora: GRPO update vs LM step: ' in printed
+  assert 'lora: GRPO rollout: ' in printed
 
 
 @pytest.mark.parametrize('name,params', [('llama_125m', 125.8e6), ('llama_1b', 1107.4e6)])

@@ -327,11 +327,14 @@ def main(argv) -> int:
             f'{dpo["batch"] / lm["batch"]:.0f}x the rows; reference '
             f'{dpo["objective"].split("(")[-1].rstrip(")")})')
     grpo = by.get((m, 'grpo'))
-    if grpo and lm:  # the update on rows of the same length (G completions per prompt)
+    if grpo:
+      print(f'{m}: GRPO rollout: {grpo["rollout_tokens_per_s"]:,.0f} generated tokens/s '
+            f'({grpo["rollout_s"]:.2f} s for {grpo["batch"]} completions of '
+            f'{cfg.grpo.max_completion_length} tokens); update step {grpo["step_s"]:.3f} s')
+    if grpo and lm:  # rows of the same length (G completions per prompt)
       print(f'{m}: GRPO update vs LM step: {lm["tokens_per_s"] / grpo["tokens_per_s"]:.2f}x '
-            f'the time per token; rollout {grpo["rollout_tokens_per_s"]:,.0f} generated '
-            f'tokens/s ({grpo["rollout_s"]:.2f} s for {grpo["batch"]} completions of '
-            f'{cfg.grpo.max_completion_length} tokens)')
+            f'the time per token ({grpo["step_s"] / lm["step_s"]:.2f}x the step time for '
+            f'{grpo["batch"] / lm["batch"]:.0f}x the rows)')
     kto = by.get((m, 'kto'))
     if kto and dpo:  # the same tokens: B examples + their KL rows vs B pairs
       print(f'{m}: KTO vs DPO step: {kto["step_s"] / dpo["step_s"]:.2f}x the step time on '
