@@ -393,6 +393,11 @@ def base_config() -> ml_collections.ConfigDict:
       beta=0.0,               # > 0: + beta x KL(policy || reference), the k3 estimator.
       reference='auto',       # auto | adapters_off | copy (the KL's reference, beta > 0).
       num_iterations=1,       # μ: optimizer updates on each batch of completions.
+      # DAPO's dynamic sampling: drop the groups whose rewards are all equal (no
+      # advantage, no gradient) and sample more prompts until the batch is full, at most
+      # max_resample extra rounds a step (then the batch is filled with dropped groups).
+      dynamic_sampling=False,
+      max_resample=4,
   )
 
   # LoRA adapters (models/lora.py): the base params are frozen, only adapters train.

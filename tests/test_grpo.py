@@ -119,6 +119,13 @@ def no_opinion(prompts, completions, completion_ids, **columns):
   return [None if i % 2 else 1.0 for i in range(len(completions))]
 
 
+def flat_on_add(prompts, completions, completion_ids, task=None, **columns):
+  """Equal rewards for every completion of an 'add' question (a group with no advantage);
+  for the rest the parity of the first token, which varies between samples."""
+  return [1.0 if t == 'add' else float(ids[0] % 2) if ids else 0.0
+          for t, ids in zip(task, completion_ids)]
+
+
 TRL_METRICS = ('loss', 'reward', 'reward_std', 'rewards/short_answers/mean',
                'rewards/exact_match/mean', 'frac_reward_zero_std', 'entropy',
                'clip_ratio/low_mean', 'clip_ratio/high_mean', 'clip_ratio/region_mean',
@@ -238,3 +245,25 @@ def test_config_errors_name_the_field(base, override, message):
   cfg.init_from.path = ''
   with pytest.raises(config_lib.ConfigError, match='grpo.beta > 0 needs init_from.path'):
     config_lib.validate(cfg)
+
+
+def test_dynamic_sampling_refills_the_batch_and_resumes_exactly(base, tmp_path):
+  """DAPO's dynamic sampling: groups of equal rewards ('add' questions here) are replaced by
+  further prompts' groups; the rounds it took are logged, the rewards are the first
+  round's, and a resume mid-run reads and samples what the straight run did."""
+  from lmjax.train import loop  # pylint: disable=import-outside-toplevel
+  kw = dict(lora=False, reward_funcs='test_grpo:flat_on_add', reward_weights='',
+            dynamic_sampling=True, max_resample=3)
+  straight = str(tmp_path / 'straight')
+  loop.train(_run_cfg(base, **kw), straight)
+  rows = _rows(straight)
+  assert any(r['frac_reward_zero_std'] > 0 for r in rows)
+  assert sum(r['dynamic_sampling/filled_groups'] for r in rows) <= 1  # refilled, not padded
+  for r in rows:  # a round more whenever the first had a flat group (4 prompts, 1-2 'add')
+    assert (r['dynamic_sampling/rounds'] > 1) == (r['frac_reward_zero_std'] > 0)
+  split = str(tmp_path / 'split')
+  loop.train(_run_cfg(base, **kw), split, stop_after=2)
+  loop.train(_run_cfg(base, **kw), split)
+  keys = ('loss', 'reward', 'dynamic_sampling/rounds', 'grad_norm', 'grpo/dropped')
+  pick = lambda w: {r['step']: tuple(r[k] for k in keys) for r in _rows(w)}
+  assert pick(straight) == pick(split)

@@ -264,7 +264,8 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
     t = time.perf_counter()
     host = next(train_iter)
     read_s = time.perf_counter() - t
-    host, rollout_m = objective.rollout(setup, tok, state, host, step)
+    host, rollout_m = objective.rollout(setup, tok, state, host, step,
+                                        more=lambda: next(train_iter))
     if rollout_m:
       window_rollout.append(rollout_m)
     host, counts = objective.split_batch(host)  # counted here, not on device

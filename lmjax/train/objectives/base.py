@@ -123,11 +123,13 @@ class Objective:
     return pipeline.shard_iterator(make, self.cfg.data.shards, batch_size=batch_size,
                                    process_index=process_index, process_count=process_count)
 
-  def rollout(self, setup, tokenizer, state, host: dict, step: int) -> tuple[dict, dict]:
+  def rollout(self, setup, tokenizer, state, host: dict, step: int,
+              more: Callable[[], dict] | None = None) -> tuple[dict, dict]:
     """(the host batch to train on, metrics of making it) from the batch the data
     iterator read: an online objective samples its rows from the policy in `state` (at
-    train step `step`); an offline one trains on the batch as read."""
-    del setup, tokenizer, state, step
+    train step `step`), reading further batches with more() if it needs them; an offline
+    one trains on the batch as read."""
+    del setup, tokenizer, state, step, more
     return host, {}
 
   def split_batch(self, host: dict) -> tuple[dict, np.ndarray]:

@@ -13,6 +13,9 @@ Each train step is one round:
   2. score: the reward functions (lmjax/rewards.py; grpo.reward_funcs, reward_weights) on
      the decoded completions, cut at the template's end-of-turn marker; advantages are
      group-normalised (losses.group_advantages, grpo.scale_rewards).
+  With grpo.dynamic_sampling (DAPO), groups whose rewards are all equal (no advantage,
+  no gradient) are replaced by groups of further prompts, sampled in up to
+  grpo.max_resample more rounds; the logged rewards are the first round's, unfiltered.
   3. update: grpo.num_iterations (μ) optimizer updates on the round's completions, each
      over the whole batch (train.grad_accum micro-batches), against the sampler's
      log-probs as the old policy's. The trainer's log-probs are taken under the same
@@ -31,7 +34,9 @@ Metrics, named as TRL's: reward, reward_std, rewards/<fn>/mean and /std,
 frac_reward_zero_std, kl (beta > 0), entropy, clip_ratio/{low,high,region}_mean,
 completions/{mean,min,max}_length, completions/clipped_ratio (no stop token within
 max_completion_length), plus rollout_tokens_per_s and the time of each part of the step:
-time/generate_s, time/score_s (the update's is step_s less those). At each eval: greedy
+time/generate_s, time/score_s (the update's is step_s less those), and with dynamic
+sampling dynamic_sampling/rounds and /filled_groups (groups of equal rewards kept when the
+rounds ran out). At each eval: greedy
 completions of the first sft.eval_examples held-out prompts, scored (eval/reward,
 eval/rewards/<fn>/mean), and exact match where the prompts carry an 'answer' column.
 """
@@ -214,36 +219,79 @@ class GRPO(base.Objective):
                for k, vs in records.columns(indices).items()}
     return self.rewards(turns, texts, out.ids(), **columns)
 
-  def rollout(self, setup, tokenizer, state, host, step):
+  def rollout(self, setup, tokenizer, state, host, step, more=None):
     """The step's rows: this process's prompts (host['index']) sampled G times from the
-    policy in `state`, scored, with advantages and the sampler's log-probs (module doc)."""
+    policy in `state`, scored, with advantages and the sampler's log-probs (module doc).
+    With grpo.dynamic_sampling, groups whose rewards are all equal are replaced by those
+    of further prompts (more(): the next batch), at most grpo.max_resample rounds."""
     cfg, g = self.cfg, self.cfg.grpo
-    pc, pi = jax.process_count(), jax.process_index()
-    local = np.asarray(host['index'])
-    every = (np.asarray(multihost_utils.process_allgather(local)).reshape(-1) if pc > 1
-             else local)  # generation runs on the global batch, the same on every process
-    seed = int(np.random.SeedSequence([cfg.seed, 4, int(step)]).generate_state(1)[0])
-    t0 = time.perf_counter()
-    out, rows, texts = self.completions(setup, tokenizer, self._generation_params(setup, state),
-                                        cfg.data.train_split, every, seed=seed)
-    t1 = time.perf_counter()
-    scores = self.score(cfg.data.train_split, every, texts, out, g.num_generations)
-    adv, zero_std = losses.group_advantages(scores.total, g.num_generations, g.scale_rewards)
-    t2 = time.perf_counter()
-    n_tok = out.lengths + out.stopped  # the stop token is trained on too
-    metrics = dict(scores.metrics())
+    pc, pi, n = jax.process_count(), jax.process_index(), g.num_generations
+    params = self._generation_params(setup, state)
+    split = cfg.data.train_split
+    timing = {'generate': 0.0, 'score': 0.0}
+
+    def sample(h, k):
+      """One round on the global batch (the same on every process): (prompt ids per
+      completion, GenerateOutput, total reward per completion, Scores)."""
+      local = np.asarray(h['index'])
+      every = (np.asarray(multihost_utils.process_allgather(local)).reshape(-1) if pc > 1
+               else local)
+      seed = int(np.random.SeedSequence([cfg.seed, 4, int(step), k]).generate_state(1)[0])
+      t0 = time.perf_counter()
+      out, rows, texts = self.completions(setup, tokenizer, params, split, every, seed=seed)
+      t1 = time.perf_counter()
+      scores = self.score(split, every, texts, out, n)
+      timing['generate'] += t1 - t0
+      timing['score'] += time.perf_counter() - t1
+      return rows, out, scores
+
+    rounds = [sample(host, 0)]
+    groups = len(rounds[0][0]) // n  # prompts of the global batch
+    zero = lambda r: np.ptp(r[2].total.reshape(-1, n), axis=1) == 0  # [groups]
+    chosen = [(0, j) for j in range(groups)]
+    dropped = int(np.sum(host['dropped']))
+    filled = 0
+    if g.dynamic_sampling:
+      chosen = [(0, j) for j in np.flatnonzero(~zero(rounds[0]))]
+      while len(chosen) < groups and len(rounds) <= g.max_resample and more is not None:
+        h = more()
+        dropped += int(np.sum(h['dropped']))
+        rounds.append(sample(h, len(rounds)))
+        chosen += [(len(rounds) - 1, j) for j in np.flatnonzero(~zero(rounds[-1]))]
+      if len(chosen) < groups:  # out of rounds: fill with groups that teach nothing
+        rest = [(k, j) for k, r in enumerate(rounds) for j in np.flatnonzero(zero(r))]
+        filled = groups - len(chosen)
+        chosen += rest[:filled]
+      chosen = chosen[:groups]
+
+    pick = lambda k, j: slice(j * n, (j + 1) * n)
+    prompt_ids = [p for k, j in chosen for p in rounds[k][0][pick(k, j)]]
+    tokens = np.concatenate([rounds[k][1].tokens[pick(k, j)] for k, j in chosen])
+    logprobs = np.concatenate([rounds[k][1].logprobs[pick(k, j)] for k, j in chosen])
+    n_tok = np.concatenate([(rounds[k][1].lengths + rounds[k][1].stopped)[pick(k, j)]
+                            for k, j in chosen])
+    total = np.concatenate([rounds[k][2].total[pick(k, j)] for k, j in chosen])
+    adv, _ = losses.group_advantages(total, n, g.scale_rewards)
+
+    first_out, first_scores = rounds[0][1], rounds[0][2]  # the policy as sampled, unfiltered
+    first_tok = first_out.lengths + first_out.stopped
+    metrics = dict(first_scores.metrics())
     metrics.update({
-        'frac_reward_zero_std': float(np.mean(zero_std)),
-        'completions/mean_length': float(np.mean(n_tok)),
-        'completions/min_length': float(np.min(n_tok)),
-        'completions/max_length': float(np.max(n_tok)),
-        'completions/clipped_ratio': float(np.mean(~out.stopped)),
-        'time/generate_s': t1 - t0, 'time/score_s': t2 - t1,
-        'rollout_tokens_per_s': float(np.sum(n_tok)) / max(t1 - t0, 1e-9)})
-    share = slice(pi * len(local) * g.num_generations, (pi + 1) * len(local) * g.num_generations)
-    batch = self.rows(rows[share], out.tokens[share], n_tok[share], out.logprobs[share],
+        'frac_reward_zero_std': float(np.mean(zero(rounds[0]))),
+        'completions/mean_length': float(np.mean(first_tok)),
+        'completions/min_length': float(np.min(first_tok)),
+        'completions/max_length': float(np.max(first_tok)),
+        'completions/clipped_ratio': float(np.mean(~first_out.stopped)),
+        'time/generate_s': timing['generate'], 'time/score_s': timing['score'],
+        'rollout_tokens_per_s': float(sum(np.sum(r[1].lengths + r[1].stopped)
+                                          for r in rounds)) / max(timing['generate'], 1e-9)})
+    if g.dynamic_sampling:
+      metrics['dynamic_sampling/rounds'] = float(len(rounds))
+      metrics['dynamic_sampling/filled_groups'] = float(filled)
+    share = slice(pi * len(prompt_ids) // pc, (pi + 1) * len(prompt_ids) // pc)
+    batch = self.rows(prompt_ids[share], tokens[share], n_tok[share], logprobs[share],
                       adv[share])
-    batch['dropped'] = host['dropped']
+    batch['dropped'] = np.asarray([dropped], np.int32)
     return batch, metrics
 
   def rows(self, prompt_ids, tokens, n_tok, logprobs, advantages) -> dict:
