@@ -383,9 +383,13 @@ def base_config() -> ml_collections.ConfigDict:
       top_p=1.0,
       # Comma-separated reward functions: 'module.path:function' with TRL's signature
       # f(prompts, completions, completion_ids, **columns) -> list[float | None], or a
-      # built-in: exact_match (the 'answer' column), format (one short line).
+      # built-in: exact_match (the 'answer' column), format (one short line),
+      # reward_model (grpo.reward_model's score).
       reward_funcs='exact_match',
       reward_weights='',      # comma-separated weights, one per function ('' = all 1.0).
+      # The reward model the built-in 'reward_model' function scores with: an lmjax
+      # stage='reward' workdir or a Hugging Face *ForSequenceClassification directory.
+      reward_model='',
       scale_rewards='group',  # group | batch | none: the std advantages are divided by.
       loss_type='dapo',       # grpo | bnpo | dr_grpo | dapo (losses.grpo_sums).
       epsilon_low=0.2,        # the clipped surrogate's range: [1 - low, 1 + high].

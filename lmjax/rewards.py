@@ -18,6 +18,9 @@ In a config, grpo.reward_funcs names them, comma-separated: 'my_pkg.rewards:my_r
     format        1.0 when the completion is one non-empty line of at most 32 characters
                   (surrounding whitespace ignored), else 0.0: the shape of the built-in
                   task's answers
+    reward_model  the score of the reward model at grpo.reward_model (RewardModel: an
+                  lmjax stage='reward' workdir or a Hugging Face
+                  *ForSequenceClassification directory), on the run's devices
 grpo.reward_weights weights them ('' = 1.0 each). A completion's reward is the weighted
 sum of the functions that scored it (TRL's nansum; 0.0 when none did, counted).
 
@@ -66,15 +69,58 @@ def format_reward(prompts, completions, completion_ids, **kwargs):
           for t in (c.strip() for c in completions)]
 
 
+class RewardModel:
+  """A reward model's score of each completion (the built-in 'reward_model'): a model
+  trained with stage='reward' (an lmjax workdir) or a Hugging Face
+  *ForSequenceClassification directory, loaded with lmjax.load on first use, onto this
+  process's devices sharded by `mesh` (a cfg.mesh dict; default lmjax.load's). Each
+  completion is scored as the conversation prompt + assistant completion, rendered with
+  the reward model's own chat template, as its training rendered pairs."""
+
+  __name__ = 'reward_model'
+
+  def __init__(self, path: str, mesh: dict | None = None, seq_len: int | None = None):
+    self.path, self.mesh, self.seq_len, self._model = path, mesh, seq_len, None
+
+  @property
+  def model(self):
+    if self._model is None:
+      import lmjax  # pylint: disable=import-outside-toplevel
+      self._model = lmjax.load(self.path, mesh=self.mesh, seq_len=self.seq_len)
+      from lmjax.models import transformer  # pylint: disable=import-outside-toplevel
+      if transformer.head_kind(self._model.config.model) != 'score':
+        raise RewardError(f'grpo.reward_model {self.path} is a language model, not a '
+                          "reward model: train one with stage='reward' or give a "
+                          '*ForSequenceClassification directory')
+    return self._model
+
+  def __call__(self, prompts, completions, completion_ids, **kwargs):
+    del completion_ids, kwargs
+    convs = [list(p) + [{'role': 'assistant', 'content': c}]
+             for p, c in zip(prompts, completions)]
+    return self.model.reward(convs)
+
+
 BUILTINS: dict[str, Callable] = {'exact_match': exact_match, 'format': format_reward}
 
 
-def load(spec: str) -> Callable:
-  """The reward function `spec` names: 'module.path:function' or a built-in's name."""
+def load(spec: str, reward_model: str = '') -> Callable:
+  """The reward function `spec` names: 'module.path:function', a built-in's name, or
+  'reward_model' (a RewardModel of the path `reward_model`, grpo.reward_model)."""
   spec = spec.strip()
   if spec in BUILTINS:
     return BUILTINS[spec]
-  known = ', '.join(BUILTINS)
+  if spec == 'reward_model':
+    import os  # pylint: disable=import-outside-toplevel
+    if not reward_model:
+      raise RewardError(f"{FIELD} names 'reward_model' but grpo.reward_model is unset: set "
+                        'it to a reward model (an lmjax workdir or a Hugging Face '
+                        '*ForSequenceClassification directory)')
+    if not os.path.isdir(os.path.expanduser(reward_model)):
+      raise RewardError(f'grpo.reward_model {reward_model} is not a directory (an lmjax '
+                        'workdir or a Hugging Face model directory)')
+    return RewardModel(os.path.expanduser(reward_model))
+  known = ', '.join(BUILTINS) + ', reward_model'
   if ':' not in spec:
     raise RewardError(f'{FIELD}: {spec!r} is neither a built-in ({known}) nor '
                       "'module.path:function'")
@@ -129,13 +175,14 @@ class Scores:
 class RewardFunctions:
   """Several reward functions with weights, called as one (see the module doc)."""
 
-  def __init__(self, specs: Sequence[str | Callable], weights: Sequence[float] | None = None):
+  def __init__(self, specs: Sequence[str | Callable], weights: Sequence[float] | None = None,
+               reward_model: str = ''):
     specs = list(specs)
     if not specs:
       raise RewardError(f"{FIELD} is empty: name at least one reward function (e.g. "
                         "'exact_match')")
     self.specs = [s if isinstance(s, str) else getattr(s, '__name__', repr(s)) for s in specs]
-    self.fns = [load(s) if isinstance(s, str) else s for s in specs]
+    self.fns = [load(s, reward_model) if isinstance(s, str) else s for s in specs]
     weights = [1.0] * len(specs) if weights is None else [float(w) for w in weights]
     if len(weights) != len(specs):
       raise RewardError(f'grpo.reward_weights has {len(weights)} weights for {len(specs)} '
@@ -145,7 +192,8 @@ class RewardFunctions:
     self.weights = np.asarray(weights, np.float64)
     names, seen = [], {}
     for spec, fn in zip(self.specs, self.fns):
-      base = spec if spec in BUILTINS else getattr(fn, '__name__', spec.split(':')[-1])
+      base = (spec if spec in BUILTINS or spec == 'reward_model'
+              else getattr(fn, '__name__', spec.split(':')[-1]))
       seen[base] = seen.get(base, 0) + 1
       names.append(base if seen[base] == 1 else f'{base}_{seen[base]}')
     self.names = tuple(names)

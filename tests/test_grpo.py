@@ -267,3 +267,37 @@ def test_dynamic_sampling_refills_the_batch_and_resumes_exactly(base, tmp_path):
   keys = ('loss', 'reward', 'dynamic_sampling/rounds', 'grad_norm', 'grpo/dropped')
   pick = lambda w: {r['step']: tuple(r[k] for k in keys) for r in _rows(w)}
   assert pick(straight) == pick(split)
+
+
+def test_a_reward_model_scores_the_completions(base, tmp_path):
+  """grpo.reward_funcs='reward_model': a reward model trained by lmjax (2 steps here)
+  scores each completion (prompt + answer, in its own template) on the run's devices."""
+  import lmjax  # pylint: disable=import-outside-toplevel
+  from lmjax.train import loop  # pylint: disable=import-outside-toplevel
+  from util import pretrain_cfg  # pylint: disable=import-outside-toplevel
+  root, workdir = base
+  rm_cfg = pretrain_cfg(root)
+  rm_cfg.stage, rm_cfg.model.head, rm_cfg.init_from.path = 'reward', 'score', workdir
+  rm_cfg.reward.update(path='builtin:synthetic', task_sizes=dict(train=64, validation=8,
+                                                                 test=8))
+  rm_cfg.sft.template = 'chatml'  # the policy's: prompts as the reward model saw them
+  rm_cfg.data.seq_len = 128
+  rm_cfg.train.update(global_batch=8, steps=2, eval_every=0, sample_at_end=False)
+  rm = str(tmp_path / 'rm')
+  loop.train(rm_cfg, rm)
+  cfg = _run_cfg(base, reward_funcs='reward_model', reward_weights='', reward_model=rm,
+                 train={'steps': 1})
+  loop.train(cfg, str(tmp_path / 'grpo'))
+  row = _rows(str(tmp_path / 'grpo'))[0]
+  assert np.isfinite(row['rewards/reward_model/mean']) and row['rewards/reward_model/std'] > 0
+  assert row['reward'] == pytest.approx(row['rewards/reward_model/mean'])
+  # The same scores as the reward model gives the conversations itself.
+  obj = objectives.get(cfg)
+  turns = [[{'role': 'user', 'content': 'What is 2 + 2?'}]] * 2
+  scores = obj.rewards(turns, ['4', '5'], [[1], [2]])
+  direct = lmjax.load(rm).reward([t + [{'role': 'assistant', 'content': a}]
+                                  for t, a in zip(turns, ['4', '5'])])
+  np.testing.assert_allclose(scores.total, direct, rtol=1e-6)
+  with pytest.raises(Exception, match="grpo.reward_funcs names 'reward_model' but "
+                                      'grpo.reward_model is unset'):
+    objectives.validate(_run_cfg(base, reward_funcs='reward_model', reward_weights=''))

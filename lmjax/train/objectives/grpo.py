@@ -77,7 +77,7 @@ def reward_functions(cfg):
   except ValueError:
     raise config_lib.ConfigError(f'grpo.reward_weights must be comma-separated numbers, got '
                                  f'{g.reward_weights!r}') from None
-  return rewards_lib.RewardFunctions(split_list(g.reward_funcs), weights)
+  return rewards_lib.RewardFunctions(split_list(g.reward_funcs), weights, g.reward_model)
 
 
 class GRPO(base.Objective):
@@ -174,7 +174,11 @@ class GRPO(base.Objective):
   @property
   def rewards(self):
     if self._rewards is None:
+      from lmjax import rewards as rewards_lib  # pylint: disable=import-outside-toplevel
       self._rewards = reward_functions(self.cfg)
+      for fn in self._rewards.fns:  # a reward model: on the run's devices, as its mesh
+        if isinstance(fn, rewards_lib.RewardModel):
+          fn.mesh, fn.seq_len = dict(self.cfg.mesh), self.cfg.data.seq_len
     return self._rewards
 
   def split_batch(self, host):
