@@ -39,9 +39,9 @@ def get_config(arg=None):
   cfg.sft.update(path='builtin:synthetic', template='chatml', eval_examples=120,
                  eval_max_new_tokens=16)
   cfg.data.update(seq_len=64)  # questions are short
-  cfg.train.update(global_batch=16, steps=100, log_every=10, eval_every=25)
-  cfg.optim.update(lr=1e-3, warmup_steps=5, weight_decay=0.0)
-  cfg.checkpoint.update(every=25)
+  cfg.train.update(global_batch=16, steps=300, log_every=10, eval_every=50)
+  cfg.optim.update(lr=2e-3, warmup_steps=5, weight_decay=0.0)
+  cfg.checkpoint.update(every=50)
   cfg.sample.update(prompt='What is 3 + 4?', max_new_tokens=8, temperature=0.0)
   if smoke:  # --config=configs/grpo_tiny.py:smoke[:SFT_WORKDIR]
     cfg.train.update(steps=6, eval_every=3, log_every=3, global_batch=4)

@@ -166,7 +166,7 @@ def test_lora_run_with_kl_logs_trl_metrics_and_resumes_exactly(base, tmp_path):
   rows = _rows(straight)
   assert [r['step'] for r in rows] == [1, 2, 3, 4]
   for key in TRL_METRICS + ('kl', 'grpo/dropped', 'completion_tokens', 'time/generate_s',
-                            'rollout_tokens_per_s'):
+                            'time/score_s', 'time/update_s', 'rollout_tokens_per_s'):
     assert key in rows[0], key
   assert rows[0]['kl'] == pytest.approx(0.0, abs=1e-6)  # B = 0 adapters: policy = base
   assert all(r['kl'] >= 0 for r in rows) and rows[-1]['kl'] > 0

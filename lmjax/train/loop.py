@@ -329,12 +329,17 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
           m.update({k: float(np.mean([r[k] for r in window_rollout if k in r]))
                     for k in window_rollout[-1]})
           window_rollout.clear()
+          parts = [v for k, v in m.items() if k.startswith('time/')]
+          if parts:  # the rest of the step: the update (and reading the data)
+            m['time/update_s'] = max(m['step_s'] - sum(parts), 0.0)
         writer.write(done, m)
         history.append({'step': done, **m})
         if progress is not None:
           shown = dict(loss=f'{m["loss"]:.3f}', tok_s=f'{tps:,.0f}')
           if 'reward' in m:
             shown['reward'] = f'{m["reward"]:.3f}'
+          if 'rollout_tokens_per_s' in m:
+            shown['gen_tok_s'] = f'{m["rollout_tokens_per_s"]:,.0f}'
           progress.set_postfix(**shown)
         window_t, window_steps, data_s = time.perf_counter(), 0, 0.0
 

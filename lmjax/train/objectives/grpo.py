@@ -34,7 +34,7 @@ Metrics, named as TRL's: reward, reward_std, rewards/<fn>/mean and /std,
 frac_reward_zero_std, kl (beta > 0), entropy, clip_ratio/{low,high,region}_mean,
 completions/{mean,min,max}_length, completions/clipped_ratio (no stop token within
 max_completion_length), plus rollout_tokens_per_s and the time of each part of the step:
-time/generate_s, time/score_s (the update's is step_s less those), and with dynamic
+time/generate_s, time/score_s and time/update_s (step_s less those), and with dynamic
 sampling dynamic_sampling/rounds and /filled_groups (groups of equal rewards kept when the
 rounds ran out). At each eval: greedy
 completions of the first sft.eval_examples held-out prompts, scored (eval/reward,
