@@ -102,7 +102,7 @@ def _choose(key, logits, temperature, top_p, *, top_k: int, greedy: bool, use_to
 
 
 def _decode_loop(model, prompts, lengths, live, stop_ids, key, temperature, top_p, pad_id,
-                 *, max_new_tokens, choose):
+                 *, max_new_tokens, choose, adapters=None, lora=None):
   b, p = prompts.shape
   n = max_new_tokens
   start = p - lengths                                        # first real slot of each row
@@ -110,7 +110,8 @@ def _decode_loop(model, prompts, lengths, live, stop_ids, key, temperature, top_
   positions = jnp.maximum(jnp.arange(p)[None, :] - start[:, None], 0)
 
   cache = model.init_cache(b, p + n - 1)
-  h, cache = model.decode_hidden(prompts, positions, cache, 0, kv_mask)
+  h, cache = model.decode_hidden(prompts, positions, cache, 0, kv_mask, adapters=adapters,
+                                 lora=lora)
   logits = model.unembed(h[:, -1])
 
   def emit(i, picked, out, logps, n_gen, stopped, done):
@@ -136,7 +137,7 @@ def _decode_loop(model, prompts, lengths, live, stop_ids, key, temperature, top_
     i, tok, out, logps, n_gen, stopped, done, cache = carry
     # Token i-1 sits at slot p + i - 1 with position lengths + i - 1.
     logits, cache = model.decode(tok[:, None], (lengths + i - 1)[:, None], cache,
-                                 p + i - 1, kv_mask)
+                                 p + i - 1, kv_mask, adapters=adapters, lora=lora)
     return (i + 1, *emit(i, pick(i, logits[:, 0]), out, logps, n_gen, stopped, done), cache)
 
   i, _, out, logps, n_gen, stopped, _, _ = jax.lax.while_loop(cond, body, carry)
@@ -144,17 +145,20 @@ def _decode_loop(model, prompts, lengths, live, stop_ids, key, temperature, top_
 
 
 @partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'top_k', 'greedy',
-                                   'use_top_p', 'mesh_rules'))
-def _generate(graphdef, params, prompts, lengths, live, stop_ids, seed, temperature, top_p,
-              pad_id, *, max_new_tokens, top_k, greedy, use_top_p, mesh_rules):
+                                   'use_top_p', 'mesh_rules', 'lora'))
+def _generate(graphdef, params, adapters, prompts, lengths, live, stop_ids, seed, temperature,
+              top_p, pad_id, *, max_new_tokens, top_k, greedy, use_top_p, mesh_rules, lora):
   is_key = jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key)
   key = seed if is_key else jax.random.key(seed)
   mesh, rules = mesh_rules if mesh_rules else (None, None)
   with _constraints(mesh, rules):
     choose = partial(_choose, top_k=top_k, greedy=greedy, use_top_p=use_top_p)
+    if adapters is not None:  # trained base leaves (lora.train_params) in place
+      from lmjax.models import lora as lora_lib  # pylint: disable=import-outside-toplevel
+      params = lora_lib.effective_params(params, adapters)
     outs = _decode_loop(nnx.merge(graphdef, params), prompts, lengths, live, stop_ids, key,
                         temperature, top_p, pad_id, max_new_tokens=max_new_tokens,
-                        choose=choose)
+                        choose=choose, adapters=adapters, lora=dict(lora) if lora else None)
   if mesh is not None:  # replicated results: every process can read them
     outs = jax.lax.with_sharding_constraint(outs, NamedSharding(mesh, P()))
   return outs
@@ -179,7 +183,8 @@ def generate(graphdef, params, prompt_tokens: Sequence[Sequence[int]], *, max_ne
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              stop_tokens: Sequence[int] = (), seed: int | jax.Array = 0, pad_id: int = 0,
              mesh: jax.sharding.Mesh | None = None,
-             rules: Mapping[str, Any] | None = None) -> GenerateOutput:
+             rules: Mapping[str, Any] | None = None, adapters=None,
+             lora: Mapping[str, Any] | None = None) -> GenerateOutput:
   """Continues each prompt (a list of token ids, BOS included if wanted) by up to
   max_new_tokens tokens; a row ends at its first token in `stop_tokens`.
 
@@ -189,7 +194,9 @@ def generate(graphdef, params, prompt_tokens: Sequence[Sequence[int]], *, max_ne
   KV cache are constrained by the rules; with params sharded on a mesh and neither, that
   mesh is used with replicated inputs and XLA's sharding propagation.
   Results come back replicated, so every process of a multi-host run may call this with
-  the same prompts. seed: an int or a jax.random key. Host-to-device copies are explicit
+  the same prompts. adapters: LoRA adapters (lora.init_adapters' tree, e.g. a run's
+  state['adapters']) applied unmerged on top of `params`, with `lora` the cfg.lora group
+  (rank, alpha, rslora): samples from base + adapters without a merged copy of the weights. seed: an int or a jax.random key. Host-to-device copies are explicit
   (clean under jax.transfer_guard('disallow')).
   """
   prompts = [list(map(int, t)) for t in prompt_tokens]
@@ -237,10 +244,14 @@ def generate(graphdef, params, prompt_tokens: Sequence[Sequence[int]], *, max_ne
     scalars = jax.device_put(scalars, NamedSharding(mesh, P()))
   mesh_rules = (mesh, _hashable_rules(rules) if rules else None) if mesh is not None else None
   greedy = temperature == 0
+  if adapters is not None and lora is None:
+    raise ValueError('generate: adapters need `lora` (the cfg.lora group: rank, alpha, rslora)')
+  lora_key = None if adapters is None else tuple(
+      (k, lora[k]) for k in ('rank', 'alpha', 'rslora')) + (('dropout', 0.0),)
   out, logps, n_gen, stopped, steps = jax.device_get(_generate(
-      graphdef, params, *batched, *scalars, max_new_tokens=int(max_new_tokens),
+      graphdef, params, adapters, *batched, *scalars, max_new_tokens=int(max_new_tokens),
       top_k=0 if greedy else int(top_k), greedy=greedy,
-      use_top_p=not greedy and top_p < 1.0, mesh_rules=mesh_rules))
+      use_top_p=not greedy and top_p < 1.0, mesh_rules=mesh_rules, lora=lora_key))
   return GenerateOutput(tokens=np.asarray(out)[:b], lengths=np.asarray(n_gen)[:b],
                         stopped=np.asarray(stopped)[:b], steps=int(steps),
                         logprobs=np.asarray(logps)[:b])

@@ -301,3 +301,28 @@ def test_a_reward_model_scores_the_completions(base, tmp_path):
   with pytest.raises(Exception, match="grpo.reward_funcs names 'reward_model' but "
                                       'grpo.reward_model is unset'):
     objectives.validate(_run_cfg(base, reward_funcs='reward_model', reward_weights=''))
+
+
+@pytest.mark.parametrize('train_params', ['', 'embed'])
+def test_sampling_with_unmerged_adapters_equals_the_merged_model(model, train_params):
+  """generate(adapters=...) samples base + adapters without merging them: the same tokens
+  and log-probs as the merged params (lora.train_params' leaves included)."""
+  from lmjax.models import lora as lora_lib  # pylint: disable=import-outside-toplevel
+  graphdef, params = model
+  cfg = tiny_config(dtype='float32')
+  cfg.lora.update(enabled=True, rank=4, alpha=8.0, train_params=train_params)
+  adapters = lora_lib.init_adapters(jax.random.key(0), cfg, params=params)
+  rng = np.random.default_rng(0)
+  adapters = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape, np.float32),
+                          adapters)  # nonzero B (and a trained copy of the embedding)
+  merged = lora_lib.merge(params, adapters, cfg)
+  prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+  kw = dict(max_new_tokens=6, temperature=0.8, top_k=20, seed=3)
+  ref = gen.generate(graphdef, merged, prompts, **kw)
+  got = gen.generate(graphdef, params, prompts, adapters=adapters, lora=dict(cfg.lora), **kw)
+  np.testing.assert_array_equal(got.tokens, ref.tokens)
+  np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5)
+  plain = gen.generate(graphdef, params, prompts, **kw)
+  assert not np.array_equal(plain.tokens, ref.tokens)  # the adapters matter
+  with pytest.raises(ValueError, match='adapters need `lora`'):
+    gen.generate(graphdef, params, prompts, adapters=adapters, **kw)

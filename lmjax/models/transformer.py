@@ -142,20 +142,20 @@ class Attention(nnx.Module):
                              self.cfg.get('max_segments', 32))
     return self._out(out, lora)
 
-  def decode(self, x, positions, cache_k, cache_v, cache_index, kv_mask):
+  def decode(self, x, positions, cache_k, cache_v, cache_index, kv_mask, lora=None):
     """Attention with a KV cache (one layer's slice [B, S, K, H]).
 
     Writes this chunk's keys and values at slots [cache_index, cache_index + T) and
     attends to the valid (`kv_mask` [B, S]) slots at or before each query's slot.
     Returns (output [B, T, D], new keys [B, T, K, H], new values [B, T, K, H]).
     """
-    q, k, v = self._qkv(x, positions)
+    q, k, v = self._qkv(x, positions, lora)
     k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)
     at = (0, cache_index, 0, 0)
     keys = jax.lax.dynamic_update_slice(cache_k, k, at)
     values = jax.lax.dynamic_update_slice(cache_v, v, at)
     out = attn_lib.cached_attention(q, keys, values, cache_index, kv_mask)
-    return self._out(out), k, v
+    return self._out(out, lora), k, v
 
 
 class MLP(nnx.Module):
@@ -189,12 +189,12 @@ class Block(nnx.Module):
     x = x + self.mlp(self.mlp_norm(x), lora)
     return sharding.constrain(x, ('batch', 'length', 'embed'))
 
-  def decode(self, x, positions, cache_k, cache_v, cache_index, kv_mask):
+  def decode(self, x, positions, cache_k, cache_v, cache_index, kv_mask, lora=None):
     """As __call__, attending through this layer's cache; also returns the new k, v."""
     a, k, v = self.attn.decode(self.attn_norm(x), positions, cache_k, cache_v,
-                               cache_index, kv_mask)
+                               cache_index, kv_mask, lora)
     x = x + a
-    x = x + self.mlp(self.mlp_norm(x))
+    x = x + self.mlp(self.mlp_norm(x), lora)
     return sharding.constrain(x, ('batch', 'length', 'embed')), k, v
 
 
@@ -261,30 +261,35 @@ class Transformer(nnx.Module):
     """Empty KV cache {'k', 'v'}: [layers, batch, max_len, kv_heads, head_dim]."""
     return init_cache(self.cfg, batch, max_len)
 
-  def decode_hidden(self, tokens, positions, cache, cache_index, kv_mask):
+  def decode_hidden(self, tokens, positions, cache, cache_index, kv_mask, *, adapters=None,
+                    lora=None):
     """Final normed hidden states [B, T, D] for a chunk, reading and writing `cache`.
 
     The chunk's tokens [B, T] (with their RoPE `positions` [B, T]) occupy cache slots
     [cache_index, cache_index + T), the same slots in every row. A token at slot i
     attends to the slots j <= i with `kv_mask[b, j]` true ([B, S]: slots holding real
-    tokens, so left padding is never attended). Same parameters and math as `hidden`;
-    prefill is a call with T = prompt length, each decode step one with T = 1.
-    Returns (hidden, new cache).
+    tokens, so left padding is never attended). Same parameters and math as `hidden`
+    (LoRA `adapters` unmerged, as there, without dropout); prefill is a call with T =
+    prompt length, each decode step one with T = 1. Returns (hidden, new cache).
     """
     x = self._embed(tokens)
     graphdef, layer_state = nnx.split(self.layers)
+    layer_lora = _layer_lora(adapters, lora, None, self.cfg.n_layers)
 
     def body(x, xs):
-      params, ck, cv = xs
-      x, k, v = nnx.merge(graphdef, params).decode(x, positions, ck, cv, cache_index, kv_mask)
+      params, ck, cv, ad = xs
+      x, k, v = nnx.merge(graphdef, params).decode(x, positions, ck, cv, cache_index, kv_mask,
+                                                   layer_lora(ad))
       return x, (k, v)
 
+    xs_all = (layer_state, cache['k'], cache['v'],
+              _layer_inputs(adapters, None, self.cfg.n_layers))
     if self.cfg.scan_layers:
-      x, (k, v) = jax.lax.scan(body, x, (layer_state, cache['k'], cache['v']))
+      x, (k, v) = jax.lax.scan(body, x, xs_all)
     else:
       ks, vs = [], []
       for i in range(self.cfg.n_layers):
-        xs = jax.tree.map(lambda p: p[i], (layer_state, cache['k'], cache['v']))
+        xs = jax.tree.map(lambda p: p[i], xs_all)
         x, (k, v) = body(x, xs)
         ks.append(k)
         vs.append(v)
@@ -294,9 +299,11 @@ class Transformer(nnx.Module):
              'v': _constrain_cache(jax.lax.dynamic_update_slice(cache['v'], v, at))}
     return self.final_norm(x), cache
 
-  def decode(self, tokens, positions, cache, cache_index, kv_mask):
+  def decode(self, tokens, positions, cache, cache_index, kv_mask, *, adapters=None,
+             lora=None):
     """(logits [B, T, V] float32, new cache); see `decode_hidden`."""
-    h, cache = self.decode_hidden(tokens, positions, cache, cache_index, kv_mask)
+    h, cache = self.decode_hidden(tokens, positions, cache, cache_index, kv_mask,
+                                  adapters=adapters, lora=lora)
     return self.unembed(h), cache
 
   def unembed(self, h):

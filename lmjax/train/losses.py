@@ -327,13 +327,15 @@ def grpo_sums(logps: jax.Array, old_logps: jax.Array, advantages: jax.Array,
   'completion_tokens'; normaliser)."""
   if loss_type not in GRPO_LOSSES:
     raise ValueError(f'loss_type must be one of {GRPO_LOSSES}, got {loss_type!r}')
+  if beta and ref_logps is None:
+    raise ValueError('grpo_sums: beta > 0 needs ref_logps (the KL term\'s reference)')
   mask = mask.astype(jnp.float32)
   adv = advantages.astype(jnp.float32)[:, None]
   ratio = jnp.exp(logps - old_logps)
   clipped = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
   per_token = -jnp.minimum(ratio * adv, clipped * adv)
   metrics = {}
-  if beta and ref_logps is not None:
+  if beta:
     d = ref_logps - logps
     kl = jnp.exp(d) - d - 1.0
     per_token = per_token + beta * kl

@@ -4,8 +4,8 @@ DAPO and Dr. GRPO variants, as TRL's GRPOTrainer computes them (cfg.grpo).
 Each train step is one round:
   1. rollout (on the host, before the step): the step's train.global_batch prompts, each
      sampled grpo.num_generations (G) times on the training mesh from the arrays being
-     trained (generate.generate with a KV cache; with LoRA, from the base with the
-     adapters merged into a transient copy), up to grpo.max_completion_length tokens or
+     trained, no copy made (generate.generate with a KV cache; LoRA adapters applied
+     unmerged, as in training), up to grpo.max_completion_length tokens or
      the stop token (EOS, the chat template's end of turn). The sampler returns each
      token's log-prob under the distribution it drew from (temperature, top-k, top-p,
      renormalised). Draws depend on (seed, step) only, so a resumed run samples what the
@@ -96,7 +96,7 @@ class GRPO(base.Objective):
     self.row_keys['advantages'] = jnp.float32
     self.token_keys = {'old_logps': jnp.float32}
     self.counters = ('grpo/dropped',)
-    self._records, self._prompt_ids, self._setup, self._merge = {}, {}, None, None
+    self._records, self._prompt_ids, self._setup = {}, {}, None
     self._rewards = None
 
   @classmethod
@@ -188,14 +188,9 @@ class GRPO(base.Objective):
   # ---- Rollout ------------------------------------------------------------------------
 
   def _generation_params(self, setup, state):
-    """The params to sample with: the trained ones, or LoRA's base with the adapters
-    merged (a transient copy)."""
-    if setup.lora is None:
-      return state['params']
-    if self._merge is None:
-      from lmjax.train import step as step_lib  # pylint: disable=import-outside-toplevel
-      self._merge = step_lib.make_merge(setup)
-    return self._merge(setup.weights(state))
+    """What to sample with, the arrays being trained: (params, adapters or None); LoRA
+    adapters are applied unmerged, so no copy of the weights is made."""
+    return state['params'], state.get('adapters')
 
   def completions(self, setup, tokenizer, params, split: str, indices, *, seed: int,
                   greedy: bool = False):
@@ -206,8 +201,10 @@ class GRPO(base.Objective):
     n = 1 if greedy else g.num_generations
     ids = [self.prompt_ids(tokenizer, split, i) for i in indices]
     rows = [p for p in ids for _ in range(n)]
+    params, adapters = params
     out = generate.generate(
         setup.graphdef, params, rows, max_new_tokens=g.max_completion_length,
+        adapters=adapters, lora=None if adapters is None else dict(setup.lora),
         temperature=0.0 if greedy else g.temperature, top_k=g.top_k, top_p=g.top_p,
         stop_tokens=tokenizer.stop_ids, seed=seed, pad_id=getattr(tokenizer, 'pad_id', 0),
         mesh=setup.mesh, rules=setup.rules)
