@@ -59,6 +59,15 @@ class StateEntry:
   saved: bool = True
 
 
+def reference_copy(abstract_params, param_shardings) -> dict[str, StateEntry]:
+  """{'ref_params': a frozen copy of the starting params}, not checkpointed (rebuilt from
+  the run's base on resume): the reference of an objective that aligns against the model
+  it starts from, for full fine-tuning."""
+  return {'ref_params': StateEntry(
+      abstract_params, param_shardings, init=lambda params, key: jax.tree.map(jnp.copy, params),
+      saved=False)}
+
+
 class Objective:
   """The pretraining objective's defaults; subclasses override what differs."""
 

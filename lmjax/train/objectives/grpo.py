@@ -319,9 +319,7 @@ class GRPO(base.Objective):
   def state_entries(self, abstract_params, param_shardings):
     if self.reference != 'copy':
       return {}
-    return {'ref_params': base.StateEntry(
-        abstract_params, param_shardings, init=lambda params, key: jax.tree.map(jnp.copy, params),
-        saved=False)}
+    return base.reference_copy(abstract_params, param_shardings)
 
   # ---- Loss ---------------------------------------------------------------------------
 

@@ -121,9 +121,7 @@ class Aligned(Paired):
   def state_entries(self, abstract_params, param_shardings):
     if self.reference != 'copy':
       return {}
-    return {'ref_params': base.StateEntry(
-        abstract_params, param_shardings, init=lambda params, key: jax.tree.map(jnp.copy, params),
-        saved=False)}
+    return base.reference_copy(abstract_params, param_shardings)
 
   def reference_logps(self, graphdef, weights, batch):
     """The reference's completion log-prob sums of the even and the odd rows ([B] each),
