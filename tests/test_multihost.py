@@ -169,3 +169,48 @@ def test_auto_detected_start_failure_falls_back_to_one_process(monkeypatch, caps
   cfg.distributed.update(coordinator_address='localhost:1', num_processes=2, process_id=0)
   with pytest.raises(RuntimeError, match='must be called before'):
     distributed.initialize(cfg)
+
+
+GRPO_SCRIPT = SCRIPT.replace('''  cfg.distributed.update(**distributed)
+  return cfg''', '''  cfg.distributed.update(**distributed)
+  cfg.stage = 'grpo'  # online RL from the random init: prompts of the built-in task
+  cfg.grpo.update(path='builtin:synthetic', num_generations=2, max_completion_length=6,
+                  reward_funcs='exact_match,format', reward_weights='1,0.5')
+  cfg.sft.update(task_sizes=dict(train=64, validation=8, test=8), template='plain')
+  cfg.data.seq_len = 48
+  cfg.train.update(steps=4, eval_every=0, global_batch=8)
+  cfg.checkpoint.update(every=2)
+  return cfg''')
+assert GRPO_SCRIPT != SCRIPT
+
+
+def test_grpo_on_two_processes_samples_and_trains_as_one_process(tmp_path):
+  """GRPO's rollouts on 2 processes x 4 devices: every process generates the global batch
+  (its prompts gathered), trains on its share, and resumes: as 1 process x 8 devices."""
+  glob_ = write_corpus(tmp_path / 'text', n_files=40)
+  script = tmp_path / 'mh_grpo.py'
+  script.write_text(GRPO_SCRIPT.format(here=HERE, glob=glob_, data_dir=str(tmp_path / 'tfds')))
+  sys.path.insert(0, str(tmp_path))
+  try:
+    import mh_grpo as run_mod  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.remove(str(tmp_path))
+  tokenizer_lib.load_tokenizer(run_mod.config())
+  from lmjax.data import sft_task  # pylint: disable=import-outside-toplevel
+  sft_task.ensure(run_mod.config())  # the prompts once, before the processes share them
+  single = str(tmp_path / 'single')
+  out = subprocess.run([sys.executable, str(script), '8', single, '0', '-', '0'],
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  multi = str(tmp_path / 'multi')
+  _launch(script, multi, stop_after=2)
+  outs = _launch(script, multi, stop_after=0)
+  assert 'resumed from step 2' in outs[0]
+  rows = lambda w: {r['step']: r for r in metrics_lib.read_jsonl(
+      os.path.join(w, 'metrics.jsonl')) if 'loss' in r}
+  one, two = rows(single), rows(multi)
+  assert sorted(two) == [1, 2, 3, 4]
+  for step in one:
+    assert two[step]['completions/mean_length'] == one[step]['completions/mean_length']
+    assert two[step]['reward'] == pytest.approx(one[step]['reward'], abs=1e-9)
+    assert two[step]['loss'] == pytest.approx(one[step]['loss'], rel=1e-4, abs=1e-6)
