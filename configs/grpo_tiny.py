@@ -16,7 +16,9 @@ Run:
 Logged as TRL names them: reward, reward_std, rewards/exact_match/mean,
 frac_reward_zero_std, entropy, clip_ratio/*, completions/*; at each eval the greedy
 answers' reward and exact match on held-out questions. The loss is ~0 at every step (one
-update per rollout: see train/objectives/grpo.py); the reward is what rises.
+update per rollout: see train/objectives/grpo.py); the reward is what rises. Measured
+(docs/benchmarks.md, 3 seeds, ~13 min each on 2 cores): sampled reward ~0.09 -> ~0.15, test
+exact match 0.162 -> 0.222 +- 0.033, the gain in "Which is larger".
 """
 
 import os
