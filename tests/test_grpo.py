@@ -157,6 +157,7 @@ def _rows(workdir):
   return [r for r in metrics_lib.read_jsonl(workdir + '/metrics.jsonl') if 'loss' in r]
 
 
+@pytest.mark.slow
 def test_lora_run_with_kl_logs_trl_metrics_and_resumes_exactly(base, tmp_path):
   """LoRA GRPO with a KL to the base (adapters off) on 8 devices: TRL's metrics, a KL that
   starts at 0, and a resume mid-run that samples and trains exactly as the straight run."""
@@ -247,6 +248,7 @@ def test_config_errors_name_the_field(base, override, message):
     config_lib.validate(cfg)
 
 
+@pytest.mark.slow
 def test_dynamic_sampling_refills_the_batch_and_resumes_exactly(base, tmp_path):
   """DAPO's dynamic sampling: groups of equal rewards ('add' questions here) are replaced by
   further prompts' groups; the rounds it took are logged, the rewards are the first
@@ -269,6 +271,7 @@ def test_dynamic_sampling_refills_the_batch_and_resumes_exactly(base, tmp_path):
   assert pick(straight) == pick(split)
 
 
+@pytest.mark.slow
 def test_a_reward_model_scores_the_completions(base, tmp_path):
   """grpo.reward_funcs='reward_model': a reward model trained by lmjax (2 steps here)
   scores each completion (prompt + answer, in its own template) on the run's devices."""
