@@ -2,6 +2,7 @@
 gloo collectives) train as 1 process x 8 devices does, write checkpoints jointly and
 resume from them."""
 
+import importlib
 import json
 import os
 import socket
@@ -82,17 +83,24 @@ def _losses(workdir):
           {r['step']: r['eval_loss'] for r in rows if 'eval_loss' in r})
 
 
-def test_two_processes_match_one_process_and_resume(tmp_path):
+def _script(tmp_path, source, name):
+  """(the run script `source` written as <tmp_path>/<name>.py, a module name no other test
+  imports; its config()), with the dataset and tokenizer built once, before the processes
+  share them."""
   glob_ = write_corpus(tmp_path / 'text', n_files=40)
-  script = tmp_path / 'mh_run.py'  # a module name no other test imports
-  script.write_text(SCRIPT.format(here=HERE, glob=glob_, data_dir=str(tmp_path / 'tfds')))
-  # The dataset and tokenizer once, before the processes share them.
+  script = tmp_path / f'{name}.py'
+  script.write_text(source.format(here=HERE, glob=glob_, data_dir=str(tmp_path / 'tfds')))
   sys.path.insert(0, str(tmp_path))
   try:
-    import mh_run as run_mod  # the script above, as a module (its main part not run)
+    run_mod = importlib.import_module(name)  # the script as a module (its main part not run)
   finally:
     sys.path.remove(str(tmp_path))
   tokenizer_lib.load_tokenizer(run_mod.config())
+  return script, run_mod.config
+
+
+def test_two_processes_match_one_process_and_resume(tmp_path):
+  script, _ = _script(tmp_path, SCRIPT, 'mh_run')
 
   single = str(tmp_path / 'single')
   out = subprocess.run([sys.executable, str(script), '8', single, '0', '-', '0'],
@@ -187,17 +195,9 @@ assert GRPO_SCRIPT != SCRIPT
 def test_grpo_on_two_processes_samples_and_trains_as_one_process(tmp_path):
   """GRPO's rollouts on 2 processes x 4 devices: every process generates the global batch
   (its prompts gathered), trains on its share, and resumes: as 1 process x 8 devices."""
-  glob_ = write_corpus(tmp_path / 'text', n_files=40)
-  script = tmp_path / 'mh_grpo.py'
-  script.write_text(GRPO_SCRIPT.format(here=HERE, glob=glob_, data_dir=str(tmp_path / 'tfds')))
-  sys.path.insert(0, str(tmp_path))
-  try:
-    import mh_grpo as run_mod  # pylint: disable=import-outside-toplevel
-  finally:
-    sys.path.remove(str(tmp_path))
-  tokenizer_lib.load_tokenizer(run_mod.config())
+  script, config = _script(tmp_path, GRPO_SCRIPT, 'mh_grpo')
   from lmjax.data import sft_task  # pylint: disable=import-outside-toplevel
-  sft_task.ensure(run_mod.config())  # the prompts once, before the processes share them
+  sft_task.ensure(config())  # the prompts once, before the processes share them
   single = str(tmp_path / 'single')
   out = subprocess.run([sys.executable, str(script), '8', single, '0', '-', '0'],
                        capture_output=True, text=True, timeout=600)
