@@ -4,8 +4,10 @@ A reward function scores a batch of completions:
 
     def my_reward(prompts, completions, completion_ids, **columns) -> list[float | None]
 
-prompts: each completion's prompt (its chat turns, a list of {'role', 'content'});
-completions: the generated text, cut at the chat template's end of turn; completion_ids:
+prompts and completions as TRL passes them: for a prompt given as messages, the prompt's
+turns (a list of {'role', 'content'}) and the completion as [{'role': 'assistant',
+'content': text}]; for a string prompt, both as strings. The text is cut at the chat
+template's end of turn (`completion_text` gives it in either form); completion_ids:
 the generated token ids (stop token excluded); columns: the prompt records' other fields,
 one entry per completion (e.g. answer=[...], task=[...]); accept **kwargs for the rest.
 Return one reward per completion: a number (a bool counts as 0/1), or None to abstain on
@@ -48,6 +50,14 @@ class RewardError(UserError, ValueError):
   """A reward function that cannot be loaded or returned something unusable."""
 
 
+def completion_text(completion) -> str:
+  """A completion's text, whether it came as a string or as [{'role': 'assistant',
+  'content': text}] (a conversational prompt's)."""
+  if isinstance(completion, str):
+    return completion
+  return completion[-1]['content']
+
+
 def _first_line(text: str) -> str:
   return text.strip().split('\n', 1)[0].strip()
 
@@ -58,7 +68,7 @@ def exact_match(prompts, completions, completion_ids, answer=None, **kwargs):
   if answer is None:
     raise RewardError(f"{FIELD}: the exact_match reward needs an 'answer' column in the "
                       'prompt records')
-  return [None if a is None else float(_first_line(c) == str(a).strip())
+  return [None if a is None else float(_first_line(completion_text(c)) == str(a).strip())
           for c, a in zip(completions, answer)]
 
 
@@ -66,7 +76,7 @@ def format_reward(prompts, completions, completion_ids, **kwargs):
   """1.0 where the completion is one non-empty line of at most 32 characters."""
   del prompts, completion_ids, kwargs
   return [float(bool(t) and '\n' not in t and len(t) <= FORMAT_MAX_CHARS)
-          for t in (c.strip() for c in completions)]
+          for t in (completion_text(c).strip() for c in completions)]
 
 
 class RewardModel:
@@ -96,7 +106,8 @@ class RewardModel:
 
   def __call__(self, prompts, completions, completion_ids, **kwargs):
     del completion_ids, kwargs
-    convs = [list(p) + [{'role': 'assistant', 'content': c}]
+    turns = lambda p: [{'role': 'user', 'content': p}] if isinstance(p, str) else list(p)
+    convs = [turns(p) + [{'role': 'assistant', 'content': completion_text(c)}]
              for p, c in zip(prompts, completions)]
     return self.model.reward(convs)
 

@@ -5,6 +5,8 @@ The loss formulas themselves are checked against an independent NumPy reference 
 GRPOTrainer in tests/test_grpo_loss.py.
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -13,6 +15,7 @@ import pytest
 from flax import nnx
 
 from lmjax import generate as gen
+from lmjax import rewards as rewards_lib
 from lmjax.models import transformer
 from lmjax.train import forward, objectives
 from util import tiny_config
@@ -329,3 +332,45 @@ def test_sampling_with_unmerged_adapters_equals_the_merged_model(model, train_pa
   assert not np.array_equal(plain.tokens, ref.tokens)  # the adapters matter
   with pytest.raises(ValueError, match='adapters need `lora`'):
     gen.generate(graphdef, params, prompts, adapters=adapters, **kw)
+
+
+def test_prompt_records_and_what_reward_functions_receive(tmp_path):
+  """Prompt records as TRL takes them: a string prompt (reward functions get strings), a
+  message prompt or a conversation (they get messages; a conversation's last turn becomes
+  the 'answer' column); every other field a column; malformed records skipped."""
+  from lmjax.data import prompts  # pylint: disable=import-outside-toplevel
+  path = tmp_path / 'p.jsonl'
+  lines = [{'prompt': 'What is 2 + 2?', 'answer': '4', 'task': 'add'},
+           {'prompt': [{'role': 'system', 'content': 'Be short.'},
+                       {'role': 'user', 'content': 'Reverse: abc'}], 'answer': 'cba'},
+           {'messages': [{'role': 'user', 'content': 'Uppercase: dog'},
+                         {'role': 'assistant', 'content': 'DOG'}], 'task': 'upper'},
+           {'completion': 'no prompt'},
+           {'prompt': [{'role': 'assistant', 'content': 'mine'}]}]
+  path.write_text(''.join(json.dumps(x) + '\n' for x in lines))
+  items, stats = prompts.read_prompts([str(path)])
+  assert stats['skipped'] == 2 and len(items) == 3
+  (t0, c0, conv0), (t1, c1, conv1), (t2, c2, conv2) = items
+  assert t0 == [{'role': 'user', 'content': 'What is 2 + 2?'}] and not conv0
+  assert c0 == {'answer': '4', 'task': 'add'} and len(t1) == 2 and conv1
+  assert t2 == [{'role': 'user', 'content': 'Uppercase: dog'}] and conv2
+  assert c2 == {'answer': 'DOG', 'task': 'upper'}
+  records = prompts.Prompts(items, 'p')
+  assert records.columns([0, 1]) == {'answer': ['4', 'cba'], 'task': ['add', None]}
+
+  seen = {}
+
+  def spy(prompts, completions, completion_ids, **columns):
+    seen.update(prompts=prompts, completions=completions, columns=columns)
+    return [0.0] * len(completions)
+
+  cfg = _grpo_cfg()
+  obj = objectives.get(cfg)
+  obj._records['x'] = records  # pylint: disable=protected-access
+  obj._rewards = rewards_lib.RewardFunctions([spy])  # pylint: disable=protected-access
+  out = gen.GenerateOutput(tokens=np.zeros((2, 3), np.int32), lengths=np.array([1, 2]),
+                           stopped=np.array([True, False]), steps=3)
+  obj.score('x', [0, 2], ['4', 'DOG'], out, 1)
+  assert seen['prompts'] == ['What is 2 + 2?', t2]
+  assert seen['completions'] == ['4', [{'role': 'assistant', 'content': 'DOG'}]]
+  assert seen['columns'] == {'answer': ['4', 'DOG'], 'task': ['add', 'upper']}

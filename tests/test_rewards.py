@@ -106,3 +106,13 @@ def test_bad_returns_name_the_function(returned, message):
     return returned
   with pytest.raises(RewardError, match=f"grpo.reward_funcs: 'scorer' {message}"):
     RewardFunctions([scorer])(PROMPTS[:3], ['a', 'b', 'c'], IDS[:3])
+
+
+def test_builtins_take_conversational_completions_as_trl_passes_them():
+  """A prompt given as messages: completions arrive as [{'role': 'assistant', ...}]."""
+  msgs = lambda t: [{'role': 'assistant', 'content': t}]
+  got = rewards.exact_match(PROMPTS[:3], [msgs('8'), msgs(' 8\nmore'), msgs('9')], None,
+                            answer=['8', '8', '8'])
+  assert got == [1.0, 1.0, 0.0]
+  assert rewards.format_reward(None, [msgs('CAT'), msgs('a\nb')], None) == [1.0, 0.0]
+  assert rewards.completion_text(msgs('x')) == 'x' and rewards.completion_text('y') == 'y'

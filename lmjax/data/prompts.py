@@ -7,7 +7,10 @@ Records (a JSONL line or a TFDS record), as TRL's GRPOTrainer takes them:
                                               before the last, whose content becomes the
                                               "answer" column (SFT data works as is)
 Every other field is a column: the reward functions receive it, one entry per completion
-(e.g. "answer" for the built-in exact-match reward, "task"). A record without a column
+(e.g. "answer" for the built-in exact-match reward, "task"). As in TRL, a prompt given as
+messages (or a conversation) makes the reward functions receive its prompt as messages and
+its completions as [{"role": "assistant", "content": text}]; a string prompt, both as
+strings. A record without a column
 that others have gives None there. 'builtin:synthetic' reads the built-in task's
 conversations (data/sft_task.py, cfg.sft.task_sizes / task_seed): its questions with
 their exact answers.
@@ -44,25 +47,27 @@ def _plain(value):
   return value
 
 
-def normalize_prompt(obj: Any) -> tuple[list[dict[str, str]], dict]:
-  """A record -> (prompt turns, columns); ValueError if malformed (see the module doc)."""
+def normalize_prompt(obj: Any) -> tuple[list[dict[str, str]], dict, bool]:
+  """A record -> (prompt turns, columns, conversational: whether the prompt came as
+  messages, not a string); ValueError if malformed (see the module doc)."""
   if not isinstance(obj, dict):
     raise ValueError(f'a prompt record must be a JSON object, got {type(obj).__name__}')
   columns = {k: _plain(v) for k, v in obj.items() if k not in ('prompt', 'messages')}
   if 'prompt' in obj:
     turns = preference.parse_turns(obj['prompt'], 'prompt')
+    conversational = not isinstance(obj['prompt'], (str, bytes))
   elif 'messages' in obj:
     turns = formats.normalize_example({'messages': obj['messages']})
     if len(turns) < 2:
       raise ValueError('"messages" needs a prompt before its final assistant turn')
     columns.setdefault('answer', turns[-1]['content'])
-    turns = turns[:-1]
+    turns, conversational = turns[:-1], True
   else:
     raise ValueError(f'a prompt record needs "prompt" (or "messages"), has {sorted(obj)}')
   if turns[-1]['role'] == 'assistant':
     raise ValueError('the prompt must not end with an assistant turn (the completion is '
                      "the model's)")
-  return turns, columns
+  return turns, columns, conversational
 
 
 def read_prompts(paths: list[str], on_error: str = 'skip') -> tuple[list, dict]:
@@ -72,7 +77,7 @@ def read_prompts(paths: list[str], on_error: str = 'skip') -> tuple[list, dict]:
 
 
 class Prompts:
-  """Random-access (turns, columns) of one split (len + __getitem__)."""
+  """Random-access (turns, columns, conversational) of one split (len + __getitem__)."""
 
   def __init__(self, items, name: str, stats: dict | None = None, raw: bool = False):
     self._items, self.name, self.stats, self._raw = items, name, stats or {}, raw
@@ -84,7 +89,7 @@ class Prompts:
     """Where prompt `index` came from: 'file:line', or 'name[index]'."""
     return formats.where(self.stats, self.name, index)
 
-  def __getitem__(self, index: int) -> tuple[list[dict[str, str]], dict]:
+  def __getitem__(self, index: int) -> tuple[list[dict[str, str]], dict, bool]:
     item = self._items[int(index)]
     if not self._raw:
       return item
@@ -126,7 +131,7 @@ class _Encode(grain.transforms.Map):
     self.tokenizer, self.template = tokenizer, formats.resolve_template(template, tokenizer)
 
   def map(self, item):
-    index, (turns, _) = item
+    index, (turns, *_) = item
     return index, len(encode_prompt(turns, self.tokenizer, self.template))
 
 

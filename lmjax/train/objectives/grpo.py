@@ -11,7 +11,8 @@ Each train step is one round:
      renormalised). Draws depend on (seed, step) only, so a resumed run samples what the
      interrupted one would have.
   2. score: the reward functions (lmjax/rewards.py; grpo.reward_funcs, reward_weights) on
-     the decoded completions, cut at the template's end-of-turn marker; advantages are
+     the decoded completions, cut at the template's end-of-turn marker (as messages for a
+     prompt given as messages, as TRL does); advantages are
      group-normalised (losses.group_advantages, grpo.scale_rewards).
   With grpo.dynamic_sampling (DAPO), groups whose rewards are all equal (no advantage,
   no gradient) are replaced by groups of further prompts, sampled in up to
@@ -213,12 +214,18 @@ class GRPO(base.Objective):
     return out, rows, texts
 
   def score(self, split: str, indices, texts, out, n: int):
-    """The reward functions on completions (n per prompt `indices`)."""
+    """The reward functions on completions (n per prompt `indices`), passed as TRL passes
+    them: for a prompt given as messages, the prompt's turns and the completion as
+    [{'role': 'assistant', 'content': text}]; for a string prompt, both as strings."""
     records = self.records(split)
-    turns = [records[i][0] for i in indices for _ in range(n)]
+    prompts_, completions = [], []
+    for i, text in zip((i for i in indices for _ in range(n)), texts):
+      turns, _, conversational = records[i]
+      prompts_.append(turns if conversational else turns[-1]['content'])
+      completions.append([{'role': 'assistant', 'content': text}] if conversational else text)
     columns = {k: [v for v in vs for _ in range(n)]
                for k, vs in records.columns(indices).items()}
-    return self.rewards(turns, texts, out.ids(), **columns)
+    return self.rewards(prompts_, completions, out.ids(), **columns)
 
   def rollout(self, setup, tokenizer, state, host, step, more=None):
     """The step's rows: this process's prompts (host['index']) sampled G times from the
@@ -402,7 +409,7 @@ class GRPO(base.Objective):
     records = self.records(split)
     out = []
     for i in range(len(records)):
-      turns, columns = records[i]
+      turns, columns, _ = records[i]
       if columns.get('answer') is None:
         continue
       prompt = formats.render_prompt(turns + [{'role': 'assistant', 'content': ''}],
