@@ -143,15 +143,6 @@ class GRPO(base.Objective):
 
   # ---- Data ---------------------------------------------------------------------------
 
-  def batch_spec(self, rows):
-    out = super().batch_spec(rows)
-    out.update((k, ((rows, self.cfg.data.seq_len), dt)) for k, dt in self.token_keys.items())
-    return out
-
-  @property
-  def batch_keys(self):
-    return super().batch_keys + tuple(self.token_keys)
-
   def check_data(self, tokenizer, log):
     return data_check.check_stage(self.cfg, tokenizer, 'grpo', log=log)
 
@@ -188,23 +179,19 @@ class GRPO(base.Objective):
 
   # ---- Rollout ------------------------------------------------------------------------
 
-  def _generation_params(self, setup, state):
-    """What to sample with, the arrays being trained: (params, adapters or None); LoRA
-    adapters are applied unmerged, so no copy of the weights is made."""
-    return state['params'], state.get('adapters')
-
-  def completions(self, setup, tokenizer, params, split: str, indices, *, seed: int,
+  def completions(self, setup, tokenizer, weights, split: str, indices, *, seed: int,
                   greedy: bool = False):
-    """G sampled (or one greedy) completions of each prompt `indices` of `split`: the
-    GenerateOutput, the prompts' ids, and the completions' text cut at the template's
-    end-of-turn marker."""
+    """G sampled (or one greedy) completions of each prompt `indices` of `split` from
+    `weights` (the arrays being trained; LoRA adapters applied unmerged, so no copy of the
+    weights is made): the GenerateOutput, the prompts' ids, and the completions' text cut
+    at the template's end-of-turn marker."""
     g = self.cfg.grpo
     n = 1 if greedy else g.num_generations
     ids = [self.prompt_ids(tokenizer, split, i) for i in indices]
     rows = [p for p in ids for _ in range(n)]
-    params, adapters = params
+    adapters = weights.get('adapters')
     out = generate.generate(
-        setup.graphdef, params, rows, max_new_tokens=g.max_completion_length,
+        setup.graphdef, weights['params'], rows, max_new_tokens=g.max_completion_length,
         adapters=adapters, lora=None if adapters is None else dict(setup.lora),
         temperature=0.0 if greedy else g.temperature, top_k=g.top_k, top_p=g.top_p,
         stop_tokens=tokenizer.stop_ids, seed=seed, pad_id=getattr(tokenizer, 'pad_id', 0),
@@ -234,19 +221,18 @@ class GRPO(base.Objective):
     of further prompts (more(): the next batch), at most grpo.max_resample rounds."""
     cfg, g = self.cfg, self.cfg.grpo
     pc, pi, n = jax.process_count(), jax.process_index(), g.num_generations
-    params = self._generation_params(setup, state)
     split = cfg.data.train_split
     timing = {'generate': 0.0, 'score': 0.0}
 
     def sample(h, k):
       """One round on the global batch (the same on every process): (prompt ids per
-      completion, GenerateOutput, total reward per completion, Scores)."""
+      completion, GenerateOutput, Scores)."""
       local = np.asarray(h['index'])
       every = (np.asarray(multihost_utils.process_allgather(local)).reshape(-1) if pc > 1
                else local)
       seed = int(np.random.SeedSequence([cfg.seed, 4, int(step), k]).generate_state(1)[0])
       t0 = time.perf_counter()
-      out, rows, texts = self.completions(setup, tokenizer, params, split, every, seed=seed)
+      out, rows, texts = self.completions(setup, tokenizer, state, split, every, seed=seed)
       t1 = time.perf_counter()
       scores = self.score(split, every, texts, out, n)
       timing['generate'] += t1 - t0
@@ -391,8 +377,7 @@ class GRPO(base.Objective):
     order = np.arange(len(records)) if kept is None else np.asarray(kept)
     n = min(len(order), cfg.sft.eval_examples or cfg.train.global_batch)
     indices = order[:n]
-    params = self._generation_params(setup, weights)
-    out, _, texts = self.completions(setup, tokenizer, params, split, indices, seed=0,
+    out, _, texts = self.completions(setup, tokenizer, weights, split, indices, seed=0,
                                      greedy=True)
     scores = self.score(split, indices, texts, out, 1)
     m = scores.metrics()
