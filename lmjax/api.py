@@ -127,13 +127,17 @@ class Model:
                            temperature, top_k, top_p, stop_tokens, seed)
     return texts[0] if single else texts
 
-  def _complete(self, ids, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed):
+  def _complete(self, ids, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed,
+                counts: bool = False):
     tok = self._tok()
     stops = tok.stop_ids if stop_tokens is None else tuple(stop_tokens)
     out = self.generate_ids(ids, max_new_tokens=max_new_tokens, temperature=temperature,
                             top_k=top_k, top_p=top_p, stop_tokens=stops, seed=seed)
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-    return [tok.decode(tokens[i, :lengths[i]].tolist()) for i in range(len(ids))]
+    texts = [tok.decode(tokens[i, :lengths[i]].tolist()) for i in range(len(ids))]
+    if counts:  # tokens generated, stop tokens included
+      return texts, int(np.sum(lengths) + np.sum(np.asarray(out.stopped)))
+    return texts
 
   def chat(self, conversations, *, max_new_tokens: int = 256, temperature: float = 0.0,
            top_k: int = 0, top_p: float = 1.0, seed: int = 0,
@@ -142,9 +146,20 @@ class Model:
     with a user turn), rendered with `template` (default the run's sft.template: 'auto' is
     the tokenizer's own chat template when it has one) and its generation prompt. One
     conversation in, a str out; a list of them, a list of str."""
-    from lmjax.data import formats
     single = bool(conversations) and isinstance(conversations[0], dict)
     convs = [conversations] if single else list(conversations)
+    answers, _ = self.chat_with_counts(convs, max_new_tokens=max_new_tokens,
+                                       temperature=temperature, top_k=top_k, top_p=top_p,
+                                       seed=seed, template=template)
+    return answers[0] if single else answers
+
+  def chat_with_counts(self, conversations, *, max_new_tokens: int = 256,
+                       temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                       seed: int = 0, template: str | None = None) -> tuple[list[str], int]:
+    """`chat` on a list of conversations, all in one batch: (the answers, the number of
+    tokens generated, stop tokens included)."""
+    from lmjax.data import formats
+    convs = list(conversations)
     tok = self._tok()
     template = formats.resolve_template(template or self.config.sft.template, tok)
     ids = []
@@ -156,10 +171,10 @@ class Model:
                          'the user turn to answer')
       ids.append(formats.prompt_ids(formats.render_prompt(turns, template, tok), tok,
                                     template))
-    answers = self._complete(ids, max_new_tokens, temperature, top_k, top_p, None, seed)
+    answers, n = self._complete(ids, max_new_tokens, temperature, top_k, top_p, None, seed,
+                                counts=True)
     end = formats.end_marker(template)
-    answers = [a.split(end, 1)[0] if end else a for a in answers]
-    return answers[0] if single else answers
+    return [a.split(end, 1)[0] if end else a for a in answers], n
 
   def reward(self, inputs, *, add_bos: bool | None = None, template: str | None = None):
     """A reward model's (model.head='score') reward of each input: a text (encoded as

@@ -290,6 +290,9 @@ def base_config() -> ml_collections.ConfigDict:
       loss_type='sigmoid',    # sigmoid | robust | hinge | ipo (see losses.dpo).
       beta=0.1,
       label_smoothing=0.0,    # sigmoid: conservative DPO; robust: the assumed label noise.
+      # Per-pair soft labels: each pair's "label" (or "p", an AI judge's probability that
+      # chosen is better; tools/ai_feedback.py judge) smooths its sigmoid loss by 1 - p.
+      soft_labels=False,
       reference_free=False,
       rpo_alpha=0.0,          # > 0: + alpha x the chosen answers' per-token NLL (RPO).
       # auto: adapters_off with LoRA (the base, in the same step: no second copy), else
@@ -384,12 +387,19 @@ def base_config() -> ml_collections.ConfigDict:
       # Comma-separated reward functions: 'module.path:function' with TRL's signature
       # f(prompts, completions, completion_ids, **columns) -> list[float | None], or a
       # built-in: exact_match (the 'answer' column), format (one short line),
-      # reward_model (grpo.reward_model's score).
+      # reward_model (grpo.reward_model's score), judge (grpo.judge's verdicts).
       reward_funcs='exact_match',
       reward_weights='',      # comma-separated weights, one per function ('' = all 1.0).
       # The reward model the built-in 'reward_model' function scores with: an lmjax
       # stage='reward' workdir or a Hugging Face *ForSequenceClassification directory.
       reward_model='',
+      # The built-in 'judge' function: a language model (lmjax workdir or Hugging Face
+      # directory) that compares the completions of each prompt under the preference
+      # principles of a constitution JSON file (configs/constitution_tiny.json), K drawn
+      # per comparison; a completion's reward is its mean probability of winning.
+      judge='',
+      constitution='',
+      judge_principles=1,
       scale_rewards='group',  # group | batch | none: the std advantages are divided by.
       loss_type='dapo',       # grpo | bnpo | dr_grpo | dapo (losses.grpo_sums).
       epsilon_low=0.2,        # the clipped surrogate's range: [1 - low, 1 + high].

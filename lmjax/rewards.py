@@ -23,6 +23,9 @@ In a config, grpo.reward_funcs names them, comma-separated: 'my_pkg.rewards:my_r
     reward_model  the score of the reward model at grpo.reward_model (RewardModel: an
                   lmjax stage='reward' workdir or a Hugging Face
                   *ForSequenceClassification directory), on the run's devices
+    judge         an AI judge's verdict (JudgeReward): each completion's mean probability
+                  of beating the other completions of its prompt under the principles of
+                  grpo.constitution, by the language model grpo.judge (lmjax/ai_feedback.py)
 grpo.reward_weights weights them ('' = 1.0 each). A completion's reward is the weighted
 sum of the functions that scored it (TRL's nansum; 0.0 when none did, counted).
 
@@ -112,15 +115,98 @@ class RewardModel:
     return self.model.reward(convs)
 
 
+class JudgeReward:
+  """An AI judge's reward (the built-in 'judge'): each completion's mean probability of
+  beating the other completions of its prompt (consecutive completions of the same prompt
+  form a group, as GRPO samples them), by ai_feedback.Judge under the constitution's
+  preference principles: every pair of a group once, both orderings (position bias
+  cancels), K principles drawn per pair (grpo.judge_principles) from a seed fixed by the
+  pair's prompt and texts, so the same completions get the same reward. The judge (an
+  lmjax workdir or a Hugging Face directory with a language-model head) is loaded with
+  lmjax.load on first use onto this process's devices: it scores on the training mesh,
+  one forward pass per ordering, no generation. A group of one gets 0.5."""
+
+  __name__ = 'judge'
+
+  def __init__(self, path: str, constitution: str, principles: int = 1,
+               mesh: dict | None = None):
+    from lmjax import ai_feedback  # pylint: disable=import-outside-toplevel
+    self.path, self.mesh, self.k = path, mesh, principles
+    self.constitution = ai_feedback.Constitution.load(constitution)
+    self.constitution.judge_principles()  # fails now if none has a preference question
+    self._judge = None
+
+  @property
+  def judge(self):
+    if self._judge is None:
+      import lmjax  # pylint: disable=import-outside-toplevel
+      from lmjax import ai_feedback  # pylint: disable=import-outside-toplevel
+      from lmjax.models import transformer  # pylint: disable=import-outside-toplevel
+      model = lmjax.load(self.path, mesh=self.mesh)
+      if transformer.head_kind(model.config.model) != 'lm':
+        raise RewardError(f'grpo.judge {self.path} has a score head (a reward model): a '
+                          "judge answers '(A)' or '(B)' with a language-model head; use "
+                          "reward_funcs='reward_model' for a reward model")
+      self._judge = ai_feedback.Judge(model, self.constitution,
+                                      principles_per_comparison=self.k)
+    return self._judge
+
+  def __call__(self, prompts, completions, completion_ids, **kwargs):
+    del completion_ids, kwargs
+    import hashlib  # pylint: disable=import-outside-toplevel
+    import json  # pylint: disable=import-outside-toplevel
+    texts = [completion_text(c) for c in completions]
+    key = lambda p: json.dumps(p, sort_keys=True)
+    groups, start = [], 0
+    for i in range(1, len(prompts) + 1):
+      if i == len(prompts) or key(prompts[i]) != key(prompts[start]):
+        groups.append(range(start, i))
+        start = i
+    pairs = [(i, j) for g in groups for n, i in enumerate(g) for j in list(g)[n + 1:]]
+    rewards = np.full(len(texts), 0.5)
+    if not pairs:
+      return rewards.tolist()
+    judge = self.judge
+    seeds = [int(hashlib.sha256(f'{key(prompts[i])}\0{texts[i]}\0{texts[j]}'.encode())
+                 .hexdigest()[:8], 16) for i, j in pairs]
+    principles = np.concatenate([judge.draw_principles(1, s) for s in seeds])
+    res = judge.compare([prompts[i] for i, _ in pairs], [texts[i] for i, _ in pairs],
+                        [texts[j] for _, j in pairs], principles=principles)
+    wins, games = np.zeros(len(texts)), np.zeros(len(texts))
+    for (i, j), p in zip(pairs, res.p):
+      wins[i] += p
+      wins[j] += 1.0 - p
+      games[i] += 1
+      games[j] += 1
+    played = games > 0
+    rewards[played] = wins[played] / games[played]
+    return rewards.tolist()
+
+
 BUILTINS: dict[str, Callable] = {'exact_match': exact_match, 'format': format_reward}
 
 
-def load(spec: str, reward_model: str = '') -> Callable:
-  """The reward function `spec` names: 'module.path:function', a built-in's name, or
-  'reward_model' (a RewardModel of the path `reward_model`, grpo.reward_model)."""
+def load(spec: str, reward_model: str = '', judge: dict | None = None) -> Callable:
+  """The reward function `spec` names: 'module.path:function', a built-in's name,
+  'reward_model' (a RewardModel of the path `reward_model`, grpo.reward_model) or 'judge'
+  (a JudgeReward; `judge`: {'path', 'constitution', 'principles'}, grpo.judge,
+  grpo.constitution, grpo.judge_principles)."""
   spec = spec.strip()
   if spec in BUILTINS:
     return BUILTINS[spec]
+  if spec == 'judge':
+    import os  # pylint: disable=import-outside-toplevel
+    judge = judge or {}
+    if not judge.get('path') or not judge.get('constitution'):
+      raise RewardError(f"{FIELD} names 'judge' but grpo.judge or grpo.constitution is "
+                        'unset: set grpo.judge to a language model (an lmjax workdir or a '
+                        'Hugging Face directory) and grpo.constitution to a constitution '
+                        'JSON file (e.g. configs/constitution_tiny.json)')
+    if not os.path.isdir(os.path.expanduser(judge['path'])):
+      raise RewardError(f'grpo.judge {judge["path"]} is not a directory (an lmjax workdir '
+                        'or a Hugging Face model directory)')
+    return JudgeReward(os.path.expanduser(judge['path']), judge['constitution'],
+                       int(judge.get('principles', 1)))
   if spec == 'reward_model':
     import os  # pylint: disable=import-outside-toplevel
     if not reward_model:
@@ -131,7 +217,7 @@ def load(spec: str, reward_model: str = '') -> Callable:
       raise RewardError(f'grpo.reward_model {reward_model} is not a directory (an lmjax '
                         'workdir or a Hugging Face model directory)')
     return RewardModel(os.path.expanduser(reward_model))
-  known = ', '.join(BUILTINS) + ', reward_model'
+  known = ', '.join(BUILTINS) + ', reward_model, judge'
   if ':' not in spec:
     raise RewardError(f'{FIELD}: {spec!r} is neither a built-in ({known}) nor '
                       "'module.path:function'")
@@ -187,13 +273,13 @@ class RewardFunctions:
   """Several reward functions with weights, called as one (see the module doc)."""
 
   def __init__(self, specs: Sequence[str | Callable], weights: Sequence[float] | None = None,
-               reward_model: str = ''):
+               reward_model: str = '', judge: dict | None = None):
     specs = list(specs)
     if not specs:
       raise RewardError(f"{FIELD} is empty: name at least one reward function (e.g. "
                         "'exact_match')")
     self.specs = [s if isinstance(s, str) else getattr(s, '__name__', repr(s)) for s in specs]
-    self.fns = [load(s, reward_model) if isinstance(s, str) else s for s in specs]
+    self.fns = [load(s, reward_model, judge) if isinstance(s, str) else s for s in specs]
     weights = [1.0] * len(specs) if weights is None else [float(w) for w in weights]
     if len(weights) != len(specs):
       raise RewardError(f'grpo.reward_weights has {len(weights)} weights for {len(specs)} '
@@ -203,7 +289,7 @@ class RewardFunctions:
     self.weights = np.asarray(weights, np.float64)
     names, seen = [], {}
     for spec, fn in zip(self.specs, self.fns):
-      base = (spec if spec in BUILTINS or spec == 'reward_model'
+      base = (spec if spec in BUILTINS or spec in ('reward_model', 'judge')
               else getattr(fn, '__name__', spec.split(':')[-1]))
       seen[base] = seen.get(base, 0) + 1
       names.append(base if seen[base] == 1 else f'{base}_{seen[base]}')

@@ -59,13 +59,13 @@ UNPAIRED = [
 # ---- Data ---------------------------------------------------------------------------
 
 def test_feedback_formats():
-  (p, c, liked), = feedback.normalize_feedback(UNPAIRED[0])
+  (p, c, liked, w), = feedback.normalize_feedback(UNPAIRED[0])
   assert p == [{'role': 'user', 'content': 'What is 2 + 2?', 'sep': ''}] and liked is True
   assert c == [{'role': 'assistant', 'content': '4'}]
-  (p, c, liked), = feedback.normalize_feedback(UNPAIRED[3])
+  (p, c, liked, w), = feedback.normalize_feedback(UNPAIRED[3])
   assert [t['role'] for t in p] == ['system', 'user'] and liked is False
   pair = {'prompt': 'Q?', 'chosen': 'yes', 'rejected': 'no'}
-  (p1, c1, l1), (p2, c2, l2) = feedback.normalize_feedback(pair)
+  (p1, c1, l1, w1), (p2, c2, l2, w2) = feedback.normalize_feedback(pair)
   assert p1 == p2 and (c1[0]['content'], l1, c2[0]['content'], l2) == ('yes', True, 'no', False)
   implicit = {'chosen': [{'role': 'user', 'content': 'Q?'}, {'role': 'assistant', 'content': 'y'}],
               'rejected': [{'role': 'user', 'content': 'Q?'},
@@ -107,7 +107,7 @@ def test_rows_kl_rows_and_labels(tok, tmp_path):
   assert b['inputs'].shape == (12, SEQ) and b['label'].tolist() == [1, 1, 0, 0] * 3
   for r in range(6):
     i = int(b['index'][2 * r])
-    prompt, completion, liked = examples.example(i)
+    prompt, completion, liked, _ = examples.example(i)
     assert b['label'][2 * r] == liked and b['index'][2 * r + 1] == i
     # The example row is exactly a DPO row of its prompt and completion; the KL row is the
     # same prompt's tokens with the partner's completion.

@@ -6,7 +6,8 @@ Examples (a JSONL line or a TFDS record), as TRL's KTOTrainer takes unpaired dat
     {"prompt": [messages], "completion": [assistant messages], "label": true | false}
 and preference pairs as data/preference.py reads them ({"prompt", "chosen", "rejected"},
 or implicit-prompt message pairs), each split into a liked example (chosen) and a
-disliked one (rejected). A label that is not a JSON boolean is a malformed line: skipped
+disliked one (rejected); a pair with a soft label ("label" or "p" in [0, 1], e.g. an AI
+judge's) is split by it, both examples weighted |2p - 1| (normalize_feedback). A label that is not a JSON boolean is a malformed line: skipped
 and counted, or DataError naming file:line (kto.on_error='fail'). Splits as
 formats.split_files reads them (kto.path, kto.eval_path); kto.path='builtin:synthetic' is
 the built-in preference pairs (data/sft_task.py `make_pairs`: the right answer liked, a
@@ -25,7 +26,8 @@ its partners depend on its batch size; here they do not.
 
 Overlong examples (kto.overlong) are judged with their KL row, as a DPO pair's rows are
 (preference.pair_fate): an example is dropped or truncated when either row is too long.
-Each row pair carries 'label' (1 liked, 0 disliked; the example's, on both rows) and
+Each row pair carries 'label' (1 liked, 0 disliked; the example's, on both rows), 'weight'
+(the example's loss weight: 1, or |2p - 1| for a pair with a soft label p) and
 'dropped' / 'truncated' counts on the example row (0 on the KL row), as formats.COUNTS.
 """
 
@@ -48,14 +50,19 @@ def _bool(value) -> bool:
   raise ValueError(f'"label" must be true (liked) or false (disliked), got {value!r}')
 
 
-def normalize_feedback(obj: Any) -> list[tuple[list, list, bool]]:
-  """A record -> [(prompt turns, completion turns, liked)]: one example, or two for a
-  preference pair (chosen liked, rejected disliked); ValueError if malformed."""
+def normalize_feedback(obj: Any) -> list[tuple[list, list, bool, float]]:
+  """A record -> [(prompt turns, completion turns, liked, weight)]: one example (weight
+  1), or two for a preference pair: chosen liked and rejected disliked, weight 1; with a
+  soft label p (the pair's "label" or "p" column: an AI judge's probability that chosen is
+  better), chosen is liked iff p > 0.5 and rejected iff p < 0.5, both weighted |2p - 1|
+  (a near-tie teaches little). ValueError if malformed."""
   if not isinstance(obj, dict):
     raise ValueError(f'an example must be a JSON object, got {type(obj).__name__}')
   if 'chosen' in obj or 'rejected' in obj:
-    prompt, chosen, rejected = preference.normalize_pair(obj)
-    return [(prompt, chosen, True), (prompt, rejected, False)]
+    prompt, chosen, rejected, extras = preference.normalize_pair(obj, ('label',))
+    p = extras['label']
+    w = abs(2.0 * p - 1.0)
+    return [(prompt, chosen, p > 0.5, w), (prompt, rejected, p < 0.5, w)]
   if not {'prompt', 'completion', 'label'} <= set(obj):
     raise ValueError('an example needs "prompt", "completion" and "label" (or a pair: '
                      f'"chosen" and "rejected"), has {sorted(obj)}')
@@ -68,7 +75,7 @@ def normalize_feedback(obj: Any) -> list[tuple[list, list, bool]]:
     raise ValueError('"completion" must end with an assistant turn')
   if prompt[-1]['role'] == 'assistant':
     raise ValueError('the prompt must not end with an assistant turn')
-  return [(prompt, completion, label)]
+  return [(prompt, completion, label, 1.0)]
 
 
 def read_feedback(paths: list[str], on_error: str = 'skip') -> tuple[list, dict]:
@@ -115,8 +122,8 @@ class Feedback:
     """Where example `index` came from: 'file:line', or 'name[record]'."""
     return formats.where(self.stats, self.name, int(index) // self._per)
 
-  def example(self, index: int) -> tuple[list, list, bool]:
-    """(prompt, completion, liked) of example `index`."""
+  def example(self, index: int) -> tuple[list, list, bool, float]:
+    """(prompt, completion, liked, weight) of example `index`."""
     index = int(index)
     if not self._raw:
       return self._items[index]
@@ -127,8 +134,8 @@ class Feedback:
                       f'{e}') from None
 
   def __getitem__(self, index: int):
-    prompt, completion, liked = self.example(index)
-    return prompt, completion, self.example(self.partner[int(index)])[1], liked
+    prompt, completion, liked, weight = self.example(index)
+    return prompt, completion, self.example(self.partner[int(index)])[1], liked, weight
 
   def labels(self) -> np.ndarray:
     """[n] bool: which examples are liked."""
@@ -158,7 +165,7 @@ def answer_examples(cfg, split: str, limit: int, tokenizer=None) -> list[dict[st
   for i in range(len(examples)):
     if len(out) >= limit:
       break
-    prompt, completion, liked = examples.example(i)
+    prompt, completion, liked, _ = examples.example(i)
     if liked:
       out.append({'prompt': formats.render_prompt(prompt + completion, cfg.sft.template,
                                                   tokenizer),
@@ -172,22 +179,23 @@ class _Encode(grain.transforms.Map):
     self.tokenizer, self.template = tokenizer, formats.resolve_template(template, tokenizer)
 
   def map(self, item):
-    index, (prompt, completion, kl_completion, liked) = item
+    index, (prompt, completion, kl_completion, liked, weight) = item
     encoded = preference.encode_pair((prompt, completion, kl_completion), self.tokenizer,
                                      self.template)
-    return index, encoded, liked
+    return index, encoded, (liked, weight)
 
 
 def _rows(seq_len: int, mode: str, name: str, with_index: bool, ref_logps):
-  """keep((index, encoded, liked), dropped) for pipeline.CountDrops: a DPO pair's rows
-  (preference.pair_row_keeper) plus 'label' [2]."""
+  """keep((index, encoded, (liked, weight)), dropped) for pipeline.CountDrops: a DPO
+  pair's rows (preference.pair_row_keeper) plus 'label' [2] and 'weight' [2]."""
   pair = preference.pair_row_keeper(seq_len, mode, name, with_index, ref_logps)
 
   def keep(item, dropped):
-    index, encoded, liked = item
+    index, encoded, (liked, weight) = item
     rows = pair((index, encoded, {}), dropped)
     if rows is not None:
       rows['label'] = np.full(2, int(liked), np.int32)
+      rows['weight'] = np.full(2, weight, np.float32)
     return rows
 
   return keep
@@ -200,8 +208,8 @@ def make_feedback_iterator(cfg, tokenizer, split: str, *, batch_size: int,
                            keep=None) -> grain.DatasetIterator:
   """Batches of `batch_size` examples of this process's share of the cfg.kto `split`:
   {inputs, targets, segment_ids, positions, loss_mask} [2·batch_size, seq_len] (example i
-  in row 2i, its KL row in 2i + 1), 'label' [2·batch_size] int32, 'dropped'/'truncated'
-  counts. Arguments as preference.make_pair_iterator's (ref_logps: [n_examples, 2], the
+  in row 2i, its KL row in 2i + 1), 'label' [2·batch_size] int32, 'weight'
+  [2·batch_size] float32 (the example's loss weight), 'dropped'/'truncated' counts. Arguments as preference.make_pair_iterator's (ref_logps: [n_examples, 2], the
   example row's and the KL row's reference log-probs)."""
   seed = cfg.seed if seed is None else seed
   examples = get_examples(cfg, split)

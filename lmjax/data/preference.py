@@ -5,9 +5,15 @@ Examples (a JSONL line or a TFDS record), as TRL's DPOTrainer takes them:
     {"prompt": str, "chosen": str, "rejected": str}
     {"prompt": [messages], "chosen": [assistant messages], "rejected": [...]}
     {"chosen": [messages], "rejected": [messages]}   (the shared leading turns = prompt)
-Reward-model pairs (cfg.reward) may add per-pair columns (GROUP_COLUMNS): "margin" (a
+    {"prompt": str, "chosen": [user, assistant], "rejected": [user, assistant]}
+                                                     (the public Constitutional AI datasets'
+                                                      layout: chosen and rejected repeat the
+                                                      prompt's turns, which are dropped)
+Reward-model pairs (cfg.reward) may add per-pair columns (group_columns): "margin" (a
 finite number, default 0) and "label" (in [0, 1]: the share of judges preferring chosen,
-default 1); a bad value makes the record malformed (skipped and counted, or with
+default 1; "p", an AI judge's probability that chosen is better (tools/ai_feedback.py),
+is read as the label when "label" is absent); DPO pairs carry "label" with
+dpo.soft_labels. A bad value makes the record malformed (skipped and counted, or with
 on_error='fail' an error naming file:line). Both rows of a pair carry them, float32.
 Splits as formats.split_files reads them (<group>.path, <group>.eval_path). Pairs are
 rendered with cfg.sft.template (formats.chunks: the prompt's chunks are encoded on their
@@ -77,8 +83,27 @@ def _label(value) -> float:
 
 # Optional per-pair columns: name -> (default, parse: value -> float or ValueError).
 COLUMNS = {'margin': (0.0, lambda v: _number(v, 'margin')), 'label': (1.0, _label)}
+# Other names a column is read from when it is absent: an AI judge's "p" is a soft label.
+ALIASES = {'label': ('p',)}
 # The columns each data group's pairs keep (as a 4th item, {name: float}).
 GROUP_COLUMNS = {'dpo': (), 'reward': ('margin', 'label')}
+
+
+def group_columns(cfg, group: str) -> tuple[str, ...]:
+  """The per-pair columns cfg.<group>'s pairs carry: GROUP_COLUMNS, plus 'label' for DPO
+  with dpo.soft_labels."""
+  if group == 'dpo' and cfg is not None and cfg.dpo.get('soft_labels', False):
+    return ('label',)
+  return GROUP_COLUMNS[group]
+
+
+def _strip_prompt(prompt, turns, what):
+  """`turns` without a leading copy of the prompt's turns (role and content equal)."""
+  key = lambda ts: [(t['role'], t['content']) for t in ts]
+  n = len(prompt)
+  if len(turns) > n and key(turns[:n]) == key(prompt):
+    return turns[n:]
+  return turns
 
 
 def normalize_pair(obj: Any, columns: tuple[str, ...] = ()) -> tuple:
@@ -96,6 +121,9 @@ def normalize_pair(obj: Any, columns: tuple[str, ...] = ()) -> tuple:
     prompt = parse_turns(obj['prompt'], 'prompt')
     if isinstance(obj['prompt'], (str, bytes)) and isinstance(obj['chosen'], (str, bytes)):
       prompt[0]['sep'] = ''  # plain template: prompt + completion exactly, as formats does
+    # chosen / rejected holding the whole conversation (the CAI datasets' layout)
+    chosen = _strip_prompt(prompt, chosen, 'chosen')
+    rejected = _strip_prompt(prompt, rejected, 'rejected')
   else:  # implicit prompt: the longest shared prefix of whole turns
     n = 0
     while (n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]):
@@ -114,6 +142,9 @@ def normalize_pair(obj: Any, columns: tuple[str, ...] = ()) -> tuple:
   for name in columns:
     default, parse = COLUMNS[name]
     value = obj.get(name)
+    for alias in ALIASES.get(name, ()):
+      if value is None:
+        value = obj.get(alias)
     extras[name] = default if value is None else parse(value)
   return prompt, chosen, rejected, extras
 
@@ -174,11 +205,11 @@ def pair_rows(encoded, seq_len: int, overlong: str = 'truncate'):
           _row(rt[:seq_len], rm[:seq_len], seq_len)), True
 
 
-def read_pairs(paths: list[str], on_error: str = 'skip', group: str = 'dpo'
-               ) -> tuple[list, dict]:
-  """Normalized pairs of JSONL files (with cfg.<group>'s GROUP_COLUMNS) and stats
-  (formats.read_records); on_error='fail' raises DataError('file:line: ...')."""
-  columns = GROUP_COLUMNS[group]
+def read_pairs(paths: list[str], on_error: str = 'skip', group: str = 'dpo',
+               columns: tuple[str, ...] | None = None) -> tuple[list, dict]:
+  """Normalized pairs of JSONL files (with `columns`, default the group's GROUP_COLUMNS)
+  and stats (formats.read_records); on_error='fail' raises DataError('file:line: ...')."""
+  columns = GROUP_COLUMNS[group] if columns is None else columns
   return formats.read_records(paths, lambda obj: normalize_pair(obj, columns),
                               on_error=on_error, what='preference pair',
                               field=f'{group}.on_error')
@@ -211,10 +242,10 @@ class Pairs:
 
 def get_pairs(cfg, split: str, group: str = 'dpo') -> Pairs:
   """The pairs of `split` from cfg.<group> ('dpo' or 'reward': JSONL files, a TFDS
-  dataset, or the built-in task), with the group's GROUP_COLUMNS."""
-  columns = GROUP_COLUMNS[group]
+  dataset, or the built-in task), with the group's columns (group_columns)."""
+  columns = group_columns(cfg, group)
   return formats.read_split(
-      cfg, split, group, lambda paths, on_error: read_pairs(paths, on_error, group),
+      cfg, split, group, lambda paths, on_error: read_pairs(paths, on_error, group, columns),
       lambda items, name, stats: Pairs(items, name, stats, columns=columns),
       lambda records, name: Pairs(records, name, raw=True, columns=columns), 'pairs')
 
@@ -306,7 +337,7 @@ def make_pair_iterator(cfg, tokenizer, split: str, *, batch_size: int, process_i
   """Batches of `batch_size` pairs of this process's share of the cfg.<group> `split`
   ('dpo' or 'reward'): {inputs, targets, segment_ids, positions, loss_mask}
   [2·batch_size, seq_len] (pair i in rows 2i, 2i + 1) plus 'dropped'/'truncated'
-  [2·batch_size] counts, and the group's GROUP_COLUMNS ('margin', 'label': [2·batch_size]
+  [2·batch_size] counts, and the group's columns (group_columns: 'margin', 'label': [2·batch_size]
   float32, the pair's value on both rows). The train split is
   shuffled when cfg.data.shuffle; repeat=False: one pass. get_state()/set_state() resume
   the exact stream (JSON-safe).

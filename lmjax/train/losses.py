@@ -68,7 +68,7 @@ def dpo(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: jax.Ar
         label_smoothing: float = 0.0, reference_free: bool = False,
         chosen_tokens: jax.Array | None = None,
         rejected_tokens: jax.Array | None = None,
-        rpo_alpha: float = 0.0) -> tuple[jax.Array, dict]:
+        rpo_alpha: float = 0.0, labels: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """Per-pair preference losses [B] and their rewards, as the papers define them (DPO, IPO,
   RPO, ...; where TRL 1.16 differs, for IPO's reward metrics and RPO's weighting, see
   train/objectives/dpo.py).
@@ -82,6 +82,11 @@ def dpo(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: jax.Ar
     hinge    max(0, 1 - β·h)                                 (SLiC)
     ipo      (h - 1/(2β))²  on per-token averaged log-probs: pass chosen_tokens and
              rejected_tokens (completion token counts) and sums are divided by them.
+  labels (sigmoid only; label_smoothing must be 0): per-pair soft labels p in [0, 1], the
+  probability that chosen is the better answer (e.g. an AI judge's), as a per-pair
+  smoothing ε = 1 - p:  -p·log σ(β·h) - (1 - p)·log σ(-β·h). p = 1 is DPO; a constant
+  p = 1 - ε is conservative DPO with label_smoothing ε; the loss is least at β·h =
+  logit(p) (p = 0.5: at h = 0, no preference).
   rpo_alpha > 0 adds α times the chosen completion's mean per-token negative log-likelihood
   (RPO, Pang et al. 2024; TRL's rpo_alpha), which keeps DPO from lowering the chosen
   answers' likelihood along with the rejected ones'; it needs chosen_tokens.
@@ -110,6 +115,11 @@ def dpo(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: jax.Ar
   if reference_free:
     rc, rr = jnp.zeros_like(rc), jnp.zeros_like(rr)
   h = (pc - pr) - (rc - rr)
+  if labels is not None:
+    if loss_type != 'sigmoid' or eps:
+      raise ValueError('per-pair soft labels are for the sigmoid loss without '
+                       'label_smoothing (they set a smoothing per pair)')
+    eps = 1.0 - f32(labels)
   if loss_type == 'sigmoid':
     loss = -(1 - eps) * jax.nn.log_sigmoid(beta * h) - eps * jax.nn.log_sigmoid(-beta * h)
   elif loss_type == 'robust':

@@ -12,7 +12,9 @@ reference (dpo.reference), averaged over the pairs of the global batch (the norm
                   the data (train/ref_logps.py): no reference weights or forward pass;
     (auto: adapters_off with LoRA, else copy; dpo.reference_free: a reference of log-prob 0.)
 The variants follow their papers: sigmoid (DPO) and its conservative form
-(label_smoothing), robust DPO and hinge (SLiC) on summed log-probs; IPO on per-token
+(label_smoothing; with dpo.soft_labels, per pair from the data's 'label' or 'p' column:
+an AI judge's probability that chosen is better), robust DPO and hinge (SLiC) on summed
+log-probs; IPO on per-token
 averaged log-probs, for its loss and its reward metrics alike (the IPO paper, and TRL 0.x;
 TRL 1.16 logs IPO's rewards from summed log-probs); RPO (rpo_alpha) adds alpha x the mean
 per-token NLL of each chosen completion, a per-pair term averaged over the pairs like the
@@ -51,6 +53,16 @@ class DPO(paired.Aligned):
     if not 0 <= cfg.dpo.label_smoothing < 0.5:
       raise config_lib.ConfigError(f'dpo.label_smoothing must be in [0, 0.5), got '
                                    f'{cfg.dpo.label_smoothing}')
+    if cfg.dpo.soft_labels and (cfg.dpo.loss_type != 'sigmoid' or cfg.dpo.label_smoothing):
+      raise config_lib.ConfigError(
+          "dpo.soft_labels sets a label smoothing per pair (1 - p): it needs "
+          f"dpo.loss_type='sigmoid' and dpo.label_smoothing=0, got "
+          f"{cfg.dpo.loss_type!r} and {cfg.dpo.label_smoothing}")
+
+  def __init__(self, cfg):
+    super().__init__(cfg)
+    if cfg.dpo.soft_labels:  # each pair's 'label' (or 'p') column, on both rows
+      self.row_keys['label'] = jnp.float32
 
   # ---- Data ---------------------------------------------------------------------------
 
@@ -80,7 +92,8 @@ class DPO(paired.Aligned):
         rc, rr = self.reference_logps(graphdef, weights, batch)
       loss, m = losses.dpo(pc, pr, rc, rr, loss_type=d.loss_type, beta=d.beta,
                            label_smoothing=d.label_smoothing, reference_free=d.reference_free,
-                           chosen_tokens=nc, rejected_tokens=nr, rpo_alpha=d.rpo_alpha)
+                           chosen_tokens=nc, rejected_tokens=nr, rpo_alpha=d.rpo_alpha,
+                           labels=batch['label'][0::2] if d.soft_labels else None)
       out = {'loss': jnp.sum(loss), 'logps/chosen': jnp.sum(pc), 'logps/rejected': jnp.sum(pr)}
       out.update((k, jnp.sum(v)) for k, v in m.items())
       return jnp.sum(loss), out

@@ -78,7 +78,9 @@ def reward_functions(cfg):
   except ValueError:
     raise config_lib.ConfigError(f'grpo.reward_weights must be comma-separated numbers, got '
                                  f'{g.reward_weights!r}') from None
-  return rewards_lib.RewardFunctions(split_list(g.reward_funcs), weights, g.reward_model)
+  judge = {'path': g.judge, 'constitution': g.constitution, 'principles': g.judge_principles}
+  return rewards_lib.RewardFunctions(split_list(g.reward_funcs), weights, g.reward_model,
+                                     judge)
 
 
 class GRPO(base.Objective):

@@ -5,8 +5,9 @@ completion) and its KL row in 2i + 1 (the same prompt, a fixed partner example's
 completion), loss mask on the completion tokens, 'label' per row (1 liked, 0 disliked);
 with precomputed references each row also carries 'ref_logps'. One forward pass over all
 2B rows; r = policy - reference log-prob summed over each row's completion tokens.
-Loss: losses.kto, averaged over the examples of the global batch (the normaliser is
-'examples'), with the reference point z = max(0, mean r of the batch's KL rows), no
+Loss: losses.kto, each example's times its 'weight' (1, or |2p - 1| for a pair split by
+an AI judge's soft label p: data/feedback.py), averaged over the examples of the global
+batch (the normaliser is 'examples'), with the reference point z = max(0, mean r of the batch's KL rows), no
 gradient. Under gradient accumulation z is the micro-batch's (as TRL computes it per
 forward pass), and the logged 'kl' is the examples-weighted mean of the micro-batches' z.
 The reference (kto.reference) is any of DPO's (objectives/dpo.py):
@@ -75,7 +76,8 @@ class KTO(paired.Aligned):
 
   def __init__(self, cfg):
     super().__init__(cfg)
-    self.row_keys = {'label': jnp.int32, **self.row_keys}  # (+ 'ref_logps': precomputed)
+    self.row_keys = {'label': jnp.int32, 'weight': jnp.float32,
+                     **self.row_keys}  # (+ 'ref_logps': precomputed)
 
   @classmethod
   def validate(cls, cfg):
@@ -126,10 +128,12 @@ class KTO(paired.Aligned):
           dropout_rng=rng)
       ref, ref_kl = self.reference_logps(graphdef, weights, batch)
       liked, _ = losses.split_pairs(batch['label'])
+      weight, _ = losses.split_pairs(batch['weight'])
       loss, st = losses.kto(pol, ref, liked, n > 0, pol_kl, ref_kl, n_kl > 0,
                             loss_type=k.loss_type, beta=k.beta,
                             desirable_weight=k.desirable_weight,
                             undesirable_weight=k.undesirable_weight)
+      loss = loss * weight  # 1, or |2p - 1| for a pair's soft label p
       out = {'loss': jnp.sum(loss),
              'kl': st['kl'] * pol.shape[0],  # z of this (micro-)batch x its examples
              'count/chosen': st['chosen'], 'count/rejected': st['rejected']}
