@@ -306,3 +306,54 @@ def test_tool_errors_are_one_line(tmp_path, capsys, base):
                str(tmp_path / 'missing.json')) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and 'missing.json not found' in err[0]
+
+
+def _labels_cfg(base, tmp_path, stage):
+  """A short LoRA run of `stage` ('dpo' or 'kto') on judge labels of the upper task."""
+  from lmjax import config as config_lib  # pylint: disable=import-outside-toplevel
+  root, workdir = base
+  rng = np.random.default_rng(0)
+  for split, n in (('train', 64), ('validation', 8)):
+    ai_feedback.write_jsonl(str(tmp_path / f'{split}.jsonl'), [
+        {'prompt': q, 'chosen': good, 'rejected': bad, 'p': float(p)}
+        for (q, good, bad), p in zip(_upper_pairs(split, n), rng.uniform(0.5, 1.0, n))])
+  cfg = pretrain_cfg(root)
+  cfg.stage = stage
+  cfg.init_from.path = workdir
+  cfg.lora.update(enabled=True, rank=4, alpha=8.0)
+  cfg[stage].update(path=str(tmp_path / '{split}.jsonl'))
+  cfg.sft.template = 'plain'
+  cfg.data.seq_len = 32
+  cfg.train.update(global_batch=8, steps=2, eval_every=0, eval_batches=1)
+  cfg.mesh.update(data=-1)
+  return cfg, config_lib
+
+
+def test_dpo_trains_on_soft_labels_and_checks_its_loss(base, tmp_path):
+  cfg, config_lib = _labels_cfg(base, tmp_path, 'dpo')
+  cfg.dpo.soft_labels = True
+  for loss_type, smoothing in (('hinge', 0.0), ('sigmoid', 0.1)):
+    bad = cfg.copy_and_resolve_references()
+    bad.dpo.update(loss_type=loss_type, label_smoothing=smoothing)
+    with pytest.raises(config_lib.ConfigError, match='dpo.soft_labels sets a label '
+                                                     'smoothing per pair'):
+      config_lib.validate(bad)
+  loop.train(cfg, str(tmp_path / 'dpo'))
+  rows = [json.loads(line) for line in open(tmp_path / 'dpo' / 'metrics.jsonl')]
+  first = next(r for r in rows if 'loss' in r)
+  # the first step: policy = reference (fresh adapters), h = 0, so every pair's loss is ln 2
+  # whatever its p: -p·log σ(0) - (1 - p)·log σ(0)
+  assert first['loss'] == pytest.approx(np.log(2), rel=1e-5)
+
+
+def test_kto_weights_examples_by_the_judges_confidence(base, tmp_path):
+  cfg, _ = _labels_cfg(base, tmp_path, 'kto')
+  loop.train(cfg, str(tmp_path / 'kto'))
+  rows = [json.loads(line) for line in open(tmp_path / 'kto' / 'metrics.jsonl')]
+  first = next(r for r in rows if 'loss' in r)
+  # the first step: policy = reference, every example's KTO loss is λ/2 = 0.5, times its weight
+  # |2p - 1|: the loss is half the batch's mean weight
+  ex = feedback.get_examples(cfg, 'train')
+  assert 0.0 < first['loss'] < 0.5
+  weights = np.array([ex.example(i)[3] for i in range(len(ex))])
+  assert weights.min() >= 0 and weights.max() <= 1 and weights.std() > 0.05

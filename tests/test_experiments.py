@@ -1,7 +1,8 @@
 """The shipped configs and experiments run end to end (short versions): the recipe
 (pretraining on the default corpus -> LoRA SFT -> DPO, the stage configs' smoke runs),
 the notebook script on its pretraining checkpoint, the DAPT config continuing it on the
-jax/flax/optax sources, and the task-accuracy tool on its SFT run."""
+jax/flax/optax sources, the task-accuracy tool on its SFT run, and the AI-feedback loop
+from it."""
 
 import json
 import os
@@ -99,6 +100,17 @@ def test_dapt_config_continues_the_smoke_run(smoke_run, tmp_path):
 def test_eval_tool_on_the_recipe_sft_run(recipe):
   out = _run(['tools/eval_sft.py', f'--workdir={recipe[1]}/sft', '--split=test', '--limit=12'])
   assert 'exact match on test:' in out and 'larger' in out
+
+
+def test_ai_feedback_loop_on_the_recipe_sft_run(recipe):
+  root = recipe[1]
+  out = _run(['experiments/ai_feedback_tiny.py', '--smoke', f'--root={root}'])
+  res = json.load(open(os.path.join(root, 'ai_feedback.json')))
+  assert 0 <= res['judge_agreement_test_pairs'] <= 1
+  assert res['labels']['train']['kept'] > 0 and res['labels']['train']['comparisons_per_s'] > 0
+  assert {'test_exact_match_sft', 'test_exact_match_dpo'} <= set(res)
+  assert 'judge agreement' in out and '| test EM sft | test EM dpo |' in out
+  assert os.path.exists(os.path.join(root, 'ai_labels_lora20_k2', 'train.jsonl'))
 
 
 def test_lr_sweep_runs_collects_and_plots(tmp_path):

@@ -368,6 +368,7 @@ def test_grad_accumulation_z_per_micro_batch_and_kl_examples_weighted():
     cfg.train.global_batch = 8  # random_batch's rows: 4 examples, each with its KL row
   batch = random_batch(cfg)
   batch['label'] = np.array([1, 1, 0, 0, 1, 1, 0, 0], np.int32)
+  batch['weight'] = np.ones(8, np.float32)
   rng = np.random.default_rng(0)
   # Rows of 32 random tokens of 256: policy log-probs near -32·ln 256 = -177; the KL
   # rows' references 5 nats lower, so z > 0.
