@@ -2,14 +2,16 @@
 answers, and DPO (or KTO) on those labels, with no human (or task) label in the loop.
 
   python experiments/recipe_tiny.py --root=/tmp/lmjax_recipe --stages=pretrain,sft
-  python experiments/ai_feedback_tiny.py --root=/tmp/lmjax_recipe     # ~10 min, 2 cores
+  python experiments/ai_feedback_tiny.py --root=/tmp/lmjax_recipe     # ~13 min, 2 cores
   python experiments/ai_feedback_tiny.py --root=/tmp/r --smoke        # ~2 min (CI)
 
-1. judge: lmjax fine-tunes the judge (LoRA SFT of the SFT model, configs/sft_lora_tiny.py)
-   on judge prompts of configs/constitution_tiny.json (ai_feedback.judge_sft_examples):
+1. judge: lmjax fine-tunes the judge (full SFT of the SFT model, configs/sft_lora_tiny.py
+   with lora.enabled=False, 800 steps; --judge_lora=1 for LoRA) on judge prompts of configs/constitution_tiny.json (ai_feedback.judge_sft_examples):
    the built-in task's train-split questions, the right answer and a plausible wrong one
    (data/sft_task.py `make_pairs`) in a random order, the right one's option the answer.
-   Its agreement with the truth is measured on test-split questions it never saw.
+   (--judge_data=policy adds pairs of the SFT model's own samples, one right and one
+   wrong, on train questions.) Its agreement with the truth is measured on test-split
+   questions it never saw.
 2. label: the SFT model (the policy) answers each train / validation question twice
    (temperature 1); the judge compares the two answers under --principles principles, both
    orderings (tools/ai_feedback.py judge). Pairs with one right and one wrong answer
@@ -76,16 +78,19 @@ def main(argv=None) -> int:
   parser.add_argument('--smoke', action='store_true', help='short runs (what CI runs)')
   parser.add_argument('--objective', default='dpo', choices=('dpo', 'kto'))
   parser.add_argument('--principles', type=int, default=2, help='per comparison (K)')
-  parser.add_argument('--judge_steps', type=int, default=300)
-  parser.add_argument('--judge_lr', type=float, default=2e-3)
-  parser.add_argument('--judge_batch', type=int, default=16)
-  parser.add_argument('--judge_lora', type=int, default=1, help='1: LoRA SFT, 0: full')
+  parser.add_argument('--judge_steps', type=int, default=800)
+  parser.add_argument('--judge_lr', type=float, default=1e-3)
+  parser.add_argument('--judge_batch', type=int, default=32)
+  parser.add_argument('--judge_lora', type=int, default=0, help='1: LoRA SFT, 0: full')
+  parser.add_argument('--judge_data', default='task', choices=('task', 'policy'),
+                      help="task: right vs plausible wrong answers; policy: plus the SFT "
+                      "model's own pairs of one right and one wrong sample (train split)")
   parser.add_argument('--questions', type=int, default=2000, help='train questions labelled')
   parser.add_argument('--min_confidence', type=float, default=0.0)
   args = parser.parse_args(argv)
   smoke = args.smoke
   if smoke:
-    args.judge_steps, args.questions = 20, 64
+    args.judge_steps, args.questions, args.judge_batch = 20, 64, 16
   root = os.path.abspath(args.root)
   sft_dir = os.path.join(root, 'sft')
   if not os.path.isdir(sft_dir):
@@ -101,15 +106,28 @@ def main(argv=None) -> int:
   out = {'objective': args.objective, 'principles': args.principles, 'smoke': smoke}
 
   # 1. The judge.
-  print('\n=== 1. judge: LoRA SFT of the SFT model on judge prompts', flush=True)
-  data = os.path.join(root, 'judge_data')
+  print(f'\n=== 1. judge: {"LoRA" if args.judge_lora else "full"} SFT of the SFT model on '
+        'judge prompts', flush=True)
+  name = (f'{"lora" if args.judge_lora else "full"}{args.judge_steps}'
+          + ('_policy' if args.judge_data == 'policy' else ''))
+  data = os.path.join(root, f'judge_data_{name}')
   as_triples = lambda pairs: [(p['prompt'][0]['content'], p['chosen'][0]['content'],
                                p['rejected'][0]['content']) for p in pairs]
   sizes = {'train': 400 if smoke else 8000, 'validation': 64}
   for split, n in sizes.items():
+    triples = as_triples(sft_task.make_pairs(n, seed=7, split=split))
+    if args.judge_data == 'policy' and split == 'train':  # the policy's own mistakes
+      policy = lmjax.load(sft_dir)
+      records = [(p['messages'][:1], p['messages'][1]['content'])
+                 for p in sft_task.make_examples(n, seed=5, split='train')]
+      a, b, _, _ = ai_feedback.sample_pairs(policy, [r[0] for r in records], seed=5,
+                                            max_new_tokens=16, template='chatml')
+      own = [(q[0]['content'], x, y) if x.strip() == ans else (q[0]['content'], y, x)
+             for (q, ans), x, y in zip(records, a, b) if (x.strip() == ans) != (y.strip() == ans)]
+      print(f'judge data: {len(own)} pairs of the policy\'s samples, one right', flush=True)
+      triples += own
     ai_feedback.write_jsonl(os.path.join(data, f'{split}.jsonl'), ai_feedback.judge_sft_examples(
-        constitution, as_triples(sft_task.make_pairs(n, seed=7, split=split)), seed=7))
-  name = f'{"lora" if args.judge_lora else "full"}{args.judge_steps}'
+        constitution, triples, seed=7))
   judge_dir = os.path.join(root, f'judge_{name}')
   out['judge_train_s'] = _train('configs/sft_lora_tiny.py', ('smoke:' if smoke else '') + sft_dir,
                                 judge_dir, {

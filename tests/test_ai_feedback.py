@@ -249,6 +249,7 @@ def _tool(*args):
   return mod.main(list(args))
 
 
+@pytest.mark.slow
 def test_revise_and_judge_write_the_same_bytes_for_a_seed_and_feed_training(
     base, judge_dir, tmp_path):
   root, workdir = base
@@ -329,6 +330,7 @@ def _labels_cfg(base, tmp_path, stage):
   return cfg, config_lib
 
 
+@pytest.mark.slow
 def test_dpo_trains_on_soft_labels_and_checks_its_loss(base, tmp_path):
   cfg, config_lib = _labels_cfg(base, tmp_path, 'dpo')
   cfg.dpo.soft_labels = True
@@ -346,6 +348,7 @@ def test_dpo_trains_on_soft_labels_and_checks_its_loss(base, tmp_path):
   assert first['loss'] == pytest.approx(np.log(2), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_kto_weights_examples_by_the_judges_confidence(base, tmp_path):
   cfg, _ = _labels_cfg(base, tmp_path, 'kto')
   loop.train(cfg, str(tmp_path / 'kto'))
@@ -354,6 +357,56 @@ def test_kto_weights_examples_by_the_judges_confidence(base, tmp_path):
   # the first step: policy = reference, every example's KTO loss is λ/2 = 0.5, times its weight
   # |2p - 1|: the loss is half the batch's mean weight
   ex = feedback.get_examples(cfg, 'train')
-  assert 0.0 < first['loss'] < 0.5
+  assert 0.0 < first['loss'] < 0.45  # unweighted, every example's loss would be 0.5
   weights = np.array([ex.example(i)[3] for i in range(len(ex))])
   assert weights.min() >= 0 and weights.max() <= 1 and weights.std() > 0.05
+
+
+def test_a_hugging_face_judge_matches_transformers(tmp_path):
+  """A Hugging Face chat model as judge: the scored prompt is its chat template's
+  rendering with the generation prompt (as transformers' apply_chat_template writes it)
+  plus the options' shared tokens, and p(first option) is transformers' next-token
+  softmax over the two option tokens."""
+  torch = pytest.importorskip('torch')
+  from hf_tokenizers import make_bpe_dir  # pylint: disable=import-outside-toplevel
+  from test_api import _hf_model  # pylint: disable=import-outside-toplevel
+  src = tmp_path / 'hf'
+  ref = make_bpe_dir(src, 'chatml')
+  hf_model = _hf_model(src, 'Qwen2', vocab_size=len(ref))
+  judge = ai_feedback.Judge(lmjax.load(str(src)), ai_feedback.Constitution.load(SHIPPED),
+                            principles_per_comparison=2)
+  assert judge.template == 'model'
+  a_ids, b_ids = (ref(o, add_special_tokens=False)['input_ids'] for o in ('(A)', '(B)'))
+  n = next(i for i, (x, y) in enumerate(zip(a_ids, b_ids)) if x != y)
+  assert judge.option_ids == (a_ids[n], b_ids[n])
+  prompts, a, b = ['What is 2 + 2?', 'Reverse: abc'], ['4', 'cba'], ['5', 'abc']
+  res = judge.compare(prompts, a, b, seed=0)
+  for i in range(2):
+    for k in range(2):
+      pr = judge.principles[int(res.principles[i, k])]
+      for order, (x, y) in enumerate(((a[i], b[i]), (b[i], a[i]))):
+        text = judge.text(prompts[i], x, y, pr)
+        ids = ref.apply_chat_template([{'role': 'user', 'content': text}], tokenize=True,
+                                      add_generation_prompt=True, return_dict=True)['input_ids']
+        ids = list(ids) + a_ids[:n]
+        assert judge.sequence(prompts[i], x, y, pr) == ids
+        with torch.no_grad():
+          logits = hf_model(torch.tensor([ids])).logits[0, -1].double()
+        d = float(logits[a_ids[n]] - logits[b_ids[n]])
+        np.testing.assert_allclose(res.p_first[i, k, order], 1 / (1 + np.exp(-d)), atol=2e-4)
+
+
+@pytest.mark.slow
+def test_grpo_trains_with_the_judge_as_its_reward(base, judge_dir, tmp_path):
+  from test_grpo import _rows, _run_cfg  # pylint: disable=import-outside-toplevel
+  path = tmp_path / 'c.json'
+  path.write_text(json.dumps(PLANTED))
+  cfg = _run_cfg(base, reward_funcs='judge', reward_weights='', judge=judge_dir,
+                 constitution=str(path), judge_principles=1, train={'steps': 2})
+  cfg.mesh.update(data=-1)
+  loop.train(cfg, str(tmp_path / 'grpo'))
+  rows = _rows(str(tmp_path / 'grpo'))
+  assert len(rows) == 2
+  for r in rows:  # each group's judge rewards average 0.5 (every pair judged once)
+    assert r['rewards/judge/mean'] == pytest.approx(0.5, abs=1e-6)
+    assert r['reward_std'] >= 0 and r['time/score_s'] > 0

@@ -97,7 +97,7 @@ def group_columns(cfg, group: str) -> tuple[str, ...]:
   return GROUP_COLUMNS[group]
 
 
-def _strip_prompt(prompt, turns, what):
+def _strip_prompt(prompt, turns):
   """`turns` without a leading copy of the prompt's turns (role and content equal)."""
   key = lambda ts: [(t['role'], t['content']) for t in ts]
   n = len(prompt)
@@ -122,8 +122,8 @@ def normalize_pair(obj: Any, columns: tuple[str, ...] = ()) -> tuple:
     if isinstance(obj['prompt'], (str, bytes)) and isinstance(obj['chosen'], (str, bytes)):
       prompt[0]['sep'] = ''  # plain template: prompt + completion exactly, as formats does
     # chosen / rejected holding the whole conversation (the CAI datasets' layout)
-    chosen = _strip_prompt(prompt, chosen, 'chosen')
-    rejected = _strip_prompt(prompt, rejected, 'rejected')
+    chosen = _strip_prompt(prompt, chosen)
+    rejected = _strip_prompt(prompt, rejected)
   else:  # implicit prompt: the longest shared prefix of whole turns
     n = 0
     while (n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]):
