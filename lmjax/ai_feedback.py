@@ -295,7 +295,8 @@ class Judge:
         seqs.append(self.sequence(prompts[i], a[i], b[i], pr))   # a shown first
         seqs.append(self.sequence(prompts[i], b[i], a[i], pr))   # b shown first
     m = self.model
-    m._check_len(max(map(len, seqs), default=0), 'a judge prompt')  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    m._check_len(max(map(len, seqs), default=0), 'a judge prompt')
     t0 = time.perf_counter()
     with sharding.use_mesh(m.mesh, m.config.rules):
       lp = evaluate.choice_logprobs(m.graphdef, m.params, seqs,

@@ -7,9 +7,9 @@ Examples (a JSONL line or a TFDS record), as TRL's KTOTrainer takes unpaired dat
 and preference pairs as data/preference.py reads them ({"prompt", "chosen", "rejected"},
 or implicit-prompt message pairs), each split into a liked example (chosen) and a
 disliked one (rejected); a pair with a soft label ("label" or "p" in [0, 1], e.g. an AI
-judge's) is split by it, both examples weighted |2p - 1| (normalize_feedback). A label that is not a JSON boolean is a malformed line: skipped
-and counted, or DataError naming file:line (kto.on_error='fail'). Splits as
-formats.split_files reads them (kto.path, kto.eval_path); kto.path='builtin:synthetic' is
+judge's) is split by it, both examples weighted |2p - 1| (normalize_feedback). A label
+that is not a JSON boolean is a malformed line: skipped and counted, or DataError naming
+file:line (kto.on_error='fail'). Splits as formats.split_files reads them (kto.path, kto.eval_path); kto.path='builtin:synthetic' is
 the built-in preference pairs (data/sft_task.py `make_pairs`: the right answer liked, a
 plausible wrong one disliked).
 
@@ -209,8 +209,9 @@ def make_feedback_iterator(cfg, tokenizer, split: str, *, batch_size: int,
   """Batches of `batch_size` examples of this process's share of the cfg.kto `split`:
   {inputs, targets, segment_ids, positions, loss_mask} [2·batch_size, seq_len] (example i
   in row 2i, its KL row in 2i + 1), 'label' [2·batch_size] int32, 'weight'
-  [2·batch_size] float32 (the example's loss weight), 'dropped'/'truncated' counts. Arguments as preference.make_pair_iterator's (ref_logps: [n_examples, 2], the
-  example row's and the KL row's reference log-probs)."""
+  [2·batch_size] float32 (the example's loss weight), 'dropped'/'truncated' counts.
+  Arguments as preference.make_pair_iterator's (ref_logps: [n_examples, 2], the example
+  row's and the KL row's reference log-probs)."""
   seed = cfg.seed if seed is None else seed
   examples = get_examples(cfg, split)
   if ref_logps is not None and np.shape(ref_logps) != (len(examples), 2):

@@ -7,9 +7,10 @@ with precomputed references each row also carries 'ref_logps'. One forward pass 
 2B rows; r = policy - reference log-prob summed over each row's completion tokens.
 Loss: losses.kto, each example's times its 'weight' (1, or |2p - 1| for a pair split by
 an AI judge's soft label p: data/feedback.py), averaged over the examples of the global
-batch (the normaliser is 'examples'), with the reference point z = max(0, mean r of the batch's KL rows), no
-gradient. Under gradient accumulation z is the micro-batch's (as TRL computes it per
-forward pass), and the logged 'kl' is the examples-weighted mean of the micro-batches' z.
+batch (the normaliser is 'examples'), with the reference point z = max(0, mean r of the
+batch's KL rows), no gradient. Under gradient accumulation z is the micro-batch's (as TRL
+computes it per forward pass), and the logged 'kl' is the examples-weighted mean of the
+micro-batches' z.
 The reference (kto.reference) is any of DPO's (objectives/dpo.py):
     adapters_off  LoRA: the base model with the adapters off, in the same step;
     copy          a frozen copy of the starting params ('ref_params'; not checkpointed:
