@@ -7,8 +7,9 @@ answers, and DPO (or KTO) on those labels, with no human (or task) label in the 
 
 1. judge: lmjax fine-tunes the judge (full SFT of the SFT model, configs/sft_lora_tiny.py
    with lora.enabled=False, 800 steps; --judge_lora=1 for LoRA) on judge prompts of
-   configs/constitution_tiny.json (ai_feedback.judge_sft_examples): the built-in task's train-split questions, the right answer and a plausible wrong one
-   (data/sft_task.py `make_pairs`) in a random order, the right one's option the answer.
+   configs/constitution_tiny.json (ai_feedback.judge_sft_examples): the built-in task's
+   train-split questions, the right answer and a plausible wrong one (data/sft_task.py
+   `make_pairs`) in a random order, the right one's option the answer.
    (--judge_data=policy adds pairs of the SFT model's own samples, one right and one
    wrong, on train questions.) Its agreement with the truth is measured on test-split
    questions it never saw.

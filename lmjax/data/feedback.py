@@ -9,9 +9,9 @@ or implicit-prompt message pairs), each split into a liked example (chosen) and 
 disliked one (rejected); a pair with a soft label ("label" or "p" in [0, 1], e.g. an AI
 judge's) is split by it, both examples weighted |2p - 1| (normalize_feedback). A label
 that is not a JSON boolean is a malformed line: skipped and counted, or DataError naming
-file:line (kto.on_error='fail'). Splits as formats.split_files reads them (kto.path, kto.eval_path); kto.path='builtin:synthetic' is
-the built-in preference pairs (data/sft_task.py `make_pairs`: the right answer liked, a
-plausible wrong one disliked).
+file:line (kto.on_error='fail'). Splits as formats.split_files reads them (kto.path,
+kto.eval_path); kto.path='builtin:synthetic' is the built-in preference pairs
+(data/sft_task.py `make_pairs`: the right answer liked, a plausible wrong one disliked).
 
 Rows: example i is rows 2i (its prompt and completion) and 2i + 1 (its KL row: the same
 prompt with the completion of a fixed partner example), encoded together by

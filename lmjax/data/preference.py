@@ -337,8 +337,8 @@ def make_pair_iterator(cfg, tokenizer, split: str, *, batch_size: int, process_i
   """Batches of `batch_size` pairs of this process's share of the cfg.<group> `split`
   ('dpo' or 'reward'): {inputs, targets, segment_ids, positions, loss_mask}
   [2·batch_size, seq_len] (pair i in rows 2i, 2i + 1) plus 'dropped'/'truncated'
-  [2·batch_size] counts, and the group's columns (group_columns: 'margin', 'label': [2·batch_size]
-  float32, the pair's value on both rows). The train split is
+  [2·batch_size] counts, and the group's columns (group_columns: 'margin', 'label':
+  [2·batch_size] float32, the pair's value on both rows). The train split is
   shuffled when cfg.data.shuffle; repeat=False: one pass. get_state()/set_state() resume
   the exact stream (JSON-safe).
 
