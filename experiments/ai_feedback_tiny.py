@@ -3,7 +3,7 @@ answers, and DPO (or KTO) on those labels, with no human (or task) label in the 
 
   python experiments/recipe_tiny.py --root=/tmp/lmjax_recipe --stages=pretrain,sft
   python experiments/ai_feedback_tiny.py --root=/tmp/lmjax_recipe     # ~13 min, 2 cores
-  python experiments/ai_feedback_tiny.py --root=/tmp/r --smoke        # ~2 min (CI)
+  python experiments/ai_feedback_tiny.py --root=/tmp/r --smoke        # ~1 min (CI)
 
 1. judge: lmjax fine-tunes the judge (full SFT of the SFT model, configs/sft_lora_tiny.py
    with lora.enabled=False, 800 steps; --judge_lora=1 for LoRA) on judge prompts of
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   smoke = args.smoke
   if smoke:
-    args.judge_steps, args.questions, args.judge_batch = 20, 64, 16
+    args.judge_steps, args.questions, args.judge_batch = 10, 32, 16
   root = os.path.abspath(args.root)
   sft_dir = os.path.join(root, 'sft')
   if not os.path.isdir(sft_dir):
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
 
   # 4. Before and after.
   print('\n=== 4. test exact match (greedy)', flush=True)
-  limit = 48 if smoke else None
+  limit = 24 if smoke else None
   for stage, workdir in (('sft', sft_dir), (args.objective, aligned)):
     em = lmjax.load(workdir).exact_match('test', limit=limit, sft=SFT)
     out[f'test_exact_match_{stage}'] = em['accuracy']

@@ -250,6 +250,7 @@ def _tool(*args):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings('ignore:.*longer than the')  # a tiny model, long prompts
 def test_revise_and_judge_write_the_same_bytes_for_a_seed_and_feed_training(
     base, judge_dir, tmp_path):
   root, workdir = base

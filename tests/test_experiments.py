@@ -110,7 +110,7 @@ def test_ai_feedback_loop_on_the_recipe_sft_run(recipe):
   assert res['labels']['train']['kept'] > 0 and res['labels']['train']['comparisons_per_s'] > 0
   assert {'test_exact_match_sft', 'test_exact_match_dpo'} <= set(res)
   assert 'judge agreement' in out and '| test EM sft | test EM dpo |' in out
-  assert os.path.exists(os.path.join(root, 'ai_labels_full20_k2', 'train.jsonl'))
+  assert os.path.exists(os.path.join(root, 'ai_labels_full10_k2', 'train.jsonl'))
 
 
 def test_lr_sweep_runs_collects_and_plots(tmp_path):

@@ -32,6 +32,9 @@ def test_the_factory_and_what_each_objective_declares():
   cfg.stage = 'dpo'
   cfg.dpo.reference = 'precomputed'
   assert objectives.get(cfg).batch_keys == forward.TOKEN_KEYS + ('ref_logps',)
+  cfg.dpo.soft_labels = True  # each pair's label (an AI judge's p) on its rows
+  assert objectives.get(cfg).batch_keys == forward.TOKEN_KEYS + ('ref_logps', 'label')
+  cfg.dpo.soft_labels = False
   cfg.dpo.reference = 'copy'
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
   setup = state_lib.make_setup(cfg, mesh)
@@ -40,12 +43,13 @@ def test_the_factory_and_what_each_objective_declares():
   assert 'ref_params' not in setup.saved(state)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state['ref_params']),
                jax.device_get(state['params']))
-  cfg.stage = 'kto'  # KTO: an example and its KL row, a label per row
+  cfg.stage = 'kto'  # KTO: an example and its KL row, a label and a weight per row
   o = objectives.get(cfg)
   assert (type(o).__name__, o.rows_per_example, o.normaliser, o.counters, o.batch_keys) == (
-      'KTO', 2, 'examples', ('kto/dropped', 'kto/truncated'), forward.TOKEN_KEYS + ('label',))
+      'KTO', 2, 'examples', ('kto/dropped', 'kto/truncated'),
+      forward.TOKEN_KEYS + ('label', 'weight'))
   cfg.kto.reference = 'precomputed'
-  assert objectives.get(cfg).batch_keys == forward.TOKEN_KEYS + ('label', 'ref_logps')
+  assert objectives.get(cfg).batch_keys == forward.TOKEN_KEYS + ('label', 'weight', 'ref_logps')
 
 
 class _PairedRewards(objectives.LM):

@@ -160,8 +160,12 @@ def run(cfg, *, mode: str = 'full', objective: str = 'lm', steps: int = 10, warm
             'loss_mask': np.ones((gb, seq), np.float32)}
     if 'ref_logps' in keys:  # any finite reference log-probs: the step's work is the same
       host['ref_logps'] = np.full((gb,), -float(seq), np.float32)
-    if 'label' in keys:  # KTO: liked and disliked examples (each with its KL row) alternate
-      host['label'] = (np.arange(gb) // 2 % 2).astype(np.int32)
+    if 'label' in keys and cfg.stage == 'kto':  # liked and disliked examples alternate
+      host['label'] = (np.arange(gb) // 2 % 2).astype(np.int32)  # (each with its KL row)
+    elif 'label' in keys:  # DPO with soft labels: a judge's p on both rows of a pair
+      host['label'] = np.full((gb,), 0.75, np.float32)
+    if 'weight' in keys:  # KTO: each example's loss weight
+      host['weight'] = np.ones((gb,), np.float32)
     if 'old_logps' in keys:  # GRPO: every token a completion token, advantages ±1
       host['old_logps'] = np.full((gb, seq), -np.log(cfg.model.vocab_size), np.float32)
       host['advantages'] = np.where(np.arange(gb) % 2, -1.0, 1.0).astype(np.float32)
