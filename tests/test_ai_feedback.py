@@ -411,3 +411,15 @@ def test_grpo_trains_with_the_judge_as_its_reward(base, judge_dir, tmp_path):
   for r in rows:  # each group's judge rewards average 0.5 (every pair judged once)
     assert r['rewards/judge/mean'] == pytest.approx(0.5, abs=1e-6)
     assert r['reward_std'] >= 0 and r['time/score_s'] > 0
+
+
+def test_the_scorer_benchmark_runs(capsys):
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location(
+      'bench_judge', os.path.join(ROOT, 'tools', 'bench_judge.py'))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  assert mod.main(['--config', os.path.join(ROOT, 'configs', 'pretrain_tiny.py'),
+                   '--prompts', '16', '--len', '32', '--batch', '8']) == 0
+  out = capsys.readouterr().out
+  assert '16 prompts of 16-32 tokens' in out and 'comparisons/s' in out
