@@ -3,6 +3,7 @@ the vocabulary projection at the last position only) on a config's model, random
 
   python tools/bench_judge.py --config=configs/bench/llama_125m.py --prompts=4096 --len=256 --batch=256
   python tools/bench_judge.py --config=configs/pretrain_tiny.py --prompts=256 --len=128 --batch=32
+  python tools/bench_judge.py --config=configs/bench/llama_1b.py --config.model.dtype=float32
 
 Prompts are random tokens of between len/2 and len tokens (a judge prompt: the template,
 the question, two answers); the timed pass follows one that compiles every length bucket.
@@ -29,7 +30,7 @@ def main(argv) -> int:
   parser.add_argument('--batch', type=int, default=64, help='prompts per forward pass')
   parser.add_argument('--seed', type=int, default=0)
   cli.add_verbose_flag(parser)
-  args = parser.parse_args(argv)
+  args, rest = parser.parse_known_args(argv)  # the rest: --config.KEY=VALUE
   if args.len < 2 or args.prompts < 1 or args.batch < 1:
     parser.error('--len must be >= 2, --prompts and --batch >= 1')
 
@@ -40,7 +41,7 @@ def main(argv) -> int:
   from lmjax import config as config_lib
   from lmjax import evaluate
   from lmjax.models import transformer
-  cfg = config_lib.build(args.config)
+  cfg = config_lib.load(args.config, flags=rest)
   graphdef, params = nnx.split(transformer.build(ml_collections.FrozenConfigDict(cfg.model)))
   params = jax.device_put(params)
   rng = np.random.default_rng(args.seed)
