@@ -32,20 +32,11 @@ import subprocess
 import sys
 import time
 
+import recipe_tiny  # experiments/: the recipe whose SFT model this loop starts from
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONSTITUTION = os.path.join(ROOT, 'configs', 'constitution_tiny.json')
 SFT = {'template': 'chatml', 'path': 'builtin:synthetic', 'source': 'jsonl'}
-
-
-def _done(workdir: str, steps: int) -> bool:
-  from lmjax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
-  if not os.path.isdir(workdir):
-    return False
-  ckpt = Checkpointer(workdir, None, read_only=True)
-  try:
-    return ckpt.latest_step() == steps
-  finally:
-    ckpt.close()
 
 
 def _train(config: str, arg: str, workdir: str, overrides: dict) -> float:
@@ -54,7 +45,7 @@ def _train(config: str, arg: str, workdir: str, overrides: dict) -> float:
   cfg = config_lib.build(os.path.join(ROOT, config), arg)
   config_lib.apply_overrides(cfg, overrides)
   config_lib.validate(cfg)
-  if _done(workdir, cfg.train.steps):
+  if recipe_tiny.finished(workdir, cfg.train.steps):
     print(f'{workdir}: done, not retrained', flush=True)
     return 0.0
   t0 = time.perf_counter()

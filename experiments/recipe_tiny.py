@@ -82,6 +82,18 @@ def recipe_config(root: str, smoke: bool, flags: list[str], stages=tuple(STAGES)
   return cfg
 
 
+def finished(workdir: str, steps: int) -> bool:
+  """Whether `workdir` holds a run's final checkpoint (step `steps`): not retrained."""
+  from lmjax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  if not os.path.isdir(workdir):
+    return False
+  ckpt = Checkpointer(workdir, None, read_only=True)
+  try:
+    return ckpt.latest_step() == steps
+  finally:
+    ckpt.close()
+
+
 def summarize(workdir: str) -> dict:
   """The last logged train metrics and the first and last evals of a run."""
   from lmjax.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
@@ -126,17 +138,13 @@ def main(argv=None) -> int:
   limit = args.test_limit if args.test_limit is not None else (48 if args.smoke else None)
 
   import lmjax  # pylint: disable=import-outside-toplevel
-  from lmjax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
   from lmjax.train import loop  # pylint: disable=import-outside-toplevel
 
   results = {}
   for name in stages:
     path, workdir = STAGES[name][0], os.path.join(args.root, name)
     cfg = stage_configs[name]
-    ckpt = Checkpointer(workdir, None, read_only=True) if os.path.isdir(workdir) else None
-    done = ckpt is not None and ckpt.latest_step() == cfg.train.steps
-    if ckpt is not None:
-      ckpt.close()
+    done = finished(workdir, cfg.train.steps)
     print(f'\n=== {name}: {path} -> {workdir}' + (' (done: not retrained)' if done else ''),
           flush=True)
     t0 = time.perf_counter()

@@ -176,6 +176,16 @@ def _conversation_text(turns) -> str:
   return '\n'.join(f'{t["role"].capitalize()}: {t["content"]}' for t in turns)
 
 
+def judge_text(constitution: Constitution, prompt, first: str, second: str,
+               principle: Principle) -> str:
+  """The judge prompt (constitution.judge_template) comparing `first` (A) and `second` (B)
+  under `principle`'s preference question."""
+  turns = prompt_turns(prompt)
+  return constitution.judge_template.format(
+      prompt=_last_user(turns), conversation=_conversation_text(turns),
+      principle=principle.preference, response_a=first, response_b=second)
+
+
 def _last_user(turns) -> str:
   for t in reversed(turns):
     if t['role'] == 'user':
@@ -258,10 +268,7 @@ class Judge:
     self.option_prefix, self.option_ids = a[:shared], (a[shared], b[shared])
 
   def text(self, prompt, first: str, second: str, principle: Principle) -> str:
-    turns = prompt_turns(prompt)
-    return self.constitution.judge_template.format(
-        prompt=_last_user(turns), conversation=_conversation_text(turns),
-        principle=principle.preference, response_a=first, response_b=second)
+    return judge_text(self.constitution, prompt, first, second, principle)
 
   def sequence(self, prompt, first: str, second: str, principle: Principle) -> list[int]:
     """The token ids scored for one ordering: the rendered judge prompt, the assistant
@@ -331,10 +338,7 @@ def judge_sft_examples(constitution: Constitution, pairs: Sequence[tuple[Any, st
     pr = principles[int(rng.integers(len(principles)))]
     swap = bool(rng.integers(2))
     first, second = (worse, better) if swap else (better, worse)
-    turns = prompt_turns(prompt)
-    text = constitution.judge_template.format(
-        prompt=_last_user(turns), conversation=_conversation_text(turns),
-        principle=pr.preference, response_a=first, response_b=second)
+    text = judge_text(constitution, prompt, first, second, pr)
     out.append({'messages': [{'role': 'user', 'content': text},
                              {'role': 'assistant', 'content': constitution.options[int(swap)]}]})
   return out

@@ -123,21 +123,19 @@ class Model:
     unless temperature > 0. A str in, a str out."""
     single = isinstance(prompts, str)
     prompts = [prompts] if single else list(prompts)
-    texts = self._complete([self.encode(p, add_bos) for p in prompts], max_new_tokens,
-                           temperature, top_k, top_p, stop_tokens, seed)
+    texts, _ = self._complete([self.encode(p, add_bos) for p in prompts], max_new_tokens,
+                              temperature, top_k, top_p, stop_tokens, seed)
     return texts[0] if single else texts
 
-  def _complete(self, ids, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed,
-                counts: bool = False):
+  def _complete(self, ids, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed):
+    """(the continuations' text, the number of tokens generated, stop tokens included)."""
     tok = self._tok()
     stops = tok.stop_ids if stop_tokens is None else tuple(stop_tokens)
     out = self.generate_ids(ids, max_new_tokens=max_new_tokens, temperature=temperature,
                             top_k=top_k, top_p=top_p, stop_tokens=stops, seed=seed)
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     texts = [tok.decode(tokens[i, :lengths[i]].tolist()) for i in range(len(ids))]
-    if counts:  # tokens generated, stop tokens included
-      return texts, int(np.sum(lengths) + np.sum(np.asarray(out.stopped)))
-    return texts
+    return texts, int(np.sum(lengths) + np.sum(np.asarray(out.stopped)))
 
   def chat(self, conversations, *, max_new_tokens: int = 256, temperature: float = 0.0,
            top_k: int = 0, top_p: float = 1.0, seed: int = 0,
@@ -171,8 +169,7 @@ class Model:
                          'the user turn to answer')
       ids.append(formats.prompt_ids(formats.render_prompt(turns, template, tok), tok,
                                     template))
-    answers, n = self._complete(ids, max_new_tokens, temperature, top_k, top_p, None, seed,
-                                counts=True)
+    answers, n = self._complete(ids, max_new_tokens, temperature, top_k, top_p, None, seed)
     end = formats.end_marker(template)
     return [a.split(end, 1)[0] if end else a for a in answers], n
 
@@ -258,7 +255,7 @@ class Model:
       examples = formats.answer_examples(cfg, split, limit, tok)
     gen = lambda prompts: self._complete(
         [formats.prompt_ids(p, tok, cfg.sft.template) for p in prompts], max_new_tokens,
-        0.0, 0, 1.0, None, 0)
+        0.0, 0, 1.0, None, 0)[0]
     return evaluate.exact_match(gen, examples, batch_size=batch_size, keep=keep,
                                 normalize=formats.answer_normalizer(cfg.sft.template, tok))
 

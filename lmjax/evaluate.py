@@ -242,18 +242,9 @@ def choice_logprobs(graphdef, params, sequences: Sequence[Sequence[int]],
       tokens[r, :lengths[i]] = sequences[i]
       last[r] = lengths[i] - 1
       ch[r] = choices[i]
-    args = (tokens, last, ch)
-    if mesh is None:
-      args = jax.device_put(args)
-    else:
-      spec = lambda x: (sharding.logical_to_spec(('batch',) + (None,) * (x.ndim - 1), rules,
-                                                 x.shape, mesh) if rules else P())
-      args = jax.device_put(args, tuple(NamedSharding(mesh, spec(x)) for x in args))
-    mesh_rules = ((mesh, tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v)
-                                      for k, v in dict(rules).items())) if rules else None)
-                  if mesh is not None else None)
-    got = np.asarray(jax.device_get(_choice_logprobs(graphdef, params, *args,
-                                                     mesh_rules=mesh_rules)))
+    args = sharding.put_along_batch((tokens, last, ch), mesh, rules)
+    got = np.asarray(jax.device_get(_choice_logprobs(
+        graphdef, params, *args, mesh_rules=sharding.mesh_rules_key(mesh, rules))))
     out[idx] = got[:len(idx)]
   return out
 

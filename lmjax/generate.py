@@ -174,11 +174,6 @@ def _next_pow2(n: int) -> int:
   return 1 << max(n - 1, 0).bit_length()
 
 
-def _hashable_rules(rules: Mapping[str, Any]) -> tuple:
-  return tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v)
-                      for k, v in dict(rules).items()))
-
-
 def generate(graphdef, params, prompt_tokens: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              stop_tokens: Sequence[int] = (), seed: int | jax.Array = 0, pad_id: int = 0,
@@ -233,16 +228,10 @@ def generate(graphdef, params, prompt_tokens: Sequence[Sequence[int]], *, max_ne
   batched = (buf, lengths, live)
   scalars = (stop_ids, seed, np.float32(max(temperature, 1e-6)), np.float32(top_p),
              np.int32(pad_id))
-  if mesh is None:
-    batched, scalars = jax.device_put((batched, scalars))  # explicit: transfer-guard clean
-  else:
-    def spec(x):
-      if not rules:
-        return P()
-      return sharding.logical_to_spec(('batch',) + (None,) * (x.ndim - 1), rules, x.shape, mesh)
-    batched = jax.device_put(batched, tuple(NamedSharding(mesh, spec(x)) for x in batched))
-    scalars = jax.device_put(scalars, NamedSharding(mesh, P()))
-  mesh_rules = (mesh, _hashable_rules(rules) if rules else None) if mesh is not None else None
+  batched = sharding.put_along_batch(batched, mesh, rules)
+  scalars = (jax.device_put(scalars) if mesh is None  # explicit: transfer-guard clean
+             else jax.device_put(scalars, NamedSharding(mesh, P())))
+  mesh_rules = sharding.mesh_rules_key(mesh, rules)
   greedy = temperature == 0
   if adapters is not None and lora is None:
     raise ValueError('generate: adapters need `lora` (the cfg.lora group: rank, alpha, rslora)')

@@ -153,3 +153,30 @@ def place_batch(batch: Mapping[str, np.ndarray], mesh: Mesh,
     sharding = batch_sharding(mesh, rules, v.ndim)
     out[k] = jax.make_array_from_process_local_data(sharding, v)
   return out
+
+
+def put_along_batch(arrays: Sequence[np.ndarray], mesh: Mesh | None,
+                    rules: Mapping[str, Any] | None) -> tuple[jax.Array, ...]:
+  """Host arrays, the same on every process, onto `mesh` split along their first axis by
+  the 'batch' rule (replicated without rules; on the default device without a mesh).
+  Explicit copies: clean under jax.transfer_guard('disallow')."""
+  if mesh is None:
+    return tuple(jax.device_put(tuple(arrays)))
+
+  def spec(x):
+    if not rules:
+      return P()
+    return logical_to_spec(('batch',) + (None,) * (x.ndim - 1), rules, x.shape, mesh)
+
+  return tuple(jax.device_put(tuple(arrays), tuple(NamedSharding(mesh, spec(x))
+                                                   for x in arrays)))
+
+
+def mesh_rules_key(mesh: Mesh | None, rules: Mapping[str, Any] | None):
+  """(mesh, rules as a sorted tuple) for a jit static argument, or None without a mesh."""
+  if mesh is None:
+    return None
+  if not rules:
+    return mesh, None
+  return mesh, tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v)
+                            for k, v in dict(rules).items()))
