@@ -78,6 +78,24 @@ def base_config() -> ml_collections.ConfigDict:
                         high_freq_factor=4.0, original_max_len=8192),
       tie_embeddings=False,
       qkv_bias=False,         # Qwen2 style.
+      qk_norm=False,          # Qwen3 style: RMSNorm over each head's queries and keys.
+      # Mixture of experts (models/moe.py): every layer's feed-forward becomes `experts`
+      # SwiGLU experts of hidden size d_ff (0: model.d_ff), each token routed to top_k.
+      moe=dict(
+          experts=0,            # 0 = a dense model.
+          top_k=2,
+          d_ff=0,
+          renormalize=True,     # top-k weights rescaled to sum to 1 (Mixtral, Qwen3-MoE).
+          shared_d_ff=0,        # > 0: a shared expert of this hidden size sees every token
+          shared_gate=True,     # ... scaled by sigmoid(x @ gate) (Qwen2-MoE).
+          # dropless (grouped matmul, nothing dropped) | capacity (capacity_factor * T * k
+          # / E slots per expert and row, overflow dropped) | dense (every expert on every
+          # token: the reference).
+          dispatch='dropless',
+          capacity_factor=1.25,
+          aux_loss=0.01,        # load-balancing loss weight (Hugging Face's convention).
+          z_loss=0.001,         # router z-loss weight (ST-MoE).
+      ),
       # lm: next-token logits (lm_head, or the tied embedding) | score: a scalar reward
       # head read at each sequence's last token (models/reward.py), exported as Hugging
       # Face *ForSequenceClassification with num_labels=1.
@@ -221,14 +239,15 @@ def base_config() -> ml_collections.ConfigDict:
   )
 
   # Mesh axis sizes; -1 takes the devices left over. Product must equal the devices.
-  cfg.mesh = dict(data=-1, fsdp=1, tensor=1)
+  cfg.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
   # Logical axis -> mesh axis (or tuple of axes; None = replicated: a placeholder that a
   # mesh axis name may set, e.g. --config.rules.length=tensor).
   cfg.rules = dict(
-      batch=('data', 'fsdp'),
+      batch=('data', 'fsdp', 'expert'),
       length=placeholder(str),
       embed='fsdp',
       mlp='tensor',
+      expert='expert',        # MoE expert weights (and their capacity buffers).
       heads='tensor',
       kv_heads='tensor',
       head_dim=placeholder(str),
@@ -660,6 +679,7 @@ _CHOICES = {
     'model.attention': ('xla', 'cudnn'),
     'model.head': ('lm', 'score'),
     'model.rope_scaling.type': ('none', 'llama3'),
+    'model.moe.dispatch': ('dropless', 'capacity', 'dense'),
     'data.source': ('local_text', 'tfds', 'jsonl', 'parquet', 'hf_disk'),
     'data.on_error': ('fail', 'skip'),
     'tokenizer.model_type': ('bpe', 'unigram'),
@@ -726,6 +746,16 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if t.global_batch % t.grad_accum:
     raise ConfigError(f'train.global_batch ({t.global_batch}) must be divisible by '
                       f'train.grad_accum ({t.grad_accum})')
+  moe = m.moe
+  if moe.experts < 0:
+    raise ConfigError(f'model.moe.experts must be >= 0 (0 = dense), got {moe.experts}')
+  if moe.experts and not 1 <= moe.top_k <= moe.experts:
+    raise ConfigError(f'model.moe.top_k ({moe.top_k}) must be between 1 and model.moe.experts '
+                      f'({moe.experts})')
+  if moe.experts and (moe.d_ff < 0 or moe.shared_d_ff < 0):
+    raise ConfigError('model.moe.d_ff and model.moe.shared_d_ff must be >= 0')
+  if moe.experts and moe.capacity_factor <= 0:
+    raise ConfigError(f'model.moe.capacity_factor must be positive, got {moe.capacity_factor}')
   if m.max_segments < 1:
     raise ConfigError(f'model.max_segments must be >= 1, got {m.max_segments}')
   if m.loss_chunk < 0 or (m.loss_chunk and cfg.data.seq_len % m.loss_chunk):
@@ -742,7 +772,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if cfg.tokenizer.vocab_size > m.vocab_size:
     raise ConfigError(f'tokenizer.vocab_size ({cfg.tokenizer.vocab_size}) exceeds '
                       f'model.vocab_size ({m.vocab_size})')
-  for axis in ('data', 'fsdp', 'tensor'):
+  for axis in ('data', 'fsdp', 'expert', 'tensor'):
     size = cfg.mesh[axis]
     if size == 0 or size < -1:
       raise ConfigError(f'mesh.{axis} must be a positive size or -1, got {size}')

@@ -1,8 +1,8 @@
 """Meshes, logical-axis rules and placement helpers.
 
 Parameters and key activations carry logical axis names ('embed', 'mlp', 'heads',
-'batch', ...). `cfg.rules` maps each onto mesh axes ('data', 'fsdp', 'tensor'), so a
-change of parallelism is a change of config, never of model code.
+'batch', 'expert', ...). `cfg.rules` maps each onto mesh axes ('data', 'fsdp', 'expert',
+'tensor'), so a change of parallelism is a change of config, never of model code.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lmjax.errors import UserError
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 
 
 class ShardingError(UserError, ValueError):
@@ -28,7 +28,7 @@ class ShardingError(UserError, ValueError):
 
 def mesh_shape(cfg_mesh: Mapping[str, int], n_devices: int) -> dict[str, int]:
   """Resolves -1 entries so the product equals n_devices; errors name the field."""
-  sizes = {a: int(cfg_mesh[a]) for a in MESH_AXES}
+  sizes = {a: int(cfg_mesh.get(a, 1)) for a in MESH_AXES}
   fill = [a for a, s in sizes.items() if s == -1]
   if len(fill) > 1:
     raise ShardingError(f'at most one mesh axis may be -1, got {fill} (mesh.{fill[0]}, mesh.{fill[1]})')
@@ -42,7 +42,7 @@ def mesh_shape(cfg_mesh: Mapping[str, int], n_devices: int) -> dict[str, int]:
   if math.prod(sizes.values()) != n_devices:
     raise ShardingError(
         f'mesh {sizes} has {math.prod(sizes.values())} devices but {n_devices} are '
-        f'available; set one of mesh.data/mesh.fsdp/mesh.tensor to -1 or fix the sizes')
+        f'available; set one of mesh.data/mesh.fsdp/mesh.expert/mesh.tensor to -1 or fix the sizes')
   return sizes
 
 

@@ -1,7 +1,9 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2 by config) in Flax NNX.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Mixtral, Qwen2/3-MoE by
+config) in Flax NNX.
 
-RMSNorm, RoPE (theta, Llama-3 scaling), grouped-query attention, SwiGLU, optional tied
-embeddings and QKV bias. Layer parameters are always stacked on a leading 'layers'
+RMSNorm, RoPE (theta, Llama-3 scaling), grouped-query attention, SwiGLU or a
+mixture of SwiGLU experts (model.moe, models/moe.py), optional tied embeddings, QKV bias
+and QK-norm (Qwen3: an RMSNorm over each head's queries and keys before RoPE). Layer parameters are always stacked on a leading 'layers'
 axis; `scan_layers` only chooses between `lax.scan` and an unrolled loop over them, so
 checkpoints are the same either way.
 
@@ -22,6 +24,7 @@ from flax import nnx
 
 from lmjax import sharding
 from lmjax.models import attention as attn_lib
+from lmjax.models import moe as moe_lib
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -88,9 +91,9 @@ def _delta(lora, x, group, name, n_in):
 
 class RMSNorm(nnx.Module):
 
-  def __init__(self, dim: int, eps: float, param_dtype):
+  def __init__(self, dim: int, eps: float, param_dtype, axis: str = 'embed'):
     self.eps = eps
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=('embed',))
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis,))
 
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
@@ -113,6 +116,9 @@ class Attention(nnx.Module):
       self.q_bias = nnx.Param(jnp.zeros((n, h), pd), out_sharding=('heads', 'head_dim'))
       self.k_bias = nnx.Param(jnp.zeros((k, h), pd), out_sharding=('kv_heads', 'head_dim'))
       self.v_bias = nnx.Param(jnp.zeros((k, h), pd), out_sharding=('kv_heads', 'head_dim'))
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(h, cfg.norm_eps, pd, 'head_dim')
+      self.k_norm = RMSNorm(h, cfg.norm_eps, pd, 'head_dim')
 
   def _qkv(self, x, positions, lora=None):
     """Projections with bias and RoPE: q [B, T, N, H]; k, v [B, T, K, H]."""
@@ -124,6 +130,8 @@ class Attention(nnx.Module):
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
       v = v + self.v_bias[...].astype(dt)
+    if self.cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
     q = sharding.constrain(q, ('batch', 'length', 'heads', 'head_dim'))
     k = sharding.constrain(k, ('batch', 'length', 'kv_heads', 'head_dim'))
     inv_freq = attn_lib.rope_frequencies(head_dim(self.cfg), self.cfg.rope_theta,
@@ -175,27 +183,48 @@ class MLP(nnx.Module):
     return h @ self.down[...].astype(dt) + _delta(lora, h, 'mlp', 'down', 1)
 
 
+def is_moe(cfg) -> bool:
+  """Whether cfg.model's feed-forward is a mixture of experts (model.moe.experts > 0)."""
+  moe = cfg.get('moe') if hasattr(cfg, 'get') else getattr(cfg, 'moe', None)
+  return bool(moe) and int(moe['experts']) > 0
+
+
 class Block(nnx.Module):
+  """Attention and a feed-forward: `mlp` (SwiGLU) or, for an MoE model, `moe`."""
 
   def __init__(self, cfg, rngs: nnx.Rngs):
     pd = DTYPES[cfg.param_dtype]
+    self.cfg = cfg
     self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
     self.attn = Attention(cfg, rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
-    self.mlp = MLP(cfg, rngs)
+    if is_moe(cfg):
+      self.moe = moe_lib.MoE(cfg, rngs, pd)
+    else:
+      self.mlp = MLP(cfg, rngs)
+
+  def _ffn(self, x, segment_ids, lora, dispatch=None):
+    """(feed-forward output, RouterStats or None)."""
+    if is_moe(self.cfg):
+      return self.moe(x, segment_ids, dispatch)
+    return self.mlp(x, lora), None
 
   def __call__(self, x, positions, segment_ids, lora=None):
+    """(output, this layer's RouterStats; None for a dense model)."""
     x = x + self.attn(self.attn_norm(x), positions, segment_ids, lora)
-    x = x + self.mlp(self.mlp_norm(x), lora)
-    return sharding.constrain(x, ('batch', 'length', 'embed'))
+    y, stats = self._ffn(self.mlp_norm(x), segment_ids, lora)
+    return sharding.constrain(x + y, ('batch', 'length', 'embed')), stats
 
   def decode(self, x, positions, cache_k, cache_v, cache_index, kv_mask, lora=None):
     """As __call__, attending through this layer's cache; also returns the new k, v."""
     a, k, v = self.attn.decode(self.attn_norm(x), positions, cache_k, cache_v,
                                cache_index, kv_mask, lora)
     x = x + a
-    x = x + self.mlp(self.mlp_norm(x), lora)
-    return sharding.constrain(x, ('batch', 'length', 'embed')), k, v
+    # Generation never drops a token: capacity dispatch runs dropless here.
+    dispatch = 'dense' if is_moe(self.cfg) and self.cfg.moe.dispatch == 'dense' \
+        else 'dropless'
+    y, _ = self._ffn(self.mlp_norm(x), None, lora, dispatch)
+    return sharding.constrain(x + y, ('batch', 'length', 'embed')), k, v
 
 
 class Transformer(nnx.Module):
@@ -229,6 +258,13 @@ class Transformer(nnx.Module):
     with `lora` the cfg.lora group (alpha, rank scaling, dropout). Dropout on the adapter
     inputs is active only with a `dropout_rng` (none: deterministic).
     """
+    return self.hidden_and_router(tokens, positions, segment_ids, adapters=adapters,
+                                  lora=lora, dropout_rng=dropout_rng)[0]
+
+  def hidden_and_router(self, tokens, positions=None, segment_ids=None, *, adapters=None,
+                        lora=None, dropout_rng=None):
+    """(`hidden`, the router statistics of every layer: moe.RouterStats stacked [layers,
+    ...], None for a dense model), for the MoE losses and telemetry (moe.router_losses)."""
     cfg = self.cfg
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -238,17 +274,21 @@ class Transformer(nnx.Module):
 
     def body(x, xs):
       params, ad = xs
-      return nnx.merge(graphdef, params)(x, positions, segment_ids, layer_lora(ad)), None
+      return nnx.merge(graphdef, params)(x, positions, segment_ids, layer_lora(ad))
 
     xs = (layer_state, _layer_inputs(adapters, dropout_rng, cfg.n_layers))
     if cfg.remat != 'none':
       body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      x, _ = jax.lax.scan(body, x, xs)
+      x, stats = jax.lax.scan(body, x, xs)
     else:
+      per_layer = []
       for i in range(cfg.n_layers):
-        x, _ = body(x, jax.tree.map(lambda p: p[i], xs))
-    return self.final_norm(x)
+        x, s = body(x, jax.tree.map(lambda p: p[i], xs))
+        per_layer.append(s)
+      stats = None if per_layer[0] is None else jax.tree.map(lambda *a: jnp.stack(a),
+                                                             *per_layer)
+    return self.final_norm(x), stats
 
   def _embed(self, tokens):
     # Gather from the replicated table (one all-gather, as FSDP does for every weight):
@@ -396,13 +436,14 @@ def count_params(params) -> int:
 def flops_per_token(cfg, seq_len: int) -> float:
   """Training FLOPs per token: 6N + 6·L·T·(heads·head_dim) (causal attention counted once).
 
-  N counts every matmul weight: the layers and the output projection (the tied
+  N counts every matmul weight a token uses (for an MoE model the active ones: its k
+  experts, the shared expert and the router; moe.active_ffn_params): the layers and the output projection (the tied
   embedding counts once, as the output projection; a reward model's score head [D, 1]);
   the input lookup is not a matmul.
   """
   h = head_dim(cfg)
-  per_layer = (cfg.d_model * h * (cfg.n_heads * 2 + cfg.n_kv_heads * 2)
-               + 3 * cfg.d_model * cfg.d_ff)
+  ffn = moe_lib.active_ffn_params(cfg) if is_moe(cfg) else 3 * cfg.d_model * cfg.d_ff
+  per_layer = cfg.d_model * h * (cfg.n_heads * 2 + cfg.n_kv_heads * 2) + ffn
   out = 1 if head_kind(cfg) == 'score' else cfg.vocab_size
   n_matmul = cfg.n_layers * per_layer + cfg.d_model * out
   attn = 6 * cfg.n_layers * seq_len * cfg.n_heads * h

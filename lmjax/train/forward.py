@@ -16,20 +16,25 @@ from flax import nnx
 from lmjax import sharding
 from lmjax.models import attention as attn_lib
 from lmjax.models import lora as lora_lib
+from lmjax.models import moe as moe_lib
 from lmjax.train import losses
 
 # The arrays of every token batch, [rows, seq_len]; an objective adds per-row ones ([rows]).
 TOKEN_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
 
 
-def model_stats(graphdef, params, batch, *, adapters=None, lora=None, dropout_rng=None):
+def model_stats(graphdef, params, batch, *, adapters=None, lora=None, dropout_rng=None,
+                router=False):
   """(logsumexp, target logit) [B, T] of the model's logits for the batch (losses.
-  logit_stats), computed model.loss_chunk positions at a time when set."""
+  logit_stats), computed model.loss_chunk positions at a time when set. With `router`,
+  ((logsumexp, target logit), the MoE router statistics: moe.RouterStats or None)."""
   model = nnx.merge(graphdef, params)
-  h = model.hidden(batch['inputs'], batch['positions'], batch['segment_ids'],
-                   adapters=adapters, lora=lora, dropout_rng=dropout_rng)
+  h, stats = model.hidden_and_router(batch['inputs'], batch['positions'],
+                                     batch['segment_ids'], adapters=adapters, lora=lora,
+                                     dropout_rng=dropout_rng)
   unembed = lambda x: sharding.constrain(model.unembed(x), ('batch', 'length', 'vocab'))
-  return losses.chunked_logit_stats(h, unembed, batch['targets'], model.cfg.loss_chunk)
+  out = losses.chunked_logit_stats(h, unembed, batch['targets'], model.cfg.loss_chunk)
+  return (out, stats) if router else out
 
 
 def loss_sums(graphdef, params, batch, z_loss, *, adapters=None, lora=None, dropout_rng=None):
@@ -38,6 +43,26 @@ def loss_sums(graphdef, params, batch, z_loss, *, adapters=None, lora=None, drop
   stats = model_stats(graphdef, params, batch, adapters=adapters, lora=lora,
                       dropout_rng=dropout_rng)
   return losses.nll_sums(*stats, batch['loss_mask'], z_loss)
+
+
+def lm_sums(graphdef, params, batch, z_loss, *, adapters=None, lora=None, dropout_rng=None):
+  """(loss sum, {metric: sum}) of next-token prediction: the nll and z-loss sums and, for
+  an MoE model, its router losses (moe.router_losses: model.moe.aux_loss * balance +
+  model.moe.z_loss * router z) and telemetry, each times the batch's loss tokens, so that
+  over the normaliser they come out as the batch's values (under gradient accumulation,
+  the micro-batches' values weighted by their loss tokens)."""
+  params = lora_lib.effective_params(params, adapters)
+  stats, router = model_stats(graphdef, params, batch, adapters=adapters, lora=lora,
+                              dropout_rng=dropout_rng, router=True)
+  nll, z = losses.nll_sums(*stats, batch['loss_mask'], z_loss)
+  metrics = {'loss': nll, 'z_loss': z}
+  if router is None:
+    return nll + z, metrics
+  n = token_count(batch)
+  moe_cfg = nnx.merge(graphdef, params).cfg.moe
+  router_loss, telemetry = moe_lib.router_losses(router, moe_cfg)
+  metrics.update((k, v * n) for k, v in telemetry.items())
+  return nll + z + router_loss * n, metrics
 
 
 def row_logps(graphdef, params, batch, *, adapters=None, lora=None, dropout_rng=None):

@@ -1,8 +1,9 @@
 """Pretraining (cfg.stage='pretrain'): next-token prediction on documents.
 
 Batch: packed documents (data/pipeline.py), [rows, seq_len] token arrays; loss: the mean
-next-token loss over every loss token of the global batch (+ train.z_loss); logged as
-'loss', 'z_loss' and 'loss_tokens'. Eval: 'eval_loss' / 'eval_ppl' / 'eval_tokens' on the
+next-token loss over every loss token of the global batch (+ train.z_loss, + an MoE
+model's router losses); logged as 'loss', 'z_loss', 'loss_tokens' and, for an MoE model,
+the router telemetry 'moe/...' (models/moe.py). Eval: 'eval_loss' / 'eval_ppl' / 'eval_tokens' on the
 eval split (a mixture: the tokens of all its sources' eval batches pooled) and
 'eval/<name>/loss' for every data.mixture and data.eval_sources entry. With a mixture each
 logged step also counts the tokens each source contributed since the last log
@@ -44,13 +45,13 @@ class LM(base.Objective):
     return batch, counts
 
   def sums(self, setup):
-    """(nll + z sums, {'loss', 'z_loss'} sums); normalised by loss tokens."""
+    """(nll + z sums (+ an MoE model's router losses), {'loss', 'z_loss'} sums and the
+    router telemetry, forward.lm_sums); normalised by loss tokens."""
     graphdef, lora, z_coef = setup.graphdef, setup.lora, self.cfg.train.z_loss
 
     def sums(weights, batch, rng):
-      nll, z = forward.loss_sums(graphdef, weights['params'], batch, z_coef,
-                                 adapters=weights.get('adapters'), lora=lora, dropout_rng=rng)
-      return nll + z, {'loss': nll, 'z_loss': z}
+      return forward.lm_sums(graphdef, weights['params'], batch, z_coef,
+                             adapters=weights.get('adapters'), lora=lora, dropout_rng=rng)
 
     return sums
 
