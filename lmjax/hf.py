@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints: import and export Llama, Mistral and Qwen2, without torch.
+"""Hugging Face checkpoints: import and export Llama, Mistral, Qwen2, Qwen3 and the
+mixtures of experts Mixtral, Qwen2-MoE and Qwen3-MoE, without torch.
 
     cfg = hf.config_from_hf('/ckpt/Llama-3.2-1B')              # lmjax config for the model
     params = hf.load_params('/ckpt/Llama-3.2-1B', cfg, mesh)   # sharded, read slice by slice
@@ -13,6 +14,13 @@ Layouts, per layer (lmjax stacks layer parameters on a leading 'layers' axis):
   gate, up   [d, f]    <- gate_proj.weight [f, d]   down    [f, d]    <- down_proj.weight [d, f]
   embed      [V, d]    =  embed_tokens.weight       lm_head [d, V]    <- lm_head.weight [V, d]
   q/k/v_bias [n, h]    <- q_proj.bias [n*h]         norm scales [d]   =  *norm.weight
+  q/k_norm   [h]       =  self_attn.q/k_norm.weight (Qwen3)
+MoE layers (`moe`; expert weights stacked [layers, experts, ...], read expert by expert):
+  router     [d, E]    <- mlp.gate.weight [E, d]    (Mixtral: block_sparse_moe.gate)
+  gate, up   [E, d, f] <- mlp.experts.{j}.gate_proj / up_proj.weight [f, d]  (Mixtral: w1, w3)
+  down       [E, f, d] <- mlp.experts.{j}.down_proj.weight [d, f]            (Mixtral: w2)
+  shared_gate_proj, shared_up, shared_down <- mlp.shared_expert.*_proj.weight (Qwen2-MoE)
+  shared_gate [d, 1]   <- mlp.shared_expert_gate.weight [1, d]
 RoPE needs no permutation: lmjax rotates the two halves of each head, as HF's
 `rotate_half` does.
 
@@ -39,6 +47,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import glob
+import itertools
 import json
 import math
 import os
@@ -60,12 +69,18 @@ from lmjax.models import transformer
 from lmjax.train import state as state_lib
 
 ARCHS = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
-         'qwen2': 'Qwen2ForCausalLM'}
+         'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM',
+         'mixtral': 'MixtralForCausalLM', 'qwen2_moe': 'Qwen2MoeForCausalLM',
+         'qwen3_moe': 'Qwen3MoeForCausalLM'}
 # Reward models (model.head='score'): the same body with `score.weight` [1, d] for
 # num_labels=1 instead of lm_head, read at the last token that is not padding.
-SCORE_ARCHS = {'llama': 'LlamaForSequenceClassification',
-               'mistral': 'MistralForSequenceClassification',
-               'qwen2': 'Qwen2ForSequenceClassification'}
+SCORE_ARCHS = {k: v.replace('ForCausalLM', 'ForSequenceClassification')
+               for k, v in ARCHS.items()}
+# What each architecture's network has, beside the Llama body: q/k/v biases, QK-norm, a
+# mixture of experts (and a gated shared expert).
+QKV_BIAS_ARCHS = ('qwen2', 'qwen2_moe')
+QK_NORM_ARCHS = ('qwen3', 'qwen3_moe')
+MOE_ARCHS = ('mixtral', 'qwen2_moe', 'qwen3_moe')
 TOKENIZER_FILE = 'tokenizer.model'
 TOKENIZER_DIR = 'tokenizer'  # an imported workdir's copy of the model's tokenizer files
 GENERATION_FILE = 'generation_config.json'
@@ -114,7 +129,7 @@ def read_generation_config(hf_dir: str) -> dict | None:
 
 
 def hf_arch(hf_config: dict) -> str:
-  """'llama' | 'mistral' | 'qwen2' from config.json's model_type (and architectures)."""
+  """An ARCHS key from config.json's model_type (and architectures)."""
   model_type = hf_config.get('model_type')
   if model_type not in ARCHS:
     raise HFError(f'config.json model_type={model_type!r} is not supported '
@@ -167,8 +182,8 @@ def attention_window(hf_config: dict) -> int | None:
   """The sliding attention window config.json gives the model (Mistral's sliding_window;
   Qwen2's when use_sliding_window), or None."""
   window = hf_config.get('sliding_window')
-  if window is None or (hf_config.get('model_type') == 'qwen2'
-                        and not hf_config.get('use_sliding_window')):
+  if not window or ('use_sliding_window' in hf_config
+                    and not hf_config.get('use_sliding_window')):
     return None
   return int(window)
 
@@ -185,9 +200,11 @@ def model_overrides_from_hf(hf_config: dict, seq_len: int | None = None) -> dict
       raise HFError(f'config.json {key}={c.get(key)!r}: expected an integer')
   if c.get('hidden_act', 'silu') != 'silu':
     raise HFError(f'config.json hidden_act={c["hidden_act"]!r}: only silu (SwiGLU) is supported')
-  if arch != 'qwen2' and c.get('attention_bias'):
+  if arch not in QKV_BIAS_ARCHS and c.get('attention_bias'):
     raise HFError('config.json attention_bias=true: attention biases are not supported for '
                   f'{arch} (only q/k/v biases, as Qwen2 has)')
+  if arch == 'qwen2_moe' and c.get('qkv_bias') is False:
+    raise HFError('config.json qkv_bias=false: Qwen2-MoE without q/k/v biases is not supported')
   if c.get('mlp_bias'):
     raise HFError('config.json mlp_bias=true: MLP biases are not supported')
   if c.get('quantization_config'):
@@ -212,22 +229,82 @@ def model_overrides_from_hf(hf_config: dict, seq_len: int | None = None) -> dict
       head_dim=0 if head_dim * n_heads == c['hidden_size'] else head_dim,
       d_ff=c['intermediate_size'], norm_eps=float(c.get('rms_norm_eps', 1e-6)),
       rope_theta=theta, rope_scaling=scaling,
-      tie_embeddings=bool(c.get('tie_word_embeddings', False)), qkv_bias=arch == 'qwen2',
+      tie_embeddings=bool(c.get('tie_word_embeddings', False)),
+      qkv_bias=arch in QKV_BIAS_ARCHS, qk_norm=arch in QK_NORM_ARCHS, moe=_moe_from_hf(c),
       head=hf_head(c))
 
 
-def hf_config_from_model(mcfg, arch: str = 'llama', max_position_embeddings: int | None = None,
-                         dtype: str | None = None, **extra) -> dict:
-  """cfg.model -> config.json for `arch`, readable by transformers 5 (`rope_parameters`)
-  and earlier versions (`rope_theta`, `rope_scaling`). `extra` adds or replaces keys
-  (e.g. bos_token_id)."""
+def _moe_from_hf(c: dict) -> dict:
+  """cfg.model.moe's fields that shape the network, from config.json ({'experts': 0} for a
+  dense model)."""
+  arch = c['model_type']
+  if arch not in MOE_ARCHS:
+    return {'experts': 0}
+  experts = c.get('num_local_experts') or c.get('num_experts')
+  for key, value in (('num_experts', experts), ('num_experts_per_tok', c.get('num_experts_per_tok'))):
+    if not isinstance(value, int) or value <= 0:
+      raise HFError(f'config.json {key}={value!r}: expected a positive integer')
+  if arch != 'mixtral':
+    if c.get('mlp_only_layers') or c.get('decoder_sparse_step', 1) != 1:
+      raise HFError(f'config.json mlp_only_layers={c.get("mlp_only_layers")} / '
+                    f'decoder_sparse_step={c.get("decoder_sparse_step")}: only models whose '
+                    'every layer is a mixture of experts are supported')
+    if not isinstance(c.get('moe_intermediate_size'), int):
+      raise HFError(f'config.json moe_intermediate_size={c.get("moe_intermediate_size")!r}: '
+                    'expected an integer')
+  shared = int(c.get('shared_expert_intermediate_size') or 0) if arch == 'qwen2_moe' else 0
+  return {'experts': experts, 'top_k': c['num_experts_per_tok'],
+          # Mixtral's experts are intermediate_size wide: model.d_ff (moe.d_ff 0).
+          'd_ff': 0 if arch == 'mixtral' else c['moe_intermediate_size'],
+          'renormalize': True if arch == 'mixtral' else bool(c.get('norm_topk_prob', False)),
+          'shared_d_ff': shared, 'shared_gate': True}
+
+
+def default_arch(mcfg) -> str:
+  """The HF architecture a model trained from scratch exports as: the one whose network it
+  is (QK-norm: Qwen3 / Qwen3-MoE; a shared expert: Qwen2-MoE; q/k/v biases: Qwen2; other
+  MoE: Mixtral; else Llama)."""
+  moe = transformer.is_moe(mcfg)
+  if mcfg.get('qk_norm'):
+    return 'qwen3_moe' if moe else 'qwen3'
+  if moe:
+    return 'qwen2_moe' if int(mcfg.moe.shared_d_ff) else 'mixtral'
+  return 'qwen2' if mcfg.qkv_bias else 'llama'
+
+
+def _check_arch(mcfg, arch: str) -> None:
+  """HFError unless `arch`'s network is cfg.model's (biases, QK-norm, experts)."""
   if arch not in ARCHS:
     raise HFError(f'arch={arch!r} is not supported (supported: {", ".join(ARCHS)})')
-  if arch == 'qwen2' and not mcfg.qkv_bias:
-    raise HFError("arch='qwen2' has q/k/v biases but model.qkv_bias=False; export as 'llama'")
-  if arch != 'qwen2' and mcfg.qkv_bias:
-    raise HFError(f"arch={arch!r} has no q/k/v biases but model.qkv_bias=True; "
-                  "export as 'qwen2'")
+  moe = transformer.is_moe(mcfg)
+  have = {'q/k/v biases (model.qkv_bias)': bool(mcfg.qkv_bias),
+          'QK-norm (model.qk_norm)': bool(mcfg.get('qk_norm')),
+          'a mixture of experts (model.moe.experts > 0)': moe,
+          'a shared expert (model.moe.shared_d_ff > 0)': moe and int(mcfg.moe.shared_d_ff) > 0}
+  want = {'q/k/v biases (model.qkv_bias)': arch in QKV_BIAS_ARCHS,
+          'QK-norm (model.qk_norm)': arch in QK_NORM_ARCHS,
+          'a mixture of experts (model.moe.experts > 0)': arch in MOE_ARCHS,
+          'a shared expert (model.moe.shared_d_ff > 0)': arch == 'qwen2_moe'}
+  for what, value in have.items():
+    if value != want[what]:
+      raise HFError(f'arch={arch!r} {"has" if want[what] else "has no"} {what} but the model '
+                    f'{"has none" if want[what] else "does"}; export as '
+                    f'{default_arch(mcfg)!r}')
+  if arch == 'mixtral' and not mcfg.moe.renormalize:
+    raise HFError("arch='mixtral' renormalises the top-k weights but model.moe.renormalize="
+                  "False; export as 'qwen3_moe' (norm_topk_prob) or set it")
+  if arch == 'qwen2_moe' and not mcfg.moe.shared_gate:
+    raise HFError("arch='qwen2_moe' gates its shared expert but model.moe.shared_gate=False")
+
+
+def hf_config_from_model(mcfg, arch: str | None = None,
+                         max_position_embeddings: int | None = None,
+                         dtype: str | None = None, **extra) -> dict:
+  """cfg.model -> config.json for `arch` (default `default_arch`), readable by
+  transformers 5 (`rope_parameters`) and earlier versions (`rope_theta`, `rope_scaling`).
+  `extra` adds or replaces keys (e.g. bos_token_id)."""
+  arch = arch or default_arch(mcfg)
+  _check_arch(mcfg, arch)
   rope = {'rope_type': 'default', 'rope_theta': float(mcfg.rope_theta)}
   rs = mcfg.rope_scaling
   if rs.get('type', 'none') == 'llama3':
@@ -254,10 +331,24 @@ def hf_config_from_model(mcfg, arch: str = 'llama', max_position_embeddings: int
       attention_dropout=0.0, use_cache=True, dtype=dtype or mcfg.param_dtype)
   if arch == 'llama':
     c.update(attention_bias=False, mlp_bias=False)
-  elif arch == 'mistral':
+  elif arch in ('mistral', 'mixtral'):
     c.update(sliding_window=None)
   else:
     c.update(use_sliding_window=False, sliding_window=None)
+  if arch in ('qwen3', 'qwen3_moe'):
+    c.update(attention_bias=False)
+  if arch in MOE_ARCHS:
+    m = mcfg.moe
+    f = int(m.d_ff) or mcfg.d_ff
+    c.update(num_experts_per_tok=int(m.top_k), router_aux_loss_coef=float(m.aux_loss),
+             output_router_logits=False)
+    if arch == 'mixtral':
+      c.update(num_local_experts=int(m.experts), intermediate_size=f, router_jitter_noise=0.0)
+    else:
+      c.update(num_experts=int(m.experts), moe_intermediate_size=f,
+               norm_topk_prob=bool(m.renormalize), decoder_sparse_step=1, mlp_only_layers=[])
+    if arch == 'qwen2_moe':
+      c.update(shared_expert_intermediate_size=int(m.shared_d_ff), qkv_bias=True)
   if score:  # how transformers writes num_labels=1
     c.update(id2label={'0': 'LABEL_0'}, label2id={'LABEL_0': 0})
   c.update(extra)
@@ -292,7 +383,11 @@ def config_from_hf(hf_dir: str, base_cfg=None):
   not match the pretrained embeddings), unless tokenizer.path is set."""
   from lmjax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
   cfg = config_lib.base_config() if base_cfg is None else copy.deepcopy(base_cfg)
-  model = model_overrides_from_hf(read_hf_config(hf_dir), seq_len=cfg.data.seq_len)
+  hf_config = read_hf_config(hf_dir)
+  model = model_overrides_from_hf(hf_config, seq_len=cfg.data.seq_len)
+  if model['moe']['experts'] and hf_config.get('router_aux_loss_coef') is not None:
+    # The model's own load-balancing weight (its training setting, not its network).
+    model['moe']['aux_loss'] = float(hf_config['router_aux_loss_coef'])
   config_lib.apply_overrides(cfg, _flatten(model, 'model.'))
   hf_dir = os.path.abspath(hf_dir)
   if tokenizer_lib.is_tokenizer_dir(hf_dir):
@@ -313,16 +408,23 @@ def config_from_hf(hf_dir: str, base_cfg=None):
 @dataclasses.dataclass(frozen=True)
 class _Spec:
   path: tuple[str, ...]   # key path in the lmjax params dict
-  name: str               # HF tensor name; '{i}' stands for the layer index
+  name: str               # HF tensor name; '{i}' stands for the layer index, '{j}' the expert's
   kind: str               # same | T | in_heads | out_heads | bias_heads
 
   @property
-  def layered(self) -> bool:
-    return self.path[0] == 'layers'
+  def lead(self) -> int:
+    """Leading dims of the lmjax param stacked over HF tensors: 0; 1 (layers); 2 (layers,
+    experts)."""
+    return ('{i}' in self.name) + ('{j}' in self.name)
+
+  def names(self, shape) -> list[tuple[tuple[int, ...], str]]:
+    """(index into the stacked dims, HF tensor name) of each tensor, in file order."""
+    return [(idx, self.name.format(i=idx[0] if idx else None, j=idx[1] if len(idx) > 1 else None))
+            for idx in itertools.product(*(range(n) for n in shape[:self.lead]))]
 
 
-def _specs(mcfg) -> list[_Spec]:
-  """Every parameter of `mcfg`'s model, in HF file order."""
+def _specs(mcfg, arch: str) -> list[_Spec]:
+  """Every parameter of `mcfg`'s model, in HF file order, named as `arch` names them."""
   layer = 'model.layers.{i}.'
   specs = [_Spec(('embed',), 'model.embed_tokens.weight', 'same')]
   for x in 'qkv':
@@ -330,11 +432,18 @@ def _specs(mcfg) -> list[_Spec]:
     if mcfg.qkv_bias:
       specs.append(_Spec(('layers', 'attn', f'{x}_bias'), f'{layer}self_attn.{x}_proj.bias',
                          'bias_heads'))
+  specs.append(_Spec(('layers', 'attn', 'o'), f'{layer}self_attn.o_proj.weight', 'out_heads'))
+  if mcfg.get('qk_norm'):
+    specs += [_Spec(('layers', 'attn', f'{x}_norm', 'scale'), f'{layer}self_attn.{x}_norm.weight',
+                    'same') for x in 'qk']
+  if transformer.is_moe(mcfg):
+    specs += _moe_specs(mcfg, layer, arch == 'mixtral')
+  else:
+    specs += [
+        _Spec(('layers', 'mlp', 'gate'), f'{layer}mlp.gate_proj.weight', 'T'),
+        _Spec(('layers', 'mlp', 'up'), f'{layer}mlp.up_proj.weight', 'T'),
+        _Spec(('layers', 'mlp', 'down'), f'{layer}mlp.down_proj.weight', 'T')]
   specs += [
-      _Spec(('layers', 'attn', 'o'), f'{layer}self_attn.o_proj.weight', 'out_heads'),
-      _Spec(('layers', 'mlp', 'gate'), f'{layer}mlp.gate_proj.weight', 'T'),
-      _Spec(('layers', 'mlp', 'up'), f'{layer}mlp.up_proj.weight', 'T'),
-      _Spec(('layers', 'mlp', 'down'), f'{layer}mlp.down_proj.weight', 'T'),
       _Spec(('layers', 'attn_norm', 'scale'), f'{layer}input_layernorm.weight', 'same'),
       _Spec(('layers', 'mlp_norm', 'scale'), f'{layer}post_attention_layernorm.weight', 'same'),
       _Spec(('final_norm', 'scale'), 'model.norm.weight', 'same'),
@@ -343,6 +452,24 @@ def _specs(mcfg) -> list[_Spec]:
     specs.append(_Spec(('score',), 'score.weight', 'T'))
   elif not mcfg.tie_embeddings:
     specs.append(_Spec(('lm_head',), 'lm_head.weight', 'T'))
+  return specs
+
+
+def _moe_specs(mcfg, layer: str, mixtral: bool) -> list[_Spec]:
+  """A mixture-of-experts layer's tensors (Mixtral's names, or Qwen-MoE's)."""
+  block = f'{layer}block_sparse_moe.' if mixtral else f'{layer}mlp.'
+  names = (('gate', 'w1'), ('up', 'w3'), ('down', 'w2')) if mixtral else \
+      (('gate', 'gate_proj'), ('up', 'up_proj'), ('down', 'down_proj'))
+  specs = [_Spec(('layers', 'moe', 'router'), f'{block}gate.weight', 'T')]
+  specs += [_Spec(('layers', 'moe', ours), block + 'experts.{j}.' + f'{theirs}.weight', 'T')
+            for ours, theirs in names]
+  if int(mcfg.moe.shared_d_ff):
+    specs += [_Spec(('layers', 'moe', f'shared_{ours}' if ours != 'gate' else 'shared_gate_proj'),
+                    f'{block}shared_expert.{ours}_proj.weight', 'T')
+              for ours in ('gate', 'up', 'down')]
+    if mcfg.moe.shared_gate:
+      specs.append(_Spec(('layers', 'moe', 'shared_gate'), f'{block}shared_expert_gate.weight',
+                         'T'))
   return specs
 
 
@@ -471,23 +598,26 @@ class _SafetensorsDir:
 def _place(reader: _SafetensorsDir, spec: _Spec, shape, sharding_, dtype) -> jax.Array:
   """One parameter as a global jax.Array with `sharding_`: each distinct device block is
   read from the files, converted, and sent to its devices before the next is read."""
-  layer_shape = shape[1:] if spec.layered else shape
-  hf_shape = _hf_shape(spec.kind, layer_shape)
+  lead = spec.lead
+  inner_shape = shape[lead:]
+  hf_shape = _hf_shape(spec.kind, inner_shape)
   blocks: dict[tuple, list] = {}
   for device, index in sharding_.addressable_devices_indices_map(shape).items():
     bounds = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
     blocks.setdefault(bounds, []).append(device)
   arrays = []
   for bounds, devices in blocks.items():
-    if spec.layered:
-      (l0, l1), rest = bounds[0], bounds[1:]
-      block = np.empty((l1 - l0,) + tuple(b - a for a, b in rest), dtype)
-      for j, i in enumerate(range(l0, l1)):
-        src = reader.slice(spec.name.format(i=i), hf_shape)
-        block[j] = _read_block(src, spec.kind, rest, layer_shape)
+    if lead:  # stacked over layers (and experts): one HF tensor per index
+      outer, rest = bounds[:lead], bounds[lead:]
+      block = np.empty(tuple(b - a for a, b in bounds), dtype)
+      for idx in itertools.product(*(range(a, b) for a, b in outer)):
+        name = spec.name.format(i=idx[0], j=idx[1] if lead > 1 else None)
+        src = reader.slice(name, hf_shape)
+        block[tuple(x - a for x, (a, _) in zip(idx, outer))] = _read_block(
+            src, spec.kind, rest, inner_shape)
     else:
       src = reader.slice(spec.name, hf_shape)
-      block = np.asarray(_read_block(src, spec.kind, bounds, layer_shape)).astype(dtype)
+      block = np.asarray(_read_block(src, spec.kind, bounds, inner_shape)).astype(dtype)
     arrays += [jax.device_put(block, d) for d in devices]
     del block
   return jax.make_array_from_single_device_arrays(shape, sharding_, arrays)
@@ -512,23 +642,21 @@ def _model_diff(hf_config: dict, mcfg) -> list[str]:
     if key == 'head_dim':
       value = value or mcfg.d_model // mcfg.n_heads
       have = have or mcfg.d_model // mcfg.n_heads
-    elif key == 'rope_scaling':
+    elif key in ('rope_scaling', 'moe'):
       have = {k: have.get(k) for k in value}
     if have != value:
       diff.append(f'model.{key}: config {have!r} vs config.json {value!r}')
   return diff
 
 
-def _check_tensors(reader: _SafetensorsDir, mcfg, shapes) -> None:
+def _check_tensors(reader: _SafetensorsDir, mcfg, shapes, arch: str) -> None:
   """HFError unless the files hold every tensor of `mcfg`'s model with its shape (`shapes`:
   the params' abstract tree), and no other; reads the file headers only."""
   used = set()
-  for spec in _specs(mcfg):
+  for spec in _specs(mcfg, arch):
     shape = _get(shapes, spec.path).shape
-    layers = range(shape[0]) if spec.layered else [None]
-    for i in layers:
-      name = spec.name.format(i=i)
-      reader.slice(name, _hf_shape(spec.kind, shape[1:] if spec.layered else shape))
+    for _, name in spec.names(shape):
+      reader.slice(name, _hf_shape(spec.kind, shape[spec.lead:]))
       used.add(name)
   if mcfg.tie_embeddings and transformer.head_kind(mcfg) == 'lm':
     used.add('lm_head.weight')  # some tied checkpoints store the copy too
@@ -542,11 +670,12 @@ def _check_tensors(reader: _SafetensorsDir, mcfg, shapes) -> None:
 def check_files(hf_dir: str, cfg) -> None:
   """HFError, naming the file, unless `hf_dir`'s safetensors files are readable and hold
   exactly the tensors of cfg.model with their shapes (headers only: no tensor is read)."""
-  check_model_config(read_hf_config(hf_dir), cfg.model)
+  hf_config = read_hf_config(hf_dir)
+  check_model_config(hf_config, cfg.model)
   _, _, shapes = state_lib.logical_param_specs(cfg)
   reader = _SafetensorsDir(hf_dir)
   try:
-    _check_tensors(reader, cfg.model, shapes)
+    _check_tensors(reader, cfg.model, shapes, hf_arch(hf_config))
   finally:
     reader.close()
 
@@ -560,16 +689,18 @@ def load_params(hf_dir: str, cfg, mesh=None, rules=None) -> dict:
   shape is checked (file headers only) before any is read.
   """
   mcfg = cfg.model
-  check_model_config(read_hf_config(hf_dir), mcfg)
+  hf_config = read_hf_config(hf_dir)
+  check_model_config(hf_config, mcfg)
+  arch = hf_arch(hf_config)
   mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
   rules = dict(cfg.rules if rules is None else rules)
   _, specs, shapes = state_lib.logical_param_specs(cfg)
   shardings = sharding.tree_shardings(specs, shapes, mesh, rules)
   dtype = np.dtype(transformer.DTYPES[mcfg.param_dtype])
-  table = _specs(mcfg)
+  table = _specs(mcfg, arch)
   reader = _SafetensorsDir(hf_dir)
   try:
-    _check_tensors(reader, mcfg, shapes)
+    _check_tensors(reader, mcfg, shapes, arch)
     params: dict = {}
     for spec in table:
       leaf = _get(shapes, spec.path)
@@ -581,10 +712,11 @@ def load_params(hf_dir: str, cfg, mesh=None, rules=None) -> dict:
 
 # ---- Export ---------------------------------------------------------------------------
 
-def _fetch(x: jax.Array, layer: int | None) -> np.ndarray:
-  """One leaf (or one layer of a stacked leaf) on the host."""
-  if layer is not None:
-    x = x[layer]
+def _fetch(x: jax.Array, index: tuple[int, ...]) -> np.ndarray:
+  """One leaf (or one layer / expert of a stacked leaf: `index` into its leading dims) on
+  the host."""
+  if index:
+    x = x[index]
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))
@@ -634,8 +766,8 @@ def save_hf(params: dict, cfg, out_dir: str, arch: str | None = None,
     made from cfg.model, with the bos/eos/pad ids of `tokenizer_path`'s tokenizer.
   generation_config: the source model's generation_config.json, written as is; None: one
     with config.json's token ids.
-  arch: 'llama' | 'mistral' | 'qwen2'; default the source's, else 'qwen2' when
-    model.qkv_bias else 'llama'.
+  arch: an ARCHS key; default the source's, else `default_arch` (the one whose network
+    cfg.model is).
   dtype: 'float32' | 'bfloat16' | 'float16' for the files (default the source config's
     dtype, else cfg.model.param_dtype).
   Existing model files in `out_dir` are an error unless `overwrite`, which removes them.
@@ -657,7 +789,7 @@ def save_hf(params: dict, cfg, out_dir: str, arch: str | None = None,
       raise HFError('the model config no longer matches the source config.json ('
                     + '; '.join(diff) + '); export with a config.json made from the model '
                     'config instead (hf_config=None; convert_hf.py export --new_config)')
-  arch = arch or ('qwen2' if mcfg.qkv_bias else 'llama')
+  arch = arch or default_arch(mcfg)
   source_dtype = _config_dtype(hf_config or {})
   dtype = dtype or (source_dtype if source_dtype in FILE_DTYPES else mcfg.param_dtype)
   if dtype not in FILE_DTYPES:
@@ -694,7 +826,7 @@ def save_hf(params: dict, cfg, out_dir: str, arch: str | None = None,
 
   _, _, shapes = state_lib.logical_param_specs(cfg)
   entries = []
-  for spec in _specs(mcfg):
+  for spec in _specs(mcfg, arch):
     try:
       x = _get(params, spec.path)
     except (KeyError, TypeError):
@@ -704,11 +836,10 @@ def save_hf(params: dict, cfg, out_dir: str, arch: str | None = None,
     if tuple(x.shape) != tuple(want):
       raise HFError(f'params {"/".join(spec.path)} has shape {tuple(x.shape)}, the config '
                     f'gives {tuple(want)}')
-    layer_shape = want[1:] if spec.layered else want
-    hf_shape = _hf_shape(spec.kind, layer_shape)
-    for i in range(want[0]) if spec.layered else [None]:
-      fetch = lambda x=x, i=i, kind=spec.kind: _to_hf(kind, _fetch(x, i))
-      entries.append((spec.name.format(i=i), hf_shape, np_dtype, fetch))
+    hf_shape = _hf_shape(spec.kind, want[spec.lead:])
+    for idx, name in spec.names(want):
+      fetch = lambda x=x, idx=idx, kind=spec.kind: _to_hf(kind, _fetch(x, idx))
+      entries.append((name, hf_shape, np_dtype, fetch))
 
   # Group into shards, in order, of at most max_shard_bytes (a larger tensor: alone).
   shards, size = [[]], 0

@@ -90,7 +90,8 @@ def test_bench_kto_step_on_the_dpo_tokens(tmp_path, capsys):
   assert 'lora: GRPO rollout: ' in printed
 
 
-@pytest.mark.parametrize('name,params', [('llama_125m', 125.8e6), ('llama_1b', 1107.4e6)])
+@pytest.mark.parametrize('name,params', [('llama_125m', 125.8e6), ('llama_1b', 1107.4e6),
+                                         ('moe_1b', 1015.2e6)])
 def test_bench_configs_load_and_size(name, params):
   """The GPU benchmark configs: their model sizes; ':cpu' swaps cuDNN for xla."""
   from lmjax import config as config_lib
@@ -187,3 +188,63 @@ def test_bench_matmul_count_matches_the_formula(capsys):
   argv = ['--config', os.path.join(ROOT, 'configs', 'pretrain_tiny.py'), '--matmuls',
           '--mode', 'both', '--config.model.dtype=bfloat16']
   assert bench.main(argv + [f'--config.{s}' for s in SMALL]) == 0  # the CLI runs
+
+
+def test_bench_moe_rows(tmp_path, capsys):
+  """--moe_rows: the MoE feed-forward alone, dropless and dense dispatch, and a dense MLP
+  of hidden size top_k x moe.d_ff, timed and credited with the same active FLOPs."""
+  from lmjax import config as config_lib
+  from lmjax.models import moe as moe_lib
+  out = tmp_path / 'rows.jsonl'
+  small = {'model.d_model': 32, 'model.moe.d_ff': 32, 'data.seq_len': 32,
+           'train.global_batch': 2}
+  path = os.path.join(ROOT, 'configs', 'pretrain_moe_tiny.py')
+  argv = ['--config', path, '--moe_rows', '--steps', '1', '--warmup', '1', '--json', str(out)]
+  assert bench.main(argv + [f'--config.{k}={v}' for k, v in small.items()]) == 0
+  rows = {r['row']: r for r in map(json.loads, out.read_text().splitlines())}
+  assert set(rows) == {'moe dropless', 'moe dense', 'mlp'}
+  m = config_lib.load(path, overrides=small).model
+  active = moe_lib.active_ffn_params(m)
+  assert active == 2 * 3 * 32 * 32 + 32 * 8  # k experts' SwiGLU + the router
+  for r in rows.values():
+    assert r['tokens_per_s'] > 0 and r['step_s'] > 0 and r['tokens_per_s'] == pytest.approx(
+        2 * 32 / r['step_s'])
+    assert r['flops_per_token'] == 6 * active  # every row credited with the same work
+    assert r['tflops'] == pytest.approx(6 * active * r['tokens_per_s'] / 1e12)
+    assert r['of_peak'] is None and r['overrides'] == small  # no CPU peak given
+  assert rows['mlp']['d_ff'] == 2 * 32 and rows['moe dense']['d_ff'] == 32
+  assert rows['moe dropless']['work'] == 1.0
+  assert rows['moe dense']['work'] == pytest.approx(moe_lib.total_ffn_params(m) / active)
+  assert rows['mlp']['work'] == pytest.approx(3 * 32 * 64 / active)
+  printed = capsys.readouterr().out
+  assert '| moe dropless | 1 x ' in printed and 'TFLOP/s (active) vs the dense MLP: ' in printed
+  assert bench.main(['--config', os.path.join(ROOT, 'configs', 'pretrain_tiny.py'),
+                     '--moe_rows']) == 2  # a dense model has no MoE block
+  assert 'needs an MoE config' in capsys.readouterr().err
+
+
+def test_bench_moe_1b_flops_count_active_experts():
+  """configs/bench/moe_1b.py: ~1B params, of which the MFU formula's N counts only the
+  top-k experts; both checked against a count from the config's fields."""
+  from lmjax import config as config_lib
+  from lmjax import sharding
+  from lmjax.models import transformer
+  from lmjax.train import state as state_lib
+  cfg = config_lib.load(os.path.join(ROOT, 'configs', 'bench', 'moe_1b.py:cpu'))
+  m, t = cfg.model, cfg.data.seq_len
+  assert (m.moe.experts, m.moe.top_k, m.moe.dispatch) == (8, 2, 'dropless')
+  assert m.remat == 'dots_no_batch' and m.moe.shared_d_ff == 0 and not m.tie_embeddings
+  d, hd, e, k, f = m.d_model, transformer.head_dim(m), m.moe.experts, m.moe.top_k, m.moe.d_ff
+  attn = d * hd * (2 * m.n_heads + 2 * m.n_kv_heads)
+  router = d * e
+  n_active = m.n_layers * (attn + k * 3 * d * f + router) + d * m.vocab_size  # + lm_head
+  n_total = m.n_layers * (attn + e * 3 * d * f + router) + d * m.vocab_size
+  assert transformer.flops_per_token(m, t) == (
+      6 * n_active + 6 * m.n_layers * t * m.n_heads * hd)
+  assert n_active < n_total / 3
+  setup = state_lib.make_setup(cfg, sharding.make_mesh(cfg.mesh))  # abstract: no memory
+  norms = (2 * m.n_layers + 1) * d
+  assert setup.n_params == n_total + m.vocab_size * d + norms  # + the input embedding
+  assert setup.n_params == pytest.approx(1015.2e6, rel=1e-4)  # the docstring's figures
+  assert n_active == pytest.approx(302.1e6, rel=1e-4)
+  assert n_active + m.vocab_size * d + norms == pytest.approx(335.7e6, rel=1e-4)

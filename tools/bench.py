@@ -2,7 +2,7 @@
 
   python tools/bench.py --config=configs/pretrain_tiny.py [--steps=10] [--warmup=2]
       [--mode=full|lora|both] [--objective=lm|dpo|kto|grpo|both|all] [--data=synthetic|real]
-      [--config.KEY=VALUE ...] [--peak_tflops=X] [--json=out.json] [--matmuls]
+      [--config.KEY=VALUE ...] [--peak_tflops=X] [--json=out.json] [--matmuls | --moe_rows]
 
 Columns: device (count x kind), mode, objective (lm: next-token, the pretraining and SFT
 step; dpo: train.global_batch pairs = twice the rows, with its reference: adapters_off /
@@ -36,6 +36,23 @@ bench size) and prints its matmul FLOPs per token, forward and gradient (remat's
 recomputation included; xla attention counts both halves of T x T), beside the MFU
 formula's, and their shares by operand dtypes and precision: a float32 operand under the
 default precision is a float32 (at best TF32) matmul on a GPU, half the bf16 rate or less.
+--moe_rows (an MoE config) times, instead of the step, jitted forward + backward (the
+gradients of the weights and of the input) of one feed-forward block alone at the config's
+sizes (model.d_model, model.moe experts/top_k/d_ff/shared_d_ff, data.seq_len x
+train.global_batch tokens, model.dtype compute on model.param_dtype weights, routing by a
+freshly initialised router): three rows, `moe dropless` (the grouped matmuls,
+`jax.lax.ragged_dot`), `moe dense` (dense dispatch: every expert on every token) and `mlp`
+(a dense SwiGLU of hidden size top_k x moe.d_ff + shared_d_ff: the same active FLOPs).
+Each is credited with the same work, 6 x active_ffn_params FLOPs per token (the k experts,
+the shared expert, the router: what the MFU formula counts for the layer), and its
+TFLOP/s computed from that. `work`: the matmul FLOPs the row's algorithm does per
+credited FLOP (~E/k for dense dispatch, 1 for dropless, ~1 for the mlp, which has no
+router); `XLA work`: the FLOPs of the compiled program (XLA's cost analysis, elementwise
+work included) per credited FLOP. On a GPU, dropless far below the mlp row's TFLOP/s (or
+an XLA work near E) means ragged_dot ran as a dense padded matmul over all E experts. On
+CPU it does: jax's generic lowering of ragged_dot masks the rows and multiplies them by
+every expert (E times the credited work, k times dense dispatch's), so there dropless
+reads slower than dense dispatch.
 Bad input: one line, `error: <reason>`, exit code 2 (--verbose: with the traceback).
 """
 
@@ -111,6 +128,115 @@ def matmul_table(shares: dict) -> str:
            f'{shares["formula_flops_per_token"] / 1e6:,.1f} by the MFU formula',
            '| operands (precision) | share of matmul FLOPs |', '|---|---|']
   lines += [f'| {k} | {v:.3f} |' for k, v in shares['shares'].items()]
+  return '\n'.join(lines)
+
+
+def moe_rows(cfg, *, steps: int = 10, warmup: int = 2,
+             peak_tflops: float | None = None) -> list[dict]:
+  """Times jitted forward + backward of the MoE feed-forward block of `cfg` alone, with
+  dropless and with dense dispatch, and of a dense SwiGLU MLP of the same active FLOPs
+  (hidden size top_k x moe.d_ff + moe.shared_d_ff), on one device: three rows (see the
+  module docstring), each credited with 6 x moe.active_ffn_params FLOPs per token."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from lmjax import config as config_lib
+  from lmjax.models import moe as moe_lib
+  from lmjax.models import transformer
+  from lmjax.train import metrics as metrics_lib
+
+  cfg = cfg.copy_and_resolve_references()
+  m = cfg.model
+  if not transformer.is_moe(m):
+    raise config_lib.ConfigError('--moe_rows needs an MoE config (model.moe.experts > 0)')
+  e, k = int(m.moe.experts), int(m.moe.top_k)
+  f = int(m.moe.d_ff) or m.d_ff
+  hidden = k * f + int(m.moe.shared_d_ff)
+  b, t, d = cfg.train.global_batch, cfg.data.seq_len, m.d_model
+  active = moe_lib.active_ffn_params(m)
+  dense_m = m.copy_and_resolve_references()
+  dense_m.d_ff = hidden
+  with nnx.use_eager_sharding(False):
+    block = moe_lib.MoE(m, nnx.Rngs(0), transformer.DTYPES[m.param_dtype])
+    mlp = transformer.MLP(dense_m, nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (b, t, d), transformer.DTYPES[m.dtype])
+  cases = (  # (row, module, forward, matmul work per token / 6)
+      ('moe dropless', block, lambda mod, x: mod(x, dispatch='dropless')[0], active),
+      ('moe dense', block, lambda mod, x: mod(x, dispatch='dense')[0],
+       moe_lib.total_ffn_params(m)),
+      ('mlp', mlp, lambda mod, x: mod(x), 3 * d * hidden))
+  dev = jax.devices()[0]
+  peak = peak_tflops * 1e12 if peak_tflops else metrics_lib.peak_flops(dev)
+  rows = []
+  for name, module, forward, work in cases:
+    graphdef, params = nnx.split(module)
+
+    def loss(params, x, graphdef=graphdef, forward=forward):
+      y = forward(nnx.merge(graphdef, params), x)
+      return jnp.mean(jnp.square(y.astype(jnp.float32)))
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()  # a dict; a list of one on older jax
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    xla_flops = (cost or {}).get('flops')
+    mem = compiled.memory_analysis()
+    peak_mem = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                         + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+    out = None
+    for _ in range(warmup):
+      out = compiled(params, x)
+    jax.block_until_ready(out)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      out = compiled(params, x)
+    jax.block_until_ready(out)
+    dt = (time.perf_counter() - t0) / steps
+    tps = b * t / dt
+    tflops = 6 * active * tps / 1e12
+    rows.append({
+        'bench': 'moe_ffn', 'row': name, 'device': f'1 x {dev.device_kind}',
+        'batch': b, 'seq_len': t, 'd_model': d, 'experts': e, 'top_k': k,
+        'd_ff': hidden if name == 'mlp' else f, 'shared_d_ff': int(m.moe.shared_d_ff),
+        'dtype': m.dtype, 'tokens_per_s': tps, 'step_s': dt,
+        'flops_per_token': 6 * active, 'tflops': tflops,
+        'of_peak': tflops * 1e12 / peak if peak else None, 'work': work / active,
+        'xla_work': xla_flops / (b * t * 6 * active) if xla_flops else None,
+        'peak_mem_bytes': peak_mem, 'compile_s': compile_s})
+  return rows
+
+
+MOE_HEADER = ('row', 'device', 'tokens (batch x seq)', 'd_model', 'E / k / d_ff', 'tokens/s',
+              'step', 'TFLOP/s (active)', 'of peak', 'work', 'XLA work', 'peak mem',
+              'compile')
+
+
+def moe_table(rows: list[dict]) -> str:
+  """`moe_rows` as a markdown table and a line comparing the rows' TFLOP/s."""
+  lines = ['| ' + ' | '.join(MOE_HEADER) + ' |', '|' + '---|' * len(MOE_HEADER)]
+  for r in rows:
+    if r['row'] == 'mlp':
+      size = f'd_ff {r["d_ff"]}'
+    else:
+      size = f'{r["experts"]} / {r["top_k"]} / {r["d_ff"]}'
+      size += f' + shared {r["shared_d_ff"]}' if r['shared_d_ff'] else ''
+    cells = (r['row'], r['device'], f'{r["batch"]} x {r["seq_len"]}', str(r['d_model']),
+             size, f'{r["tokens_per_s"]:,.0f}', f'{r["step_s"] * 1e3:,.2f} ms',
+             f'{r["tflops"]:,.4g}',
+             'n/a' if r['of_peak'] is None else f'{r["of_peak"]:.1%}', f'{r["work"]:.2f}x',
+             'n/a' if r['xla_work'] is None else f'{r["xla_work"]:.2f}x',
+             _mib(r['peak_mem_bytes']), f'{r["compile_s"]:.1f} s')
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  by = {r['row']: r for r in rows}
+  mlp = by.get('mlp')
+  if mlp:
+    lines.append('TFLOP/s (active) vs the dense MLP: ' + ', '.join(
+        f'{r["row"]} {r["tflops"] / mlp["tflops"]:.2f}x (doing {r["work"]:.2f}x the '
+        'credited work' + ('' if r['xla_work'] is None else
+                            f', {r["xla_work"]:.2f}x by XLA\'s count') + ')'
+        for r in rows if r is not mlp))
   return '\n'.join(lines)
 
 
@@ -293,6 +419,9 @@ def main(argv) -> int:
   parser.add_argument('--matmuls', action='store_true',
                       help='trace the step (no compile, no timing) and print its matmul '
                       'FLOPs per token and their shares by operand dtype and precision')
+  parser.add_argument('--moe_rows', action='store_true',
+                      help="time the config's MoE feed-forward block alone (dropless, dense "
+                      'dispatch, a dense MLP of the same active FLOPs) instead of the step')
   cli.add_verbose_flag(parser)
   args, flags = parser.parse_known_args(argv)  # the rest: --config.KEY=VALUE overrides
 
@@ -305,6 +434,18 @@ def main(argv) -> int:
   objectives = {'both': ('lm', 'dpo'), 'all': ('lm', 'dpo', 'kto', 'grpo')}.get(
       args.objective, (args.objective,))
   rows = []
+  if args.matmuls and args.moe_rows:
+    raise config_lib.ConfigError('--matmuls and --moe_rows are separate modes: pass one')
+  if args.moe_rows:
+    rows = moe_rows(cfg, steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops)
+    for r in rows:
+      r.update(config=args.config, overrides=overrides)
+    print(moe_table(rows))
+    if args.json:
+      with open(args.json, 'a') as f:
+        for r in rows:
+          f.write(json.dumps(r) + '\n')
+    return 0
   if args.matmuls:
     for objective in objectives:
       for mode in modes:

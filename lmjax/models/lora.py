@@ -79,6 +79,11 @@ def _mcfg(cfg):
   return m if isinstance(m, ml_collections.FrozenConfigDict) else ml_collections.FrozenConfigDict(m)
 
 
+def targets(cfg) -> list[str]:
+  """The target names cfg.lora.targets selects for cfg.model (see select_targets)."""
+  return select_targets(_lora(cfg)['targets'], moe=transformer.is_moe(_mcfg(cfg)))
+
+
 def _with_targets(cfg, targets):
   lc = _lora(cfg)
   lc = lc.to_dict() if hasattr(lc, 'to_dict') else dict(lc)
@@ -90,13 +95,30 @@ def path_str(name: str) -> str:
   return '/'.join(TARGETS[name][0])
 
 
-def select_targets(targets: str | Sequence[str]) -> list[str]:
+ATTENTION_TARGETS = ('q', 'k', 'v', 'o')
+
+
+def select_targets(targets: str | Sequence[str], moe: bool = False) -> list[str]:
   """cfg.lora.targets -> target names in TARGETS order.
 
   'all-linear' (every projection; not the embeddings or lm_head, as in PEFT); a list or
   comma-separated string of names ('q,v', 'q_proj,v_proj'); else a regex that must
   match a whole param path ('layers/attn/(q|v)', 'layers/mlp/.*').
+  moe: the model is a mixture of experts, whose feed-forward is not adapted: 'all-linear'
+  is the attention projections (as PEFT's all-linear on transformers' Mixtral, whose
+  experts are not nn.Linear), and an MLP target is an error.
   """
+  chosen = _select_targets(targets)
+  if moe and targets != 'all-linear' and str(targets).strip() != 'all-linear':
+    mlp = [n for n in chosen if n not in ATTENTION_TARGETS]
+    if mlp:
+      raise LoraError(f'lora.targets: {", ".join(mlp)}: a mixture-of-experts model has no '
+                      'dense MLP projections to adapt; target the attention projections '
+                      '(q,k,v,o or all-linear)')
+  return [n for n in chosen if n in ATTENTION_TARGETS] if moe else chosen
+
+
+def _select_targets(targets: str | Sequence[str]) -> list[str]:
   if isinstance(targets, str):
     if targets.strip() == 'all-linear':
       return list(TARGETS)
@@ -160,7 +182,7 @@ def full_params(cfg) -> list[str]:
 def validate(cfg) -> None:
   """Checks cfg.lora (raises LoraError naming the field)."""
   lc = _lora(cfg)
-  select_targets(lc['targets'])
+  targets(cfg)
   full_params(cfg)
   if int(lc['rank']) <= 0:
     raise LoraError(f'lora.rank must be positive, got {lc["rank"]}')
@@ -182,7 +204,7 @@ def _base(cfg):
   specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract))
   shapes = nnx.to_pure_dict(abstract)
   out = {}
-  for name in select_targets(_lora(cfg)['targets']):
+  for name in targets(cfg):
     path = TARGETS[name][0]
     shape, spec = shapes, specs
     for k in path:
@@ -536,6 +558,10 @@ def from_peft_config(adapter_config: dict, cfg, lora=None, where: str = '') \
   if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
     raise LoraError(f'{where}adapter_config.json r={rank!r} is not a positive integer')
   names = _peft_target_names(pc.get('target_modules'), int(_mcfg(cfg)['n_layers']), where)
+  moe = transformer.is_moe(_mcfg(cfg))
+  if moe:  # a mixture of experts: its attention projections only (see select_targets)
+    names = select_targets(names if pc.get('target_modules') != 'all-linear'
+                           else 'all-linear', moe=True)
   ours = {'rank': rank, 'alpha': float(pc.get('lora_alpha', _PEFT_DEFAULTS['lora_alpha'])),
           'rslora': bool(pc.get('use_rslora', _PEFT_DEFAULTS['use_rslora'])),
           'targets': ','.join(names)}
@@ -543,7 +569,7 @@ def from_peft_config(adapter_config: dict, cfg, lora=None, where: str = '') \
     if field not in explicit:
       continue
     set_value = explicit[field]
-    same = (select_targets(set_value) == names if field == 'targets'
+    same = (select_targets(set_value, moe=moe) == names if field == 'targets'
             else type(value)(set_value) == value)
     if not same:
       peft_key = _FROM_PEFT[field]
@@ -565,7 +591,7 @@ def peft_config(cfg, adapters: dict | None = None,
                 base_model_name_or_path: str | None = None) -> dict:
   """adapter_config.json for PEFT's LoraConfig (targets those of `adapters` if given)."""
   lc = _lora(cfg)
-  names = targets_of(adapters) if adapters is not None else select_targets(lc['targets'])
+  names = targets_of(adapters) if adapters is not None else targets(cfg)
   return dict(
       peft_type='LORA', task_type='CAUSAL_LM', r=int(lc['rank']),
       lora_alpha=float(lc['alpha']), lora_dropout=float(lc['dropout']),
@@ -626,7 +652,8 @@ def load_peft_adapter(in_dir: str, cfg,
     found = _peft_tensors(tensors)
   except LoraError as e:
     raise LoraError(f'{paths[1]}: {e}') from None
-  got, want = [n for n in TARGETS if n in found], select_targets(settings.targets)
+  moe = transformer.is_moe(_mcfg(cfg))
+  got, want = [n for n in TARGETS if n in found], select_targets(settings.targets, moe=moe)
   if got != want:
     names = lambda ns: ', '.join(TARGETS[n][2].split('.')[-1] for n in ns)
     raise LoraError(f'{in_dir}: adapter_config.json target_modules='
@@ -650,7 +677,7 @@ def describe(cfg) -> str:
   lc = _lora(cfg)
   full = full_params(cfg)
   return (f'LoRA r={lc["rank"]} alpha={lc["alpha"]} scale={scale(cfg):.4g} '
-          f'targets={",".join(select_targets(lc["targets"]))} '
+          f'targets={",".join(targets(cfg))} '
           + (f'train_params={",".join(full)} ' if full else '')
           + f'params={adapter_param_count(cfg):,}')
 

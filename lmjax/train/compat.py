@@ -14,7 +14,9 @@ from lmjax.models import lora as lora_lib
 # 'head' (lm | score): init_from may turn a language model into a reward model (a fresh
 # score head, lmjax/weights.py), nothing else.
 ARCH_KEYS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim',
-             'd_ff', 'tie_embeddings', 'qkv_bias', 'param_dtype', 'head')
+             'd_ff', 'tie_embeddings', 'qkv_bias', 'qk_norm', 'moe', 'param_dtype', 'head')
+# The model.moe fields that shape the params (the rest: routing and loss settings).
+MOE_SHAPE_KEYS = ('experts', 'd_ff', 'shared_d_ff', 'shared_gate')
 # Fields that change what the params compute but not their shapes: init_from warns when
 # they differ (changing them can be the point, e.g. RoPE scaling for longer contexts).
 FUNCTION_KEYS = ('rope_theta', 'rope_scaling', 'norm_eps')
@@ -29,6 +31,10 @@ def arch_diff(source_model, model) -> list[tuple[str, object, object]]:
       return m['d_model'] // m['n_heads']
     if k == 'head':
       return m.get('head') or 'lm'
+    if k == 'moe':
+      moe = dict(m[k])
+      return ({f: moe.get(f) for f in MOE_SHAPE_KEYS} if moe.get('experts')
+              else {'experts': 0})
     return m[k]
   return [(k, value(source_model, k), value(model, k)) for k in ARCH_KEYS
           if (k in source_model or k == 'head') and value(source_model, k) != value(model, k)]
