@@ -93,7 +93,10 @@ def base_config() -> ml_collections.ConfigDict:
           # token: the reference).
           dispatch='dropless',
           capacity_factor=1.25,
-          aux_loss=0.01,        # load-balancing loss weight (Hugging Face's convention).
+          aux_loss=0.01,        # load-balancing loss weight (k at uniform routing).
+          # layer: each layer's balance loss, averaged | pooled: over every layer's tokens
+          # pooled (Hugging Face's load_balancing_loss_func; per-layer imbalances cancel).
+          balance='layer',
           z_loss=0.001,         # router z-loss weight (ST-MoE).
       ),
       # lm: next-token logits (lm_head, or the tied embedding) | score: a scalar reward
@@ -680,6 +683,7 @@ _CHOICES = {
     'model.head': ('lm', 'score'),
     'model.rope_scaling.type': ('none', 'llama3'),
     'model.moe.dispatch': ('dropless', 'capacity', 'dense'),
+    'model.moe.balance': ('layer', 'pooled'),
     'data.source': ('local_text', 'tfds', 'jsonl', 'parquet', 'hf_disk'),
     'data.on_error': ('fail', 'skip'),
     'tokenizer.model_type': ('bpe', 'unigram'),

@@ -16,11 +16,15 @@ Three ways to run the experts (model.moe.dispatch), equal wherever nothing is dr
   dense     every expert runs on every token, masked by the top-k weights: E/k times the
             FLOPs; the reference the other two are tested against.
 
-Router losses (the loss takes them through `router_losses`, summed over layers):
-  load balancing  Hugging Face's `load_balancing_loss_func` (Switch Transformer eq. 4-6
-                  over the top-k assignments): E * sum_e f_e * p_e, with f_e the fraction
-                  of assignments and p_e the mean router probability of expert e over the
-                  real tokens of every layer pooled. k at uniform routing.
+Router losses (the loss takes them through `router_losses`):
+  load balancing  Switch Transformer's eq. 4-6 over the top-k assignments, E * sum_e f_e
+                  p_e, with f_e the fraction of assignments to expert e and p_e its mean
+                  router probability over the real tokens; k at uniform routing.
+                  moe.balance='layer' (default): that of each layer, averaged over layers.
+                  'pooled': f and p over every layer's tokens pooled, Hugging Face's
+                  `load_balancing_loss_func` exactly; a layer that overloads one expert
+                  and a layer that overloads another then cancel out, and the loss can sit
+                  at its minimum while every layer is imbalanced.
   router z-loss   ST-MoE's mean over tokens (and layers) of logsumexp(router logits)^2.
 Padding tokens (segment id 0) are routed like any token but count in no statistic and
 take no capacity.
@@ -79,9 +83,15 @@ def router_stats(logits, ids, valid, processed=None) -> RouterStats:
       tokens=jnp.sum(valid))
 
 
-def load_balancing_loss(stats: RouterStats) -> jax.Array:
-  """Hugging Face's load-balancing loss of layer-stacked stats (unweighted): E * sum_e
-  f_e p_e over every layer's tokens pooled; k at uniform routing."""
+def load_balancing_loss(stats: RouterStats, balance: str = 'pooled') -> jax.Array:
+  """The load-balancing loss of layer-stacked stats (unweighted), k at uniform routing.
+
+  'pooled': Hugging Face's `load_balancing_loss_func`, E * sum_e f_e p_e over every
+  layer's tokens pooled. 'layer': that of each layer, averaged over layers."""
+  if balance == 'layer':
+    n = jnp.maximum(stats.tokens, 1.0)[:, None]
+    f, p = stats.assigned / n, stats.prob / n                         # [L, E]
+    return f.shape[-1] * jnp.mean(jnp.sum(f * p, axis=-1))
   n = jnp.maximum(jnp.sum(stats.tokens), 1.0)
   f = jnp.sum(stats.assigned, axis=0) / n
   p = jnp.sum(stats.prob, axis=0) / n
@@ -103,7 +113,8 @@ def router_losses(stats: RouterStats, moe_cfg) -> tuple[jax.Array, dict]:
   and 'moe/layer{i}/z_loss'; per expert j 'moe/expert{j}/load' (its share over layers,
   1 = balanced).
   """
-  balance, z = load_balancing_loss(stats), router_z_loss(stats)
+  balance = load_balancing_loss(stats, moe_cfg['balance'])
+  z = router_z_loss(stats)
   loss = float(moe_cfg['aux_loss']) * balance + float(moe_cfg['z_loss']) * z
   k, e = int(moe_cfg['top_k']), stats.assigned.shape[-1]
   tokens = jnp.maximum(stats.tokens, 1.0)                       # [L]

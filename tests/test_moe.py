@@ -1,0 +1,262 @@
+"""The mixture-of-experts block: dispatch paths against each other (outputs and
+gradients), capacity drops, router losses against Hugging Face's formula and their
+identities, telemetry in the train step, expert parallelism on 8 devices against one,
+and continued pretraining from an imported MoE checkpoint."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from lmjax import config as config_lib
+from lmjax import sharding
+from lmjax.models import moe, transformer
+from lmjax.train import state as state_lib
+from util import random_batch, tiny_config
+
+E, K, D, F = 4, 2, 16, 24
+
+
+def _weights(seed=0, e=E):
+  rng = np.random.default_rng(seed)
+  f32 = lambda *s, scale=0.3: jnp.asarray(rng.normal(size=s) * scale, jnp.float32)
+  return dict(x=f32(2, 12, D, scale=1.0), router=f32(D, e, scale=1.0), gate=f32(e, D, F),
+              up=f32(e, D, F), down=f32(e, F, D))
+
+
+def _run(dispatch, w, capacity_factor=100.0, valid=None):
+  b, t, d = w['x'].shape
+  flat = w['x'].reshape(b * t, d)
+  _, weights, ids = moe.route(flat, w['router'], K, True)
+  ffn = (w['gate'], w['up'], w['down'])
+  if dispatch == 'dense':
+    return moe.dense(flat, weights, ids, *ffn).reshape(b, t, d), None
+  if dispatch == 'dropless':
+    return moe.dropless(flat, weights, ids, *ffn).reshape(b, t, d), None
+  valid = jnp.ones((b, t)) if valid is None else valid
+  return moe.capacity_dispatch(w['x'], weights.reshape(b, t, K), ids.reshape(b, t, K), valid,
+                               *ffn, capacity_factor)
+
+
+def test_dropless_and_capacity_equal_dense_in_outputs_and_gradients():
+  w = _weights()
+  ref = _run('dense', w)[0]
+  loss = lambda kind: lambda w: jnp.sum(jnp.sin(_run(kind, w)[0]))
+  grads_ref = jax.grad(loss('dense'))(w)
+  for kind in ('dropless', 'capacity'):
+    np.testing.assert_allclose(_run(kind, w)[0], ref, atol=1e-5)
+    grads = jax.grad(loss(kind))(w)
+    for name in w:
+      np.testing.assert_allclose(grads[name], grads_ref[name], atol=1e-5, err_msg=name)
+  assert float(jnp.abs(ref).max()) > 0.1  # not trivially zero
+
+
+def test_capacity_drops_overflow_and_converges_to_dropless():
+  w = _weights(1)
+  w['router'] = w['router'].at[:, 0].add(3.0)  # a skewed router: expert 0 is popular
+  dropless = _run('dropless', w)[0]
+  b, t, _ = w['x'].shape
+  total = b * t * K
+  prev_dropped = None
+  for cf in (0.25, 0.5, 1.0, 2.0):  # E/K = 2: nothing can drop from there on
+    y, processed = _run('capacity', w, cf)
+    c = moe.capacity(cf, t, K, E)
+    assert float(processed.max()) <= b * c
+    dropped = total - float(processed.sum())
+    assert prev_dropped is None or dropped <= prev_dropped
+    prev_dropped = dropped
+    if cf < 1.0:
+      assert dropped > 0
+      assert float(jnp.abs(y - dropless).max()) > 1e-3
+  assert dropped == 0
+  np.testing.assert_allclose(y, dropless, atol=1e-5)
+  # Padding takes no slot and is counted nowhere.
+  valid = jnp.ones((b, t)).at[:, t // 2:].set(0)
+  _, processed = _run('capacity', w, 100.0, valid)
+  assert float(processed.sum()) == b * (t // 2) * K
+
+
+def test_capacity_priority_is_first_choice_then_position():
+  """With one slot per expert, each expert keeps its first first-choice token."""
+  ids = jnp.asarray([[[0, 1], [0, 2], [1, 0]]])                   # [1, 3, 2]
+  weights = jnp.full((1, 3, 2), 0.5)
+  x = jnp.eye(3, D)[None]                                           # token t = e_t
+  eye = jnp.broadcast_to(jnp.eye(D, D), (3, D, D))
+  # Experts as near-identities are not needed: count what each expert computed.
+  _, processed = moe.capacity_dispatch(x, weights, ids, jnp.ones((1, 3)), eye, eye, eye,
+                                       capacity_factor=0.5)         # c = ceil(.5*3*2/3) = 1
+  # expert 0: token 0 (first choice) wins over token 1's first choice and token 2's second;
+  # expert 1: token 2's first choice beats token 0's second; expert 2: token 1's second.
+  np.testing.assert_array_equal(processed, [1, 1, 1])
+
+
+def _hf_balance(logits, k, mask=None):
+  torch = pytest.importorskip('torch')
+  mixtral = pytest.importorskip('transformers.models.mixtral.modeling_mixtral')
+  gate = tuple(torch.from_numpy(np.array(l)) for l in logits)
+  m = None if mask is None else torch.from_numpy(np.array(mask))
+  return float(mixtral.load_balancing_loss_func(gate, logits.shape[-1], k, m))
+
+
+def _stats(logits, k, valid):
+  """Layer-stacked RouterStats of logits [L, N, E]."""
+  per = []
+  for l in logits:
+    _, ids = jax.lax.top_k(jax.nn.softmax(l), k)
+    per.append(moe.router_stats(l, ids, valid))
+  return jax.tree.map(lambda *a: jnp.stack(a), *per)
+
+
+def test_pooled_balance_loss_equals_transformers():
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(3, 40, 8)) * 2, jnp.float32)
+  mask = (rng.random((4, 10)) > 0.3).astype(np.int64)
+  ours = moe.load_balancing_loss(_stats(logits, 2, jnp.ones(40)), 'pooled')
+  assert abs(float(ours) - _hf_balance(logits, 2)) < 1e-6
+  ours = moe.load_balancing_loss(_stats(logits, 2, jnp.asarray(mask.reshape(-1), jnp.float32)),
+                                 'pooled')
+  assert abs(float(ours) - _hf_balance(logits, 2, mask)) < 1e-6
+  # One layer: per-layer == pooled.
+  one = _stats(logits[:1], 2, jnp.ones(40))
+  assert abs(float(moe.load_balancing_loss(one, 'layer'))
+             - float(moe.load_balancing_loss(one, 'pooled'))) < 1e-6
+
+
+@pytest.mark.parametrize('balance', ['layer', 'pooled'])
+def test_balance_loss_identities(balance):
+  n, e, k = 64, 8, 2
+  uniform = _stats(jnp.zeros((2, n, e)), k, jnp.ones(n))
+  assert abs(float(moe.load_balancing_loss(uniform, balance)) - k) < 1e-6   # k at uniform
+  cfg = config_lib.base_config().model.moe
+  cfg.update(experts=e, top_k=k, aux_loss=0.02, z_loss=0.0, balance=balance)
+  loss, _ = moe.router_losses(uniform, cfg)
+  assert abs(float(loss) - k * 0.02) < 1e-7                                # k * coef
+  # Balanced routing (token i prefers experts i, i+1 mod E) scores lower than imbalanced
+  # (every token prefers experts 0 and 1), at the same confidence.
+  prefer = lambda ids: 4.0 * (jax.nn.one_hot(ids[:, 0], e) + 0.5 * jax.nn.one_hot(ids[:, 1], e))
+  i = jnp.arange(n)
+  balanced = prefer(jnp.stack([i % e, (i + 1) % e], 1))
+  imbalanced = prefer(jnp.stack([jnp.zeros(n, int), jnp.ones(n, int)], 1))
+  b = float(moe.load_balancing_loss(_stats(jnp.stack([balanced] * 2), k, jnp.ones(n)), balance))
+  ib = float(moe.load_balancing_loss(_stats(jnp.stack([imbalanced] * 2), k, jnp.ones(n)),
+                                     balance))
+  assert ib > b + 1.0, (ib, b)
+
+
+def test_pooled_balance_hides_per_layer_imbalance():
+  """Layer 0 overloads experts 0-1, layer 1 experts 2-3: pooled, the loss is that of a
+  balanced router; per layer, that of an imbalanced one."""
+  n, e, k = 32, 4, 2
+  hot = lambda a, b: jnp.broadcast_to(4.0 * (jax.nn.one_hot(a, e) + jax.nn.one_hot(b, e)), (n, e))
+  logits = jnp.stack([hot(0, 1), hot(2, 3)])
+  stats = _stats(logits, k, jnp.ones(n))
+  pooled, layer = (float(moe.load_balancing_loss(stats, b)) for b in ('pooled', 'layer'))
+  assert layer > pooled + 1.0, (layer, pooled)
+  assert abs(pooled - _hf_balance(logits, k)) < 1e-6
+
+
+def test_router_z_loss_and_stats():
+  rng = np.random.default_rng(2)
+  logits = jnp.asarray(rng.normal(size=(2, 10, 4)), jnp.float32)
+  valid = jnp.asarray([1.0] * 7 + [0.0] * 3)
+  stats = _stats(logits, 2, valid)
+  lse = jax.nn.logsumexp(logits[:, :7], axis=-1)
+  np.testing.assert_allclose(moe.router_z_loss(stats), jnp.mean(lse ** 2), rtol=1e-6)
+  np.testing.assert_allclose(stats.assigned.sum(-1), [14, 14])
+  p = jax.nn.softmax(logits[:, :7])
+  np.testing.assert_allclose(stats.entropy, -jnp.sum(p * jnp.log(p), axis=(1, 2)), rtol=1e-5)
+
+
+def moe_config(**moe_kw):
+  cfg = tiny_config()
+  cfg.model.moe.update(**{'experts': 4, 'top_k': 2, 'd_ff': 32, **moe_kw})
+  return cfg
+
+
+def test_train_step_includes_router_losses_and_logs_telemetry():
+  from lmjax.train import step as step_lib
+  cfg = moe_config(aux_loss=0.1, z_loss=0.01)
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  setup = state_lib.make_setup(cfg, mesh)
+  state = state_lib.init_state(cfg, setup)
+  batch = random_batch(cfg, docs_per_row=2)
+  params = jax.device_get(state['params'])  # the step donates the state
+  graphdef = setup.graphdef
+
+  def pieces(p):
+    model = nnx.merge(graphdef, p)
+    h, stats = model.hidden_and_router(batch['inputs'], batch['positions'], batch['segment_ids'])
+    logits = model.unembed(h)
+    logp = jax.nn.log_softmax(logits)
+    nll = -jnp.take_along_axis(logp, batch['targets'][..., None], -1)[..., 0]
+    nll = jnp.sum(nll * batch['loss_mask']) / jnp.sum(batch['loss_mask'])
+    return nll, stats
+
+  nll, stats = pieces(params)
+  want = (float(nll) + 0.1 * float(moe.load_balancing_loss(stats, 'layer'))
+          + 0.01 * float(moe.router_z_loss(stats)))
+  step = step_lib.make_train_step(cfg, setup)
+  _, m = step(state, sharding.place_batch(batch, mesh, cfg.rules))
+  m = jax.device_get(m)
+  assert abs(float(m['loss']) - float(nll)) < 1e-5
+  got = float(m['loss']) + 0.1 * float(m['moe/balance_loss']) + 0.01 * float(m['moe/router_z_loss'])
+  assert abs(got - want) < 1e-5
+  for i in range(cfg.model.n_layers):
+    assert 1.0 <= m[f'moe/layer{i}/load_max'] <= 4 / 2 + 1e-6
+    assert abs(m[f'moe/layer{i}/load_mean'] - 1.0) < 1e-6 and m[f'moe/layer{i}/dropped'] == 0
+    assert 0 < m[f'moe/layer{i}/entropy'] <= np.log(4) + 1e-6
+  assert abs(np.mean([m[f'moe/expert{j}/load'] for j in range(4)]) - 1.0) < 1e-6
+  # The data loss reaches the router through the top-k weights.
+  grads = jax.grad(lambda p: pieces(p)[0])(params)
+  assert float(jnp.abs(grads['layers']['moe']['router']).max()) > 0
+
+
+@pytest.mark.slow
+def test_experts_sharded_on_eight_devices_match_one_device():
+  """Dropless and capacity dispatch, experts on a 4-way 'expert' axis x 2 data: the same
+  losses and params as one device after three steps."""
+  from test_step import _run as run_steps, assert_params_close
+  for dispatch in ('dropless', 'capacity'):
+    cfg1 = moe_config(dispatch=dispatch, capacity_factor=1.0)
+    cfg8 = moe_config(dispatch=dispatch, capacity_factor=1.0)
+    cfg8.mesh.update(data=2, expert=4)
+    batches = [random_batch(cfg1, seed=0, docs_per_row=2)] * 3
+    l1, p1, _ = run_steps(cfg1, jax.devices()[:1], batches)
+    l8, p8, s8 = run_steps(cfg8, jax.devices(), batches)
+    gate = s8['params']['layers']['moe']['gate']
+    assert gate.sharding.spec[1] == 'expert' and gate.addressable_shards[0].data.shape[1] == 1
+    np.testing.assert_allclose(l8, l1, rtol=1e-5)
+    assert l1[-1] < l1[0] - 0.1
+    assert_params_close(p8, p1)
+
+
+def test_flops_count_active_parameters():
+  cfg = moe_config(shared_d_ff=16)
+  m = cfg.model
+  active = 2 * 3 * 64 * 32 + 64 * 4 + 3 * 64 * 16 + 64
+  assert moe.active_ffn_params(m) == active
+  total = 4 * 3 * 64 * 32 + 64 * 4 + 3 * 64 * 16 + 64
+  assert moe.total_ffn_params(m) == total
+  attn = 64 * 16 * (4 * 2 + 2 * 2)
+  want = 6 * (2 * (attn + active) + 64 * 256) + 6 * 2 * 32 * 4 * 16
+  assert transformer.flops_per_token(m, 32) == want
+  # Every FFN param is in the model: the count matches the params.
+  _, abstract = transformer.abstract(m)
+  ffn = nnx.to_pure_dict(abstract)['layers']['moe']
+  assert sum(x.size for x in jax.tree.leaves(ffn)) == 2 * total
+
+
+def test_moe_config_errors():
+  cfg = moe_config(top_k=5)
+  with pytest.raises(config_lib.ConfigError, match='model.moe.top_k'):
+    config_lib.validate(cfg)
+  cfg = moe_config(dispatch='sparse')
+  with pytest.raises(config_lib.ConfigError, match='model.moe.dispatch'):
+    config_lib.validate(cfg)
+  cfg = moe_config(capacity_factor=0.0)
+  with pytest.raises(config_lib.ConfigError, match='capacity_factor'):
+    config_lib.validate(cfg)
