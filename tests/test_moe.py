@@ -234,6 +234,42 @@ def test_experts_sharded_on_eight_devices_match_one_device():
     assert_params_close(p8, p1)
 
 
+def _collectives(cfg):
+  """{collective: [result shapes]} of cfg's compiled train step on 8 devices."""
+  import re
+  from lmjax.train import step as step_lib
+  mesh = sharding.make_mesh(cfg.mesh)
+  setup = state_lib.make_setup(cfg, mesh)
+  state = jax.eval_shape(lambda: state_lib.init_state(cfg, setup))
+  step = step_lib.make_train_step(cfg, setup)
+  with sharding.use_mesh(mesh, cfg.rules):
+    hlo = step.jitted.lower(state, step_lib.batch_spec(cfg, mesh, cfg.train.global_batch)) \
+        .compile().as_text()
+  out = {}
+  for m in re.finditer(r'= (\(?[a-z0-9]+\[[^=]*?) (all-gather|all-reduce|all-to-all)\(', hlo):
+    out.setdefault(m.group(2), []).append(m.group(1))
+  return out
+
+
+@pytest.mark.slow
+def test_how_tokens_reach_their_experts():
+  """Experts split 4 ways ('expert' axis) x 2 data, one layer. Capacity: the tokens'
+  slots travel by all-to-all (two each way) and nothing is all-gathered. Dropless: the
+  tokens stay put and the expert weights are all-gathered ([1, E, ...]: every expert)."""
+  for dispatch in ('capacity', 'dropless'):
+    cfg = moe_config(dispatch=dispatch)
+    cfg.model.n_layers = 1
+    cfg.mesh.update(data=2, expert=4)
+    ops = _collectives(cfg)
+    if dispatch == 'capacity':
+      assert len(ops.get('all-to-all', [])) == 4, ops
+      assert 'all-gather' not in ops, ops
+    else:
+      assert 'all-to-all' not in ops, ops
+      gathered = ops.get('all-gather', [])
+      assert gathered and all(s.startswith('f32[1,4,') for s in gathered), gathered
+
+
 def test_flops_count_active_parameters():
   cfg = moe_config(shared_d_ff=16)
   m = cfg.model
@@ -260,3 +296,19 @@ def test_moe_config_errors():
   cfg = moe_config(capacity_factor=0.0)
   with pytest.raises(config_lib.ConfigError, match='capacity_factor'):
     config_lib.validate(cfg)
+
+
+@pytest.mark.parametrize('remat,count', [('none', 9), ('dots_no_batch', 9), ('full', 12)])
+def test_remat_saves_the_grouped_matmuls(remat, count):
+  """The grouped matmuls (3 forward, 6 backward) are not recomputed under the policies
+  that save the weight matmuls; 'full' recomputes the forward three."""
+  from lmjax.train import step as step_lib
+  cfg = moe_config()
+  cfg.model.update(remat=remat, n_layers=1)
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  setup = state_lib.make_setup(cfg, mesh)
+  step = step_lib.make_train_step(cfg, setup)
+  state = jax.eval_shape(lambda: state_lib.init_state(cfg, setup))
+  with sharding.use_mesh(mesh, cfg.rules):
+    jaxpr = jax.make_jaxpr(step.jitted)(state, step_lib.batch_spec(cfg, mesh, 8))
+  assert str(jaxpr).count('ragged_dot_general') == count

@@ -38,10 +38,15 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from lmjax import sharding
 
 DISPATCHES = ('dropless', 'capacity', 'dense')
+# The name of the grouped matmuls' outputs, which remat policies that save the weight
+# matmuls save too (models/transformer.py REMAT_POLICIES).
+DOT_NAME = 'moe_ragged_dot'
 
 
 class RouterStats(NamedTuple):
@@ -55,14 +60,29 @@ class RouterStats(NamedTuple):
 
 
 def route(x, router, top_k: int, renormalize: bool):
-  """x [N, d], router [d, E] -> (float32 logits [N, E], top-k weights [N, k] float32,
-  top-k expert ids [N, k])."""
-  logits = jnp.einsum('nd,de->ne', x.astype(jnp.float32), router.astype(jnp.float32))
+  """x [..., d], router [d, E] -> (float32 logits [..., E], top-k weights [..., k] float32,
+  top-k expert ids [..., k])."""
+  logits = jnp.einsum('...d,de->...e', x.astype(jnp.float32), router.astype(jnp.float32))
   probs = jax.nn.softmax(logits, axis=-1)
-  weights, ids = jax.lax.top_k(probs, top_k)
+  weights, ids = _top_k(probs, top_k)
   if renormalize:
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
   return logits, weights, ids
+
+
+def _top_k(probs, k: int):
+  """lax.top_k over the last axis; under a mesh (`sharding.use_mesh`), per device along
+  the 'batch' rule's axes of the leading dim (XLA's partitioner gathers a top-k's rows)."""
+  ctx = sharding.current()
+  if ctx is None or ctx[0] is None or probs.ndim < 2:
+    return jax.lax.top_k(probs, k)
+  mesh, rules = ctx
+  batch = _mesh_axes(mesh, rules, 'batch')
+  if not batch or probs.shape[0] % math.prod(mesh.shape[a] for a in batch):
+    return jax.lax.top_k(probs, k)
+  spec = P(_spec_axis(batch), *([None] * (probs.ndim - 1)))
+  return jax.shard_map(lambda p: tuple(jax.lax.top_k(p, k)), mesh=mesh, in_specs=(spec,),
+                       out_specs=(spec, spec), check_vma=False)(probs)
 
 
 def router_stats(logits, ids, valid, processed=None) -> RouterStats:
@@ -71,8 +91,8 @@ def router_stats(logits, ids, valid, processed=None) -> RouterStats:
   e = logits.shape[-1]
   logp = jax.nn.log_softmax(logits, axis=-1)
   probs = jnp.exp(logp)
-  assigned = jnp.zeros((e,), jnp.float32).at[ids].add(
-      jnp.broadcast_to(valid[:, None], ids.shape))
+  assigned = jnp.sum(jax.nn.one_hot(ids, e, dtype=jnp.float32) * valid[:, None, None],
+                     axis=(0, 1))
   lse = jax.nn.logsumexp(logits, axis=-1)
   return RouterStats(
       assigned=assigned,
@@ -157,12 +177,52 @@ def dropless(x, weights, ids, gate, up, down):
   flat = ids.reshape(-1)
   order = jnp.argsort(flat, stable=True)
   xs = jnp.take(x, order // k, axis=0)                                   # [N*k, d]
-  sizes = jnp.zeros((e,), jnp.int32).at[flat].add(1)
-  g = jax.lax.ragged_dot(xs, gate, sizes)
-  u = jax.lax.ragged_dot(xs, up, sizes)
-  y = jax.lax.ragged_dot(jax.nn.silu(g) * u, down, sizes)                # [N*k, d]
+  sizes = jnp.sum(jax.nn.one_hot(flat, e, dtype=jnp.int32), axis=0)
+  dot = lambda a, w: checkpoint_name(jax.lax.ragged_dot(a, w, sizes), DOT_NAME)
+  g, u = dot(xs, gate), dot(xs, up)
+  y = dot(jax.nn.silu(g) * u, down)                                       # [N*k, d]
   y = jnp.take(y, jnp.argsort(order), axis=0).reshape(n, k, -1)
   return jnp.einsum('nkd,nk->nd', y, weights.astype(y.dtype))
+
+
+def _mesh_axes(mesh, rules, logical: str, exclude=()) -> tuple[str, ...]:
+  """The mesh axes (of size > 1) the rules map `logical` onto, less `exclude`."""
+  target = rules.get(logical)
+  axes = (target,) if isinstance(target, str) else tuple(target or ())
+  return tuple(a for a in axes if mesh.shape[a] > 1 and a not in exclude)
+
+
+def _spec_axis(axes):
+  return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def dropless_sharded(x, weights, ids, gate, up, down):
+  """`dropless` under the mesh of an enclosing `sharding.use_mesh`: each device sorts and
+  computes its own tokens (x split along the 'batch' rule's axes), with every expert's
+  weights gathered to it (as FSDP gathers a dense layer's), each 'mlp' shard computing its
+  slice of the hidden units (summed over them after the down projection). Without a mesh,
+  or when the rows do not split evenly, plain `dropless` (sorting the global batch)."""
+  ctx = sharding.current()
+  if ctx is None or ctx[0] is None:
+    return dropless(x, weights, ids, gate, up, down)
+  mesh, rules = ctx
+  batch = _mesh_axes(mesh, rules, 'batch')
+  mlp = _mesh_axes(mesh, rules, 'mlp', exclude=batch)
+  size = lambda axes: math.prod(mesh.shape[a] for a in axes)
+  if gate.shape[-1] % size(mlp):
+    mlp = ()
+  if (not batch and not mlp) or x.shape[0] % size(batch):
+    return dropless(x, weights, ids, gate, up, down)
+  rows, hidden = P(_spec_axis(batch), None), _spec_axis(mlp)
+
+  def local(x, weights, ids, gate, up, down):
+    y = dropless(x, weights, ids, gate, up, down)
+    return jax.lax.psum(y, mlp) if mlp else y
+
+  return jax.shard_map(
+      local, mesh=mesh, in_specs=(rows, rows, rows, P(None, None, hidden),
+                                  P(None, None, hidden), P(None, hidden, None)),
+      out_specs=rows, check_vma=False)(x, weights, ids, gate, up, down)
 
 
 def capacity(capacity_factor: float, length: int, k: int, e: int) -> int:
@@ -171,31 +231,89 @@ def capacity(capacity_factor: float, length: int, k: int, e: int) -> int:
   return max(1, min(length, math.ceil(capacity_factor * length * k / e)))
 
 
-def capacity_dispatch(x, weights, ids, valid, gate, up, down, capacity_factor: float):
+def capacity_dispatch(x, weights, ids, valid, gate, up, down, capacity_factor: float,
+                      experts=None):
   """Capacity-limited experts per batch row: x [B, T, d] -> ([B, T, d], processed [E]).
 
   Assignments fill each expert's C slots in priority order (every token's first choice,
   then its second, ...; by position within a choice); those past C, and padding, are
-  dropped. The buffer [B, E, C, d] is sharded along 'expert' for expert parallelism."""
+  dropped. experts(buf [B, E, C, d], gate, up, down) -> [B, E, C, d] runs the experts
+  (default: every expert here; `capacity_sharded` passes one that exchanges the buffer
+  with the devices holding the other experts)."""
   b, t, k = ids.shape
   e, d = gate.shape[0], x.shape[-1]
-  c = capacity(capacity_factor, t, k, e)
-  onehot = jax.nn.one_hot(ids, e, dtype=jnp.int32) * valid[:, :, None, None].astype(jnp.int32)
-  by_rank = onehot.transpose(0, 2, 1, 3).reshape(b, k * t, e)            # priority order
+  if experts is None:
+    experts = lambda buf, *w: _swiglu(buf.transpose(1, 0, 2, 3), *w).transpose(1, 0, 2, 3)
+    e_all = e
+  else:
+    e_all = experts.n_experts
+  c = capacity(capacity_factor, t, k, e_all)
+  onehot = (jax.nn.one_hot(ids, e_all, dtype=jnp.int32)
+            * valid[:, :, None, None].astype(jnp.int32))
+  by_rank = onehot.transpose(0, 2, 1, 3).reshape(b, k * t, e_all)        # priority order
   pos = jnp.cumsum(by_rank, axis=1) - 1
   pos = jnp.sum(pos * by_rank, axis=-1).reshape(b, k, t).transpose(0, 2, 1)  # [B, T, k]
   keep = (pos < c) & (valid[:, :, None] > 0)
   slot = jnp.where(keep, pos, c)                                          # c: dropped
   rows = jnp.arange(b)[:, None, None]
   src = jnp.broadcast_to(x[:, :, None, :], (b, t, k, d))
-  buf = jnp.zeros((b, e, c, d), x.dtype).at[rows, ids, slot].set(src, mode='drop')
-  buf = sharding.constrain(buf, ('batch', 'expert', None, 'embed'))
-  y = _swiglu(buf.transpose(1, 0, 2, 3), gate, up, down).transpose(1, 0, 2, 3)
-  y = sharding.constrain(y, ('batch', 'expert', None, 'embed'))
+  buf = jnp.zeros((b, e_all, c, d), x.dtype).at[rows, ids, slot].set(src, mode='drop')
+  y = experts(buf, gate, up, down)
   out = y[rows, ids, jnp.minimum(slot, c - 1)]                            # [B, T, k, d]
   w = jnp.where(keep, weights, 0.0).astype(out.dtype)
-  processed = jnp.zeros((e,), jnp.float32).at[ids].add(keep.astype(jnp.float32))
+  processed = jnp.sum(jax.nn.one_hot(ids, e_all, dtype=jnp.float32)
+                      * keep[..., None].astype(jnp.float32), axis=(0, 1, 2))
   return jnp.einsum('btkd,btk->btd', out, w), processed
+
+
+def capacity_sharded(x, weights, ids, valid, gate, up, down, capacity_factor: float):
+  """`capacity_dispatch` under the mesh of an enclosing `sharding.use_mesh`, with expert
+  parallelism: each device fills the capacity buffer of its own rows (x split along the
+  'batch' rule's axes), an all-to-all over the 'expert' rule's axes sends each expert's
+  slots to the devices holding it (expert weights split along E there), they run it,
+  and a second all-to-all brings the outputs back. Hidden units split over the 'mlp'
+  rule's axes are summed after the down projection. Without a mesh, or when the shapes do
+  not split evenly, plain `capacity_dispatch` (GSPMD places it)."""
+  plain = lambda: capacity_dispatch(x, weights, ids, valid, gate, up, down, capacity_factor)
+  ctx = sharding.current()
+  if ctx is None or ctx[0] is None:
+    return plain()
+  mesh, rules = ctx
+  batch = _mesh_axes(mesh, rules, 'batch')
+  expert = tuple(a for a in _mesh_axes(mesh, rules, 'expert') if a in batch)
+  mlp = _mesh_axes(mesh, rules, 'mlp', exclude=batch)
+  size = lambda axes: math.prod(mesh.shape[a] for a in axes)
+  e, f = gate.shape[0], gate.shape[-1]
+  if f % size(mlp):
+    mlp = ()
+  if (not batch or x.shape[0] % size(batch) or e % size(expert)
+      or (x.shape[0] // size(batch)) == 0):
+    return plain()
+  ex, hid = _spec_axis(expert), _spec_axis(mlp)
+  rows = lambda n: P(_spec_axis(batch), *([None] * (n - 1)))
+
+  def run_experts(buf, gate, up, down):
+    if expert:  # [B_local, E, C, d] -> [B_local * n, E / n, C, d]: this device's experts
+      buf = jax.lax.all_to_all(buf, expert, split_axis=1, concat_axis=0, tiled=True)
+    y = _swiglu(buf.transpose(1, 0, 2, 3), gate, up, down).transpose(1, 0, 2, 3)
+    if mlp:
+      y = jax.lax.psum(y, mlp)
+    if expert:
+      y = jax.lax.all_to_all(y, expert, split_axis=0, concat_axis=1, tiled=True)
+    return y
+
+  run_experts.n_experts = e
+
+  def local(x, weights, ids, valid, gate, up, down):
+    y, processed = capacity_dispatch(x, weights, ids, valid, gate, up, down,
+                                     capacity_factor, experts=run_experts)
+    return y, jax.lax.psum(processed, batch)
+
+  return jax.shard_map(
+      local, mesh=mesh,
+      in_specs=(rows(3), rows(3), rows(3), rows(2), P(ex, None, hid), P(ex, None, hid),
+                P(ex, hid, None)),
+      out_specs=(rows(3), P()), check_vma=False)(x, weights, ids, valid, gate, up, down)
 
 
 # ---- Module ---------------------------------------------------------------------------
@@ -240,16 +358,18 @@ class MoE(nnx.Module):
     valid = (jnp.ones((b, t), jnp.float32) if segment_ids is None
              else (segment_ids != 0).astype(jnp.float32))
     flat = x.reshape(b * t, d)
-    logits, weights, ids = route(flat, self.router[...], int(m.top_k), bool(m.renormalize))
+    # Routed per [B, T] (not on the flattened rows): the top-k then stays split by batch.
+    logits, weights, ids = (a.reshape(b * t, -1) for a in route(
+        x, self.router[...], int(m.top_k), bool(m.renormalize)))
     w = [p[...].astype(dt) for p in (self.gate, self.up, self.down)]
     processed = None
     if dispatch == 'dense':
       y = dense(flat, weights, ids, *w).reshape(b, t, d)
     elif dispatch == 'dropless':
-      y = dropless(flat, weights, ids, *w).reshape(b, t, d)
+      y = dropless_sharded(flat, weights, ids, *w).reshape(b, t, d)
     else:
-      y, processed = capacity_dispatch(x, weights.reshape(b, t, -1), ids.reshape(b, t, -1),
-                                       valid, *w, float(m.capacity_factor))
+      y, processed = capacity_sharded(x, weights.reshape(b, t, -1), ids.reshape(b, t, -1),
+                                      valid, *w, float(m.capacity_factor))
     if int(m.shared_d_ff):
       g = x @ self.shared_gate_proj[...].astype(dt)
       u = x @ self.shared_up[...].astype(dt)

@@ -28,14 +28,19 @@ from lmjax.models import moe as moe_lib
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
+_CP = jax.checkpoint_policies
+# An MoE layer's grouped matmuls (`ragged_dot`, not a dot_general) are saved by name by
+# the policies that save the weight matmuls' outputs.
+_MOE_DOTS = _CP.save_only_these_names(moe_lib.DOT_NAME)
+
 REMAT_POLICIES = {
-    'dots': jax.checkpoint_policies.checkpoint_dots,
-    'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    'dots': _CP.save_from_both_policies(_CP.checkpoint_dots, _MOE_DOTS),
+    'dots_no_batch': _CP.save_from_both_policies(_CP.checkpoint_dots_with_no_batch_dims,
+                                                 _MOE_DOTS),
     'full': None,
     # Saves the weight matmuls' outputs like 'dots_no_batch', in pinned host memory
     # instead of device memory (copied back for the backward pass).
-    'offload_dots': jax.checkpoint_policies.offload_dot_with_no_batch_dims('device',
-                                                                           'pinned_host'),
+    'offload_dots': _CP.offload_dot_with_no_batch_dims('device', 'pinned_host'),
 }
 
 
