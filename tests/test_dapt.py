@@ -1,6 +1,7 @@
 """Domain-adaptive continued pretraining: init_from, data mixtures, per-domain evals."""
 
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -326,3 +327,38 @@ def test_init_from_a_hugging_face_dir(corpora, source, tmp_path):
     assert a.read() == b.read()  # the exported copy of the source's tokenizer
   meta = ckpt_lib.Checkpointer(str(tmp_path / 'run'), cfg, read_only=True).read_meta()
   assert meta['init_from']['format'] == 'hf'
+
+
+@pytest.mark.slow
+def test_init_from_a_hugging_face_moe_dir(corpora, source, tmp_path):
+  """Continued pretraining of a mixture of experts written by transformers (Qwen3-MoE,
+  with the source run's tokenizer beside it), experts split over a 4-way 'expert' axis:
+  its params exactly, step 0, the router telemetry logged."""
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  from lmjax import hf
+  _, src_tok = source
+  hf_dir = tmp_path / 'hf'
+  config = transformers.Qwen3MoeConfig(
+      vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+      num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+      max_position_embeddings=256)
+  torch.manual_seed(0)
+  transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(hf_dir))
+  shutil.copyfile(src_tok, hf_dir / 'tokenizer.model')
+  cfg = hf.config_from_hf(str(hf_dir), _dapt(corpora, str(hf_dir), steps=3, eval_every=0))
+  cfg.mesh.update(data=2, fsdp=1, expert=4, tensor=1)
+  assert cfg.model.moe.experts == 4 and cfg.model.qk_norm
+  init = weights.open_init_source(cfg.init_from)
+  assert init.format == 'hf'
+  setup = state_lib.make_setup(cfg, sharding.make_mesh(cfg.mesh))
+  got = init.load_params(cfg, setup)
+  assert got['layers']['moe']['gate'].sharding.spec[1] == 'expert'
+  _params_equal(got, hf.load_params(str(hf_dir), cfg, sharding.make_mesh(dict(data=1),
+                                                                          jax.devices()[:1])))
+  out = loop.train(cfg, str(tmp_path / 'run'))
+  assert int(out.state['step']) == 3
+  last = out.history[-1]
+  assert np.isfinite(last['loss']) and 'moe/balance_loss' in last
+  assert 'moe/layer1/load_max' in last and 'moe/expert3/load' in last
