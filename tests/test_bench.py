@@ -146,14 +146,19 @@ def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
   GPU tests, a smoke bench case; the files it leaves under $OUT."""
   import subprocess  # pylint: disable=import-outside-toplevel
   env = {**os.environ, 'OUT': str(tmp_path), 'JAX_PLATFORMS': 'cpu', 'WHEELS': '/nonexistent',
-         'BENCH_BUDGET': '60', 'BENCH_ARGS': '--smoke --only=125m'}
+         'BENCH_BUDGET': '60', 'BENCH_ARGS': '--smoke --only=125m',
+         'MOE_ARGS': ('--config=configs/bench/moe_1b.py:cpu --steps=1 --warmup=1 '
+                      '--config.model.d_model=64 --config.model.moe.d_ff=64 '
+                      '--config.data.seq_len=64 --config.train.global_batch=4')}
   env.pop('XLA_FLAGS', None)
   proc = subprocess.run(['bash', os.path.join(ROOT, 'tools', 'gpu_check.sh')], env=env,
                         capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   assert 'tests/test_gpu.py exit 0' in proc.stdout and 'skipped' in proc.stdout
+  assert 'moe rows exit 0' in proc.stdout and 'vs the dense MLP' in proc.stdout
   assert 'bench_suite exit 0' in proc.stdout and '- 125m MFU: not measured' in proc.stdout
-  assert {'env.txt', 'test_gpu.log', 'bench.log', 'bench.err', 'rows.jsonl', 'table.md'} <= set(
+  assert {'env.txt', 'test_gpu.log', 'moe.log', 'moe_rows.jsonl', 'bench.log', 'bench.err',
+          'rows.jsonl', 'table.md'} <= set(
       os.listdir(tmp_path))
   assert 'jax ' in (tmp_path / 'env.txt').read_text()
   (row,) = [json.loads(line) for line in (tmp_path / 'rows.jsonl').read_text().splitlines()]

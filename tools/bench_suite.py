@@ -47,6 +47,7 @@ class Case:
 
 
 B125, B1 = 'configs/bench/llama_125m.py', 'configs/bench/llama_1b.py'
+MOE1B = 'configs/bench/moe_1b.py'
 # Synthetic rows are one document each: model.max_segments=1 runs cuDNN's plain causal
 # kernel, what an unpacked run gets; the 'packed' cases measure the segment-offset path.
 ONE = (('model.max_segments', 1),)
@@ -57,6 +58,8 @@ SUITES = {
         Case('1b', B1, ONE),
         Case('1b lora', B1, ONE, mode='lora'),
         Case('1b lora dpo', B1, ONE, mode='lora', objective='dpo'),
+        Case('moe 1b', MOE1B, ONE),
+        Case('moe 1b capacity 1.25', MOE1B, ONE + (('model.moe.dispatch', 'capacity'),)),
         Case('1b lora bf16 base', B1, ONE + (('lora.base_dtype', 'bfloat16'),), mode='lora'),
         Case('125m packed (max_segments 32)', B125, (('model.max_segments', 32),)),
         Case('1b packed (max_segments 32)', B1, (('model.max_segments', 32),)),
