@@ -207,7 +207,7 @@ def test_bench_moe_rows(tmp_path, capsys):
   argv = ['--config', path, '--moe_rows', '--steps', '1', '--warmup', '1', '--json', str(out)]
   assert bench.main(argv + [f'--config.{k}={v}' for k, v in small.items()]) == 0
   rows = {r['row']: r for r in map(json.loads, out.read_text().splitlines())}
-  assert set(rows) == {'moe dropless', 'moe dense', 'mlp'}
+  assert set(rows) == {'moe dropless', 'moe capacity', 'moe dense', 'mlp'}
   m = config_lib.load(path, overrides=small).model
   active = moe_lib.active_ffn_params(m)
   assert active == 2 * 3 * 32 * 32 + 32 * 8  # k experts' SwiGLU + the router

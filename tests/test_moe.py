@@ -312,3 +312,47 @@ def test_remat_saves_the_grouped_matmuls(remat, count):
   with sharding.use_mesh(mesh, cfg.rules):
     jaxpr = jax.make_jaxpr(step.jitted)(state, step_lib.batch_spec(cfg, mesh, 8))
   assert str(jaxpr).count('ragged_dot_general') == count
+
+
+@pytest.mark.slow
+def test_pretrain_moe_tiny_config_trains_and_plots(tmp_path, capsys):
+  """configs/pretrain_moe_tiny.py, on a small local corpus: the loss falls, the router
+  telemetry reaches metrics.jsonl, a sample is printed, and tools/plot_moe.py draws it."""
+  import os
+  import sys
+  from lmjax.train import loop
+  from util import write_corpus
+  glob_ = write_corpus(tmp_path / 'corpus', n_files=30)
+  cfg = config_lib.load('configs/pretrain_moe_tiny.py:smoke', overrides={
+      'data.text_glob': glob_, 'data.data_dir': str(tmp_path / 'tfds'), 'data.seq_len': 64,
+      'tokenizer.vocab_size': 384, 'tokenizer.max_sentences': 20_000, 'train.steps': 12,
+      'train.global_batch': 8, 'train.log_every': 4, 'train.eval_every': 0,
+      'train.progress_bar': False, 'sample.max_new_tokens': 8, 'optim.warmup_steps': 2})
+  assert cfg.model.moe.experts == 8 and cfg.model.moe.top_k == 2
+  out = loop.train(cfg, str(tmp_path / 'run'))
+  assert out.history[-1]['loss'] < out.history[0]['loss'] - 0.3
+  assert out.sample is not None and '--- sample' in capsys.readouterr().out
+  rows = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text()
+          .splitlines()]
+  train_rows = [r for r in rows if 'loss' in r]
+  assert {f'moe/layer{i}/load_max' for i in range(4)} <= set(train_rows[-1])
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tools'))
+  import plot_moe  # pylint: disable=import-outside-toplevel
+  png = tmp_path / 'load.png'
+  assert plot_moe.main(['--workdir', str(tmp_path / 'run'), '--out', str(png)]) == 0
+  assert png.stat().st_size > 10_000
+  assert plot_moe.main(['--workdir', str(tmp_path), '--out', str(png)]) == 2
+
+
+def test_dropless_warning_names_the_fix(monkeypatch):
+  cfg = moe_config()
+  assert moe.dropless_warning(cfg.model, backend='cpu') is None
+  monkeypatch.setattr(moe, '_cudnn_version', lambda: (9, 19))
+  msg = moe.dropless_warning(cfg.model, backend='gpu')
+  assert 'cuDNN 9.19' in msg and 'model.moe.dispatch=capacity' in msg
+  monkeypatch.setattr(moe, '_cudnn_version', lambda: (9, 22))
+  assert moe.dropless_warning(cfg.model, backend='gpu') is None
+  cfg.model.moe.dispatch = 'capacity'
+  monkeypatch.setattr(moe, '_cudnn_version', lambda: (9, 19))
+  assert moe.dropless_warning(cfg.model, backend='gpu') is None
+  assert moe.describe(cfg.model).startswith('MoE 4 experts x d_ff 32, top-2, capacity (capacity 1.25)')

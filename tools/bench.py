@@ -40,14 +40,16 @@ default precision is a float32 (at best TF32) matmul on a GPU, half the bf16 rat
 gradients of the weights and of the input) of one feed-forward block alone at the config's
 sizes (model.d_model, model.moe experts/top_k/d_ff/shared_d_ff, data.seq_len x
 train.global_batch tokens, model.dtype compute on model.param_dtype weights, routing by a
-freshly initialised router): three rows, `moe dropless` (the grouped matmuls,
-`jax.lax.ragged_dot`), `moe dense` (dense dispatch: every expert on every token) and `mlp`
+freshly initialised router): four rows, `moe dropless` (the grouped matmuls,
+`jax.lax.ragged_dot`), `moe capacity` (model.moe.capacity_factor slots per expert and row:
+batched matmuls over the slots, padding included), `moe dense` (dense dispatch: every
+expert on every token) and `mlp`
 (a dense SwiGLU of hidden size top_k x moe.d_ff + shared_d_ff: the same active FLOPs).
 Each is credited with the same work, 6 x active_ffn_params FLOPs per token (the k experts,
 the shared expert, the router: what the MFU formula counts for the layer), and its
 TFLOP/s computed from that. `work`: the matmul FLOPs the row's algorithm does per
-credited FLOP (~E/k for dense dispatch, 1 for dropless, ~1 for the mlp, which has no
-router); `XLA work`: the FLOPs of the compiled program (XLA's cost analysis, elementwise
+credited FLOP (~E/k for dense dispatch, ~capacity_factor for capacity, 1 for dropless,
+~1 for the mlp, which has no router); `XLA work`: the FLOPs of the compiled program (XLA's cost analysis, elementwise
 work included) per credited FLOP. On a GPU, dropless far below the mlp row's TFLOP/s (or
 an XLA work near E) means ragged_dot ran as a dense padded matmul over all E experts. On
 CPU it does: jax's generic lowering of ragged_dot masks the rows and multiplies them by
@@ -163,6 +165,8 @@ def moe_rows(cfg, *, steps: int = 10, warmup: int = 2,
   x = jax.random.normal(jax.random.key(1), (b, t, d), transformer.DTYPES[m.dtype])
   cases = (  # (row, module, forward, matmul work per token / 6)
       ('moe dropless', block, lambda mod, x: mod(x, dispatch='dropless')[0], active),
+      ('moe capacity', block, lambda mod, x: mod(x, dispatch='capacity')[0],
+       active * moe_lib.capacity(float(m.moe.capacity_factor), t, k, e) * e / (t * k)),
       ('moe dense', block, lambda mod, x: mod(x, dispatch='dense')[0],
        moe_lib.total_ffn_params(m)),
       ('mlp', mlp, lambda mod, x: mod(x), 3 * d * hidden))

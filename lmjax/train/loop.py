@@ -33,6 +33,7 @@ from lmjax import distributed, generate, provenance, sharding, weights
 from lmjax.data import tokenizer as tokenizer_lib
 from lmjax.errors import UserError
 from lmjax.models import lora as lora_lib
+from lmjax.models import moe as moe_lib
 from lmjax.models import transformer
 from lmjax.train import compat, objectives
 from lmjax.train import metrics as metrics_lib
@@ -210,7 +211,11 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
     state = state_lib.init_state(cfg, setup)
   start = int(state['step'])
   _print(f'model: {setup.n_params / 1e6:.2f}M params | {cfg.model.n_layers} layers, '
-         f'd_model {cfg.model.d_model}, vocab {cfg.model.vocab_size} | stage {objective.name}')
+         f'd_model {cfg.model.d_model}, vocab {cfg.model.vocab_size} | stage {objective.name}'
+         + (f' | {moe_lib.describe(cfg.model)}' if transformer.is_moe(cfg.model) else ''))
+  slow = moe_lib.dropless_warning(cfg.model)
+  if slow:
+    _print(f'warning: {slow}')
   if setup.lora is not None:
     _print(f'{lora_lib.describe(cfg)} ({setup.n_trainable / setup.n_params:.2%} of the '
            f'model); base {cfg.lora.base_dtype}, frozen')
