@@ -287,8 +287,8 @@ def _check_arch(mcfg, arch: str) -> None:
           'a shared expert (model.moe.shared_d_ff > 0)': arch == 'qwen2_moe'}
   for what, value in have.items():
     if value != want[what]:
-      raise HFError(f'arch={arch!r} {"has" if want[what] else "has no"} {what} but the model '
-                    f'{"has none" if want[what] else "does"}; export as '
+      raise HFError(f'arch={arch!r} {"needs" if want[what] else "cannot hold"} {what}, which '
+                    f'the model {"lacks" if want[what] else "has"}; export as '
                     f'{default_arch(mcfg)!r}')
   if arch == 'mixtral' and not mcfg.moe.renormalize:
     raise HFError("arch='mixtral' renormalises the top-k weights but model.moe.renormalize="

@@ -241,3 +241,13 @@ def test_unsupported_moe_configs(tmp_path):
     hf.hf_config_from_model(cfg.model, 'llama')
   with pytest.raises(hf.HFError, match='QK-norm'):
     hf.hf_config_from_model(cfg.model, 'qwen3_moe')
+
+
+def test_convert_hf_knows_every_arch():
+  import importlib.util
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location('convert_hf',
+                                                os.path.join(root, 'tools', 'convert_hf.py'))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  assert set(mod.ARCHS) == set(hf.ARCHS)

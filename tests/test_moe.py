@@ -356,3 +356,18 @@ def test_dropless_warning_names_the_fix(monkeypatch):
   monkeypatch.setattr(moe, '_cudnn_version', lambda: (9, 19))
   assert moe.dropless_warning(cfg.model, backend='gpu') is None
   assert moe.describe(cfg.model).startswith('MoE 4 experts x d_ff 32, top-2, capacity (capacity 1.25)')
+
+
+def test_checkpoint_compatibility_names_the_expert_shapes():
+  """A run cannot resume or init_from a checkpoint with other experts; routing settings
+  (top_k, dispatch, loss weights) may change."""
+  from lmjax.train import compat
+  a = moe_config().model.to_dict()
+  b = moe_config(top_k=1, dispatch='capacity', aux_loss=0.0).model.to_dict()
+  assert compat.arch_diff(a, b) == []
+  diff = compat.arch_diff(a, moe_config(experts=8).model.to_dict())
+  assert [k for k, _, _ in diff] == ['moe']
+  dense = tiny_config().model.to_dict()
+  assert [k for k, _, _ in compat.arch_diff(dense, a)] == ['moe']
+  assert [k for k, _, _ in compat.arch_diff(dense, tiny_config(qk_norm=True).model.to_dict())] \
+      == ['qk_norm']

@@ -28,6 +28,9 @@ import sys
 
 from lmjax import cli
 
+# lmjax.hf.ARCHS (not imported here: argument errors come before jax starts).
+ARCHS = ('llama', 'mistral', 'qwen2', 'qwen3', 'mixtral', 'qwen2_moe', 'qwen3_moe')
+
 
 def _parse(argv):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
@@ -44,9 +47,10 @@ def _parse(argv):
   exp.add_argument('--workdir', required=True, help='lmjax run directory')
   exp.add_argument('--out_dir', required=True, help='HF model dir to write')
   exp.add_argument('--step', type=int, default=None, help='checkpoint step (default: latest)')
-  exp.add_argument('--arch', default=None, choices=('llama', 'mistral', 'qwen2'),
-                   help="HF architecture (default: the source model's, else 'qwen2' for "
-                   "models with q/k/v biases, else 'llama')")
+  exp.add_argument('--arch', default=None, choices=ARCHS,
+                   help="HF architecture (default: the source model's, else the one whose "
+                   "network the model is: qwen3(_moe) with QK-norm, qwen2_moe with a shared "
+                   "expert, mixtral for other MoE, qwen2 with q/k/v biases, else llama)")
   exp.add_argument('--dtype', default=None, choices=('float32', 'bfloat16', 'float16'),
                    help='dtype of the files (default: the source model\'s, else the params\')')
   exp.add_argument('--max_shard_gb', type=float, default=4.0,
