@@ -11,23 +11,17 @@ entropy ('moe/...' in metrics.jsonl and TensorBoard). docs/benchmarks.md compare
 the dense model at equal steps and shows the per-expert load over training.
 """
 
+import os
+
 from lmjax import config as config_lib
 
 
 def get_config(arg=None):
-  cfg = config_lib.base_config()
-  cfg.tokenizer.update(vocab_size=4096)  # and model.vocab_size, which follows it
-  cfg.model.update(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384,
-                   tie_embeddings=True, rope_theta=10000.0)
+  # The dense tiny model's config (data, optimizer, steps), its feed-forward made experts.
+  if arg not in (None, '', 'smoke'):
+    raise ValueError(f'pretrain_moe_tiny: unknown config arg {arg!r} (known: smoke)')
+  cfg = config_lib.build(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                      'pretrain_tiny.py'), arg or None)
   cfg.model.moe.update(experts=8, top_k=2, d_ff=192, dispatch='dropless', aux_loss=0.01,
                        z_loss=0.001)
-  cfg.data.update(source='local_text', text_glob='stdlib', seq_len=256, worker_threads=1)
-  cfg.train.update(global_batch=16, steps=200, log_every=20, eval_every=50,
-                   eval_batches=8)
-  cfg.optim.update(lr=1.5e-3, warmup_steps=30)
-  cfg.checkpoint.update(every=100)
-  if arg:  # e.g. --config=configs/pretrain_moe_tiny.py:smoke for a 20-step smoke run.
-    if arg != 'smoke':
-      raise ValueError(f'pretrain_moe_tiny: unknown config arg {arg!r} (known: smoke)')
-    cfg.train.update(steps=20, eval_every=10, log_every=5)
   return cfg

@@ -68,7 +68,7 @@ def test_round_trip_through_dict():
   cfg = config_lib.load(TINY)
   again = config_lib.from_dict(cfg.to_dict())
   assert again == cfg
-  assert again.rules.batch == ('data', 'fsdp')
+  assert again.rules.batch == ('data', 'fsdp', 'expert')
 
 
 def test_saved_configs_with_an_empty_data_path_meant_the_builtin_task():

@@ -472,7 +472,8 @@ def test_unsupported_configs(tmp_path):
   assert m['rope_theta'] == 5e5 and m['rope_scaling']['original_max_len'] == 64
   # Export: an arch that cannot hold the model.
   cfg = hf.config_from_hf(str(tmp_path), base)
-  with pytest.raises(hf.HFError, match='model.qkv_bias=False'):
+  with pytest.raises(hf.HFError, match=r"arch='qwen2' needs q/k/v biases \(model.qkv_bias\), "
+                     "which the model lacks; export as 'llama'"):
     hf.hf_config_from_model(cfg.model, 'qwen2')
   with pytest.raises(hf.HFError, match="arch='gpt2'"):
     hf.hf_config_from_model(cfg.model, 'gpt2')

@@ -22,7 +22,8 @@ from lmjax import generate as gen  # noqa: E402
 from lmjax import hf, sharding  # noqa: E402
 from lmjax.models import lora, transformer  # noqa: E402
 from lmjax.train import state as state_lib  # noqa: E402
-from util import tiny_config  # noqa: E402
+from test_hf import hf_logits, lmjax_logits, one_device_mesh, read_tensors  # noqa: E402
+from util import random_hf_model, tiny_config  # noqa: E402
 
 TOL = 1e-4
 SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -46,38 +47,7 @@ def make_hf(path, case, **overrides):
   """A random transformers model of `case` (every weight random, so a swapped tensor
   shows), saved to `path`. Returns the model (float32, eval mode)."""
   cls, kwargs = CASES[case]
-  config = getattr(transformers, cls)(**{**SIZES, **kwargs, **overrides})
-  torch.manual_seed(0)
-  model = transformers.AutoModelForCausalLM.from_config(config).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      p.copy_(1.0 + 0.2 * torch.randn_like(p) if 'norm' in name else 0.1 * torch.randn_like(p))
-  model.save_pretrained(str(path))
-  return model
-
-
-def hf_logits(model, tokens=TOKENS):
-  with torch.no_grad():
-    return model(torch.tensor(tokens)).logits.float().numpy()
-
-
-def lmjax_logits(params, cfg, tokens=TOKENS):
-  graphdef, _ = transformer.abstract(state_lib.model_config(cfg))
-  return np.asarray(nnx.merge(graphdef, params)(tokens))
-
-
-def one_device_mesh():
-  return sharding.make_mesh(dict(data=1), jax.devices()[:1])
-
-
-def read_tensors(path):
-  from safetensors import safe_open
-  out = {}
-  for f in sorted(os.listdir(path)):
-    if f.endswith('.safetensors'):
-      with safe_open(os.path.join(path, f), framework='np') as st:
-        out.update((k, st.get_tensor(k)) for k in st.keys())
-  return out
+  return random_hf_model(getattr(transformers, cls)(**{**SIZES, **kwargs, **overrides}), path)
 
 
 @pytest.mark.parametrize('case', list(CASES))

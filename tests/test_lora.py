@@ -15,7 +15,7 @@ from flax import nnx
 
 from lmjax import hf, sharding
 from lmjax.models import lora, transformer
-from util import peft_adapter, random_batch, tiny_config
+from util import peft_adapter, random_batch, random_hf_model, tiny_config
 
 TOKENS = np.random.default_rng(0).integers(0, 128, (2, 16))
 
@@ -246,15 +246,9 @@ PEFT_CASES = {  # name: (HF config class, lora settings)
 
 
 def _make_hf(path, config_cls):
-  torch = pytest.importorskip('torch')
+  pytest.importorskip('torch')
   transformers = pytest.importorskip('transformers')
-  config = getattr(transformers, config_cls)(**SIZES)
-  torch.manual_seed(0)
-  model = transformers.AutoModelForCausalLM.from_config(config).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      p.copy_(1.0 + 0.2 * torch.randn_like(p) if 'norm' in name else 0.1 * torch.randn_like(p))
-  model.save_pretrained(str(path))
+  random_hf_model(getattr(transformers, config_cls)(**SIZES), path)
 
 
 def _hf_model(path):

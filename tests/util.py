@@ -128,3 +128,19 @@ def peft_adapter(base_model, out, **lora_kw):
         p.copy_(0.05 * torch.randn_like(p))
   pm.save_pretrained(str(out))
   return pm
+
+
+def random_hf_model(config, path=None):
+  """A transformers causal LM for `config` with every weight random (norm scales near 1),
+  so that a swapped or misread tensor shows in its logits; saved to `path` if given.
+  Returns it in eval mode."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(config).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      p.copy_(1.0 + 0.2 * torch.randn_like(p) if 'norm' in name else 0.1 * torch.randn_like(p))
+  if path is not None:
+    model.save_pretrained(str(path))
+  return model

@@ -43,7 +43,6 @@ from jax.sharding import PartitionSpec as P
 
 from lmjax import sharding
 
-DISPATCHES = ('dropless', 'capacity', 'dense')
 # The name of the grouped matmuls' outputs, which remat policies that save the weight
 # matmuls save too (models/transformer.py REMAT_POLICIES).
 DOT_NAME = 'moe_ragged_dot'
@@ -428,22 +427,23 @@ def describe(mcfg) -> str:
           'weights active per layer')
 
 
-def active_ffn_params(mcfg) -> int:
-  """Matmul weights one token uses in an MoE layer's feed-forward: k experts, the shared
-  expert and its gate, the router."""
+def _ffn_params(mcfg, experts: int) -> int:
+  """Matmul weights of an MoE layer's feed-forward with `experts` experts counted: theirs,
+  the shared expert's and its gate's, the router's."""
   m = mcfg.moe
   d, f = mcfg.d_model, int(m.d_ff) or mcfg.d_ff
-  n = int(m.top_k) * 3 * d * f + d * int(m.experts)
+  n = experts * 3 * d * f + d * int(m.experts)
   if int(m.shared_d_ff):
     n += 3 * d * int(m.shared_d_ff) + (d if m.shared_gate else 0)
   return n
+
+
+def active_ffn_params(mcfg) -> int:
+  """Matmul weights one token uses in an MoE layer's feed-forward: k experts, the shared
+  expert and its gate, the router."""
+  return _ffn_params(mcfg, int(mcfg.moe.top_k))
 
 
 def total_ffn_params(mcfg) -> int:
   """Every matmul weight of an MoE layer's feed-forward."""
-  m = mcfg.moe
-  d, f = mcfg.d_model, int(m.d_ff) or mcfg.d_ff
-  n = int(m.experts) * 3 * d * f + d * int(m.experts)
-  if int(m.shared_d_ff):
-    n += 3 * d * int(m.shared_d_ff) + (d if m.shared_gate else 0)
-  return n
+  return _ffn_params(mcfg, int(mcfg.moe.experts))
