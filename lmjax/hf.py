@@ -241,7 +241,8 @@ def _moe_from_hf(c: dict) -> dict:
   if arch not in MOE_ARCHS:
     return {'experts': 0}
   experts = c.get('num_local_experts') or c.get('num_experts')
-  for key, value in (('num_experts', experts), ('num_experts_per_tok', c.get('num_experts_per_tok'))):
+  for key, value in (('num_experts', experts),
+                     ('num_experts_per_tok', c.get('num_experts_per_tok'))):
     if not isinstance(value, int) or value <= 0:
       raise HFError(f'config.json {key}={value!r}: expected a positive integer')
   if arch != 'mixtral':

@@ -355,7 +355,8 @@ def test_dropless_warning_names_the_fix(monkeypatch):
   cfg.model.moe.dispatch = 'capacity'
   monkeypatch.setattr(moe, '_cudnn_version', lambda: (9, 19))
   assert moe.dropless_warning(cfg.model, backend='gpu') is None
-  assert moe.describe(cfg.model).startswith('MoE 4 experts x d_ff 32, top-2, capacity (capacity 1.25)')
+  assert moe.describe(cfg.model).startswith(
+      'MoE 4 experts x d_ff 32, top-2, capacity (capacity 1.25)')
 
 
 def test_checkpoint_compatibility_names_the_expert_shapes():

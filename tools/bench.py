@@ -43,16 +43,17 @@ train.global_batch tokens, model.dtype compute on model.param_dtype weights, rou
 freshly initialised router): four rows, `moe dropless` (the grouped matmuls,
 `jax.lax.ragged_dot`), `moe capacity` (model.moe.capacity_factor slots per expert and row:
 batched matmuls over the slots, padding included), `moe dense` (dense dispatch: every
-expert on every token) and `mlp`
-(a dense SwiGLU of hidden size top_k x moe.d_ff + shared_d_ff: the same active FLOPs).
-Each is credited with the same work, 6 x active_ffn_params FLOPs per token (the k experts,
-the shared expert, the router: what the MFU formula counts for the layer), and its
-TFLOP/s computed from that. `work`: the matmul FLOPs the row's algorithm does per
-credited FLOP (~E/k for dense dispatch, ~capacity_factor for capacity, 1 for dropless,
-~1 for the mlp, which has no router); `XLA work`: the FLOPs of the compiled program (XLA's cost analysis, elementwise
-work included) per credited FLOP. On a GPU, dropless far below the mlp row's TFLOP/s (or
-an XLA work near E) means ragged_dot ran as a dense padded matmul over all E experts. On
-CPU it does: jax's generic lowering of ragged_dot masks the rows and multiplies them by
+expert on every token) and `mlp` (a dense SwiGLU of hidden size top_k x moe.d_ff +
+shared_d_ff: the same active FLOPs). Each is credited with the same work, 6 x
+active_ffn_params FLOPs per token (the k experts, the shared expert, the router: what the
+MFU formula counts for the layer), and its TFLOP/s computed from that. `work`: the matmul
+FLOPs the row's algorithm does per credited FLOP (~E/k for dense dispatch,
+~capacity_factor for capacity, 1 for dropless, ~1 for the mlp, which has no router);
+`XLA work`: the FLOPs of the compiled program (XLA's cost analysis, elementwise work
+included) per credited FLOP (on a GPU XLA's count leaves out library calls: read it on
+CPU or TPU). On a GPU, dropless far below the mlp row's TFLOP/s means ragged_dot ran as a
+dense padded matmul over all E experts (as it does with cuDNN < 9.22: 0.12x the mlp on an
+H200, docs/benchmarks.md). On CPU it does too: jax's generic lowering of ragged_dot masks the rows and multiplies them by
 every expert (E times the credited work, k times dense dispatch's), so there dropless
 reads slower than dense dispatch.
 Bad input: one line, `error: <reason>`, exit code 2 (--verbose: with the traceback).

@@ -420,7 +420,8 @@ def describe(mcfg) -> str:
   """One line for logs: experts, routing, dispatch, active and total FFN weights."""
   m = mcfg.moe
   shared = f' + shared {int(m.shared_d_ff)}' if int(m.shared_d_ff) else ''
-  return (f'MoE {int(m.experts)} experts x d_ff {int(m.d_ff) or mcfg.d_ff}{shared}, top-{int(m.top_k)}, '
+  return (f'MoE {int(m.experts)} experts x d_ff {int(m.d_ff) or mcfg.d_ff}{shared}, '
+          f'top-{int(m.top_k)}, '
           f'{m.dispatch}' + (f' (capacity {float(m.capacity_factor):g})'
                              if m.dispatch == 'capacity' else '')
           + f', FFN {active_ffn_params(mcfg) / 1e6:.2f}M of {total_ffn_params(mcfg) / 1e6:.2f}M '

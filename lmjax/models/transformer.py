@@ -1,11 +1,11 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Mixtral, Qwen2/3-MoE by
 config) in Flax NNX.
 
-RMSNorm, RoPE (theta, Llama-3 scaling), grouped-query attention, SwiGLU or a
-mixture of SwiGLU experts (model.moe, models/moe.py), optional tied embeddings, QKV bias
-and QK-norm (Qwen3: an RMSNorm over each head's queries and keys before RoPE). Layer parameters are always stacked on a leading 'layers'
-axis; `scan_layers` only chooses between `lax.scan` and an unrolled loop over them, so
-checkpoints are the same either way.
+RMSNorm, RoPE (theta, Llama-3 scaling), grouped-query attention, SwiGLU or a mixture of
+SwiGLU experts (model.moe, models/moe.py), optional tied embeddings, QKV bias and QK-norm
+(Qwen3: an RMSNorm over each head's queries and keys before RoPE). Layer parameters are
+always stacked on a leading 'layers' axis; `scan_layers` only chooses between `lax.scan`
+and an unrolled loop over them, so checkpoints are the same either way.
 
 `decode` / `decode_hidden` run the same layers through a KV cache (`init_cache`) for
 generation: prefill writes a prompt chunk, each decode step one token.
@@ -442,9 +442,9 @@ def flops_per_token(cfg, seq_len: int) -> float:
   """Training FLOPs per token: 6N + 6·L·T·(heads·head_dim) (causal attention counted once).
 
   N counts every matmul weight a token uses (for an MoE model the active ones: its k
-  experts, the shared expert and the router; moe.active_ffn_params): the layers and the output projection (the tied
-  embedding counts once, as the output projection; a reward model's score head [D, 1]);
-  the input lookup is not a matmul.
+  experts, the shared expert and the router; moe.active_ffn_params): the layers and the
+  output projection (the tied embedding counts once, as the output projection; a reward
+  model's score head [D, 1]); the input lookup is not a matmul.
   """
   h = head_dim(cfg)
   ffn = moe_lib.active_ffn_params(cfg) if is_moe(cfg) else 3 * cfg.d_model * cfg.d_ff
