@@ -92,6 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
           # / E slots per expert and row, overflow dropped) | dense (every expert on every
           # token: the reference).
           dispatch='dropless',
+          # dropless's grouped matmul: auto (jax's Pallas kernels on a Hopper GPU, where
+          # they fit; else xla) | xla (jax.lax.ragged_dot) | pallas (models/grouped_matmul.py).
+          grouped_matmul='auto',
           capacity_factor=1.25,
           aux_loss=0.01,        # load-balancing loss weight (k at uniform routing).
           # layer: each layer's balance loss, averaged | pooled: over every layer's tokens
@@ -684,6 +687,7 @@ _CHOICES = {
     'model.rope_scaling.type': ('none', 'llama3'),
     'model.moe.dispatch': ('dropless', 'capacity', 'dense'),
     'model.moe.balance': ('layer', 'pooled'),
+    'model.moe.grouped_matmul': ('auto', 'xla', 'pallas'),
     'data.source': ('local_text', 'tfds', 'jsonl', 'parquet', 'hf_disk'),
     'data.on_error': ('fail', 'skip'),
     'tokenizer.model_type': ('bpe', 'unigram'),

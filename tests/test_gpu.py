@@ -1,4 +1,5 @@
-"""The GPU-only paths: cuDNN fused attention against the xla path (skipped without a GPU).
+"""The GPU-only paths: cuDNN fused attention against the xla path, and the MoE grouped
+matmul's Hopper kernels against the reference (skipped without a GPU).
 
 Run on a GPU machine with `JAX_PLATFORMS=cuda python -m pytest -q tests/test_gpu.py`
 (tests/conftest.py defaults JAX_PLATFORMS to cpu); tools/gpu_check.sh does.
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from lmjax.models import attention, transformer
+from lmjax.models import grouped_matmul as gmm
 from util import packed_and_alone, packed_segment_ids, random_batch, tiny_config
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != 'gpu', reason='needs a GPU')
@@ -131,3 +133,61 @@ def test_cudnn_model_loss_and_grads_match_xla():
   assert abs(float(lx) - float(lc)) < 1e-2 * abs(float(lx))
   for a, b in zip(jax.tree.leaves(gc), jax.tree.leaves(gx)):
     assert _rel(a, b) < 5e-2
+
+
+# ---- MoE grouped matmul: jax's Hopper kernels against the reference ----------------------
+
+def _groups(seed, m=1000, k=256, n=384, g=8):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
+  w = (0.1 * jax.random.normal(keys[1], (g, k, n), jnp.float32)).astype(jnp.bfloat16)
+  cuts = np.sort(np.random.default_rng(seed).integers(0, m, g - 1))
+  sizes = jnp.asarray(np.diff(np.concatenate([[0], cuts, [m]])), jnp.int32)
+  sizes = sizes.at[2].set(0).at[3].add(sizes[2])  # an empty group too
+  return x, w, sizes
+
+
+def _reference(x, w, sizes):
+  """Per-group float32 matmuls of the sorted rows."""
+  groups = np.repeat(np.arange(len(sizes)), np.asarray(sizes))
+  return jnp.einsum('mk,mkn->mn', x.astype(jnp.float32),
+                    w.astype(jnp.float32)[groups])
+
+
+@pytest.mark.skipif(not gmm.hopper(), reason='needs a Hopper GPU')
+def test_pallas_grouped_matmul_matches_the_reference():
+  x, w, sizes = _groups(0)
+  assert gmm.resolve('auto', x, w) == 'pallas'
+  got = gmm.grouped_matmul(x, w, sizes, 'pallas')
+  assert got.shape == (x.shape[0], w.shape[2]) and _rel(got, _reference(x, w, sizes)) < 1e-2
+  ct = jax.random.normal(jax.random.key(9), got.shape, jnp.bfloat16)
+  loss = lambda impl: lambda x, w: jnp.sum(
+      gmm.grouped_matmul(x, w, sizes, impl).astype(jnp.float32) * ct)
+  dx, dw = jax.grad(loss('pallas'), argnums=(0, 1))(x, w)
+  rx, rw = jax.grad(lambda x, w: jnp.sum(_reference(x, w, sizes) * ct), argnums=(0, 1))(x, w)
+  assert _rel(dx, rx) < 1e-2 and _rel(dw, rw) < 1e-2
+  assert float(jnp.abs(dw[2].astype(jnp.float32)).max()) == 0.0  # the empty group
+
+
+@pytest.mark.skipif(not gmm.hopper(), reason='needs a Hopper GPU')
+def test_moe_block_on_the_hopper_kernels_matches_dense_dispatch():
+  """bf16 MoE block: dropless on the Pallas kernels == dense dispatch, outputs and grads."""
+  from flax import nnx
+  from lmjax.models import moe
+  cfg = tiny_config(d_model=256, dtype='bfloat16')
+  cfg.model.moe.update(experts=4, top_k=2, d_ff=384)
+  m = ml_collections.FrozenConfigDict(cfg.model)
+  assert moe.grouped_impl(m) == 'pallas'
+  block = moe.MoE(m, nnx.Rngs(0), jnp.float32)
+  graphdef, params = nnx.split(block)
+  x = jax.random.normal(jax.random.key(1), (4, 128, 256), jnp.bfloat16)
+
+  def loss(params, dispatch):
+    y = nnx.merge(graphdef, params)(x, dispatch=dispatch)[0]
+    return jnp.sum(jnp.sin(y.astype(jnp.float32)))
+
+  a, ga = jax.value_and_grad(loss)(params, 'dropless')
+  b, gb = jax.value_and_grad(loss)(params, 'dense')
+  assert abs(float(a) - float(b)) < 0.02 * abs(float(b)) + 1
+  for la, lb in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    assert _rel(la, lb) < 3e-2

@@ -42,6 +42,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from lmjax import sharding
+from lmjax.models import grouped_matmul as gmm_lib
 
 # The name of the grouped matmuls' outputs, which remat policies that save the weight
 # matmuls save too (models/transformer.py REMAT_POLICIES).
@@ -169,15 +170,16 @@ def dense(x, weights, ids, gate, up, down):
   return jnp.einsum('end,ne->nd', y, combine.astype(y.dtype))
 
 
-def dropless(x, weights, ids, gate, up, down):
-  """Sort assignments by expert, grouped matmuls (`ragged_dot`), unsort: x [N, d] -> [N, d]."""
+def dropless(x, weights, ids, gate, up, down, impl: str = 'auto'):
+  """Sort assignments by expert, grouped matmuls (grouped_matmul.grouped_matmul with
+  `impl`: ragged_dot or Hopper kernels), unsort: x [N, d] -> [N, d]."""
   n, k = ids.shape
   e = gate.shape[0]
   flat = ids.reshape(-1)
   order = jnp.argsort(flat, stable=True)
   xs = jnp.take(x, order // k, axis=0)                                   # [N*k, d]
   sizes = jnp.sum(jax.nn.one_hot(flat, e, dtype=jnp.int32), axis=0)
-  dot = lambda a, w: checkpoint_name(jax.lax.ragged_dot(a, w, sizes), DOT_NAME)
+  dot = lambda a, w: checkpoint_name(gmm_lib.grouped_matmul(a, w, sizes, impl), DOT_NAME)
   g, u = dot(xs, gate), dot(xs, up)
   y = dot(jax.nn.silu(g) * u, down)                                       # [N*k, d]
   y = jnp.take(y, jnp.argsort(order), axis=0).reshape(n, k, -1)
@@ -195,7 +197,7 @@ def _spec_axis(axes):
   return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
-def dropless_sharded(x, weights, ids, gate, up, down):
+def dropless_sharded(x, weights, ids, gate, up, down, impl: str = 'auto'):
   """`dropless` under the mesh of an enclosing `sharding.use_mesh`: each device sorts and
   computes its own tokens (x split along the 'batch' rule's axes), with every expert's
   weights gathered to it (as FSDP gathers a dense layer's), each 'mlp' shard computing its
@@ -203,7 +205,7 @@ def dropless_sharded(x, weights, ids, gate, up, down):
   or when the rows do not split evenly, plain `dropless` (sorting the global batch)."""
   ctx = sharding.current()
   if ctx is None or ctx[0] is None:
-    return dropless(x, weights, ids, gate, up, down)
+    return dropless(x, weights, ids, gate, up, down, impl)
   mesh, rules = ctx
   batch = _mesh_axes(mesh, rules, 'batch')
   mlp = _mesh_axes(mesh, rules, 'mlp', exclude=batch)
@@ -211,11 +213,11 @@ def dropless_sharded(x, weights, ids, gate, up, down):
   if gate.shape[-1] % size(mlp):
     mlp = ()
   if (not batch and not mlp) or x.shape[0] % size(batch):
-    return dropless(x, weights, ids, gate, up, down)
+    return dropless(x, weights, ids, gate, up, down, impl)
   rows, hidden = P(_spec_axis(batch), None), _spec_axis(mlp)
 
   def local(x, weights, ids, gate, up, down):
-    y = dropless(x, weights, ids, gate, up, down)
+    y = dropless(x, weights, ids, gate, up, down, impl)
     return jax.lax.psum(y, mlp) if mlp else y
 
   return jax.shard_map(
@@ -329,14 +331,31 @@ def _cudnn_version() -> tuple[int, int] | None:
   return None if not v else (v // 10000, v // 100 % 100)
 
 
+def grouped_impl(mcfg) -> str:
+  """'xla' or 'pallas': what dropless dispatch's grouped matmuls run on here
+  (model.moe.grouped_matmul resolved for the model's compute dtype and sizes)."""
+  m = mcfg.moe
+  f = int(m.d_ff) or mcfg.d_ff
+  dt = jnp.dtype(mcfg.dtype)
+  x = jax.ShapeDtypeStruct((1, mcfg.d_model), dt)
+  fits = [gmm_lib.pallas_fits(x, jax.ShapeDtypeStruct(s, dt))
+          for s in ((int(m.experts), mcfg.d_model, f), (int(m.experts), f, mcfg.d_model))]
+  if m.grouped_matmul == 'xla' or any(fits):
+    return 'xla'
+  return 'pallas'
+
+
 def dropless_warning(mcfg, backend: str | None = None) -> str | None:
   """A one-line warning when dropless dispatch would run slowly here: on an NVIDIA GPU
   whose cuDNN is older than CUDNN_GROUPED_MATMUL, XLA pads ragged_dot to a dense matmul
-  over all E experts (E times the work). None where it does not apply."""
+  over all E experts (E times the work), unless jax's Hopper kernels run it instead
+  (grouped_impl). None where it does not apply."""
   m = mcfg.moe
   if int(m.experts) <= 0 or m.dispatch != 'dropless':
     return None
   if (backend or jax.default_backend()) != 'gpu':
+    return None
+  if backend is None and grouped_impl(mcfg) == 'pallas':
     return None
   version = _cudnn_version()
   if version is None or version >= CUDNN_GROUPED_MATMUL:
@@ -400,7 +419,7 @@ class MoE(nnx.Module):
     if dispatch == 'dense':
       y = dense(flat, weights, ids, *w).reshape(b, t, d)
     elif dispatch == 'dropless':
-      y = dropless_sharded(flat, weights, ids, *w).reshape(b, t, d)
+      y = dropless_sharded(flat, weights, ids, *w, m.grouped_matmul).reshape(b, t, d)
     else:
       y, processed = capacity_sharded(x, weights.reshape(b, t, -1), ids.reshape(b, t, -1),
                                       valid, *w, float(m.capacity_factor))
@@ -424,6 +443,7 @@ def describe(mcfg) -> str:
           f'top-{int(m.top_k)}, '
           f'{m.dispatch}' + (f' (capacity {float(m.capacity_factor):g})'
                              if m.dispatch == 'capacity' else '')
+          + (f' ({grouped_impl(mcfg)} grouped matmul)' if m.dispatch == 'dropless' else '')
           + f', FFN {active_ffn_params(mcfg) / 1e6:.2f}M of {total_ffn_params(mcfg) / 1e6:.2f}M '
           'weights active per layer')
 
