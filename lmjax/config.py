@@ -92,9 +92,10 @@ def base_config() -> ml_collections.ConfigDict:
           # / E slots per expert and row, overflow dropped) | dense (every expert on every
           # token: the reference).
           dispatch='dropless',
-          # dropless's grouped matmul: auto (jax's Pallas kernels on a Hopper GPU, where
-          # they fit; else xla) | xla (jax.lax.ragged_dot) | pallas (models/grouped_matmul.py).
-          grouped_matmul='auto',
+          # dropless's grouped matmul: xla (jax.lax.ragged_dot) | pallas (jax's Pallas
+          # Mosaic-GPU kernels, Hopper GPUs only; models/grouped_matmul.py) | auto (pallas
+          # where it fits, else xla).
+          grouped_matmul='xla',
           capacity_factor=1.25,
           aux_loss=0.01,        # load-balancing loss weight (k at uniform routing).
           # layer: each layer's balance loss, averaged | pooled: over every layer's tokens

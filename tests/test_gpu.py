@@ -175,7 +175,7 @@ def test_moe_block_on_the_hopper_kernels_matches_dense_dispatch():
   from flax import nnx
   from lmjax.models import moe
   cfg = tiny_config(d_model=256, dtype='bfloat16')
-  cfg.model.moe.update(experts=4, top_k=2, d_ff=384)
+  cfg.model.moe.update(experts=4, top_k=2, d_ff=384, grouped_matmul='auto')
   m = ml_collections.FrozenConfigDict(cfg.model)
   assert moe.grouped_impl(m) == 'pallas'
   block = moe.MoE(m, nnx.Rngs(0), jnp.float32)

@@ -372,3 +372,18 @@ def test_checkpoint_compatibility_names_the_expert_shapes():
   assert [k for k, _, _ in compat.arch_diff(dense, a)] == ['moe']
   assert [k for k, _, _ in compat.arch_diff(dense, tiny_config(qk_norm=True).model.to_dict())] \
       == ['qk_norm']
+
+
+def test_grouped_matmul_choice():
+  """On CPU, auto runs XLA's ragged_dot; pallas (Hopper only) is a clear error."""
+  from lmjax.models import grouped_matmul as gmm
+  w = _weights()
+  flat = w['x'].reshape(-1, D)
+  _, weights, ids = moe.route(flat, w['router'], K, True)
+  ffn = (w['gate'], w['up'], w['down'])
+  np.testing.assert_array_equal(moe.dropless(flat, weights, ids, *ffn, impl='auto'),
+                                moe.dropless(flat, weights, ids, *ffn, impl='xla'))
+  with pytest.raises(config_lib.ConfigError, match='grouped_matmul=pallas: not an NVIDIA Hopper'):
+    moe.dropless(flat, weights, ids, *ffn, impl='pallas')
+  cfg = moe_config(grouped_matmul='auto')
+  assert moe.grouped_impl(cfg.model) == 'xla' and not gmm.hopper()

@@ -59,6 +59,8 @@ SUITES = {
         Case('1b lora', B1, ONE, mode='lora'),
         Case('1b lora dpo', B1, ONE, mode='lora', objective='dpo'),
         Case('moe 1b', MOE1B, ONE),
+        # jax's Pallas Mosaic-GPU grouped matmul kernels (Hopper only; fails elsewhere).
+        Case('moe 1b pallas', MOE1B, ONE + (('model.moe.grouped_matmul', 'pallas'),)),
         Case('moe 1b capacity 1.25', MOE1B, ONE + (('model.moe.dispatch', 'capacity'),)),
         Case('1b lora bf16 base', B1, ONE + (('lora.base_dtype', 'bfloat16'),), mode='lora'),
         Case('125m packed (max_segments 32)', B125, (('model.max_segments', 32),)),

@@ -170,7 +170,7 @@ def dense(x, weights, ids, gate, up, down):
   return jnp.einsum('end,ne->nd', y, combine.astype(y.dtype))
 
 
-def dropless(x, weights, ids, gate, up, down, impl: str = 'auto'):
+def dropless(x, weights, ids, gate, up, down, impl: str = 'xla'):
   """Sort assignments by expert, grouped matmuls (grouped_matmul.grouped_matmul with
   `impl`: ragged_dot or Hopper kernels), unsort: x [N, d] -> [N, d]."""
   n, k = ids.shape
@@ -197,7 +197,7 @@ def _spec_axis(axes):
   return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
-def dropless_sharded(x, weights, ids, gate, up, down, impl: str = 'auto'):
+def dropless_sharded(x, weights, ids, gate, up, down, impl: str = 'xla'):
   """`dropless` under the mesh of an enclosing `sharding.use_mesh`: each device sorts and
   computes its own tokens (x split along the 'batch' rule's axes), with every expert's
   weights gathered to it (as FSDP gathers a dense layer's), each 'mlp' shard computing its
@@ -366,7 +366,8 @@ def dropless_warning(mcfg, backend: str | None = None) -> str | None:
           f'matmul over all {int(m.experts)} experts (on an H200 with cuDNN 9.19: 0.12x a '
           'dense MLP\'s throughput, capacity dispatch 0.62x); set '
           'model.moe.dispatch=capacity (tokens past capacity_factor are dropped, counted '
-          'in moe/layer*/dropped) or use a jax built with a newer cuDNN')
+          'in moe/layer*/dropped), model.moe.grouped_matmul=auto on a Hopper GPU (jax\'s '
+          'Pallas kernels), or use a jax built with a newer cuDNN')
 
 
 # ---- Module ---------------------------------------------------------------------------
