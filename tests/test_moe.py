@@ -387,3 +387,35 @@ def test_grouped_matmul_choice():
     moe.dropless(flat, weights, ids, *ffn, impl='pallas')
   cfg = moe_config(grouped_matmul='auto')
   assert moe.grouped_impl(cfg.model) == 'xla' and not gmm.hopper()
+
+
+@pytest.mark.parametrize('stage', ['dpo', 'kto'])
+def test_preference_objectives_add_the_router_losses(stage):
+  """DPO and KTO on an MoE policy: the loss they optimise is theirs plus the router losses
+  (per pair / example), and the telemetry is logged; the logged 'loss' stays theirs."""
+  from lmjax.train import objectives
+  cfg = moe_config(aux_loss=0.5, z_loss=0.1)
+  cfg.stage = stage
+  getattr(cfg, stage).reference = 'copy'
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  setup = state_lib.make_setup(cfg, mesh)
+  state = state_lib.init_state(cfg, setup)
+  obj = objectives.get(cfg)
+  batch = random_batch(cfg)
+  rows = batch['inputs'].shape[0]
+  if stage == 'kto':
+    batch.update(label=np.tile([1, 0], rows // 2).astype(np.int32),
+                 weight=np.ones(rows, np.float32))
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  with sharding.use_mesh(mesh, cfg.rules):
+    total, aux = obj.sums(setup)(setup.weights(state), batch, None)
+    params = setup.weights(state)['params']
+    _, stats = nnx.merge(setup.graphdef, params).hidden_and_router(
+        batch['inputs'], batch['positions'], batch['segment_ids'])
+  router, _ = moe.router_losses(stats, cfg.model.moe)
+  examples = rows // 2
+  np.testing.assert_allclose(float(total), float(aux['loss']) + examples * float(router),
+                             rtol=1e-5)
+  m = obj.metrics(aux, jnp.float32(examples))
+  assert abs(float(m['moe/balance_loss']) - float(moe.load_balancing_loss(stats, 'layer'))) < 1e-5
+  assert 'moe/layer1/load_max' in m and 'moe/expert0/load' in m

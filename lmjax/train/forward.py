@@ -58,20 +58,33 @@ def lm_sums(graphdef, params, batch, z_loss, *, adapters=None, lora=None, dropou
   metrics = {'loss': nll, 'z_loss': z}
   if router is None:
     return nll + z, metrics
-  n = token_count(batch)
-  moe_cfg = nnx.merge(graphdef, params).cfg.moe
-  router_loss, telemetry = moe_lib.router_losses(router, moe_cfg)
-  metrics.update((k, v * n) for k, v in telemetry.items())
-  return nll + z + router_loss * n, metrics
+  router_loss, telemetry = router_sums(router, nnx.merge(graphdef, params).cfg.moe,
+                                       token_count(batch))
+  metrics.update(telemetry)
+  return nll + z + router_loss, metrics
 
 
-def row_logps(graphdef, params, batch, *, adapters=None, lora=None, dropout_rng=None):
+def router_sums(router, moe_cfg, n):
+  """(n x an MoE model's router losses, {telemetry: n x value}) from its router
+  statistics (moe.router_losses), for an objective whose sums are divided by a normaliser
+  this batch counts n of (loss tokens, pairs, examples): over it they come out as the
+  batch's values. (0, {}) for a dense model (router None)."""
+  if router is None:
+    return 0.0, {}
+  loss, telemetry = moe_lib.router_losses(router, moe_cfg)
+  return loss * n, {k: v * n for k, v in telemetry.items()}
+
+
+def row_logps(graphdef, params, batch, *, adapters=None, lora=None, dropout_rng=None,
+              router=False):
   """(log-prob sums, loss-token counts) [rows] of each row's loss tokens: one forward pass
-  for every row of the batch (the completions of pairs, labelled rows, ...)."""
+  for every row of the batch (the completions of pairs, labelled rows, ...). With
+  `router`, (that, the MoE router statistics or None)."""
   params = lora_lib.effective_params(params, adapters)
-  stats = model_stats(graphdef, params, batch, adapters=adapters, lora=lora,
-                      dropout_rng=dropout_rng)
-  return losses.sequence_sums(*stats, batch['loss_mask'])
+  stats, stats_router = model_stats(graphdef, params, batch, adapters=adapters, lora=lora,
+                                    dropout_rng=dropout_rng, router=True)
+  out = losses.sequence_sums(*stats, batch['loss_mask'])
+  return (out, stats_router) if router else out
 
 
 def sampling_logps(graphdef, params, batch, sampling: dict, *, adapters=None, lora=None,

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from lmjax import config as config_lib
 from lmjax.data import formats, preference
-from lmjax.train import losses, ref_logps
+from lmjax.train import forward, losses, ref_logps
 from lmjax.train.objectives import paired
 
 
@@ -83,9 +83,9 @@ class DPO(paired.Aligned):
     graphdef, lora, d = setup.graphdef, setup.lora, self.cfg.dpo
 
     def sums(weights, batch, rng):
-      pc, pr, nc, nr = paired.row_logps(graphdef, weights['params'], batch,
-                                        adapters=weights.get('adapters'), lora=lora,
-                                        dropout_rng=rng)
+      (pc, pr, nc, nr), router = paired.row_logps(
+          graphdef, weights['params'], batch, router=True, adapters=weights.get('adapters'),
+          lora=lora, dropout_rng=rng)
       if self.reference is None:  # dpo.reference_free: a reference of log-prob 0
         rc, rr = jnp.zeros_like(pc), jnp.zeros_like(pr)
       else:
@@ -96,7 +96,12 @@ class DPO(paired.Aligned):
                            labels=batch['label'][0::2] if d.soft_labels else None)
       out = {'loss': jnp.sum(loss), 'logps/chosen': jnp.sum(pc), 'logps/rejected': jnp.sum(pr)}
       out.update((k, jnp.sum(v)) for k, v in m.items())
-      return jnp.sum(loss), out
+      # An MoE policy's router losses, weighted per pair (as TRL adds router_aux_loss_coef
+      # x its aux loss), and their telemetry.
+      router_loss, telemetry = forward.router_sums(router, self.cfg.model.moe,
+                                                   jnp.float32(pc.shape[0]))
+      out.update(telemetry)
+      return jnp.sum(loss) + router_loss, out
 
     return sums
 

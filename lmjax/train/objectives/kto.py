@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from lmjax import config as config_lib
 from lmjax.data import feedback, formats
-from lmjax.train import losses, ref_logps
+from lmjax.train import forward, losses, ref_logps
 from lmjax.train.objectives import paired
 
 # The metric sums of a batch that are means over the liked ('chosen') or disliked
@@ -124,9 +124,9 @@ class KTO(paired.Aligned):
     graphdef, lora, k = setup.graphdef, setup.lora, self.cfg.kto
 
     def sums(weights, batch, rng):
-      pol, pol_kl, n, n_kl = paired.row_logps(
-          graphdef, weights['params'], batch, adapters=weights.get('adapters'), lora=lora,
-          dropout_rng=rng)
+      (pol, pol_kl, n, n_kl), router = paired.row_logps(
+          graphdef, weights['params'], batch, router=True, adapters=weights.get('adapters'),
+          lora=lora, dropout_rng=rng)
       ref, ref_kl = self.reference_logps(graphdef, weights, batch)
       liked, _ = losses.split_pairs(batch['label'])
       weight, _ = losses.split_pairs(batch['weight'])
@@ -139,7 +139,10 @@ class KTO(paired.Aligned):
              'kl': st['kl'] * pol.shape[0],  # z of this (micro-)batch x its examples
              'count/chosen': st['chosen'], 'count/rejected': st['rejected']}
       out.update((key, st[key]) for key in _PER_LABEL)
-      return jnp.sum(loss), out
+      router_loss, telemetry = forward.router_sums(router, self.cfg.model.moe,
+                                                   jnp.float32(pol.shape[0]))
+      out.update(telemetry)  # an MoE policy's router losses, per example
+      return jnp.sum(loss) + router_loss, out
 
     return sums
 
@@ -149,6 +152,7 @@ class KTO(paired.Aligned):
     are present); count/* as they are."""
     out = {'loss': aux['loss'] / denom, 'kl': aux['kl'] / denom,
            'count/chosen': aux['count/chosen'], 'count/rejected': aux['count/rejected']}
+    out.update((k, v / denom) for k, v in aux.items() if k.startswith('moe/'))
     for key in _PER_LABEL:
       out[key] = aux[key] / jnp.maximum(aux['count/' + key.split('/')[1]], 1.0)
     both = (aux['count/chosen'] > 0) & (aux['count/rejected'] > 0)

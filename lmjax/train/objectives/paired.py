@@ -31,11 +31,13 @@ from lmjax.train.objectives import base
 from lmjax.train.objectives import sft as sft_lib
 
 
-def row_logps(graphdef, params, batch, **kw):
+def row_logps(graphdef, params, batch, router=False, **kw):
   """Completion log-prob sums and token counts of a two-row batch ([2B] rows -> [B] each):
-  (even rows, odd rows, even rows' tokens, odd rows' tokens), one forward pass."""
-  lp, n = forward.row_logps(graphdef, params, batch, **kw)
-  return (*losses.split_pairs(lp), *losses.split_pairs(n))
+  (even rows, odd rows, even rows' tokens, odd rows' tokens), one forward pass. With
+  `router`, (that, the MoE router statistics or None)."""
+  (lp, n), stats = forward.row_logps(graphdef, params, batch, router=True, **kw)
+  out = (*losses.split_pairs(lp), *losses.split_pairs(n))
+  return (out, stats) if router else out
 
 
 class Paired(base.Objective):
