@@ -108,6 +108,14 @@ def base_config() -> ml_collections.ConfigDict:
       # Face *ForSequenceClassification with num_labels=1.
       head='lm',
       init_std=0.02,
+      # normal: every weight N(0, init_std) | scaled: the projections into the residual
+      # stream (attention out, MLP / expert down) at init_std / sqrt(2 n_layers), the
+      # depth scaling of GPT-2, GPT-NeoX and OLMo.
+      init='normal',
+      # Gemma 2's soft-capping, cap·tanh(x / cap) (0 = off): of the attention scores
+      # (attention=xla only) and of the output logits.
+      attn_logit_softcap=0.0,
+      final_logit_softcap=0.0,
       param_dtype='float32',  # float32 or bfloat16.
       dtype='float32',        # compute dtype: float32 or bfloat16.
       scan_layers=True,       # lax.scan over layers (fast compile) or unrolled.
@@ -686,6 +694,7 @@ _CHOICES = {
     'model.attention': ('xla', 'cudnn'),
     'model.head': ('lm', 'score'),
     'model.rope_scaling.type': ('none', 'llama3'),
+    'model.init': ('normal', 'scaled'),
     'model.moe.dispatch': ('dropless', 'capacity', 'dense'),
     'model.moe.balance': ('layer', 'pooled'),
     'model.moe.grouped_matmul': ('auto', 'xla', 'pallas'),
@@ -755,6 +764,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if t.global_batch % t.grad_accum:
     raise ConfigError(f'train.global_batch ({t.global_batch}) must be divisible by '
                       f'train.grad_accum ({t.grad_accum})')
+  for key in ('attn_logit_softcap', 'final_logit_softcap'):
+    if m[key] < 0:
+      raise ConfigError(f'model.{key} must be >= 0 (0 = off), got {m[key]}')
+  if m.attn_logit_softcap and m.attention != 'xla':
+    raise ConfigError('model.attn_logit_softcap needs model.attention=xla (the fused '
+                      'kernels take no soft-capping)')
   moe = m.moe
   if moe.experts < 0:
     raise ConfigError(f'model.moe.experts must be >= 0 (0 = dense), got {moe.experts}')

@@ -231,7 +231,7 @@ def model_overrides_from_hf(hf_config: dict, seq_len: int | None = None) -> dict
       rope_theta=theta, rope_scaling=scaling,
       tie_embeddings=bool(c.get('tie_word_embeddings', False)),
       qkv_bias=arch in QKV_BIAS_ARCHS, qk_norm=arch in QK_NORM_ARCHS, moe=_moe_from_hf(c),
-      head=hf_head(c))
+      attn_logit_softcap=0.0, final_logit_softcap=0.0, head=hf_head(c))
 
 
 def _moe_from_hf(c: dict) -> dict:
@@ -291,6 +291,10 @@ def _check_arch(mcfg, arch: str) -> None:
       raise HFError(f'arch={arch!r} {"needs" if want[what] else "cannot hold"} {what}, which '
                     f'the model {"lacks" if want[what] else "has"}; export as '
                     f'{default_arch(mcfg)!r}')
+  for key in ('attn_logit_softcap', 'final_logit_softcap'):
+    if mcfg.get(key):
+      raise HFError(f'model.{key}={mcfg[key]}: none of the exported architectures '
+                    f'({", ".join(ARCHS)}) soft-caps its logits')
   if arch == 'mixtral' and not mcfg.moe.renormalize:
     raise HFError("arch='mixtral' renormalises the top-k weights but model.moe.renormalize="
                   "False; export as 'qwen3_moe' (norm_topk_prob) or set it")

@@ -143,13 +143,42 @@ def _warn_once(msg: str) -> None:
     warnings.warn(msg, stacklevel=3)
 
 
-def attention(q, k, v, segment_ids=None, implementation: str = 'xla', max_segments: int = 32):
+def softcap(x, cap: float):
+  """Gemma 2's logit soft-capping, cap·tanh(x / cap) (cap 0: x as it is)."""
+  return x if not cap else cap * jnp.tanh(x / cap)
+
+
+def _softcapped(q, k, v, mask, cap: float):
+  """GQA attention with soft-capped scores (float32 scores and softmax): q [B, T, N, H],
+  k, v [B, S, K, H], mask [B, 1, T, S] (True: attend)."""
+  b, t, n, h = q.shape
+  kv = k.shape[2]
+  qg = q.reshape(b, t, kv, n // kv, h)
+  scores = jnp.einsum('btkgh,bskh->bkgts', qg, k,
+                      preferred_element_type=jnp.float32) / math.sqrt(h)
+  scores = softcap(scores, cap)
+  scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum('bkgts,bskh->btkgh', probs, v).reshape(b, t, n, h)
+
+
+def attention(q, k, v, segment_ids=None, implementation: str = 'xla', max_segments: int = 32,
+              logit_cap: float = 0.0):
   """Causal GQA attention. q: [B, T, N, H]; k, v: [B, S, K, H] with N % K == 0.
 
   segment_ids [B, T] keep each token inside its document. 'xla' masks the scores;
   'cudnn' (GPU) runs cuDNN's fused kernel, rows of at most `max_segments` runs of equal
-  segment ids (model.max_segments; 1: no packing, plain causal).
+  segment ids (model.max_segments; 1: no packing, plain causal). logit_cap > 0
+  soft-caps the scores (`softcap`; model.attn_logit_softcap, xla only).
   """
+  if logit_cap:
+    if implementation != 'xla':
+      raise ConfigError('model.attn_logit_softcap needs model.attention=xla (the fused '
+                        'kernels take no soft-capping)')
+    t = q.shape[1]
+    mask = jnp.tril(jnp.ones((t, k.shape[1]), bool))[None, None]
+    seg = segment_mask(segment_ids)
+    return _softcapped(q, k, v, mask if seg is None else mask & seg, logit_cap)
   if implementation == 'cudnn':
     if jax.default_backend() != 'gpu':
       raise ConfigError("model.attention='cudnn' needs a GPU; use 'xla' on "
@@ -159,15 +188,17 @@ def attention(q, k, v, segment_ids=None, implementation: str = 'xla', max_segmen
       q, k, v, mask=segment_mask(segment_ids), is_causal=True, implementation='xla')
 
 
-def cached_attention(q, k, v, cache_index, kv_mask):
+def cached_attention(q, k, v, cache_index, kv_mask, logit_cap: float = 0.0):
   """GQA attention of a chunk of queries over a KV cache (always the xla path).
 
   q: [B, T, N, H], the queries at cache slots cache_index + [0, T); k, v: [B, S, K, H]
   (the chunk already written); kv_mask: [B, S] bool, slots holding real tokens. Query t
-  attends to slot j iff kv_mask[b, j] and j <= cache_index + t.
+  attends to slot j iff kv_mask[b, j] and j <= cache_index + t. logit_cap: as `attention`.
   """
   t, s = q.shape[1], k.shape[1]
   q_slot = cache_index + jnp.arange(t)
   causal = jnp.arange(s)[None, :] <= q_slot[:, None]                # [T, S]
   mask = causal[None, None] & kv_mask[:, None, None, :]             # [B, 1, T, S]
+  if logit_cap:
+    return _softcapped(q, k, v, mask, logit_cap)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla')

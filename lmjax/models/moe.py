@@ -393,12 +393,14 @@ class MoE(nnx.Module):
     self.router = _param(rngs, (d, e), ('embed', None), std, pd)
     self.gate = _param(rngs, (e, d, f), ('expert', 'embed', 'mlp'), std, pd)
     self.up = _param(rngs, (e, d, f), ('expert', 'embed', 'mlp'), std, pd)
-    self.down = _param(rngs, (e, f, d), ('expert', 'mlp', 'embed'), std, pd)
+    out = cfg.init_std if cfg.get('init', 'normal') != 'scaled' else \
+        cfg.init_std / (2 * cfg.n_layers) ** 0.5  # transformer.out_std
+    self.down = _param(rngs, (e, f, d), ('expert', 'mlp', 'embed'), out, pd)
     fs = int(m.shared_d_ff)
     if fs:
       self.shared_gate_proj = _param(rngs, (d, fs), ('embed', 'mlp'), std, pd)
       self.shared_up = _param(rngs, (d, fs), ('embed', 'mlp'), std, pd)
-      self.shared_down = _param(rngs, (fs, d), ('mlp', 'embed'), std, pd)
+      self.shared_down = _param(rngs, (fs, d), ('mlp', 'embed'), out, pd)
       if m.shared_gate:
         self.shared_gate = _param(rngs, (d, 1), ('embed', None), std, pd)
 

@@ -54,6 +54,20 @@ def head_dim(cfg) -> int:
   return cfg.head_dim or cfg.d_model // cfg.n_heads
 
 
+INITS = ('normal', 'scaled')
+
+
+def out_std(cfg) -> float:
+  """The init std of the projections that write into the residual stream (attention's
+  output, the MLP's / experts' down projection): model.init_std, or with model.init=scaled
+  init_std / sqrt(2 · n_layers) (GPT-2, GPT-NeoX and OLMo's depth scaling: each layer's
+  two residual writes then add up to the variance of one)."""
+  init = cfg.get('init', 'normal') if hasattr(cfg, 'get') else 'normal'
+  if init == 'scaled':
+    return cfg.init_std / (2 * cfg.n_layers) ** 0.5
+  return cfg.init_std
+
+
 def _param(rngs, shape, axes, std, dtype):
   init = nnx.initializers.normal(std)
   return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes)
@@ -116,7 +130,7 @@ class Attention(nnx.Module):
     self.q = _param(rngs, (d, n, h), ('embed', 'heads', 'head_dim'), std, pd)
     self.k = _param(rngs, (d, k, h), ('embed', 'kv_heads', 'head_dim'), std, pd)
     self.v = _param(rngs, (d, k, h), ('embed', 'kv_heads', 'head_dim'), std, pd)
-    self.o = _param(rngs, (n, h, d), ('heads', 'head_dim', 'embed'), std, pd)
+    self.o = _param(rngs, (n, h, d), ('heads', 'head_dim', 'embed'), out_std(cfg), pd)
     if cfg.qkv_bias:
       self.q_bias = nnx.Param(jnp.zeros((n, h), pd), out_sharding=('heads', 'head_dim'))
       self.k_bias = nnx.Param(jnp.zeros((k, h), pd), out_sharding=('kv_heads', 'head_dim'))
@@ -152,7 +166,8 @@ class Attention(nnx.Module):
   def __call__(self, x, positions, segment_ids, lora=None):
     q, k, v = self._qkv(x, positions, lora)
     out = attn_lib.attention(q, k, v, segment_ids, self.cfg.attention,
-                             self.cfg.get('max_segments', 32))
+                             self.cfg.get('max_segments', 32),
+                             self.cfg.get('attn_logit_softcap', 0.0))
     return self._out(out, lora)
 
   def decode(self, x, positions, cache_k, cache_v, cache_index, kv_mask, lora=None):
@@ -167,7 +182,8 @@ class Attention(nnx.Module):
     at = (0, cache_index, 0, 0)
     keys = jax.lax.dynamic_update_slice(cache_k, k, at)
     values = jax.lax.dynamic_update_slice(cache_v, v, at)
-    out = attn_lib.cached_attention(q, keys, values, cache_index, kv_mask)
+    out = attn_lib.cached_attention(q, keys, values, cache_index, kv_mask,
+                                    self.cfg.get('attn_logit_softcap', 0.0))
     return self._out(out, lora), k, v
 
 
@@ -178,7 +194,7 @@ class MLP(nnx.Module):
     pd = DTYPES[cfg.param_dtype]
     self.gate = _param(rngs, (d, f), ('embed', 'mlp'), cfg.init_std, pd)
     self.up = _param(rngs, (d, f), ('embed', 'mlp'), cfg.init_std, pd)
-    self.down = _param(rngs, (f, d), ('mlp', 'embed'), cfg.init_std, pd)
+    self.down = _param(rngs, (f, d), ('mlp', 'embed'), out_std(cfg), pd)
 
   def __call__(self, x, lora=None):
     dt = x.dtype
@@ -367,7 +383,7 @@ class Transformer(nnx.Module):
                  else None)
     logits = jnp.einsum('...d,dv->...v', h, w.astype(h.dtype), precision=precision,
                         preferred_element_type=jnp.float32)
-    return logits
+    return attn_lib.softcap(logits, self.cfg.get('final_logit_softcap', 0.0))
 
   def scores(self, h):
     """Hidden [B, T, D] -> float32 reward-head scores [B, T] of every position

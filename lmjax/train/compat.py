@@ -19,7 +19,8 @@ ARCH_KEYS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head
 MOE_SHAPE_KEYS = ('experts', 'd_ff', 'shared_d_ff', 'shared_gate')
 # Fields that change what the params compute but not their shapes: init_from warns when
 # they differ (changing them can be the point, e.g. RoPE scaling for longer contexts).
-FUNCTION_KEYS = ('rope_theta', 'rope_scaling', 'norm_eps')
+FUNCTION_KEYS = ('rope_theta', 'rope_scaling', 'norm_eps', 'attn_logit_softcap',
+                 'final_logit_softcap')
 
 
 def arch_diff(source_model, model) -> list[tuple[str, object, object]]:
