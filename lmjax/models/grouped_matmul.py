@@ -17,8 +17,6 @@ Two implementations (model.moe.grouped_matmul):
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -97,9 +95,3 @@ def _pallas_bwd(res, g):
 
 
 _pallas.defvjp(_pallas_fwd, _pallas_bwd)
-
-
-@functools.lru_cache(maxsize=None)
-def describe() -> str:
-  """What model.moe.grouped_matmul=auto runs here, for logs."""
-  return 'pallas (Hopper kernels)' if hopper() else 'xla (ragged_dot)'
