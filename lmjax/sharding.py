@@ -88,8 +88,25 @@ def logical_to_spec(logical: Sequence[str | None], rules: Mapping[str, Any],
       if shape[i] % size:
         axes = ()
     used.update(axes)
-    out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    out.append(spec_entry(axes))
   return P(*out)
+
+
+def spec_entry(axes: Sequence[str]):
+  """A PartitionSpec entry for mesh `axes`: None, the axis, or the tuple of them."""
+  return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def mesh_axes(mesh: Mesh, rules: Mapping[str, Any], logical: str,
+              exclude: Sequence[str] = ()) -> tuple[str, ...]:
+  """The mesh axes of size > 1 that `rules` map `logical` onto, less `exclude`."""
+  return tuple(a for a in _axes(rules.get(logical)) if mesh.shape[a] > 1 and a not in exclude)
+
+
+def active_mesh() -> tuple[Mesh, dict] | None:
+  """(mesh, rules) of an enclosing `use_mesh` that has a mesh, else None."""
+  ctx = current()
+  return None if ctx is None or ctx[0] is None else ctx
 
 
 # The mesh and rules activations are constrained with, set by `use_mesh`.

@@ -73,14 +73,14 @@ def route(x, router, top_k: int, renormalize: bool):
 def _top_k(probs, k: int):
   """lax.top_k over the last axis; under a mesh (`sharding.use_mesh`), per device along
   the 'batch' rule's axes of the leading dim (XLA's partitioner gathers a top-k's rows)."""
-  ctx = sharding.current()
-  if ctx is None or ctx[0] is None or probs.ndim < 2:
+  ctx = sharding.active_mesh()
+  if ctx is None or probs.ndim < 2:
     return jax.lax.top_k(probs, k)
   mesh, rules = ctx
-  batch = _mesh_axes(mesh, rules, 'batch')
+  batch = sharding.mesh_axes(mesh, rules, 'batch')
   if not batch or probs.shape[0] % math.prod(mesh.shape[a] for a in batch):
     return jax.lax.top_k(probs, k)
-  spec = P(_spec_axis(batch), *([None] * (probs.ndim - 1)))
+  spec = P(sharding.spec_entry(batch), *([None] * (probs.ndim - 1)))
   return jax.shard_map(lambda p: tuple(jax.lax.top_k(p, k)), mesh=mesh, in_specs=(spec,),
                        out_specs=(spec, spec), check_vma=False)(probs)
 
@@ -186,35 +186,24 @@ def dropless(x, weights, ids, gate, up, down, impl: str = 'xla'):
   return jnp.einsum('nkd,nk->nd', y, weights.astype(y.dtype))
 
 
-def _mesh_axes(mesh, rules, logical: str, exclude=()) -> tuple[str, ...]:
-  """The mesh axes (of size > 1) the rules map `logical` onto, less `exclude`."""
-  target = rules.get(logical)
-  axes = (target,) if isinstance(target, str) else tuple(target or ())
-  return tuple(a for a in axes if mesh.shape[a] > 1 and a not in exclude)
-
-
-def _spec_axis(axes):
-  return None if not axes else axes[0] if len(axes) == 1 else axes
-
-
 def dropless_sharded(x, weights, ids, gate, up, down, impl: str = 'xla'):
   """`dropless` under the mesh of an enclosing `sharding.use_mesh`: each device sorts and
   computes its own tokens (x split along the 'batch' rule's axes), with every expert's
   weights gathered to it (as FSDP gathers a dense layer's), each 'mlp' shard computing its
   slice of the hidden units (summed over them after the down projection). Without a mesh,
   or when the rows do not split evenly, plain `dropless` (sorting the global batch)."""
-  ctx = sharding.current()
-  if ctx is None or ctx[0] is None:
+  ctx = sharding.active_mesh()
+  if ctx is None:
     return dropless(x, weights, ids, gate, up, down, impl)
   mesh, rules = ctx
-  batch = _mesh_axes(mesh, rules, 'batch')
-  mlp = _mesh_axes(mesh, rules, 'mlp', exclude=batch)
+  batch = sharding.mesh_axes(mesh, rules, 'batch')
+  mlp = sharding.mesh_axes(mesh, rules, 'mlp', exclude=batch)
   size = lambda axes: math.prod(mesh.shape[a] for a in axes)
   if gate.shape[-1] % size(mlp):
     mlp = ()
   if (not batch and not mlp) or x.shape[0] % size(batch):
     return dropless(x, weights, ids, gate, up, down, impl)
-  rows, hidden = P(_spec_axis(batch), None), _spec_axis(mlp)
+  rows, hidden = P(sharding.spec_entry(batch), None), sharding.spec_entry(mlp)
 
   def local(x, weights, ids, gate, up, down):
     y = dropless(x, weights, ids, gate, up, down, impl)
@@ -276,13 +265,13 @@ def capacity_sharded(x, weights, ids, valid, gate, up, down, capacity_factor: fl
   rule's axes are summed after the down projection. Without a mesh, or when the shapes do
   not split evenly, plain `capacity_dispatch` (GSPMD places it)."""
   plain = lambda: capacity_dispatch(x, weights, ids, valid, gate, up, down, capacity_factor)
-  ctx = sharding.current()
-  if ctx is None or ctx[0] is None:
+  ctx = sharding.active_mesh()
+  if ctx is None:
     return plain()
   mesh, rules = ctx
-  batch = _mesh_axes(mesh, rules, 'batch')
-  expert = tuple(a for a in _mesh_axes(mesh, rules, 'expert') if a in batch)
-  mlp = _mesh_axes(mesh, rules, 'mlp', exclude=batch)
+  batch = sharding.mesh_axes(mesh, rules, 'batch')
+  expert = tuple(a for a in sharding.mesh_axes(mesh, rules, 'expert') if a in batch)
+  mlp = sharding.mesh_axes(mesh, rules, 'mlp', exclude=batch)
   size = lambda axes: math.prod(mesh.shape[a] for a in axes)
   e, f = gate.shape[0], gate.shape[-1]
   if f % size(mlp):
@@ -290,8 +279,8 @@ def capacity_sharded(x, weights, ids, valid, gate, up, down, capacity_factor: fl
   if (not batch or x.shape[0] % size(batch) or e % size(expert)
       or (x.shape[0] // size(batch)) == 0):
     return plain()
-  ex, hid = _spec_axis(expert), _spec_axis(mlp)
-  rows = lambda n: P(_spec_axis(batch), *([None] * (n - 1)))
+  ex, hid = sharding.spec_entry(expert), sharding.spec_entry(mlp)
+  rows = lambda n: P(sharding.spec_entry(batch), *([None] * (n - 1)))
 
   def run_experts(buf, gate, up, down):
     if expert:  # [B_local, E, C, d] -> [B_local * n, E / n, C, d]: this device's experts
