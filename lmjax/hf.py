@@ -278,18 +278,16 @@ def _check_arch(mcfg, arch: str) -> None:
   if arch not in ARCHS:
     raise HFError(f'arch={arch!r} is not supported (supported: {", ".join(ARCHS)})')
   moe = transformer.is_moe(mcfg)
-  have = {'q/k/v biases (model.qkv_bias)': bool(mcfg.qkv_bias),
-          'QK-norm (model.qk_norm)': bool(mcfg.get('qk_norm')),
-          'a mixture of experts (model.moe.experts > 0)': moe,
-          'a shared expert (model.moe.shared_d_ff > 0)': moe and int(mcfg.moe.shared_d_ff) > 0}
-  want = {'q/k/v biases (model.qkv_bias)': arch in QKV_BIAS_ARCHS,
-          'QK-norm (model.qk_norm)': arch in QK_NORM_ARCHS,
-          'a mixture of experts (model.moe.experts > 0)': arch in MOE_ARCHS,
-          'a shared expert (model.moe.shared_d_ff > 0)': arch == 'qwen2_moe'}
-  for what, value in have.items():
-    if value != want[what]:
-      raise HFError(f'arch={arch!r} {"needs" if want[what] else "cannot hold"} {what}, which '
-                    f'the model {"lacks" if want[what] else "has"}; export as '
+  parts = (  # (what, the model has it, the arch has it)
+      ('q/k/v biases (model.qkv_bias)', bool(mcfg.qkv_bias), arch in QKV_BIAS_ARCHS),
+      ('QK-norm (model.qk_norm)', bool(mcfg.get('qk_norm')), arch in QK_NORM_ARCHS),
+      ('a mixture of experts (model.moe.experts > 0)', moe, arch in MOE_ARCHS),
+      ('a shared expert (model.moe.shared_d_ff > 0)', moe and int(mcfg.moe.shared_d_ff) > 0,
+       arch == 'qwen2_moe'))
+  for what, have, want in parts:
+    if have != want:
+      raise HFError(f'arch={arch!r} {"needs" if want else "cannot hold"} {what}, which '
+                    f'the model {"lacks" if want else "has"}; export as '
                     f'{default_arch(mcfg)!r}')
   for key in ('attn_logit_softcap', 'final_logit_softcap'):
     if mcfg.get(key):

@@ -222,21 +222,20 @@ def capacity(capacity_factor: float, length: int, k: int, e: int) -> int:
 
 
 def capacity_dispatch(x, weights, ids, valid, gate, up, down, capacity_factor: float,
-                      experts=None):
+                      experts=None, n_experts: int | None = None):
   """Capacity-limited experts per batch row: x [B, T, d] -> ([B, T, d], processed [E]).
 
   Assignments fill each expert's C slots in priority order (every token's first choice,
   then its second, ...; by position within a choice); those past C, and padding, are
   dropped. experts(buf [B, E, C, d], gate, up, down) -> [B, E, C, d] runs the experts
   (default: every expert here; `capacity_sharded` passes one that exchanges the buffer
-  with the devices holding the other experts)."""
+  with the devices holding the other experts, and the `n_experts` of the whole model,
+  default gate's count)."""
   b, t, k = ids.shape
-  e, d = gate.shape[0], x.shape[-1]
+  d = x.shape[-1]
+  e_all = n_experts or gate.shape[0]
   if experts is None:
     experts = lambda buf, *w: _swiglu(buf.transpose(1, 0, 2, 3), *w).transpose(1, 0, 2, 3)
-    e_all = e
-  else:
-    e_all = experts.n_experts
   c = capacity(capacity_factor, t, k, e_all)
   onehot = (jax.nn.one_hot(ids, e_all, dtype=jnp.int32)
             * valid[:, :, None, None].astype(jnp.int32))
@@ -292,11 +291,9 @@ def capacity_sharded(x, weights, ids, valid, gate, up, down, capacity_factor: fl
       y = jax.lax.all_to_all(y, expert, split_axis=0, concat_axis=1, tiled=True)
     return y
 
-  run_experts.n_experts = e
-
   def local(x, weights, ids, valid, gate, up, down):
     y, processed = capacity_dispatch(x, weights, ids, valid, gate, up, down,
-                                     capacity_factor, experts=run_experts)
+                                     capacity_factor, experts=run_experts, n_experts=e)
     return y, jax.lax.psum(processed, batch)
 
   return jax.shard_map(
@@ -344,7 +341,7 @@ def dropless_warning(mcfg, backend: str | None = None) -> str | None:
     return None
   if (backend or jax.default_backend()) != 'gpu':
     return None
-  if backend is None and grouped_impl(mcfg) == 'pallas':
+  if grouped_impl(mcfg) == 'pallas':
     return None
   version = _cudnn_version()
   if version is None or version >= CUDNN_GROUPED_MATMUL:
@@ -371,10 +368,12 @@ class MoE(nnx.Module):
 
   Params: router [d, E]; gate, up [E, d, f]; down [E, f, d] (f = moe.d_ff); with
   moe.shared_d_ff > 0 a shared expert shared_{gate,up} [d, fs], shared_down [fs, d] and,
-  with moe.shared_gate, its gate [d, 1].
+  with moe.shared_gate, its gate [d, 1]. out_std: the init std of the down projections,
+  which write into the residual stream (default model.init_std; the transformer's blocks
+  pass transformer.out_std).
   """
 
-  def __init__(self, cfg, rngs: nnx.Rngs, param_dtype):
+  def __init__(self, cfg, rngs: nnx.Rngs, param_dtype, out_std: float | None = None):
     m = cfg.moe
     d, e, f = cfg.d_model, int(m.experts), int(m.d_ff) or cfg.d_ff
     std, pd = cfg.init_std, param_dtype
@@ -382,8 +381,7 @@ class MoE(nnx.Module):
     self.router = _param(rngs, (d, e), ('embed', None), std, pd)
     self.gate = _param(rngs, (e, d, f), ('expert', 'embed', 'mlp'), std, pd)
     self.up = _param(rngs, (e, d, f), ('expert', 'embed', 'mlp'), std, pd)
-    out = cfg.init_std if cfg.get('init', 'normal') != 'scaled' else \
-        cfg.init_std / (2 * cfg.n_layers) ** 0.5  # transformer.out_std
+    out = std if out_std is None else out_std
     self.down = _param(rngs, (e, f, d), ('expert', 'mlp', 'embed'), out, pd)
     fs = int(m.shared_d_ff)
     if fs:

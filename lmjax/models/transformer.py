@@ -220,7 +220,7 @@ class Block(nnx.Module):
     self.attn = Attention(cfg, rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
     if is_moe(cfg):
-      self.moe = moe_lib.MoE(cfg, rngs, pd)
+      self.moe = moe_lib.MoE(cfg, rngs, pd, out_std(cfg))
     else:
       self.mlp = MLP(cfg, rngs)
 

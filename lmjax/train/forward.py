@@ -45,10 +45,11 @@ def loss_sums(graphdef, params, batch, z_loss, *, adapters=None, lora=None, drop
   return losses.nll_sums(*stats, batch['loss_mask'], z_loss)
 
 
-def lm_sums(graphdef, params, batch, z_loss, *, adapters=None, lora=None, dropout_rng=None):
+def lm_sums(graphdef, params, batch, z_loss, moe_cfg, *, adapters=None, lora=None,
+            dropout_rng=None):
   """(loss sum, {metric: sum}) of next-token prediction: the nll and z-loss sums and, for
-  an MoE model, its router losses (moe.router_losses: model.moe.aux_loss * balance +
-  model.moe.z_loss * router z) and telemetry, each times the batch's loss tokens, so that
+  an MoE model, its router losses (moe.router_losses with `moe_cfg`, cfg.model.moe:
+  aux_loss * balance + z_loss * router z) and telemetry, each times the batch's loss tokens, so that
   over the normaliser they come out as the batch's values (under gradient accumulation,
   the micro-batches' values weighted by their loss tokens)."""
   params = lora_lib.effective_params(params, adapters)
@@ -58,8 +59,7 @@ def lm_sums(graphdef, params, batch, z_loss, *, adapters=None, lora=None, dropou
   metrics = {'loss': nll, 'z_loss': z}
   if router is None:
     return nll + z, metrics
-  router_loss, telemetry = router_sums(router, nnx.merge(graphdef, params).cfg.moe,
-                                       token_count(batch))
+  router_loss, telemetry = router_sums(router, moe_cfg, token_count(batch))
   metrics.update(telemetry)
   return nll + z + router_loss, metrics
 

@@ -50,7 +50,7 @@ class LM(base.Objective):
     graphdef, lora, z_coef = setup.graphdef, setup.lora, self.cfg.train.z_loss
 
     def sums(weights, batch, rng):
-      return forward.lm_sums(graphdef, weights['params'], batch, z_coef,
+      return forward.lm_sums(graphdef, weights['params'], batch, z_coef, self.cfg.model.moe,
                              adapters=weights.get('adapters'), lora=lora, dropout_rng=rng)
 
     return sums
