@@ -215,6 +215,27 @@ def base_config() -> ml_collections.ConfigDict:
       skip_bad_steps=False,
       spike_threshold=0.0,    # e.g. 5.0; 0 = skip non-finite steps only.
       max_skips_in_a_row=10,
+      # What a loss spike does: stop (a TrainingError naming the last checkpoint) or
+      # rewind (restore the last checkpoint before the spike, skip the batches that
+      # followed it, continue; each rewind is recorded in the checkpoint meta's 'rewinds'
+      # and in metrics.jsonl). A step's loss is a spike when it is non-finite (and not a
+      # step skip_bad_steps skipped) or, with loss_spike.factor > 0, above factor x the
+      # mean loss of the previous loss_spike.window steps.
+      on_spike='stop',
+      loss_spike=dict(
+          factor=0.0,         # e.g. 2.0; 0 = non-finite losses only. Positive losses only.
+          window=50,          # steps in the running mean (judged once 10 are in it).
+          skip_batches=100,   # rewind: data batches skipped after the restored step (at
+                              # least through the spike's own batch).
+          max_rewinds=5,      # rewind: more in one run stop it.
+      ),
+      # Stability telemetry at every log step (its cost: tools/bench.py --telemetry): per
+      # layer the max |attention logit| (before any soft-cap), the residual stream's RMS
+      # and the gradient and update norms ('stability/layer<i>/...'); the output's mean
+      # and max log Z over loss tokens; the spike score (the fraction of steps whose loss
+      # lay > 7 sigma above the mean of the previous 1000). The forward-pass statistics
+      # need an LM objective (pretrain, sft); the others log the norms and spike score.
+      telemetry=False,
       progress_bar=True,
       sample_at_end=True,
       # Weights & Biases, beside metrics.jsonl and TensorBoard (process 0; needs
@@ -703,6 +724,7 @@ _CHOICES = {
     'tokenizer.model_type': ('bpe', 'unigram'),
     'stage': ('pretrain', 'sft', 'dpo', 'kto', 'reward', 'grpo'),
     'train.wandb.mode': ('', 'online', 'offline', 'disabled'),
+    'train.on_spike': ('stop', 'rewind'),
     'dpo.reference': ('auto', 'adapters_off', 'copy', 'precomputed'),
     'sft.source': ('jsonl', 'tfds'),
     'sft.template': ('auto', 'model', 'llama3', 'chatml', 'plain'),
@@ -761,6 +783,14 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   for key in ('global_batch', 'grad_accum', 'steps', 'log_every', 'eval_batches'):
     if t[key] <= 0:
       raise ConfigError(f'config key train.{key} must be positive, got {t[key]}')
+  ls = t.loss_spike
+  if ls.factor < 0 or (ls.factor and ls.factor <= 1):
+    raise ConfigError(f'train.loss_spike.factor must be 0 (off) or > 1, got {ls.factor}')
+  for key in ('window', 'max_rewinds'):
+    if ls[key] <= 0:
+      raise ConfigError(f'train.loss_spike.{key} must be positive, got {ls[key]}')
+  if ls.skip_batches < 0:
+    raise ConfigError(f'train.loss_spike.skip_batches must be >= 0, got {ls.skip_batches}')
   if t.global_batch % t.grad_accum:
     raise ConfigError(f'train.global_batch ({t.global_batch}) must be divisible by '
                       f'train.grad_accum ({t.grad_accum})')

@@ -2,6 +2,8 @@
 logits) and the depth-scaled initialisation. (QK-norm: tests/test_hf_moe.py, against
 transformers' Qwen3.)"""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -104,3 +106,130 @@ def test_soft_capping_config_errors():
   # No exported architecture soft-caps: export refuses rather than change the function.
   with pytest.raises(hf.HFError, match='final_logit_softcap=30.0: none of the exported'):
     hf.hf_config_from_model(tiny_config(final_logit_softcap=30.0).model, 'llama')
+
+
+# ---- Telemetry --------------------------------------------------------------------------
+
+def _max_abs_logit_reference(q, k, seg):
+  q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  b, t, n, h = q.shape
+  best = 0.0
+  for bi in range(b):
+    allowed = (np.tril(np.ones((t, t), bool)) & (seg[bi][:, None] == seg[bi][None, :])
+               & (seg[bi][:, None] > 0))
+    for hi in range(n):
+      s = q[bi, :, hi] @ k[bi, :, hi // (n // k.shape[2])].T / np.sqrt(h)
+      best = max(best, float(np.abs(s[allowed]).max(initial=0.0)))
+  return best
+
+
+def test_max_attention_logit_covers_attended_pairs_only_in_blocks():
+  q, k, _ = _qkv(1, t=12)
+  # A huge key where no query may attend it: the next document's first key, seen only from
+  # later positions in its own document, and a padding key.
+  seg = np.array([[1] * 5 + [2] * 5 + [0] * 2, [1] * 12], np.int32)
+  k = k.at[0, 11].set(1e3)  # padding: never attended
+  want = _max_abs_logit_reference(q, k, seg)
+  for block in (2**24, 2 * 4 * 12 * 3):  # all queries at once; blocks of 3 queries
+    got = float(attention.max_abs_logit(q, k, jnp.asarray(seg), block_elems=block))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert want < 100
+
+
+def test_layer_stats_match_a_layer_by_layer_forward():
+  cfg = ml_collections.FrozenConfigDict(tiny_config(n_layers=3, init_std=0.2).model)
+  model = transformer.build(cfg)
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(4, 256, (2, 16)))
+  seg = jnp.asarray(np.array([[1] * 9 + [2] * 7, [1] * 12 + [0] * 4], np.int32))
+  pos = jnp.asarray(np.array([list(range(9)) + list(range(7)),
+                              list(range(12)) + [0] * 4], np.int32))
+  h, router, layers = model.hidden_and_stats(tokens, pos, seg, telemetry=True)
+  assert router is None and layers.attn_logit_max.shape == (3,)
+  graphdef, state = nnx.split(model.layers)
+  x = model._embed(tokens)  # pylint: disable=protected-access
+  for i in range(3):
+    block = nnx.merge(graphdef, jax.tree.map(lambda p: p[i], state))
+    q, k, _ = block.attn._qkv(block.attn_norm(x), pos)  # pylint: disable=protected-access
+    np.testing.assert_allclose(layers.attn_logit_max[i],
+                               _max_abs_logit_reference(q, k, np.asarray(seg)), rtol=1e-4)
+    x, _ = block(x, pos, seg)
+    real = np.asarray(seg) > 0
+    rms = np.sqrt(np.mean(np.square(np.asarray(x, np.float64)[real])))
+    np.testing.assert_allclose(layers.resid_rms[i], rms, rtol=1e-4)
+  np.testing.assert_allclose(h, model.hidden(tokens, pos, seg), atol=1e-6)  # unchanged
+
+
+def test_telemetry_metrics_of_a_train_step_match_direct_computation():
+  from lmjax.train import forward, losses, objectives  # pylint: disable=import-outside-toplevel
+  from lmjax.train import state as state_lib  # pylint: disable=import-outside-toplevel
+  from lmjax.train import step as step_lib  # pylint: disable=import-outside-toplevel
+  from lmjax import sharding  # pylint: disable=import-outside-toplevel
+  from util import random_batch  # pylint: disable=import-outside-toplevel
+  cfg = tiny_config(n_layers=3)
+  cfg.train.update(telemetry=True, grad_accum=2)
+  cfg.optim.update(clip_norm=0.0)
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  setup = state_lib.make_setup(cfg, mesh, objectives.get(cfg))
+  state = state_lib.init_state(cfg, setup)
+  params = jax.tree.map(np.asarray, state['params'])
+  batch = random_batch(cfg, seed=3, docs_per_row=2)
+  _, m = step_lib.make_train_step(cfg, setup)(state, sharding.place_batch(batch, mesh, cfg.rules))
+  m = jax.device_get(m)
+  # log Z over the loss tokens, from the logits of the starting params
+  model = nnx.merge(setup.graphdef, params)
+  lse = np.asarray(jax.nn.logsumexp(model(batch['inputs'], batch['positions'],
+                                          batch['segment_ids']), axis=-1))
+  mask = batch['loss_mask'] > 0
+  np.testing.assert_allclose(m['stability/logz_mean'], lse[mask].mean(), rtol=1e-5)
+  np.testing.assert_allclose(m['stability/logz_max'], lse[mask].max(), rtol=1e-5)
+  # The micro-batches' maxima combine as a max: the whole batch's max attention logit.
+  _, _, layers = model.hidden_and_stats(batch['inputs'], batch['positions'],
+                                        batch['segment_ids'], telemetry=True)
+  for i in range(3):
+    np.testing.assert_allclose(m[f'stability/layer{i}/attn_logit_max'],
+                               layers.attn_logit_max[i], rtol=1e-5)
+  np.testing.assert_allclose(m['stability/attn_logit_max'], np.max(layers.attn_logit_max),
+                             rtol=1e-5)
+  # Per-layer gradient norms: of the batch's mean-loss gradient, layer by layer.
+  def loss(p):
+    nll, _ = forward.loss_sums(setup.graphdef, p, batch, 0.0)
+    return nll / batch['loss_mask'].sum()
+  grads = jax.grad(loss)(params)
+  sq = 0.0
+  for i in range(3):
+    g = np.sqrt(sum(float(np.sum(np.square(x[i]))) for x in jax.tree.leaves(grads['layers'])))
+    np.testing.assert_allclose(m[f'stability/layer{i}/grad_norm'], g, rtol=1e-4)
+    sq += m[f'stability/layer{i}/grad_norm'] ** 2
+    # Adam's first update moves every weight by about lr: lr * sqrt(the layer's weights)
+    n = sum(x[i].size for x in jax.tree.leaves(params['layers']))
+    np.testing.assert_allclose(m[f'stability/layer{i}/update_norm'], 1e-2 * np.sqrt(n),
+                               rtol=0.05)
+  assert sq < m['grad_norm'] ** 2  # the embedding and final norm hold the rest
+  del losses
+
+
+def test_telemetry_in_a_training_run_and_its_plot(tmp_path):
+  """A run with train.telemetry logs every statistic at each log step, to metrics.jsonl
+  and TensorBoard; without it none is computed."""
+  import json  # pylint: disable=import-outside-toplevel
+  from lmjax.train import loop  # pylint: disable=import-outside-toplevel
+  from util import pretrain_cfg, write_corpus  # pylint: disable=import-outside-toplevel
+  write_corpus(tmp_path / 'text')
+  cfg = pretrain_cfg(tmp_path)  # on 8 devices
+  cfg.train.update(telemetry=True, steps=4, log_every=2)
+  res = loop.train(cfg, str(tmp_path / 'on'))
+  rows = [json.loads(line) for line in open(tmp_path / 'on' / 'metrics.jsonl')]
+  assert [r['step'] for r in rows] == [2, 4]
+  for r in rows:
+    for i in range(2):
+      for name in ('attn_logit_max', 'resid_rms', 'grad_norm', 'update_norm'):
+        assert np.isfinite(r[f'stability/layer{i}/{name}']) and r[f'stability/layer{i}/{name}'] > 0
+    assert r['stability/logz_max'] >= r['stability/logz_mean'] > 0
+    assert r['stability/spike_score'] == 0.0
+  assert os.listdir(tmp_path / 'on' / 'tb')
+  cfg.train.update(telemetry=False)
+  off = loop.train(cfg, str(tmp_path / 'off'))
+  assert not any(k.startswith('stability/') for k in off.history[-1])
+  # the same training either way: the statistics never touch the gradients
+  np.testing.assert_allclose(off.history[-1]['loss'], res.history[-1]['loss'], rtol=1e-5)

@@ -162,6 +162,44 @@ def _softcapped(q, k, v, mask, cap: float):
   return jnp.einsum('bkgts,bskh->btkgh', probs, v).reshape(b, t, n, h)
 
 
+def max_abs_logit(q, k, segment_ids=None, block_elems: int = 2**24) -> jax.Array:
+  """max |q·k / sqrt(H)| over the (query, key) pairs causal attention attends (same
+  document, key at or before the query): the attention logit growth that precedes
+  instability (Wortsman et al. 2023). q: [B, T, N, H]; k: [B, T, K, H]. No gradient.
+
+  Computed a block of queries at a time (at most `block_elems` float32 scores a block,
+  64 MiB by default), so the [B, N, T, T] scores never exist at once.
+  """
+  q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
+  b, t, n, h = q.shape
+  kv = k.shape[2]
+  tq = _block(t, max(block_elems // (b * n * t), 1))
+  nb = t // tq
+  qb = jnp.swapaxes(q.reshape(b, nb, tq, kv, n // kv, h), 0, 1)     # [nb, B, tq, K, G, H]
+  seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
+  seg_b = jnp.swapaxes(seg.reshape(b, nb, tq), 0, 1)                  # [nb, B, tq]
+  rows = jnp.arange(t).reshape(nb, tq)
+  scale = 1.0 / math.sqrt(h)
+
+  def one(m, xs):
+    qc, sq, pos = xs
+    s = jnp.einsum('btkgh,bskh->bkgts', qc, k, preferred_element_type=jnp.float32) * scale
+    ok = (pos[:, None] >= jnp.arange(t)[None, :])[None]                 # [1, tq, T]
+    ok = ok & (sq[:, :, None] == seg[:, None, :]) & (sq[:, :, None] > 0)  # [B, tq, T]
+    return jnp.maximum(m, jnp.max(jnp.where(ok[:, None, None], jnp.abs(s), 0.0))), None
+
+  m, _ = jax.lax.scan(one, jnp.zeros((), jnp.float32), (qb, seg_b, rows))
+  return m
+
+
+def _block(t: int, at_most: int) -> int:
+  """The largest divisor of t that is at most `at_most` (at least 1)."""
+  for d in range(min(t, at_most), 0, -1):
+    if t % d == 0:
+      return d
+  return 1
+
+
 def attention(q, k, v, segment_ids=None, implementation: str = 'xla', max_segments: int = 32,
               logit_cap: float = 0.0):
   """Causal GQA attention. q: [B, T, N, H]; k, v: [B, S, K, H] with N % K == 0.

@@ -163,12 +163,14 @@ class Attention(nnx.Module):
     return (jnp.einsum('btnh,nhd->btd', out, self.o[...].astype(out.dtype))
             + _delta(lora, out, 'attn', 'o', 2))
 
-  def __call__(self, x, positions, segment_ids, lora=None):
+  def __call__(self, x, positions, segment_ids, lora=None, telemetry=False):
+    """The attention output; with `telemetry`, (it, max |attention logit|)."""
     q, k, v = self._qkv(x, positions, lora)
     out = attn_lib.attention(q, k, v, segment_ids, self.cfg.attention,
                              self.cfg.get('max_segments', 32),
                              self.cfg.get('attn_logit_softcap', 0.0))
-    return self._out(out, lora)
+    out = self._out(out, lora)
+    return (out, attn_lib.max_abs_logit(q, k, segment_ids)) if telemetry else out
 
   def decode(self, x, positions, cache_k, cache_v, cache_index, kv_mask, lora=None):
     """Attention with a KV cache (one layer's slice [B, S, K, H]).
@@ -210,6 +212,23 @@ def is_moe(cfg) -> bool:
   return bool(moe) and int(moe['experts']) > 0
 
 
+class LayerStats(NamedTuple):
+  """One layer's stability telemetry of a batch (stacked [layers] by the layer loop); no
+  gradient flows through it."""
+  attn_logit_max: jax.Array  # [] max |q·k / sqrt(head_dim)| over attended pairs
+  resid_rms: jax.Array       # [] RMS of the residual stream after the layer (real tokens)
+
+
+def residual_rms(x, segment_ids=None) -> jax.Array:
+  """sqrt(mean(x^2)) over the features of the real tokens (segment id > 0) of x [B, T, D]."""
+  x = jax.lax.stop_gradient(x).astype(jnp.float32)
+  sq = jnp.mean(x * x, axis=-1)                                            # [B, T]
+  if segment_ids is None:
+    return jnp.sqrt(jnp.mean(sq))
+  real = (segment_ids > 0).astype(jnp.float32)
+  return jnp.sqrt(jnp.sum(sq * real) / jnp.maximum(jnp.sum(real), 1.0))
+
+
 class Block(nnx.Module):
   """Attention and a feed-forward: `mlp` (SwiGLU) or, for an MoE model, `moe`."""
 
@@ -230,11 +249,16 @@ class Block(nnx.Module):
       return self.moe(x, segment_ids, dispatch)
     return self.mlp(x, lora), None
 
-  def __call__(self, x, positions, segment_ids, lora=None):
-    """(output, this layer's RouterStats; None for a dense model)."""
-    x = x + self.attn(self.attn_norm(x), positions, segment_ids, lora)
+  def __call__(self, x, positions, segment_ids, lora=None, telemetry=False):
+    """(output, (this layer's RouterStats, None for a dense model; its LayerStats with
+    `telemetry`, else None))."""
+    a = self.attn(self.attn_norm(x), positions, segment_ids, lora, telemetry)
+    a, logit_max = a if telemetry else (a, None)
+    x = x + a
     y, stats = self._ffn(self.mlp_norm(x), segment_ids, lora)
-    return sharding.constrain(x + y, ('batch', 'length', 'embed')), stats
+    x = sharding.constrain(x + y, ('batch', 'length', 'embed'))
+    layer = LayerStats(logit_max, residual_rms(x, segment_ids)) if telemetry else None
+    return x, (stats, layer)
 
   def decode(self, x, positions, cache_k, cache_v, cache_index, kv_mask, lora=None):
     """As __call__, attending through this layer's cache; also returns the new k, v."""
@@ -286,6 +310,13 @@ class Transformer(nnx.Module):
                         lora=None, dropout_rng=None):
     """(`hidden`, the router statistics of every layer: moe.RouterStats stacked [layers,
     ...], None for a dense model), for the MoE losses and telemetry (moe.router_losses)."""
+    return self.hidden_and_stats(tokens, positions, segment_ids, adapters=adapters,
+                                 lora=lora, dropout_rng=dropout_rng)[:2]
+
+  def hidden_and_stats(self, tokens, positions=None, segment_ids=None, *, adapters=None,
+                       lora=None, dropout_rng=None, telemetry=False):
+    """(`hidden`, the router statistics as `hidden_and_router`, the layers' LayerStats
+    stacked [layers] with `telemetry`, else None)."""
     cfg = self.cfg
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -295,7 +326,8 @@ class Transformer(nnx.Module):
 
     def body(x, xs):
       params, ad = xs
-      return nnx.merge(graphdef, params)(x, positions, segment_ids, layer_lora(ad))
+      return nnx.merge(graphdef, params)(x, positions, segment_ids, layer_lora(ad),
+                                         telemetry)
 
     xs = (layer_state, _layer_inputs(adapters, dropout_rng, cfg.n_layers))
     if cfg.remat != 'none':
@@ -307,9 +339,9 @@ class Transformer(nnx.Module):
       for i in range(cfg.n_layers):
         x, s = body(x, jax.tree.map(lambda p: p[i], xs))
         per_layer.append(s)
-      stats = None if per_layer[0] is None else jax.tree.map(lambda *a: jnp.stack(a),
-                                                             *per_layer)
-    return self.final_norm(x), stats
+      stats = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+    router, layers = stats
+    return self.final_norm(x), router, layers
 
   def _embed(self, tokens):
     # Gather from the replicated table (one all-gather, as FSDP does for every weight):

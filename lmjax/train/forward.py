@@ -24,16 +24,20 @@ TOKEN_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
 
 
 def model_stats(graphdef, params, batch, *, adapters=None, lora=None, dropout_rng=None,
-                router=False):
+                router=False, telemetry=False):
   """(logsumexp, target logit) [B, T] of the model's logits for the batch (losses.
   logit_stats), computed model.loss_chunk positions at a time when set. With `router`,
-  ((logsumexp, target logit), the MoE router statistics: moe.RouterStats or None)."""
+  ((logsumexp, target logit), the MoE router statistics: moe.RouterStats or None); with
+  `telemetry` also the layers' transformer.LayerStats."""
   model = nnx.merge(graphdef, params)
-  h, stats = model.hidden_and_router(batch['inputs'], batch['positions'],
-                                     batch['segment_ids'], adapters=adapters, lora=lora,
-                                     dropout_rng=dropout_rng)
+  h, stats, layers = model.hidden_and_stats(batch['inputs'], batch['positions'],
+                                            batch['segment_ids'], adapters=adapters,
+                                            lora=lora, dropout_rng=dropout_rng,
+                                            telemetry=telemetry)
   unembed = lambda x: sharding.constrain(model.unembed(x), ('batch', 'length', 'vocab'))
   out = losses.chunked_logit_stats(h, unembed, batch['targets'], model.cfg.loss_chunk)
+  if telemetry:
+    return out, stats, layers
   return (out, stats) if router else out
 
 
@@ -46,22 +50,50 @@ def loss_sums(graphdef, params, batch, z_loss, *, adapters=None, lora=None, drop
 
 
 def lm_sums(graphdef, params, batch, z_loss, moe_cfg, *, adapters=None, lora=None,
-            dropout_rng=None):
+            dropout_rng=None, telemetry=False):
   """(loss sum, {metric: sum}) of next-token prediction: the nll and z-loss sums and, for
   an MoE model, its router losses (moe.router_losses with `moe_cfg`, cfg.model.moe:
   aux_loss * balance + z_loss * router z) and telemetry, each times the batch's loss tokens, so that
   over the normaliser they come out as the batch's values (under gradient accumulation,
-  the micro-batches' values weighted by their loss tokens)."""
+  the micro-batches' values weighted by their loss tokens). With `telemetry`, also the
+  stability statistics (`stability_sums`; their maxima as they are: TELEMETRY_MAX)."""
   params = lora_lib.effective_params(params, adapters)
-  stats, router = model_stats(graphdef, params, batch, adapters=adapters, lora=lora,
-                              dropout_rng=dropout_rng, router=True)
+  got = model_stats(graphdef, params, batch, adapters=adapters, lora=lora,
+                    dropout_rng=dropout_rng, router=True, telemetry=telemetry)
+  stats, router, layers = got if telemetry else (*got, None)
   nll, z = losses.nll_sums(*stats, batch['loss_mask'], z_loss)
   metrics = {'loss': nll, 'z_loss': z}
+  if telemetry:
+    metrics.update(stability_sums(stats[0], layers, batch['loss_mask']))
   if router is None:
     return nll + z, metrics
   router_loss, telemetry = router_sums(router, moe_cfg, token_count(batch))
   metrics.update(telemetry)
   return nll + z + router_loss, metrics
+
+
+def telemetry_reducers(n_layers: int) -> dict:
+  """{metric: 'max'} of `stability_sums`' maxima (the rest are sums)."""
+  out = {'stability/logz_max': 'max', 'stability/attn_logit_max': 'max'}
+  out.update((f'stability/layer{i}/attn_logit_max', 'max') for i in range(n_layers))
+  return out
+
+
+def stability_sums(lse, layers, mask) -> dict:
+  """The forward pass's stability telemetry as LM metric sums (over the loss-token
+  normaliser: the batch's values): log Z = logsumexp of the output logits, its sum over
+  loss tokens ('stability/logz_mean') and max ('stability/logz_max'); per layer i the max
+  |attention logit| ('stability/layer<i>/attn_logit_max'; 'stability/attn_logit_max' over
+  layers) and the residual stream's RMS times the loss tokens ('.../resid_rms')."""
+  lse, mask = jax.lax.stop_gradient(lse), mask.astype(jnp.float32)
+  n = jnp.sum(mask)
+  out = {'stability/logz_mean': jnp.sum(lse * mask),
+         'stability/logz_max': jnp.max(jnp.where(mask > 0, lse, -jnp.inf)),
+         'stability/attn_logit_max': jnp.max(layers.attn_logit_max)}
+  for i in range(layers.resid_rms.shape[0]):
+    out[f'stability/layer{i}/attn_logit_max'] = layers.attn_logit_max[i]
+    out[f'stability/layer{i}/resid_rms'] = layers.resid_rms[i] * n
+  return out
 
 
 def router_sums(router, moe_cfg, n):

@@ -37,6 +37,7 @@ from lmjax.models import moe as moe_lib
 from lmjax.models import transformer
 from lmjax.train import compat, objectives
 from lmjax.train import metrics as metrics_lib
+from lmjax.train import spikes as spikes_lib
 from lmjax.train import state as state_lib
 from lmjax.train import step as step_lib
 
@@ -173,7 +174,8 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
     source = weights.open_init_source(cfg.init_from)
     compat.check_init_source(source, cfg)
   run_meta = {'init_from': (resumed_meta or {}).get('init_from'),
-              'provenance': provenance.collect(mesh.devices.flat)}  # source, versions, devices
+              'provenance': provenance.collect(mesh.devices.flat),  # source, versions, devices
+              'rewinds': list((resumed_meta or {}).get('rewinds', []))}  # train.on_spike
   if source is not None:
     run_meta['init_from'] = {'path': source.path, 'format': source.format, 'step': source.step}
   for key in ckpt_lib.HF_META_KEYS:  # an HF source model's config files, kept for export
@@ -210,6 +212,8 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   else:
     state = state_lib.init_state(cfg, setup)
   start = int(state['step'])
+  # data batches read so far (the step count unless a rewind skipped some)
+  data_pos = int((resumed_meta or {}).get('data_batches', start))
   _print(f'model: {setup.n_params / 1e6:.2f}M params | {cfg.model.n_layers} layers, '
          f'd_model {cfg.model.d_model}, vocab {cfg.model.vocab_size} | stage {objective.name}'
          + (f' | {moe_lib.describe(cfg.model)}' if transformer.is_moe(cfg.model) else ''))
@@ -261,16 +265,21 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
     return e
 
   def save(step, force=False):
-    ckpt.save(step, setup.saved(state), cfg, data_iter=train_iter, force=force, meta=run_meta)
+    meta = dict(run_meta, rewinds=list(run_meta['rewinds']), data_batches=data_pos)
+    ckpt.save(step, setup.saved(state), cfg, data_iter=train_iter, force=force, meta=meta)
+
+  def read():
+    nonlocal data_pos
+    data_pos += 1
+    return next(train_iter)
 
   def next_batch(step):
     """(the step's device batch, seconds spent reading it): as read, or for an online
     objective sampled from the current policy (rollout metrics kept for the log)."""
     t = time.perf_counter()
-    host = next(train_iter)
+    host = read()
     read_s = time.perf_counter() - t
-    host, rollout_m = objective.rollout(setup, tok, state, host, step,
-                                        more=lambda: next(train_iter))
+    host, rollout_m = objective.rollout(setup, tok, state, host, step, more=read)
     if rollout_m:
       window_rollout.append(rollout_m)
     host, counts = objective.split_batch(host)  # counted here, not on device
@@ -294,42 +303,108 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   def report(msg):  # above the progress bar, when there is one
     (progress.write(msg) if progress is not None else _print(msg))
 
+  monitor = spikes_lib.SpikeMonitor(cfg.train)
+  pending = []  # (step, data position after it, its loss values on device), not yet judged
+
+  def judge():
+    """Every pending step's verdict (spikes.SpikeMonitor), in order: None when all are
+    ok, else the step to continue from after a rewind; a stop raises TrainingError."""
+    values = jax.device_get([v for _, _, v in pending])
+    steps = [(done, pos) for done, pos, _ in pending]
+    pending.clear()
+    for (done, pos), v in zip(steps, values):
+      verdict = monitor.observe(done, v)
+      if verdict.action == 'stop':
+        hint = ('' if state_lib.guarded(cfg) or 'non-finite' not in verdict.reason
+                else '; train.skip_bad_steps=True skips such steps, train.on_spike=rewind '
+                'rewinds to the last checkpoint')
+        raise TrainingError(f'{verdict.reason} at step {done}; last checkpoint: step '
+                            f'{ckpt.latest_step()} in {ckpt.directory}{hint}')
+      if verdict.action == 'rewind':
+        return rewind(done, pos, verdict.reason)
+    return None
+
+  def rewind(done, pos, reason):
+    """Restores the last checkpoint before step `done` (a spike), skips the data batches
+    after it (loss_spike.skip_batches, and at least through the spike's own): the step
+    to continue from."""
+    nonlocal state, data_pos, window_t, window_steps, data_s
+    ckpt.wait()
+    before = [s for s in ckpt.all_steps() if s < done]
+    if not before:
+      raise TrainingError(f'{reason} at step {done}, and no checkpoint before it to rewind '
+                          f'to (train.on_spike=rewind): save one sooner (checkpoint.every)')
+    limit = cfg.train.loss_spike.max_rewinds
+    if len(run_meta['rewinds']) >= limit:
+      raise TrainingError(f'{reason} at step {done}, after {limit} rewinds '
+                          f'(train.loss_spike.max_rewinds); last checkpoint: step '
+                          f'{ckpt.latest_step()} in {ckpt.directory}')
+    back = before[-1]
+    frozen = {k: v for k, v in state.items() if k in setup.unsaved()}  # never change
+    state = {**ckpt.restore(setup.abstract_saved, step=back, data_iter=train_iter), **frozen}
+    data_pos = int(ckpt.read_meta(back).get('data_batches', back))
+    skip_to = max(data_pos + cfg.train.loss_spike.skip_batches, pos)
+    first = data_pos
+    while data_pos < skip_to:  # the iterator advances exactly: read and dropped
+      read()
+    record = {'step': done, 'reason': reason, 'restored_step': back,
+              'skipped_batches': [first, skip_to]}
+    run_meta['rewinds'].append(record)
+    writer.rewound(back, record)
+    history[:] = [h for h in history if h['step'] <= back]
+    evals[:] = [e for e in evals if e['step'] <= back]
+    monitor.rewound(back)
+    window_counts[:] = 0
+    window_rollout.clear()
+    window_t, window_steps, data_s = time.perf_counter(), 0, 0.0
+    if progress is not None:
+      progress.n = back
+      progress.refresh()
+    report(f'step {done}: {reason}; rewound to the checkpoint of step {back} and skipped '
+           f'data batches {first}..{skip_to - 1} (train.on_spike=rewind)')
+    return back
+
   if start == 0 and eval_every > 0:
     report(_eval_line(0, run_eval(0)))
   window_t, window_steps, data_s = time.perf_counter(), 0, 0.0
   window_counts = np.zeros(len(objective.counters), np.int64)  # this process's, since the last log
   window_rollout = []  # an online objective's rollout metrics since the last log
+  watched = ('loss', 'grad_norm', 'skipped', 'skipped_in_a_row')  # what SpikeMonitor judges
+  step = start
   with _Preemption() as preempt:
-    for step in range(start, cfg.train.steps):
+    while step < cfg.train.steps:
       batch, read_s = next_batch(step)
       data_s += read_s
       with jax.transfer_guard('disallow'):  # no implicit host<->device copies in the step
         state, m = compiled(state, batch)
       window_steps += 1
-      done = step + 1
+      done = step = step + 1
+      pending.append((done, data_pos, {k: m[k] for k in watched if k in m}))
       if progress is not None:
         progress.update(1)
 
-      if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-        m = jax.device_get(m)
-        if m.get('skipped_in_a_row', 0) > cfg.train.max_skips_in_a_row:
-          raise TrainingError(
-              f'{int(m["skipped_in_a_row"])} steps in a row skipped (train.skip_bad_steps; '
-              f'the last: loss {m["loss"]}, grad norm {m["grad_norm"]}) at step {done}; '
-              f'last checkpoint: step {ckpt.latest_step()} in {ckpt.directory}')
-        if not m.get('skipped', False) and (not np.isfinite(m['loss'])
-                                            or not np.isfinite(m['grad_norm'])):
-          raise TrainingError(
-              f'non-finite loss {m["loss"]} / grad norm {m["grad_norm"]} at step {done}; '
-              f'last checkpoint: step {ckpt.latest_step()} in {ckpt.directory}'
-              + ('' if state_lib.guarded(cfg) else '; train.skip_bad_steps=True skips such '
-                 'steps'))
+      logs = done % cfg.train.log_every == 0 or done == cfg.train.steps
+      evals_now = eval_every > 0 and (done % eval_every == 0 or done == cfg.train.steps)
+      stops = bool(preempt.requested) or done == stop_after
+      saves = stops or done == cfg.train.steps or (
+          cfg.checkpoint.every > 0 and done % cfg.checkpoint.every == 0)
+      if logs or evals_now or saves:  # judge the steps so far: never log, eval or save a spike
+        back = judge()
+        if back is not None:
+          step = back
+          continue
+
+      if logs:
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
         dt = time.perf_counter() - window_t
         tps = window_steps * gb * seq / dt
-        m = {k: float(v) for k, v in m.items()}
         m.update(tokens_per_s=tps, step_s=dt / window_steps, data_wait_frac=data_s / dt,
                  mfu=(flops_per_step * window_steps / dt / (peak * n_dev)) if peak else None)
         m.update(log_counts())
+        if cfg.train.telemetry:
+          m['stability/spike_score'] = monitor.spike_score()
+        if cfg.train.on_spike == 'rewind':
+          m['rewinds'] = float(len(run_meta['rewinds']))
         if window_rollout:  # an online objective's rollouts, averaged over the window
           m.update({k: float(np.mean([r[k] for r in window_rollout if k in r]))
                     for k in window_rollout[-1]})
@@ -348,21 +423,16 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
           progress.set_postfix(**shown)
         window_t, window_steps, data_s = time.perf_counter(), 0, 0.0
 
-      if eval_every > 0 and (done % eval_every == 0 or done == cfg.train.steps):
+      if evals_now:
         report(_eval_line(done, run_eval(done)))
 
-      if preempt.requested or done == stop_after:
+      if stops:
         _print(f'{preempt.requested or "stop_after"}: saving a checkpoint at step {done} and '
                'exiting')
         save(done, force=True)
         stopped_early = True
         break
-      if (cfg.checkpoint.every > 0 and done % cfg.checkpoint.every == 0) or done == cfg.train.steps:
-        if done % cfg.train.log_every and not state_lib.guarded(cfg):
-          # never checkpoint params we have not checked (guarded steps never apply bad ones)
-          loss = float(jax.device_get(m['loss']))
-          if not np.isfinite(loss):
-            raise TrainingError(f'non-finite loss {loss} at step {done}; not saving')
+      if saves:
         save(done)
   if progress is not None:
     progress.close()

@@ -108,7 +108,8 @@ class MetricWriter:
   dict) as its config. Only process 0 writes. A resumed run first writes
   {'step': S, 'time', 'resumed_from': S}: the lines after S before it belong to steps the
   run does again (read_jsonl drops them; wandb, whose steps only grow, keeps the values
-  first logged up to its last step)."""
+  first logged up to its last step). A rewind (train.on_spike=rewind) writes such a marker
+  too, with the rewind's record."""
 
   def __init__(self, workdir: str, tensorboard: bool = True, wandb=None,
                config: dict | None = None):
@@ -146,6 +147,15 @@ class MetricWriter:
     if self.enabled:
       self._file.write(json.dumps({'step': int(step), 'time': time.time(),
                                    'resumed_from': int(step)}) + '\n')
+      self._file.flush()
+
+  def rewound(self, step: int, record: dict) -> None:
+    """Marks a rewind to the checkpoint of `step` (train.on_spike=rewind; `record`: the
+    spike's step, why, and the data batches skipped): as a resume marker, so read_jsonl
+    drops the abandoned steps after `step`, with the record."""
+    if self.enabled:
+      self._file.write(json.dumps({'step': int(step), 'time': time.time(),
+                                   'resumed_from': int(step), 'rewind': record}) + '\n')
       self._file.flush()
 
   def close(self) -> None:

@@ -51,6 +51,7 @@ def make_train_step(cfg, setup: Setup) -> Callable:
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   iterations = obj.updates_per_step
+  telemetry = bool(cfg.train.telemetry)
 
   def update(state, batch, rng):
     """One optimizer update on `batch`: (the state with new trainable entries and
@@ -88,6 +89,9 @@ def make_train_step(cfg, setup: Setup) -> Callable:
         'param_norm': optax.tree.norm(new_trainable),  # of what trains (adapters w/ LoRA)
     })
     metrics[obj.normaliser] = denom
+    if telemetry:  # per layer: the gradient (before clipping) and the applied update
+      metrics.update(layer_norms(grads, 'grad_norm'))
+      metrics.update(layer_norms(updates, 'update_norm'))
     return dict(setup.put_trainable(state, new_trainable), opt_state=opt_state), metrics
 
   def step(state, batch):
@@ -115,6 +119,32 @@ def make_train_step(cfg, setup: Setup) -> Callable:
 
   run.jitted = jitted
   return run
+
+
+def _layers_subtree(tree):
+  """The 'layers' entry of a params-shaped tree (params, LoRA adapters, or a dict of
+  trainable entries holding one), or None."""
+  if isinstance(tree, dict):
+    if 'layers' in tree:
+      return tree['layers']
+    for v in tree.values():
+      found = _layers_subtree(v)
+      if found is not None:
+        return found
+  return None
+
+
+def layer_norms(tree, name: str) -> dict:
+  """{'stability/layer<i>/<name>': the L2 norm of layer i's part} of a params-shaped tree
+  (gradients, updates) whose 'layers' leaves are stacked [layers, ...]; {} without one."""
+  layers = _layers_subtree(tree)
+  leaves = jax.tree.leaves(layers) if layers is not None else []
+  if not leaves:
+    return {}
+  sq = sum(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=tuple(range(1, x.ndim)))
+           for x in leaves)
+  norms = jnp.sqrt(sq)
+  return {f'stability/layer{i}/{name}': norms[i] for i in range(norms.shape[0])}
 
 
 def batch_spec(cfg, mesh, rows: int, objective=None) -> dict:

@@ -30,6 +30,8 @@ class LM(base.Objective):
     super().__init__(cfg)
     self.mixture = list(config_lib.mixture_sources(cfg.data))  # rows tag tokens 1..len
     self.counters = tuple(f'tokens/{name}' for name in self.mixture)
+    if cfg.train.telemetry:  # the forward pass's stability statistics: maxima combine so
+      self.reducers = forward.telemetry_reducers(cfg.model.n_layers)
 
   def iterator(self, tokenizer, split, *, source=None, keep=None, **kw):
     del keep  # documents are not checked record by record
@@ -48,10 +50,12 @@ class LM(base.Objective):
     """(nll + z sums (+ an MoE model's router losses), {'loss', 'z_loss'} sums and the
     router telemetry, forward.lm_sums); normalised by loss tokens."""
     graphdef, lora, z_coef = setup.graphdef, setup.lora, self.cfg.train.z_loss
+    telemetry = bool(self.cfg.train.telemetry)
 
     def sums(weights, batch, rng):
       return forward.lm_sums(graphdef, weights['params'], batch, z_coef, self.cfg.model.moe,
-                             adapters=weights.get('adapters'), lora=lora, dropout_rng=rng)
+                             adapters=weights.get('adapters'), lora=lora, dropout_rng=rng,
+                             telemetry=telemetry)
 
     return sums
 
