@@ -34,6 +34,17 @@ def test_bench_full_vs_lora(tmp_path, capsys):
   assert lora['peak_mem_bytes'] < full['peak_mem_bytes']
 
 
+def test_bench_times_the_telemetry(tmp_path, capsys):
+  out = tmp_path / 'rows.jsonl'
+  argv = ['--config', os.path.join(ROOT, 'configs', 'pretrain_tiny.py'), '--steps', '1',
+          '--warmup', '1', '--telemetry', '--json', str(out)]
+  assert bench.main(argv + [f'--config.{s}' for s in SMALL]) == 0
+  off, on = [json.loads(line) for line in out.read_text().splitlines()]
+  assert (off['mode'], on['mode']) == ('full', 'full+telemetry')
+  assert on['step_s'] > 0 and off['step_s'] > 0
+  assert 'full lm: telemetry costs ' in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_bench_mfu_with_a_given_peak_and_bad_override(capsys):
   from lmjax import config as config_lib

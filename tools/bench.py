@@ -3,6 +3,7 @@
   python tools/bench.py --config=configs/pretrain_tiny.py [--steps=10] [--warmup=2]
       [--mode=full|lora|both] [--objective=lm|dpo|kto|grpo|both|all] [--data=synthetic|real]
       [--config.KEY=VALUE ...] [--peak_tflops=X] [--json=out.json] [--matmuls | --moe_rows]
+      [--telemetry]
 
 Columns: device (count x kind), mode, objective (lm: next-token, the pretraining and SFT
 step; dpo: train.global_batch pairs = twice the rows, with its reference: adapters_off /
@@ -56,6 +57,9 @@ dense padded matmul over all E experts (as it does with cuDNN < 9.22: 0.12x the 
 H200, docs/benchmarks.md). On CPU it does too: jax's generic lowering of ragged_dot masks the rows and multiplies them by
 every expert (E times the credited work, k times dense dispatch's), so there dropless
 reads slower than dense dispatch.
+--telemetry times every row twice, without and with train.telemetry (the per-layer
+stability statistics computed in the step: mode `<mode>+telemetry`), and prints the
+telemetry's cost in step time.
 Bad input: one line, `error: <reason>`, exit code 2 (--verbose: with the traceback).
 """
 
@@ -444,6 +448,8 @@ def main(argv) -> int:
   parser.add_argument('--moe_rows', action='store_true',
                       help="time the config's MoE feed-forward block alone (dropless, dense "
                       'dispatch, a dense MLP of the same active FLOPs) instead of the step')
+  parser.add_argument('--telemetry', action='store_true',
+                      help='time each row without and with train.telemetry (its cost)')
   cli.add_verbose_flag(parser)
   args, flags = parser.parse_known_args(argv)  # the rest: --config.KEY=VALUE overrides
 
@@ -475,10 +481,20 @@ def main(argv) -> int:
     return 0
   for objective in objectives:
     for mode in modes:
-      rows.append(run(cfg, mode=mode, objective=objective, steps=args.steps,
-                      warmup=args.warmup, data=args.data, peak_tflops=args.peak_tflops))
-      rows[-1].update(config=args.config, overrides=overrides)
+      for telemetry in ((False, True) if args.telemetry else (bool(cfg.train.telemetry),)):
+        c = config_lib.from_dict(config_lib.to_dict(cfg))
+        c.train.telemetry = telemetry
+        rows.append(run(c, mode=mode, objective=objective, steps=args.steps,
+                        warmup=args.warmup, data=args.data, peak_tflops=args.peak_tflops))
+        rows[-1].update(config=args.config, overrides=overrides)
+        if telemetry:
+          rows[-1]['mode'] += '+telemetry'
   print(table(rows))
+  if args.telemetry:
+    for off, on in zip(rows[::2], rows[1::2]):
+      print(f'{off["mode"]} {off["objective"]}: telemetry costs '
+            f'{on["step_s"] / off["step_s"] - 1:+.1%} step time '
+            f'({off["step_s"]:.4f} s -> {on["step_s"]:.4f} s)')
   by = {(r['mode'], r['objective'].split()[0]): r for r in rows}
   for o in objectives:
     full, lo = by.get(('full', o)), by.get(('lora', o))
