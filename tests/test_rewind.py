@@ -225,3 +225,13 @@ def test_a_poisoned_document_in_the_corpus_triggers_a_rewind(text, tmp_path):
   assert meta['data_batches'] == 32 + end - first
   losses = [h['loss'] for h in res.history]
   assert max(losses) < 6.0 and losses[-1] < 3.2, losses  # no trace of the poison
+
+
+def test_a_spike_before_any_checkpoint_stops_the_run(text, tmp_path, monkeypatch):
+  _serve(monkeypatch, _batches(40, poison={13}))
+  cfg = _cfg(text, on_spike='rewind')
+  cfg.checkpoint.every = 100
+  cfg.train.loss_spike.update(factor=2.0, window=8)
+  with pytest.raises(loop.TrainingError, match=r'at step 14, and no checkpoint before it to '
+                     r'rewind to \(train.on_spike=rewind\): save one sooner'):
+    loop.train(cfg, str(tmp_path / 'w'))
