@@ -89,6 +89,7 @@ def test_three_references_give_the_same_loss(base):
 @pytest.mark.slow
 def test_lora_dpo_run_metrics_and_step_zero(base, tmp_path):
   cfg = _dpo_cfg(base, eval_every=4)
+  cfg.train.telemetry = True  # another objective: the adapters' per-layer norms
   out = loop.train(cfg, str(tmp_path / 'lora'))
   assert 'ref_params' not in out.state  # the reference is the base: adapters off
   e0 = out.evals[0]
@@ -106,6 +107,8 @@ def test_lora_dpo_run_metrics_and_step_zero(base, tmp_path):
               'dpo/truncated'):
     assert key in rows[0], key
   assert rows[0]['loss'] == pytest.approx(math.log(2), abs=1e-5)
+  assert rows[-1]['stability/layer1/grad_norm'] > 0 and rows[-1]['stability/layer1/update_norm'] > 0
+  assert 'stability/spike_score' in rows[-1] and 'stability/logz_mean' not in rows[-1]
   assert rows[-1]['rewards/margins'] > 0 and out.evals[-1]['eval_loss'] < e0['eval_loss']
 
 
