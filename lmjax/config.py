@@ -229,12 +229,13 @@ def base_config() -> ml_collections.ConfigDict:
                               # least through the spike's own batch).
           max_rewinds=5,      # rewind: more in one run stop it.
       ),
-      # Stability telemetry at every log step (its cost: tools/bench.py --telemetry): per
-      # layer the max |attention logit| (before any soft-cap), the residual stream's RMS
-      # and the gradient and update norms ('stability/layer<i>/...'); the output's mean
-      # and max log Z over loss tokens; the spike score (the fraction of steps whose loss
-      # lay > 7 sigma above the mean of the previous 1000). The forward-pass statistics
-      # need an LM objective (pretrain, sft); the others log the norms and spike score.
+      # Stability telemetry of every log step, computed by a second compiled step that
+      # runs there only (its cost: tools/bench.py --telemetry): per layer the max
+      # |attention logit| (before any soft-cap), the residual stream's RMS and the
+      # gradient and update norms ('stability/layer<i>/...'); the output's mean and max
+      # log Z over loss tokens; the spike score (the fraction of steps whose loss lay
+      # > 7 sigma above the mean of the previous 1000). The forward-pass statistics need
+      # an LM objective (pretrain, sft); the others log the norms and spike score.
       telemetry=False,
       progress_bar=True,
       sample_at_end=True,

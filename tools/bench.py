@@ -57,9 +57,10 @@ dense padded matmul over all E experts (as it does with cuDNN < 9.22: 0.12x the 
 H200, docs/benchmarks.md). On CPU it does too: jax's generic lowering of ragged_dot masks the rows and multiplies them by
 every expert (E times the credited work, k times dense dispatch's), so there dropless
 reads slower than dense dispatch.
---telemetry times every row twice, without and with train.telemetry (the per-layer
-stability statistics computed in the step: mode `<mode>+telemetry`), and prints the
-telemetry's cost in step time.
+--telemetry times every row twice, without and with train.telemetry (the step that
+also computes the per-layer stability statistics: mode `<mode>+telemetry`), and prints
+its extra step time: what a run pays once per train.log_every steps (the loop runs
+the telemetry step at the log steps only).
 Bad input: one line, `error: <reason>`, exit code 2 (--verbose: with the traceback).
 """
 
@@ -492,9 +493,11 @@ def main(argv) -> int:
   print(table(rows))
   if args.telemetry:
     for off, on in zip(rows[::2], rows[1::2]):
-      print(f'{off["mode"]} {off["objective"]}: telemetry costs '
-            f'{on["step_s"] / off["step_s"] - 1:+.1%} step time '
-            f'({off["step_s"]:.4f} s -> {on["step_s"]:.4f} s)')
+      extra = on['step_s'] / off['step_s'] - 1
+      print(f'{off["mode"]} {off["objective"]}: telemetry costs {extra:+.1%} step time '
+            f'({off["step_s"]:.4f} s -> {on["step_s"]:.4f} s) on the steps that log: '
+            f'{extra / cfg.train.log_every:+.2%} of the run at train.log_every='
+            f'{cfg.train.log_every}')
   by = {(r['mode'], r['objective'].split()[0]): r for r in rows}
   for o in objectives:
     full, lo = by.get(('full', o)), by.get(('lora', o))

@@ -225,7 +225,7 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
            f'model); base {cfg.lora.base_dtype}, frozen')
 
   # ---- Compile up front, report memory ----------------------------------------------
-  train_step = step_lib.make_train_step(cfg, setup)
+  train_step = step_lib.make_train_step(cfg, setup, telemetry=False)
   eval_step = objective.eval_step(setup)
   merged = step_lib.make_merge(setup)  # weights -> params to generate with
   seq, gb = cfg.data.seq_len, cfg.train.global_batch * objective.rows_per_example  # rows
@@ -240,6 +240,13 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
     total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
              - mem.alias_size_in_bytes)
     mem_txt = f' | step memory {total / 2**20:.1f} MiB per device'
+  compiled_log = compiled  # the step that ends a log window: with telemetry, its own
+  if cfg.train.telemetry:
+    t0 = time.perf_counter()
+    with sharding.use_mesh(mesh, cfg.rules):
+      compiled_log = step_lib.make_train_step(cfg, setup, telemetry=True).jitted.lower(
+          setup.abstract_state, batch_spec).compile()
+    mem_txt += f' (+{time.perf_counter() - t0:.1f}s: the same step with telemetry, run at log steps)'
   _print(f'compiled train step in {compile_s:.1f}s{mem_txt}')
 
   flops_per_step = transformer.flops_per_token(cfg.model, seq) * gb * seq
@@ -375,15 +382,15 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
     while step < cfg.train.steps:
       batch, read_s = next_batch(step)
       data_s += read_s
+      logs = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
       with jax.transfer_guard('disallow'):  # no implicit host<->device copies in the step
-        state, m = compiled(state, batch)
+        state, m = (compiled_log if logs else compiled)(state, batch)
       window_steps += 1
       done = step = step + 1
       pending.append((done, data_pos, {k: m[k] for k in watched if k in m}))
       if progress is not None:
         progress.update(1)
 
-      logs = done % cfg.train.log_every == 0 or done == cfg.train.steps
       evals_now = eval_every > 0 and (done % eval_every == 0 or done == cfg.train.steps)
       stops = bool(preempt.requested) or done == stop_after
       saves = stops or done == cfg.train.steps or (

@@ -30,7 +30,7 @@ def dropout_key(cfg, step):
   return jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), 2), step)
 
 
-def make_train_step(cfg, setup: Setup) -> Callable:
+def make_train_step(cfg, setup: Setup, telemetry: bool | None = None) -> Callable:
   """The optimizer updates setup.get_trainable(state): the params, or with LoRA the
   adapters (gradients are taken w.r.t. the adapters only; the base params are a
   constant), and any trainable entry the objective adds.
@@ -39,11 +39,16 @@ def make_train_step(cfg, setup: Setup) -> Callable:
   (loss tokens, or pairs). Under gradient accumulation micro-batch gradients of *sums* are
   added, then divided once. An objective with updates_per_step > 1 (GRPO's μ) makes that
   many optimizer updates on the step's batch; the step counter advances by one.
+
+  telemetry (default cfg.train.telemetry): the step also returns the stability statistics
+  (per-layer gradient and update norms; an LM objective's forward-pass ones).
   """
   tx, obj = setup.tx, setup.objective
   accum = cfg.train.grad_accum
   schedule = lr_schedule(cfg)
-  sums = obj.sums(setup)
+  telemetry = bool(cfg.train.telemetry if telemetry is None else telemetry)
+  sums = (obj.sums(setup, telemetry=True) if telemetry and obj.forward_telemetry
+          else obj.sums(setup))
 
   def loss_fn(trainable, state, batch, denom, rng):
     total, aux = sums(setup.with_trainable(state, trainable), batch, rng)
@@ -51,7 +56,6 @@ def make_train_step(cfg, setup: Setup) -> Callable:
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   iterations = obj.updates_per_step
-  telemetry = bool(cfg.train.telemetry)
 
   def update(state, batch, rng):
     """One optimizer update on `batch`: (the state with new trainable entries and

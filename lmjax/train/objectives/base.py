@@ -76,6 +76,8 @@ class Objective:
   normaliser = 'loss_tokens'  # the logged denominator's name
   needs_base = False          # its state depends on the run's base model (init_from)
   updates_per_step = 1        # optimizer updates per train step on the step's batch
+  forward_telemetry = False   # sums(setup, telemetry=True) adds the forward pass's
+                              # stability statistics (train.telemetry)
 
   def __init__(self, cfg):
     self.cfg = cfg

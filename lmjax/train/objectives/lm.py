@@ -25,6 +25,7 @@ class LM(base.Objective):
   """Next-token loss over documents (and, as SFT's parent, over any token batch)."""
 
   name = 'pretrain'
+  forward_telemetry = True
 
   def __init__(self, cfg):
     super().__init__(cfg)
@@ -46,11 +47,11 @@ class LM(base.Objective):
       counts = np.zeros(n, np.int64)
     return batch, counts
 
-  def sums(self, setup):
+  def sums(self, setup, telemetry=False):
     """(nll + z sums (+ an MoE model's router losses), {'loss', 'z_loss'} sums and the
-    router telemetry, forward.lm_sums); normalised by loss tokens."""
+    router telemetry (with `telemetry`, the stability statistics too), forward.lm_sums);
+    normalised by loss tokens."""
     graphdef, lora, z_coef = setup.graphdef, setup.lora, self.cfg.train.z_loss
-    telemetry = bool(self.cfg.train.telemetry)
 
     def sums(weights, batch, rng):
       return forward.lm_sums(graphdef, weights['params'], batch, z_coef, self.cfg.model.moe,
