@@ -123,12 +123,15 @@ def _cfg(root, **train):
 def test_rewind_ends_where_a_run_without_the_skipped_batches_ends(text, tmp_path,
                                                                    monkeypatch):
   """A poisoned batch (step 14) spikes the loss; the rewind restores step 12's checkpoint
-  and skips batches 12..14 (skip_batches 3); the run then ends with the parameters, the
-  metrics and the checkpoints of a run whose data never held those batches."""
+  and skips batches 12..14 (skip_batches 3); stopped at step 20 and resumed (with the data
+  position its checkpoint recorded), the run then ends with the parameters, the metrics
+  and the checkpoints of a run whose data never held those batches."""
   poisoned = _batches(40, poison={13})
   _serve(monkeypatch, poisoned)
   cfg = _cfg(text, on_spike='rewind')
   cfg.train.loss_spike.update(factor=2.0, window=8, skip_batches=3)
+  first = loop.train(cfg, str(tmp_path / 'a'), stop_after=20)
+  assert first.stopped_early and [h['step'] for h in first.history] == [4, 8, 12, 16, 20]
   got = loop.train(cfg, str(tmp_path / 'a'))
 
   meta = ckpt_lib.Checkpointer(str(tmp_path / 'a'), cfg, read_only=True).read_meta()
@@ -147,11 +150,12 @@ def test_rewind_ends_where_a_run_without_the_skipped_batches_ends(text, tmp_path
   hist = metrics.read_jsonl(str(tmp_path / 'a' / 'metrics.jsonl'))
   marks = [r for r in hist if 'rewind' in r]
   assert len(marks) == 1 and marks[0]['resumed_from'] == 12
+  assert [r['resumed_from'] for r in hist if 'resumed_from' in r] == [12, 20]
   rows = [r for r in hist if 'loss' in r]
   want = [r for r in metrics.read_jsonl(str(tmp_path / 'b' / 'metrics.jsonl')) if 'loss' in r]
   assert [r['step'] for r in rows] == [r['step'] for r in want] == list(range(4, 25, 4))
   np.testing.assert_array_equal([r['loss'] for r in rows], [r['loss'] for r in want])
-  assert [h['step'] for h in got.history] == [r['step'] for r in rows]
+  assert [h['step'] for h in got.history] == [24]  # this start's
   raw = metrics.read_jsonl(str(tmp_path / 'a' / 'metrics.jsonl'), raw=True)
   assert any(r['step'] == 16 and 'loss' in r for r in raw)  # the spike's window, kept raw
   assert rows[-1]['rewinds'] == 1.0
@@ -166,22 +170,6 @@ def test_rewind_ends_where_a_run_without_the_skipped_batches_ends(text, tmp_path
     pa, pb = a.restore_params(abstract, step), b.restore_params(abstract, step)
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def test_a_rewound_run_resumes_past_the_skipped_batches(text, tmp_path, monkeypatch):
-  """Stopped after the rewind, the run resumes with the data position its checkpoint
-  recorded (the skipped batches stay skipped) and ends as the uninterrupted run."""
-  poisoned = _batches(40, poison={13})
-  _serve(monkeypatch, poisoned)
-  cfg = _cfg(text, on_spike='rewind')
-  cfg.train.loss_spike.update(factor=2.0, window=8, skip_batches=3)
-  loop.train(cfg, str(tmp_path / 'a'), stop_after=20)
-  again = loop.train(cfg, str(tmp_path / 'a'))
-  whole = loop.train(cfg, str(tmp_path / 'whole'))
-  for x, y in zip(jax.tree.leaves(again.state['params']), jax.tree.leaves(whole.state['params'])):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  meta = ckpt_lib.Checkpointer(str(tmp_path / 'a'), cfg, read_only=True).read_meta()
-  assert len(meta['rewinds']) == 1 and meta['data_batches'] == 27
 
 
 def test_spikes_stop_the_run_or_exhaust_the_rewinds(text, tmp_path, monkeypatch):
