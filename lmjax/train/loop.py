@@ -8,6 +8,11 @@ eval summary, exact-match questions and host-side counters. The loop asks none o
 which objective runs. Each trains every weight or, with cfg.lora.enabled, LoRA adapters on
 the frozen init_from model (adapter-only checkpoints whose meta points to that base).
 
+Every step's loss is judged (train/spikes.py: fine, stop, or rewind to the last checkpoint
+before a spike and skip the batches after it, train.on_spike) at the steps that log,
+evaluate or checkpoint, before they do. With train.telemetry the steps that log run a
+second compiled step that also returns the stability statistics.
+
 Continued pretraining: with cfg.init_from.path set and no checkpoint in the workdir yet,
 the params come from that run (resharded onto this mesh), with a fresh optimizer at step 0
 and, unless tokenizer.path is set, that run's tokenizer.
