@@ -251,7 +251,8 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
     with sharding.use_mesh(mesh, cfg.rules):
       compiled_log = step_lib.make_train_step(cfg, setup, telemetry=True).jitted.lower(
           setup.abstract_state, batch_spec).compile()
-    mem_txt += f' (+{time.perf_counter() - t0:.1f}s: the same step with telemetry, run at log steps)'
+    mem_txt += (f' (+{time.perf_counter() - t0:.1f}s: the same step with telemetry, run at '
+                'log steps)')
   _print(f'compiled train step in {compile_s:.1f}s{mem_txt}')
 
   flops_per_step = transformer.flops_per_token(cfg.model, seq) * gb * seq
@@ -383,75 +384,77 @@ def train(cfg, workdir: str, devices=None, stop_after: int | None = None) -> Res
   window_rollout = []  # an online objective's rollout metrics since the last log
   watched = ('loss', 'grad_norm', 'skipped', 'skipped_in_a_row')  # what SpikeMonitor judges
   step = start
-  with _Preemption() as preempt:
-    while step < cfg.train.steps:
-      batch, read_s = next_batch(step)
-      data_s += read_s
-      logs = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
-      with jax.transfer_guard('disallow'):  # no implicit host<->device copies in the step
-        state, m = (compiled_log if logs else compiled)(state, batch)
-      window_steps += 1
-      done = step = step + 1
-      pending.append((done, data_pos, {k: m[k] for k in watched if k in m}))
-      if progress is not None:
-        progress.update(1)
-
-      evals_now = eval_every > 0 and (done % eval_every == 0 or done == cfg.train.steps)
-      stops = bool(preempt.requested) or done == stop_after
-      saves = stops or done == cfg.train.steps or (
-          cfg.checkpoint.every > 0 and done % cfg.checkpoint.every == 0)
-      if logs or evals_now or saves:  # judge the steps so far: never log, eval or save a spike
-        back = judge()
-        if back is not None:
-          step = back
-          continue
-
-      if logs:
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-        dt = time.perf_counter() - window_t
-        tps = window_steps * gb * seq / dt
-        m.update(tokens_per_s=tps, step_s=dt / window_steps, data_wait_frac=data_s / dt,
-                 mfu=(flops_per_step * window_steps / dt / (peak * n_dev)) if peak else None)
-        m.update(log_counts())
-        if cfg.train.telemetry:
-          m['stability/spike_score'] = monitor.spike_score()
-        if cfg.train.on_spike == 'rewind':
-          m['rewinds'] = float(len(run_meta['rewinds']))
-        if window_rollout:  # an online objective's rollouts, averaged over the window
-          m.update({k: float(np.mean([r[k] for r in window_rollout if k in r]))
-                    for k in window_rollout[-1]})
-          window_rollout.clear()
-          parts = [v for k, v in m.items() if k.startswith('time/')]
-          if parts:  # the rest of the step: the update (and reading the data)
-            m['time/update_s'] = max(m['step_s'] - sum(parts), 0.0)
-        writer.write(done, m)
-        history.append({'step': done, **m})
+  try:
+    with _Preemption() as preempt:
+      while step < cfg.train.steps:
+        batch, read_s = next_batch(step)
+        data_s += read_s
+        logs = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
+        with jax.transfer_guard('disallow'):  # no implicit host<->device copies in the step
+          state, m = (compiled_log if logs else compiled)(state, batch)
+        window_steps += 1
+        done = step = step + 1
+        pending.append((done, data_pos, {k: m[k] for k in watched if k in m}))
         if progress is not None:
-          shown = dict(loss=f'{m["loss"]:.3f}', tok_s=f'{tps:,.0f}')
-          if 'reward' in m:
-            shown['reward'] = f'{m["reward"]:.3f}'
-          if 'rollout_tokens_per_s' in m:
-            shown['gen_tok_s'] = f'{m["rollout_tokens_per_s"]:,.0f}'
-          progress.set_postfix(**shown)
-        window_t, window_steps, data_s = time.perf_counter(), 0, 0.0
+          progress.update(1)
 
-      if evals_now:
-        report(_eval_line(done, run_eval(done)))
+        evals_now = eval_every > 0 and (done % eval_every == 0 or done == cfg.train.steps)
+        stops = bool(preempt.requested) or done == stop_after
+        saves = stops or done == cfg.train.steps or (
+            cfg.checkpoint.every > 0 and done % cfg.checkpoint.every == 0)
+        if logs or evals_now or saves:  # judge the steps so far: never log, eval or save a spike
+          back = judge()
+          if back is not None:
+            step = back
+            continue
 
-      if stops:
-        _print(f'{preempt.requested or "stop_after"}: saving a checkpoint at step {done} and '
-               'exiting')
-        save(done, force=True)
-        stopped_early = True
-        break
-      if saves:
-        save(done)
-  if progress is not None:
-    progress.close()
-  ckpt.wait()
-  ckpt.close()
-  train_iter.close()  # stops grain's prefetch and read threads
-  writer.close()
+        if logs:
+          m = {k: float(v) for k, v in jax.device_get(m).items()}
+          dt = time.perf_counter() - window_t
+          tps = window_steps * gb * seq / dt
+          m.update(tokens_per_s=tps, step_s=dt / window_steps, data_wait_frac=data_s / dt,
+                   mfu=(flops_per_step * window_steps / dt / (peak * n_dev)) if peak else None)
+          m.update(log_counts())
+          if cfg.train.telemetry:
+            m['stability/spike_score'] = monitor.spike_score()
+          if cfg.train.on_spike == 'rewind':
+            m['rewinds'] = float(len(run_meta['rewinds']))
+          if window_rollout:  # an online objective's rollouts, averaged over the window
+            m.update({k: float(np.mean([r[k] for r in window_rollout if k in r]))
+                      for k in window_rollout[-1]})
+            window_rollout.clear()
+            parts = [v for k, v in m.items() if k.startswith('time/')]
+            if parts:  # the rest of the step: the update (and reading the data)
+              m['time/update_s'] = max(m['step_s'] - sum(parts), 0.0)
+          writer.write(done, m)
+          history.append({'step': done, **m})
+          if progress is not None:
+            shown = dict(loss=f'{m["loss"]:.3f}', tok_s=f'{tps:,.0f}')
+            if 'reward' in m:
+              shown['reward'] = f'{m["reward"]:.3f}'
+            if 'rollout_tokens_per_s' in m:
+              shown['gen_tok_s'] = f'{m["rollout_tokens_per_s"]:,.0f}'
+            progress.set_postfix(**shown)
+          window_t, window_steps, data_s = time.perf_counter(), 0, 0.0
+
+        if evals_now:
+          report(_eval_line(done, run_eval(done)))
+
+        if stops:
+          _print(f'{preempt.requested or "stop_after"}: saving a checkpoint at step {done} and '
+                 'exiting')
+          save(done, force=True)
+          stopped_early = True
+          break
+        if saves:
+          save(done)
+  finally:  # also when a stop raises: a sweep in one process goes on cleanly
+    if progress is not None:
+      progress.close()
+    ckpt.wait()
+    ckpt.close()
+    train_iter.close()  # stops grain's prefetch and read threads
+    writer.close()
 
   # ---- Sample ------------------------------------------------------------------------
   text = None
