@@ -62,6 +62,8 @@ SUITES = {
         # jax's Pallas Mosaic-GPU grouped matmul kernels (Hopper only; fails elsewhere).
         Case('moe 1b pallas', MOE1B, ONE + (('model.moe.grouped_matmul', 'pallas'),)),
         Case('moe 1b capacity 1.25', MOE1B, ONE + (('model.moe.dispatch', 'capacity'),)),
+        # the step a run with train.telemetry takes at its log steps: against '1b'
+        Case('1b telemetry', B1, ONE + (('train.telemetry', True),)),
         Case('1b lora bf16 base', B1, ONE + (('lora.base_dtype', 'bfloat16'),), mode='lora'),
         Case('125m packed (max_segments 32)', B125, (('model.max_segments', 32),)),
         Case('1b packed (max_segments 32)', B1, (('model.max_segments', 32),)),
