@@ -1,7 +1,7 @@
 """Training stability of the tiny model: learning rate x {baseline, z-loss, QK-norm, both}.
 
   python experiments/stability_tiny.py --root=/tmp/lmjax_stability      # ~11 min, 2-core CPU
-  python experiments/stability_tiny.py --smoke --root=/tmp/s             # CI: 2 x 4 runs, ~70 s
+  python experiments/stability_tiny.py --smoke --root=/tmp/s   # CI: 2 LRs x 2 variants, ~35 s
   python experiments/stability_tiny.py --lrs=0.01,0.3,1 --variants=baseline,qk_norm_z_loss
   python experiments/stability_tiny.py --root=/tmp/lmjax_stability_d256 \\
       --config.model.d_model=256 --config.model.n_layers=8 --config.model.d_ff=768
@@ -32,18 +32,7 @@ the final train loss and the max attention logit of the run), <root>/stability.j
 <root>/stability.png (final loss and max attention logit against the learning rate, one
 line per variant). tools/plot_stability.py draws one run's telemetry layer by layer.
 
-Measured (2026-12-04, 2-core CPU, one seed): the default sweep in 11m07s, every run to
-its end (none non-finite, none above ln V). Without QK-norm the max attention logit grows
-~10x per half decade of lr (4 at 1e-3, 190 at 1e-2, 1.9e4 at 1e-1, 5.7e5 at 3e-1); with
-it, 5 to 85. The losses separate less: in 150 steps (150k tokens) the model stays on the
-plateau that configs/pretrain_tiny.py leaves after ~400k tokens (eval 6.6-6.8 up to lr
-3e-2; best 6.586, QK-norm at 3e-3); at 3e-1 the baseline ends 15.2% above the best,
-z-loss 11.0%, QK-norm 4.7%, both 12.6%. Four times longer
-(--lrs=3e-3,0.1,0.3 --config.train.steps=600 --config.optim.warmup_steps=60, 18 min):
-best 6.024 (baseline, 3e-3); at 0.1 baseline +10.9%, z-loss +9.5%, QK-norm +9.5%, both
-+5.5%; at 0.3 +12.0%, +11.5%, +6.6%, +10.9%. QK-norm removes the logit growth and
-narrows the high-lr penalty, but at this size no variant stays within a few percent of
-the best a decade and more above it: a bigger model (flags below) is where to look.
+What it measured, at two model sizes: docs/benchmarks.md (Training stability).
 
 The base config is --config=FILE[:arg] (default configs/pretrain_tiny.py); --config.KEY=VALUE
 flags apply to every run after the sweep's own values (so --config.train.steps=300 or a
@@ -74,6 +63,7 @@ VARIANTS = {
 }
 LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 SMOKE_LRS = (1e-2, 1.0)
+SMOKE_VARIANTS = ('baseline', 'qk_norm_z_loss')
 WD = 1e-4  # independent weight decay per step (the paper's default)
 TAIL = 3   # the final train loss: the mean of the last TAIL logged losses
 
@@ -322,14 +312,15 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--lrs', default=None,
                       help=f'peak learning rates, comma-separated (default {LRS}; '
                       f'--smoke: {SMOKE_LRS})')
-  parser.add_argument('--variants', default=','.join(VARIANTS),
-                      help='comma-separated, of: ' + ', '.join(VARIANTS))
+  parser.add_argument('--variants', default=None,
+                      help='comma-separated, of: ' + ', '.join(VARIANTS) + ' (default all; '
+                      f'--smoke: {",".join(SMOKE_VARIANTS)})')
   parser.add_argument('--wd', type=float, default=WD,
                       help='independent weight decay per step (optim.weight_decay = wd / lr);'
                       ' 0: the config\'s own optim.weight_decay')
   parser.add_argument('--diverged_above', type=float, default=None,
                       help='a final loss above this is a divergence (default ln(vocab size))')
-  parser.add_argument('--smoke', action='store_true', help='4-step runs of 2 LRs (CI)')
+  parser.add_argument('--smoke', action='store_true', help='4-step runs of 2 LRs x 2 variants (CI)')
   parser.add_argument('--config', default=CONFIG, help='the base config (configs/*.py[:arg])')
   args, args.flags = parser.parse_known_args(argv)  # the rest: --config.KEY=VALUE
   try:
@@ -339,6 +330,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.error(f'--lrs: not a comma-separated list of numbers: {args.lrs!r}')
   if not args.lrs or any(lr <= 0 for lr in args.lrs):
     parser.error('--lrs: learning rates must be positive')
+  if args.variants is None:
+    args.variants = ','.join(SMOKE_VARIANTS if args.smoke else VARIANTS)
   args.variants = [v.strip() for v in args.variants.split(',') if v.strip()]
   unknown = [v for v in args.variants if v not in VARIANTS]
   if unknown or not args.variants:
