@@ -94,3 +94,27 @@ def main(fn: Callable[[list[str]], int]) -> Callable[..., int]:
     return run(fn, argv, show_traceback=verbose(argv))
 
   return wrapper
+
+
+def plot_runs(argv, doc: str, read: Callable[[str], object], plot: Callable,
+              compare_help: str = "another run's workdir (dashed)") -> int:
+  """The command line of a tool that plots a run's metrics (tools/plot_*.py): --workdir,
+  --out, --label and --compare / --compare_label another run; read(workdir) -> the run's
+  rows, plot([(label, rows), ...], out) -> the path written (printed)."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(description=doc.split('\n\n')[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=doc.split('\n\n', 1)[1])
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--out', required=True, help='image file to write (.png, .svg)')
+  parser.add_argument('--label', default=None, help='the run\'s name (default: its workdir)')
+  parser.add_argument('--compare', default=None, help=compare_help)
+  parser.add_argument('--compare_label', default=None)
+  add_verbose_flag(parser)
+  args = parser.parse_args(argv)
+  name = lambda workdir, label: label or os.path.basename(os.path.normpath(workdir))
+  runs = [(name(args.workdir, args.label), read(args.workdir))]
+  if args.compare:
+    runs.append((name(args.compare, args.compare_label), read(args.compare)))
+  print(plot(runs, args.out))
+  return 0

@@ -12,7 +12,6 @@ Bad input: one line, `error: <reason>`, exit code 2.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -74,23 +73,8 @@ def plot(runs: list[tuple[str, list[dict]]], out: str) -> str:
 
 @cli.main
 def main(argv) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog=__doc__.split('\n\n', 1)[1])
-  parser.add_argument('--workdir', required=True)
-  parser.add_argument('--out', required=True, help='image file to write (.png, .svg)')
-  parser.add_argument('--label', default=None, help='the run\'s name (default: its workdir)')
-  parser.add_argument('--compare', default=None, help='another MoE run\'s workdir')
-  parser.add_argument('--compare_label', default=None)
-  cli.add_verbose_flag(parser)
-  args = parser.parse_args(argv)
-  runs = [(args.label or os.path.basename(os.path.normpath(args.workdir)),
-           read_telemetry(args.workdir))]
-  if args.compare:
-    runs.append((args.compare_label or os.path.basename(os.path.normpath(args.compare)),
-                 read_telemetry(args.compare)))
-  print(plot(runs, args.out))
-  return 0
+  return cli.plot_runs(argv, __doc__, read_telemetry, plot,
+                       compare_help="another MoE run's workdir")
 
 
 if __name__ == '__main__':
