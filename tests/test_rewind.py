@@ -120,6 +120,7 @@ def _cfg(root, **train):
   return cfg
 
 
+@pytest.mark.slow
 def test_rewind_ends_where_a_run_without_the_skipped_batches_ends(text, tmp_path,
                                                                    monkeypatch):
   """A poisoned batch (step 14) spikes the loss; the rewind restores step 12's checkpoint
@@ -172,6 +173,7 @@ def test_rewind_ends_where_a_run_without_the_skipped_batches_ends(text, tmp_path
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_spikes_stop_the_run_or_exhaust_the_rewinds(text, tmp_path, monkeypatch):
   _serve(monkeypatch, _batches(40, poison={13}))
   cfg = _cfg(text)  # on_spike=stop
@@ -189,6 +191,7 @@ def test_spikes_stop_the_run_or_exhaust_the_rewinds(text, tmp_path, monkeypatch)
   assert sum('rewind' in r for r in lines) == 2
 
 
+@pytest.mark.slow
 def test_a_poisoned_document_in_the_corpus_triggers_a_rewind(text, tmp_path):
   """Real data: a document of random characters in the middle of a JSONL corpus (read in
   order) drives the loss far up; the run rewinds past it and ends as well trained as the
@@ -215,6 +218,7 @@ def test_a_poisoned_document_in_the_corpus_triggers_a_rewind(text, tmp_path):
   assert max(losses) < 6.0 and losses[-1] < 3.2, losses  # no trace of the poison
 
 
+@pytest.mark.slow
 def test_a_spike_before_any_checkpoint_stops_the_run(text, tmp_path, monkeypatch):
   _serve(monkeypatch, _batches(40, poison={13}))
   cfg = _cfg(text, on_spike='rewind')

@@ -209,7 +209,8 @@ def test_telemetry_metrics_of_a_train_step_match_direct_computation():
   del losses
 
 
-def test_telemetry_in_a_training_run_and_its_plot(tmp_path):
+@pytest.mark.slow
+def test_telemetry_in_a_training_run(tmp_path):
   """A run with train.telemetry logs every statistic at each log step, to metrics.jsonl
   and TensorBoard; without it none is computed."""
   import json  # pylint: disable=import-outside-toplevel
