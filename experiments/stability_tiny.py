@@ -49,7 +49,8 @@ import os
 import re
 import sys
 
-from sweep_lr_tiny import grid  # experiments/: every combination of the axes' values
+import recipe_tiny  # experiments/: finished(), a run's final checkpoint
+from sweep_lr_tiny import grid, write_report  # experiments/: the axes' product; the report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = 'configs/pretrain_tiny.py'  # relative to the repository root
@@ -104,16 +105,10 @@ def load_config(run: dict, args):
 
 def _done(workdir: str, steps: int) -> bool:
   """The run trained all its steps (final checkpoint), or diverged before."""
-  from lmjax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
   if os.path.exists(os.path.join(workdir, 'diverged.json')):
     return True
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    return False
-  ckpt = Checkpointer(workdir, None, read_only=True)
-  try:
-    return ckpt.latest_step() == steps
-  finally:
-    ckpt.close()
+  return (os.path.isdir(os.path.join(workdir, 'checkpoints'))
+          and recipe_tiny.finished(workdir, steps))
 
 
 def run_local(runs: list[dict], args) -> None:
@@ -356,14 +351,8 @@ def main(argv=None) -> int:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
   run_local(runs, args)
   rows = collect(runs, args)
-  text = report(rows, load_config(runs[0], args), args)
-  print('\n' + text)
-  with open(os.path.join(args.root, 'stability.md'), 'w', encoding='utf-8') as f:
-    f.write(text)
-  with open(os.path.join(args.root, 'stability.json'), 'w', encoding='utf-8') as f:
-    json.dump(rows, f, indent=1)
-  plot(rows, os.path.join(args.root, 'stability.png'))
-  print(f'plot: {os.path.join(args.root, "stability.png")}')
+  write_report(args.root, 'stability', report(rows, load_config(runs[0], args), args), rows,
+               plot)
   return 0
 
 

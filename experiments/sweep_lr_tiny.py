@@ -190,15 +190,20 @@ def main(argv=None) -> int:
   os.makedirs(args.root, exist_ok=True)
   run_local(runs, args.root, args.smoke, args.config, args.flags)
   rows = collect(runs, args.root)
-  text = table(rows)
-  print('\n' + text)
-  with open(os.path.join(args.root, 'sweep.md'), 'w', encoding='utf-8') as f:
-    f.write(text + '\n')
-  with open(os.path.join(args.root, 'sweep.json'), 'w', encoding='utf-8') as f:
-    json.dump(rows, f, indent=1)
-  plot(rows, os.path.join(args.root, 'sweep.png'))
-  print(f'plot: {os.path.join(args.root, "sweep.png")}')
+  write_report(args.root, 'sweep', table(rows), rows, plot)
   return 0
+
+
+def write_report(root: str, stem: str, text: str, rows: list[dict], plot_fn) -> None:
+  """A sweep's report: `text` printed and written to <root>/<stem>.md (ending in a
+  newline), `rows` to <root>/<stem>.json, plot_fn(rows, path) drawn to <root>/<stem>.png."""
+  print('\n' + text)
+  with open(os.path.join(root, f'{stem}.md'), 'w', encoding='utf-8') as f:
+    f.write(text if text.endswith('\n') else text + '\n')
+  with open(os.path.join(root, f'{stem}.json'), 'w', encoding='utf-8') as f:
+    json.dump(rows, f, indent=1)
+  plot_fn(rows, os.path.join(root, f'{stem}.png'))
+  print(f'plot: {os.path.join(root, stem + ".png")}')
 
 
 if __name__ == '__main__':
