@@ -56,7 +56,7 @@ def lm_sums(graphdef, params, batch, z_loss, moe_cfg, *, adapters=None, lora=Non
   aux_loss * balance + z_loss * router z) and telemetry, each times the batch's loss tokens, so that
   over the normaliser they come out as the batch's values (under gradient accumulation,
   the micro-batches' values weighted by their loss tokens). With `telemetry`, also the
-  stability statistics (`stability_sums`; their maxima as they are: TELEMETRY_MAX)."""
+  stability statistics (`stability_sums`; its maxima combine as `telemetry_reducers` says)."""
   params = lora_lib.effective_params(params, adapters)
   got = model_stats(graphdef, params, batch, adapters=adapters, lora=lora,
                     dropout_rng=dropout_rng, router=True, telemetry=telemetry)
@@ -67,8 +67,8 @@ def lm_sums(graphdef, params, batch, z_loss, moe_cfg, *, adapters=None, lora=Non
     metrics.update(stability_sums(stats[0], layers, batch['loss_mask']))
   if router is None:
     return nll + z, metrics
-  router_loss, telemetry = router_sums(router, moe_cfg, token_count(batch))
-  metrics.update(telemetry)
+  router_loss, router_metrics = router_sums(router, moe_cfg, token_count(batch))
+  metrics.update(router_metrics)
   return nll + z + router_loss, metrics
 
 
