@@ -142,21 +142,19 @@ class MetricWriter:
     if self._wandb is not None:
       self._wandb.log(int(step), scalars)
 
-  def resumed(self, step: int) -> None:
-    """Marks that the run continues from its checkpoint at `step`."""
+  def resumed(self, step: int, **extra) -> None:
+    """Marks that the run continues from its checkpoint at `step` (`extra`: more entries
+    of the marker line)."""
     if self.enabled:
       self._file.write(json.dumps({'step': int(step), 'time': time.time(),
-                                   'resumed_from': int(step)}) + '\n')
+                                   'resumed_from': int(step), **extra}) + '\n')
       self._file.flush()
 
   def rewound(self, step: int, record: dict) -> None:
     """Marks a rewind to the checkpoint of `step` (train.on_spike=rewind; `record`: the
     spike's step, why, and the data batches skipped): as a resume marker, so read_jsonl
     drops the abandoned steps after `step`, with the record."""
-    if self.enabled:
-      self._file.write(json.dumps({'step': int(step), 'time': time.time(),
-                                   'resumed_from': int(step), 'rewind': record}) + '\n')
-      self._file.flush()
+    self.resumed(step, rewind=record)
 
   def close(self) -> None:
     if self._file:
