@@ -113,7 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
       # depth scaling of GPT-2, GPT-NeoX and OLMo.
       init='normal',
       # Gemma 2's soft-capping, cap·tanh(x / cap) (0 = off): of the attention scores
-      # (attention=xla only) and of the output logits.
+      # (attention xla or splash) and of the output logits.
       attn_logit_softcap=0.0,
       final_logit_softcap=0.0,
       param_dtype='float32',  # float32 or bfloat16.
@@ -121,7 +121,16 @@ def base_config() -> ml_collections.ConfigDict:
       scan_layers=True,       # lax.scan over layers (fast compile) or unrolled.
       remat='none',           # none | dots | dots_no_batch | full | offload_dots
                               # (dots_no_batch's saved values in pinned host memory).
-      attention='xla',        # xla | cudnn (GPU only).
+      # auto: cudnn on a GPU (bfloat16 compute, no attention soft-cap), splash on a TPU,
+      # else xla | xla: masked scores [B, N, T, T] | cudnn: cuDNN's fused kernel (GPU) |
+      # splash: the Pallas splash kernel (TPU; elsewhere Pallas interpret mode, slow: for
+      # tests), which skips fully masked blocks and never holds the scores.
+      attention='auto',
+      # Splash kernel blocks (capped at the sequence length, which they must divide;
+      # multiples of 128): forward (q, kv, kv_compute), backward dK/dV (q_dkv, kv_dkv,
+      # kv_dkv_compute), dQ fused into the dK/dV kernel unless fused_bwd=False.
+      splash=dict(block_q=512, block_kv=512, block_kv_compute=512, block_q_dkv=512,
+                  block_kv_dkv=512, block_kv_dkv_compute=512, fused_bwd=True),
       # cudnn: the most segments (documents, and a padding run) one row may hold, a static
       # bound of cuDNN's packed attention; the loop refuses a batch that exceeds it.
       # 1 = rows are never packed or padded (plain causal kernel).
@@ -276,12 +285,14 @@ def base_config() -> ml_collections.ConfigDict:
   )
 
   # Mesh axis sizes; -1 takes the devices left over. Product must equal the devices.
-  cfg.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
+  # sequence: context parallelism, each sequence split across this many devices (the
+  # 'length' rule below), attention over all-gathered keys and values.
+  cfg.mesh = dict(data=-1, fsdp=1, expert=1, sequence=1, tensor=1)
   # Logical axis -> mesh axis (or tuple of axes; None = replicated: a placeholder that a
   # mesh axis name may set, e.g. --config.rules.length=tensor).
   cfg.rules = dict(
       batch=('data', 'fsdp', 'expert'),
-      length=placeholder(str),
+      length='sequence',
       embed='fsdp',
       mlp='tensor',
       expert='expert',        # MoE expert weights (and their capacity buffers).
@@ -713,7 +724,7 @@ _CHOICES = {
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.dtype': ('float32', 'bfloat16'),
     'model.remat': ('none', 'dots', 'dots_no_batch', 'full', 'offload_dots'),
-    'model.attention': ('xla', 'cudnn'),
+    'model.attention': ('auto', 'xla', 'cudnn', 'splash'),
     'model.head': ('lm', 'score'),
     'model.rope_scaling.type': ('none', 'llama3'),
     'model.init': ('normal', 'scaled'),
@@ -798,9 +809,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   for key in ('attn_logit_softcap', 'final_logit_softcap'):
     if m[key] < 0:
       raise ConfigError(f'model.{key} must be >= 0 (0 = off), got {m[key]}')
-  if m.attn_logit_softcap and m.attention != 'xla':
-    raise ConfigError('model.attn_logit_softcap needs model.attention=xla (the fused '
-                      'kernels take no soft-capping)')
+  if m.attn_logit_softcap and m.attention == 'cudnn':
+    raise ConfigError('model.attn_logit_softcap needs model.attention=xla, splash or auto '
+                      "(cuDNN's kernel takes no soft-capping)")
+  for key, block in m.splash.items():
+    if key != 'fused_bwd' and (block <= 0 or block % 128):
+      raise ConfigError(f'model.splash.{key} must be a positive multiple of 128, got {block}')
   moe = m.moe
   if moe.experts < 0:
     raise ConfigError(f'model.moe.experts must be >= 0 (0 = dense), got {moe.experts}')
@@ -827,8 +841,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if cfg.tokenizer.vocab_size > m.vocab_size:
     raise ConfigError(f'tokenizer.vocab_size ({cfg.tokenizer.vocab_size}) exceeds '
                       f'model.vocab_size ({m.vocab_size})')
-  for axis in ('data', 'fsdp', 'expert', 'tensor'):
-    size = cfg.mesh[axis]
+  for axis, size in cfg.mesh.items():
     if size == 0 or size < -1:
       raise ConfigError(f'mesh.{axis} must be a positive size or -1, got {size}')
   for logical, target in cfg.rules.items():

@@ -2,7 +2,7 @@
 
 Parameters and key activations carry logical axis names ('embed', 'mlp', 'heads',
 'batch', 'expert', ...). `cfg.rules` maps each onto mesh axes ('data', 'fsdp', 'expert',
-'tensor'), so a change of parallelism is a change of config, never of model code.
+'sequence', 'tensor'), so a change of parallelism is a change of config, never of model code.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lmjax.errors import UserError
 
-MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
+MESH_AXES = ('data', 'fsdp', 'expert', 'sequence', 'tensor')
 
 
 class ShardingError(UserError, ValueError):
@@ -42,7 +42,7 @@ def mesh_shape(cfg_mesh: Mapping[str, int], n_devices: int) -> dict[str, int]:
   if math.prod(sizes.values()) != n_devices:
     raise ShardingError(
         f'mesh {sizes} has {math.prod(sizes.values())} devices but {n_devices} are '
-        f'available; set one of mesh.data/mesh.fsdp/mesh.expert/mesh.tensor to -1 or fix the sizes')
+        f'available; set one of mesh.data/mesh.fsdp/mesh.expert/mesh.sequence/mesh.tensor to -1 or fix the sizes')
   return sizes
 
 

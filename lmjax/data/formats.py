@@ -56,6 +56,7 @@ from lmjax import config as config_lib
 from lmjax.data import chat_template, pipeline, sft_task, sources
 from lmjax.data.pipeline import shuffle_seed
 from lmjax.data.sources import DataError
+from lmjax.models import attention
 
 ROLES = ('system', 'user', 'assistant')
 TEMPLATES = ('auto', 'model', 'llama3', 'chatml', 'plain')
@@ -560,7 +561,8 @@ def make_sft_dataset(cfg, tokenizer, split: str, *, batch_size: int, process_ind
                 'assistant token left): raise data.seq_len')
   lengths = {k: d.seq_len for k in ('tokens', 'mask') + COUNTS}
   # cuDNN attention takes at most model.max_segments runs a row: conversations + padding.
-  per_bin = cfg.model.max_segments - 1 if cfg.model.attention == 'cudnn' else None
+  per_bin = (cfg.model.max_segments - 1
+             if attention.implementation(cfg.model) == 'cudnn' else None)
   it = FirstFitPackIterDataset(it, length_struct=lengths, num_packing_bins=s.packing_bins,
                                seed=shuffle_seed(seed, '/sft-bins'),
                                meta_features=('mask',) + COUNTS,

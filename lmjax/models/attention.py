@@ -2,10 +2,17 @@
 
 Packed rows hold several documents; `segment_ids` (0 = padding) keep each token's
 attention inside its own document, and `positions` restart at 0 for each one.
+
+Context parallelism: where the active mesh splits the 'length' axis over cp devices
+(mesh.sequence), the model reorders each sequence into 2·cp chunks, device d holding
+chunks d and 2·cp-1-d (`context_order`), so every device has the same share of causal
+work; attention gathers the keys and values of the whole sequence on every device
+(`_sharded`), and the model restores the order after the last layer.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import warnings
@@ -13,7 +20,9 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from lmjax import sharding
 from lmjax.config import ConfigError
 
 
@@ -200,19 +209,71 @@ def _block(t: int, at_most: int) -> int:
   return 1
 
 
+def implementation(model_cfg) -> str:
+  """model.attention for this backend: 'auto' is splash on a TPU, cudnn on a GPU with
+  bfloat16 compute and no attention soft-cap, else xla."""
+  impl = model_cfg.get('attention', 'xla')
+  if impl != 'auto':
+    return impl
+  backend = jax.default_backend()
+  if backend == 'tpu':
+    return 'splash'
+  if (backend == 'gpu' and model_cfg.get('dtype') == 'bfloat16'
+      and not model_cfg.get('attn_logit_softcap', 0.0)):
+    return 'cudnn'
+  return 'xla'
+
+
+def context_shards(t: int) -> int:
+  """How many devices split a sequence of t tokens: the size of the mesh axes the
+  'length' rule names in the active mesh (`sharding.use_mesh`); 1 outside one."""
+  ctx = sharding.active_mesh()
+  if ctx is None:
+    return 1
+  mesh, rules = ctx
+  cp = math.prod(mesh.shape[a] for a in sharding.mesh_axes(mesh, rules, 'length'))
+  if cp > 1 and t % (2 * cp):
+    raise ConfigError(
+        f'a sequence of {t} tokens does not split into 2 x {cp} equal chunks for context '
+        f'parallelism (mesh.sequence): make its length (data.seq_len) a multiple of {2 * cp}')
+  return cp
+
+
+def load_balance_order(t: int, cp: int) -> np.ndarray:
+  """order[i] = the token at position i of the reordered sequence: t tokens in 2·cp
+  chunks, device d's share (positions [d·t/cp, (d+1)·t/cp)) chunks d and 2·cp-1-d."""
+  c = t // (2 * cp)
+  chunks = np.stack([np.arange(cp), 2 * cp - 1 - np.arange(cp)], axis=1).reshape(-1)
+  return (chunks[:, None] * c + np.arange(c)).reshape(-1).astype(np.int32)
+
+
+def context_order(t: int) -> np.ndarray | None:
+  """The load-balanced order of a sequence of t tokens under context parallelism, else
+  None (the model runs in token order)."""
+  cp = context_shards(t)
+  return None if cp == 1 else load_balance_order(t, cp)
+
+
 def attention(q, k, v, segment_ids=None, implementation: str = 'xla', max_segments: int = 32,
-              logit_cap: float = 0.0):
+              logit_cap: float = 0.0, splash_blocks=None):
   """Causal GQA attention. q: [B, T, N, H]; k, v: [B, S, K, H] with N % K == 0.
 
   segment_ids [B, T] keep each token inside its document. 'xla' masks the scores;
   'cudnn' (GPU) runs cuDNN's fused kernel, rows of at most `max_segments` runs of equal
-  segment ids (model.max_segments; 1: no packing, plain causal). logit_cap > 0
-  soft-caps the scores (`softcap`; model.attn_logit_softcap, xla only).
+  segment ids (model.max_segments; 1: no packing, plain causal); 'splash' runs the
+  Pallas splash kernel (blocks: `splash_blocks`, model.splash) inside shard_map.
+  logit_cap > 0 soft-caps the scores (`softcap`; model.attn_logit_softcap).
+  Under context parallelism (`context_shards` > 1) q, k and v come in `context_order`.
   """
+  if implementation == 'splash' or context_shards(q.shape[1]) > 1:
+    if implementation == 'cudnn':
+      raise ConfigError("model.attention='cudnn' does not split a sequence across devices "
+                        "(mesh.sequence > 1): use 'xla' or 'splash'")
+    return _sharded(q, k, v, segment_ids, implementation, logit_cap, splash_blocks)
   if logit_cap:
     if implementation != 'xla':
-      raise ConfigError('model.attn_logit_softcap needs model.attention=xla (the fused '
-                        'kernels take no soft-capping)')
+      raise ConfigError("model.attn_logit_softcap needs model.attention=xla or splash (cuDNN's "
+                        'kernel takes no soft-capping)')
     t = q.shape[1]
     mask = jnp.tril(jnp.ones((t, k.shape[1]), bool))[None, None]
     seg = segment_mask(segment_ids)
@@ -240,3 +301,125 @@ def cached_attention(q, k, v, cache_index, kv_mask, logit_cap: float = 0.0):
   if logit_cap:
     return _softcapped(q, k, v, mask, logit_cap)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla')
+
+
+def _sharded(q, k, v, segment_ids, implementation, logit_cap, blocks):
+  """Attention inside shard_map: batch and heads split as the rules place q, the
+  sequence of q split over the 'length' axes (context parallelism) with k, v and their
+  segment ids gathered whole on every device. q, k, v come in `context_order`; each
+  device puts the gathered keys back in token order and masks by its queries' token
+  indices. implementation: 'xla' (masked scores) or 'splash' (the Pallas kernel, in
+  interpret mode off TPU)."""
+  b, t, n, h = q.shape
+  kv = k.shape[2]
+  seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  ctx = sharding.active_mesh()
+  cp = context_shards(t)
+  order = load_balance_order(t, cp)
+  inverse = np.argsort(order).astype(np.int32)
+  if ctx is None:
+    mesh = None
+    batch_e = len_e = head_e = kv_e = None
+  else:
+    mesh, rules = ctx
+    batch_e, len_e, head_e, _ = sharding.logical_to_spec(
+        ('batch', 'length', 'heads', None), rules, q.shape, mesh)
+    kv_e = sharding.logical_to_spec(('batch', None, 'kv_heads', None), rules, k.shape, mesh)[2]
+  if kv_e != head_e:  # kv heads split unlike q's: give every q head its own k, v
+    k, v = jnp.repeat(k, n // kv, axis=2), jnp.repeat(v, n // kv, axis=2)
+    kv_e = head_e
+  len_axes = () if len_e is None else (len_e,) if isinstance(len_e, str) else tuple(len_e)
+  head_axes = () if head_e is None else (head_e,) if isinstance(head_e, str) else tuple(head_e)
+  head_shards = math.prod(mesh.shape[a] for a in head_axes) if head_axes else 1
+  kernel = None
+  if implementation == 'splash':
+    kernel = _splash_kernel(t, n, cp, head_shards, _splash_blocks(blocks, t // cp, t),
+                            float(logit_cap), jax.default_backend() != 'tpu')
+
+  def local(q, k, v, sq, skv, kernel):
+    if cp > 1:  # the gathered keys back in token order
+      k, v, skv = k[:, inverse], v[:, inverse], skv[:, inverse]
+    if implementation == 'splash':
+      return _splash_local(kernel, q, k, v, sq, skv)
+    tl = q.shape[1]
+    shard = jax.lax.axis_index(len_axes) if len_axes else 0
+    q_idx = jax.lax.dynamic_slice_in_dim(jnp.asarray(order), shard * tl, tl)
+    mask = (q_idx[:, None] >= jnp.arange(t)[None, :])[None] & (sq[:, :, None] == skv[:, None, :])
+    if logit_cap:
+      return _softcapped(q, k, v, mask[:, None], logit_cap)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation='xla')
+
+  if mesh is None:
+    return local(q, k, v, seg, seg, kernel)
+  q_spec, kv_spec = P(batch_e, len_e, head_e, None), P(batch_e, None, kv_e, None)
+  kernel_spec = (None if kernel is None else
+                 kernel.manual_sharding_spec(NamedSharding(mesh, P(head_e, len_e))))
+  return jax.shard_map(local, mesh=mesh, check_vma=False,
+                       in_specs=(q_spec, kv_spec, kv_spec, P(batch_e, len_e),
+                                 P(batch_e, None), kernel_spec),
+                       out_specs=q_spec)(q, k, v, seg, seg, kernel)
+
+
+def _splash_local(kernel, q, k, v, sq, skv):
+  """One device's splash attention: q [b, Tl, n, H] over k, v [b, T, kv, H] (token
+  order), segment ids sq [b, Tl], skv [b, T]."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # pylint: disable=g-import-not-at-top
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  qh = jnp.swapaxes(q * jnp.asarray(scale, q.dtype), 1, 2)              # [b, n, Tl, H]
+  kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+  one = lambda q, k, v, sq, skv: kernel(q, k, v, segment_ids=sk.SegmentIds(q=sq, kv=skv))
+  return jnp.swapaxes(jax.vmap(one)(qh, kh, vh, sq, skv), 1, 2)
+
+
+_SPLASH_FIELDS = ('block_q', 'block_kv', 'block_kv_compute', 'block_q_dkv', 'block_kv_dkv',
+                  'block_kv_dkv_compute')
+
+
+def _splash_blocks(blocks, q_len: int, kv_len: int) -> tuple:
+  """model.splash's blocks capped at the lengths they tile (q blocks: a device's
+  queries; kv blocks: the whole sequence), checked to divide them."""
+  blocks = dict(blocks or {})
+  if q_len % 128 or kv_len % 128:
+    raise ConfigError(
+        f'model.attention=splash tiles sequences in blocks of 128 tokens: the {kv_len}-token '
+        f'sequence{"" if q_len == kv_len else f" ({q_len} a device under mesh.sequence)"} '
+        'is not a multiple of 128; change data.seq_len (or mesh.sequence), or use xla')
+  out = []
+  for field in _SPLASH_FIELDS:
+    length = q_len if field.startswith('block_q') else kv_len
+    size = min(int(blocks.get(field, 512)), length)
+    if length % size:
+      raise ConfigError(f'model.splash.{field} ({size}) must divide the '
+                        f'{"queries a device holds" if field.startswith("block_q") else "sequence length"}'
+                        f' ({length}); set it to a divisor')
+    out.append(size)
+  by = dict(zip(_SPLASH_FIELDS, out))
+  for outer, inner in (('block_kv', 'block_kv_compute'), ('block_kv_dkv', 'block_kv_dkv_compute')):
+    if by[outer] % by[inner]:
+      raise ConfigError(f'model.splash.{outer} ({by[outer]}) must be a multiple of '
+                        f'model.splash.{inner} ({by[inner]})')
+  return tuple(out) + (bool(blocks.get('fused_bwd', True)),)
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(t: int, n_heads: int, cp: int, head_shards: int, blocks: tuple,
+                   logit_cap: float, interpret: bool):
+  """The splash kernel for causal attention over t tokens in `context_order` (its mask
+  info split over cp sequence shards and head_shards head shards)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm  # pylint: disable=g-import-not-at-top
+  if interpret:
+    _warn_once(f'model.attention=splash on {jax.default_backend()} runs the Pallas kernel '
+               'in interpret mode (slow: for tests); use xla or auto off TPU')
+  mask = sm.CausalMask((t, t))
+  if cp > 1:  # q rows in context order: the mask function reads each row's token index
+    mask.q_sequence = load_balance_order(t, cp)
+  *sizes, fused = blocks
+  by = dict(zip(_SPLASH_FIELDS, sizes))
+  block_sizes = sk.BlockSizes(**by, use_fused_bwd_kernel=fused,
+                              **({} if fused else {'block_q_dq': by['block_q_dkv'],
+                                                   'block_kv_dq': by['block_kv_dkv']}))
+  with jax.ensure_compile_time_eval():
+    return sk.make_splash_mha(sm.MultiHeadMask([mask] * n_heads), block_sizes=block_sizes,
+                              head_shards=head_shards, q_seq_shards=cp,
+                              attn_logits_soft_cap=logit_cap or None, interpret=interpret)

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lmjax import sharding
@@ -166,11 +167,18 @@ class Attention(nnx.Module):
   def __call__(self, x, positions, segment_ids, lora=None, telemetry=False):
     """The attention output; with `telemetry`, (it, max |attention logit|)."""
     q, k, v = self._qkv(x, positions, lora)
-    out = attn_lib.attention(q, k, v, segment_ids, self.cfg.attention,
+    out = attn_lib.attention(q, k, v, segment_ids, attn_lib.implementation(self.cfg),
                              self.cfg.get('max_segments', 32),
-                             self.cfg.get('attn_logit_softcap', 0.0))
+                             self.cfg.get('attn_logit_softcap', 0.0), self.cfg.get('splash'))
     out = self._out(out, lora)
-    return (out, attn_lib.max_abs_logit(q, k, segment_ids)) if telemetry else out
+    if not telemetry:
+      return out
+    order = attn_lib.context_order(q.shape[1])
+    if order is not None:  # the logit bound reads q and k in token order
+      inverse = np.argsort(order)
+      q, k = q[:, inverse], k[:, inverse]
+      segment_ids = None if segment_ids is None else segment_ids[:, inverse]
+    return out, attn_lib.max_abs_logit(q, k, segment_ids)
 
   def decode(self, x, positions, cache_k, cache_v, cache_index, kv_mask, lora=None):
     """Attention with a KV cache (one layer's slice [B, S, K, H]).
@@ -320,6 +328,12 @@ class Transformer(nnx.Module):
     cfg = self.cfg
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    # Context parallelism: the layers see each sequence in load-balanced order.
+    order = attn_lib.context_order(tokens.shape[1])
+    if order is not None:
+      reorder = lambda a: sharding.constrain(jnp.take(a, order, axis=1), ('batch', 'length'))
+      tokens, positions = reorder(tokens), reorder(positions)
+      segment_ids = None if segment_ids is None else reorder(segment_ids)
     x = self._embed(tokens)
     graphdef, layer_state = nnx.split(self.layers)
     layer_lora = _layer_lora(adapters, lora, dropout_rng, cfg.n_layers)
@@ -341,6 +355,8 @@ class Transformer(nnx.Module):
         per_layer.append(s)
       stats = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
     router, layers = stats
+    if order is not None:
+      x = sharding.constrain(jnp.take(x, np.argsort(order), axis=1), ('batch', 'length', 'embed'))
     return self.final_norm(x), router, layers
 
   def _embed(self, tokens):

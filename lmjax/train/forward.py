@@ -136,7 +136,7 @@ def sampling_logps(graphdef, params, batch, sampling: dict, *, adapters=None, lo
 def check_host_batch(cfg, host: dict) -> None:
   """What the step cannot check on device: with model.attention='cudnn', every row holds
   at most model.max_segments runs of segment ids (a clear error, before the step)."""
-  if cfg.model.attention == 'cudnn' and 'segment_ids' in host:
+  if attn_lib.implementation(cfg.model) == 'cudnn' and 'segment_ids' in host:
     attn_lib.check_segments(host['segment_ids'], cfg.model.max_segments)
 
 
