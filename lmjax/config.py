@@ -849,6 +849,27 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for a in axes:
       if a not in cfg.mesh:
         raise ConfigError(f'rules.{logical} names mesh axis {a!r}, not one of {tuple(cfg.mesh)}')
+  _validate_context_parallel(cfg)
+
+
+def _validate_context_parallel(cfg) -> None:
+  """Rows of data.seq_len (every objective's) split over the mesh axes of rules.length
+  (fixed sizes; the model checks every sequence again when it is traced)."""
+  target = cfg.rules.length
+  axes = (target,) if isinstance(target, str) else tuple(target or ())
+  cp = 1
+  for a in axes:
+    cp *= max(cfg.mesh[a], 1)
+  if cp == 1:
+    return
+  t = cfg.data.seq_len
+  if t % (2 * cp):
+    raise ConfigError(f'data.seq_len ({t}) must be a multiple of {2 * cp} to split each '
+                      f'sequence into 2 x {cp} chunks for context parallelism (mesh.sequence)')
+  if cfg.model.attention == 'splash' and t % (128 * cp):
+    raise ConfigError(f'data.seq_len ({t}) must be a multiple of {128 * cp} for '
+                      f'model.attention=splash under mesh.sequence={cp} (blocks of 128 '
+                      'tokens on each device)')
 
 
 def _validate_stage(cfg) -> None:

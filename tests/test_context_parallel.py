@@ -104,6 +104,14 @@ def test_splash_under_context_parallelism_equals_xla():
 
 
 def test_context_parallel_errors_name_the_fix():
+  cfg = tiny_config()
+  cfg.mesh.update(data=2, sequence=4)
+  cfg.data.seq_len = 36
+  with pytest.raises(config_lib.ConfigError, match=r'data.seq_len \(36\) must be a multiple of 8'):
+    config_lib.validate(cfg)
+  cfg.data.seq_len, cfg.model.attention = 256, 'splash'
+  with pytest.raises(config_lib.ConfigError, match=r'multiple of 512 for model.attention=splash'):
+    config_lib.validate(cfg)
   mesh = sharding.make_mesh(dict(data=2, sequence=4))
   rules = tiny_config().rules
   q = jnp.zeros((2, 36, 2, 8))
@@ -113,3 +121,20 @@ def test_context_parallel_errors_name_the_fix():
     q = jnp.zeros((2, 64, 2, 8))
     with pytest.raises(config_lib.ConfigError, match=r"'cudnn' does not split a sequence"):
       attention.attention(q, q, q, None, 'cudnn')
+
+
+def test_context_memory_tool_rows_shrink_with_the_sequence_split(tmp_path):
+  """tools/context_memory.py on a small model: splitting each sequence over 4 devices
+  cuts the step's temporaries (the [heads, T, T] scores of the xla path among them)."""
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tools'))
+  import context_memory  # pylint: disable=import-outside-toplevel
+  cfg = tiny_config()
+  cfg.model.attention = 'xla'
+  rows = [context_memory.measure(cfg, 256, cp) for cp in (1, 4)]
+  assert [r['cp'] for r in rows] == [1, 4]
+  # Params and optimizer state replicated over the sequence axis; the batch is split.
+  assert 0.99 * rows[0]['argument_bytes'] < rows[1]['argument_bytes'] <= rows[0]['argument_bytes']
+  assert rows[1]['temp_bytes'] < 0.5 * rows[0]['temp_bytes']
+  assert '| 256 | 4 |' in context_memory.table(rows)
