@@ -10,6 +10,8 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import jax  # noqa: E402
 
 jax.config.update('jax_threefry_partitionable', True)
+if os.environ['JAX_PLATFORMS'] == 'tpu':  # float32 references: no bf16 passes of XLA's matmuls
+  jax.config.update('jax_default_matmul_precision', 'highest')
 
 
 import pytest  # noqa: E402

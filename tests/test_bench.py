@@ -176,6 +176,80 @@ def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
   assert row['case'] == '125m' and row['status'] == 'ok'
 
 
+def test_bench_suite_tpu_cases_pair_splash_with_xla():
+  """The tpu suite (tools/tpu_check.sh): the 125M and 1B bench configs, splash and xla
+  attention set explicitly, at seq 2048 and 8192, 65,536 tokens a step; every full-size
+  config valid and its batch split over a 4-chip and an 8-chip host; smoke runs xla at
+  the tiny shapes; the splash / xla lines and the MFU targets read the pairs' rows."""
+  import bench_suite  # pylint: disable=import-outside-toplevel
+  from lmjax import sharding
+  from lmjax.train import loop
+  cases = bench_suite.SUITES['tpu']
+  names = [c.name for c in cases]
+  assert len(set(names)) == len(names) and not any(',' in n for n in names)
+  assert names == [f'{m} seq {t} {a}' for t in (2048, 8192) for m in ('125m', '1b')
+                   for a in ('splash', 'xla')]
+  for case in cases:
+    _, _, seq, attention = case.name.split()
+    cfg, _ = bench_suite.case_config(case, smoke=False)
+    assert (cfg.model.attention, cfg.data.seq_len) == (attention, int(seq))
+    assert cfg.train.global_batch * cfg.data.seq_len == 65536
+    for chips in (4, 8):  # v4-8 / v5p-8, v5e-8 / v6e-8
+      loop.check_batch(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:chips]))
+    if seq == '8192':
+      assert cfg.model.remat == 'dots_no_batch'  # xla's f32 scores are never saved
+    smoke, _ = bench_suite.case_config(case, smoke=True)
+    assert (smoke.model.attention, smoke.data.seq_len, smoke.model.d_model) == ('xla', 64, 64)
+  rows = {'125m seq 2048 splash': {'status': 'ok', 'tokens_per_s': 300.0, 'mfu': 0.5},
+          '125m seq 2048 xla': {'status': 'ok', 'tokens_per_s': 200.0, 'mfu': 0.3},
+          '1b seq 8192 splash': {'status': 'ok', 'tokens_per_s': 10.0, 'mfu': 0.2},
+          '1b seq 8192 xla': {'status': 'failed', 'error': 'RESOURCE_EXHAUSTED'}}
+  assert bench_suite.comparisons(rows, 'tpu') == [
+      ('125m seq 2048: splash / xla tokens/s', 1.5), ('1b seq 2048: splash / xla tokens/s', None),
+      ('125m seq 8192: splash / xla tokens/s', None), ('1b seq 8192: splash / xla tokens/s', None)]
+  assert bench_suite.comparisons(rows) == []  # the gpu suite has no pairs
+  assert [(label, value) for label, value, _, _ in bench_suite.targets(rows, 'tpu')] == [
+      ('125m MFU (splash, seq 2048)', 0.5), ('1b MFU (splash, seq 2048)', None)]
+
+
+@pytest.mark.slow
+def test_tpu_check_script_runs_end_to_end_on_cpu(tmp_path):
+  """tools/tpu_check.sh, the one-command TPU check, on CPU (JAX_PLATFORMS=cpu): the
+  environment, the kernel tests' step (here a stand-in test file: tests/test_splash.py on
+  CPU runs the kernel interpreted), a smoke (config, seq) pair of the tpu suite with
+  BENCH_ONLY's spaced names; the lines it prints last and the files it leaves under $OUT."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  stand_in = tmp_path / 'tests' / 'test_platform.py'
+  stand_in.parent.mkdir()
+  stand_in.write_text('import os\nimport jax\n\n\ndef test_platform():\n'
+                      "  assert jax.devices()[0].platform == os.environ['JAX_PLATFORMS']\n")
+  out = tmp_path / 'out'
+  env = {**os.environ, 'OUT': str(out), 'JAX_PLATFORMS': 'cpu', 'WHEELS': '/nonexistent',
+         'TPU_TESTS': str(stand_in), 'BENCH_BUDGET': '60', 'BENCH_ARGS': '--smoke',
+         'BENCH_ONLY': '1b seq 8192 splash,1b seq 8192 xla'}
+  env.pop('XLA_FLAGS', None)
+  proc = subprocess.run(['bash', os.path.join(ROOT, 'tools', 'tpu_check.sh')], env=env,
+                        capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  assert f'{stand_in} exit 0: 1 passed' in proc.stdout
+  assert 'bench_suite exit 0' in proc.stdout
+  tail = proc.stdout.splitlines()[-9:]
+  assert tail[0].startswith('| 1b seq 8192 xla | ') and tail[1] == ''  # the table ends
+  assert tail[2] == '- 125m seq 2048: splash / xla tokens/s: not measured'
+  assert tail[5].startswith('- 1b seq 8192: splash / xla tokens/s: ') and tail[5].endswith('x')
+  assert tail[6:] == ['- 125m MFU (splash, seq 2048): not measured (target >= 40.0%)',
+                      '- 1b MFU (splash, seq 2048): not measured (target >= 55.0%)',
+                      'bench_suite exit 0']
+  assert {'env.txt', 'test_splash.log', 'bench.log', 'bench.err', 'rows.jsonl',
+          'table.md'} <= set(os.listdir(out))
+  env_txt = (out / 'env.txt').read_text()
+  assert 'jax ' in env_txt and "device_kind 'cpu'" in env_txt and 'JAX_PLATFORMS=cpu' in env_txt
+  rows = [json.loads(line) for line in (out / 'rows.jsonl').read_text().splitlines()]
+  assert [(r['case'], r['status'], r['suite']) for r in rows] == [
+      ('1b seq 8192 splash', 'ok', 'tpu'), ('1b seq 8192 xla', 'ok', 'tpu')]
+  assert all(r['overrides']['model.attention'] == 'xla' for r in rows)  # smoke: no splash
+
+
 def test_bench_matmul_count_matches_the_formula(capsys):
   """--matmuls: a float32 step without remat does 6N + xla attention's full T x T (both
   halves, 12·L·T·heads·head_dim per token: the formula's causal 6 plus 6) in matmuls, all

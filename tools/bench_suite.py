@@ -1,18 +1,23 @@
 """Runs a named suite of tools/bench.py cases in one process, within a time budget, and
-checks the GPU targets (tools/gpu_check.sh runs it on a GPU).
+checks the targets (tools/gpu_check.sh runs the gpu suite on a GPU, tools/tpu_check.sh the
+tpu suite on a TPU VM).
 
   python tools/bench_suite.py --suite=gpu [--budget_s=420] [--json=rows.jsonl] [--md=t.md]
   python tools/bench_suite.py --suite=gpu --smoke   # the same cases, tiny, on CPU (CI)
+  python tools/bench_suite.py --suite=tpu           # splash vs xla attention, seq 2048 / 8192
 
 Cases run in priority order (the headline rows first); a case that fails is recorded
 with its error and the suite goes on; once --budget_s has passed, the remaining cases
 are recorded as skipped. Each row is appended to --json as soon as it is measured, so a
 run cut short keeps what it measured. The last lines printed are the table and the
-target checks (MFU of the 125M and 1B configs, LoRA vs full tokens/s, DPO vs SFT step).
+target checks (gpu: MFU of the 125M and 1B configs, LoRA vs full tokens/s, DPO vs SFT step;
+tpu: the two MFU targets on the splash rows at seq 2048, then splash / xla tokens/s for
+each config and sequence length).
 
---smoke swaps each config's cuDNN attention for xla (the ':cpu' arg) and shrinks the
-model, batch and sequence (SMOKE), one step each: it checks that every case's config
-and overrides are valid and that the driver works, not speed.
+--smoke swaps each config's cuDNN attention for xla (the ':cpu' arg), and a case's own
+splash attention too (Pallas interpret mode on CPU is slow), and shrinks the model, batch
+and sequence (SMOKE), one step each: it checks that every case's config and overrides are
+valid and that the driver works, not speed.
 Bad arguments: one line, `error: <reason>`, exit code 2 (--verbose: with the traceback).
 """
 
@@ -52,6 +57,33 @@ MOE1B = 'configs/bench/moe_1b.py'
 # kernel, what an unpacked run gets; the 'packed' cases measure the segment-offset path.
 ONE = (('model.max_segments', 1),)
 
+
+def _splash_and_xla(name: str, config: str, overrides: tuple) -> tuple[Case, Case]:
+  """The case `name` twice, '<name> splash' and '<name> xla': the attention set
+  explicitly (the bench configs choose cuDNN, or xla with ':cpu')."""
+  return tuple(Case(f'{name} {a}', config, overrides + (('model.attention', a),))
+               for a in ('splash', 'xla'))
+
+
+# The TPU check (tools/tpu_check.sh): the 125M and 1B bench configs with jax's Pallas splash
+# kernel and with xla attention, at seq 2048 and 8192; the two rows of each (config, seq)
+# side by side. Every case holds 65,536 tokens a step, 8 rows at 8192: the 125m's own batch
+# at 2048 (32 rows; 8 at 8192), the 1b's doubled to 32 (its 16 rows of 2048 would be 4 at
+# 8192, which 8 data-parallel chips cannot split, and tests/test_splash.py needs an
+# 8-chip host). What grows with tokens (the saved weight-matmul outputs, the logits) is
+# then the same at both lengths, so with splash, which never holds the [B, heads, T, T]
+# scores, the 1b fits at 8192 wherever it fits at 2048 (1 row of 8192 a chip on 8 chips);
+# xla holds 4x the scores a token at 8192. The 125m at 8192 takes the 1b's remat,
+# dots_no_batch (attention recomputed in the backward pass): without remat xla would keep
+# every layer's f32 scores, 12 layers x 8 rows x 12 heads x 8192^2 x 4 B = 288 GiB.
+TPU_CASES = (
+    *_splash_and_xla('125m seq 2048', B125, (('data.seq_len', 2048),)),
+    *_splash_and_xla('1b seq 2048', B1, (('data.seq_len', 2048), ('train.global_batch', 32))),
+    *_splash_and_xla('125m seq 8192', B125, (('data.seq_len', 8192), ('train.global_batch', 8),
+                                             ('model.remat', 'dots_no_batch'))),
+    *_splash_and_xla('1b seq 8192', B1, (('data.seq_len', 8192), ('train.global_batch', 8))),
+)
+
 SUITES = {
     'gpu': (
         Case('125m', B125, ONE),
@@ -88,30 +120,52 @@ SUITES = {
         Case('1b lora unrolled layers', B1, ONE + (('model.scan_layers', False),), mode='lora'),
         Case('125m batch 64', B125, ONE + (('train.global_batch', 64),)),
     ),
+    'tpu': TPU_CASES,
 }
 
 SMOKE = (('model.d_model', 64), ('model.n_layers', 2), ('model.n_heads', 4),
          ('model.n_kv_heads', 2), ('model.d_ff', 128), ('model.vocab_size', 512),
          ('tokenizer.vocab_size', 512), ('data.seq_len', 64), ('train.global_batch', 8))
 
-# The GPU targets: (label, value from the rows, bound, 'min' | 'max').
-def targets(rows: dict) -> list[tuple[str, float | None, float, str]]:
-  def get(name, key):
-    r = rows.get(name)
-    return None if r is None or r.get('status') != 'ok' else r[key]
 
-  def ratio(a, b):
-    return None if a is None or b is None else a / b
+def _get(rows: dict, name: str, key: str):
+  r = rows.get(name)
+  return None if r is None or r.get('status') != 'ok' else r[key]
+
+
+def _ratio(a, b):
+  return None if a is None or b is None else a / b
+
+
+# The targets of a suite: (label, value from the rows, bound, 'min' | 'max').
+def targets(rows: dict, suite: str = 'gpu') -> list[tuple[str, float | None, float, str]]:
+  def get(name, key):
+    return _get(rows, name, key)
+
+  if suite == 'tpu':  # the configs' standing MFU targets, on the splash rows at seq 2048
+    return [('125m MFU (splash, seq 2048)', get('125m seq 2048 splash', 'mfu'), 0.40, 'min'),
+            ('1b MFU (splash, seq 2048)', get('1b seq 2048 splash', 'mfu'), 0.55, 'min')]
   return [
       ('125m MFU', get('125m', 'mfu'), 0.40, 'min'),
       ('1b MFU', get('1b', 'mfu'), 0.55, 'min'),
-      ('1b LoRA / full tokens/s', ratio(get('1b lora', 'tokens_per_s'),
-                                        get('1b', 'tokens_per_s')), 1.3, 'min'),
+      ('1b LoRA / full tokens/s', _ratio(get('1b lora', 'tokens_per_s'),
+                                         get('1b', 'tokens_per_s')), 1.3, 'min'),
       # On the same tokens: a DPO step has 2x the rows of the LM (SFT) step.
-      ('1b LoRA DPO / SFT time per token', ratio(get('1b lora', 'tokens_per_s'),
-                                                 get('1b lora dpo', 'tokens_per_s')), 2.2,
+      ('1b LoRA DPO / SFT time per token', _ratio(get('1b lora', 'tokens_per_s'),
+                                                  get('1b lora dpo', 'tokens_per_s')), 2.2,
        'max'),
   ]
+
+
+def comparisons(rows: dict, suite: str = 'gpu') -> list[tuple[str, float | None]]:
+  """(label, value) lines without a bound: for the tpu suite, splash / xla tokens/s of each
+  (config, seq) pair of cases (None: a row of the pair was not measured)."""
+  if suite != 'tpu':
+    return []
+  pairs = [c.name[:-len(' splash')] for c in SUITES[suite] if c.name.endswith(' splash')]
+  return [(f'{p}: splash / xla tokens/s', _ratio(_get(rows, f'{p} splash', 'tokens_per_s'),
+                                                 _get(rows, f'{p} xla', 'tokens_per_s')))
+          for p in pairs]
 
 
 def case_config(case: Case, smoke: bool):
@@ -123,6 +177,8 @@ def case_config(case: Case, smoke: bool):
     overrides['train.global_batch'] = 16
   if smoke and overrides.get('model.loss_chunk'):
     overrides['model.loss_chunk'] = 16
+  if smoke and overrides.get('model.attention', 'xla') != 'xla':
+    overrides['model.attention'] = 'xla'  # as ':cpu' does: splash would run interpreted
   return config_lib.load(path, overrides={'lora.enabled': False, **overrides}), overrides
 
 
@@ -192,7 +248,9 @@ def main(argv) -> int:
   lines += [f'| {r["case"]} | {r["status"]}: {r["error"]} |' for r in rows.values()
             if r['status'] != 'ok']
   lines.append('')
-  for label, value, bound, kind in targets(rows):
+  for label, value in comparisons(rows, args.suite):
+    lines.append(f'- {label}: ' + ('not measured' if value is None else f'{value:.2f}x'))
+  for label, value, bound, kind in targets(rows, args.suite):
     fmt = (lambda x: f'{x:.1%}') if 'MFU' in label else (lambda x: f'{x:.2f}x')
     if value is None:
       verdict = 'not measured'
