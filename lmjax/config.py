@@ -289,7 +289,7 @@ def base_config() -> ml_collections.ConfigDict:
   # 'length' rule below), attention over all-gathered keys and values.
   cfg.mesh = dict(data=-1, fsdp=1, expert=1, sequence=1, tensor=1)
   # Logical axis -> mesh axis (or tuple of axes; None = replicated: a placeholder that a
-  # mesh axis name may set, e.g. --config.rules.length=tensor).
+  # mesh axis name may set, e.g. --config.rules.head_dim=tensor).
   cfg.rules = dict(
       batch=('data', 'fsdp', 'expert'),
       length='sequence',

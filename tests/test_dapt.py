@@ -95,7 +95,7 @@ def test_init_from_workdir_reshards_with_fresh_optimizer(corpora, source):
   src_setup = state_lib.make_setup(src_cfg, sharding.make_mesh(src_cfg.mesh))
   want = ckpt_lib.Checkpointer(src_dir, src_cfg, read_only=True).restore(src_setup.abstract_state)
   assert dict(src_setup.mesh.shape)['data'] == 8 and dict(mesh.shape) == dict(
-      data=2, fsdp=2, expert=1, tensor=2)
+      data=2, fsdp=2, expert=1, sequence=1, tensor=2)
   _params_equal(state['params'], want['params'])
   # On the new mesh, with the new shardings; fresh optimizer state and step.
   for leaf, sh in zip(jax.tree.leaves(state['params']),
