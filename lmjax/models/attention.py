@@ -376,6 +376,10 @@ def _splash_local(kernel, q, k, v, sq, skv):
   return jnp.swapaxes(jax.vmap(one)(qh, kh, vh, sq, skv), 1, 2)
 
 
+# The checkpoint name of the splash kernel's residuals (its output and log-sum-exp), which
+# the remat policies that save the weight matmuls save too (models/transformer.py).
+SPLASH_RESIDUALS = 'splash_residuals'
+
 _SPLASH_FIELDS = ('block_q', 'block_kv', 'block_kv_compute', 'block_q_dkv', 'block_kv_dkv',
                   'block_kv_dkv_compute')
 
@@ -427,4 +431,5 @@ def _splash_kernel(t: int, n_heads: int, cp: int, head_shards: int, blocks: tupl
   with jax.ensure_compile_time_eval():
     return sk.make_splash_mha(sm.MultiHeadMask([mask] * n_heads), block_sizes=block_sizes,
                               head_shards=head_shards, q_seq_shards=cp,
-                              attn_logits_soft_cap=logit_cap or None, interpret=interpret)
+                              attn_logits_soft_cap=logit_cap or None,
+                              residual_checkpoint_name=SPLASH_RESIDUALS, interpret=interpret)

@@ -32,7 +32,9 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 _CP = jax.checkpoint_policies
 # An MoE layer's grouped matmuls (`ragged_dot`, not a dot_general) are saved by name by
 # the policies that save the weight matmuls' outputs.
-_MOE_DOTS = _CP.save_only_these_names(moe_lib.DOT_NAME)
+# So is the splash kernel's output with its log-sum-exp ([B, N, T, H] and [B, N, T]; not
+# the scores): the backward kernel needs them, and the forward kernel is not run twice.
+_MOE_DOTS = _CP.save_only_these_names(moe_lib.DOT_NAME, attn_lib.SPLASH_RESIDUALS)
 
 REMAT_POLICIES = {
     'dots': _CP.save_from_both_policies(_CP.checkpoint_dots, _MOE_DOTS),
