@@ -7,7 +7,8 @@ from lmjax import config as config_lib
 def get_config(arg=None):
   """The shared part (each bench config sets the model size, batch and remat on it).
   arg 'cpu': xla attention instead of cuDNN (which needs a GPU), to compile and count
-  on a machine without one."""
+  on a machine without one. On a TPU pass --config.model.attention=splash (or auto), as
+  tools/bench_suite.py --suite=tpu does."""
   if arg not in (None, '', 'cpu'):
     raise ValueError(f'bench config: unknown arg {arg!r} (known: cpu)')
   cfg = config_lib.base_config()
