@@ -309,8 +309,8 @@ def _merge_adapter(model: Model, adapter: str) -> Model:
 
 def _with_mesh(cfg, mesh_cfg, seq_len=None):
   cfg = cfg.copy_and_resolve_references()
-  with cfg.unlocked():
-    cfg.mesh.update(mesh_cfg)
+  with cfg.unlocked():  # every axis: the training run's sizes do not carry over
+    cfg.mesh.update({a: mesh_cfg.get(a, 1) for a in sharding.MESH_AXES})
     if seq_len:
       cfg.data.seq_len = int(seq_len)
   return cfg

@@ -138,3 +138,13 @@ def test_context_memory_tool_rows_shrink_with_the_sequence_split(tmp_path):
   assert 0.99 * rows[0]['argument_bytes'] < rows[1]['argument_bytes'] <= rows[0]['argument_bytes']
   assert rows[1]['temp_bytes'] < 0.5 * rows[0]['temp_bytes']
   assert '| 256 | 4 |' in context_memory.table(rows)
+
+
+def test_loading_a_context_parallel_run_takes_the_loading_mesh():
+  """lmjax.load's mesh replaces every axis of the run's (mesh.sequence=4 does not carry
+  over onto one device)."""
+  from lmjax import api  # pylint: disable=import-outside-toplevel
+  cfg = _cp_cfg()
+  cfg = api._with_mesh(cfg, api.DEFAULT_MESH)  # pylint: disable=protected-access
+  assert dict(cfg.mesh) == dict(data=1, fsdp=-1, expert=1, sequence=1, tensor=1)
+  config_lib.validate(cfg)
