@@ -2,10 +2,17 @@
 compared with single-device ones in the same process."""
 
 import os
+import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Compiled programs cached on disk (keyed by the program, jax version and flags), shared by
+# the xdist workers and the subprocess tests: the tests compile the same tiny models again
+# and again (a quarter of the suite's time, measured on 2 cores).
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
+    tempfile.gettempdir(), f'lmjax-tests-jax-cache-{os.getuid()}'))
+os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(2**30))  # LRU beyond 1 GiB
 
 import jax  # noqa: E402
 
