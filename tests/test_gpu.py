@@ -17,7 +17,7 @@ import pytest
 
 from lmjax.models import attention, transformer
 from lmjax.models import grouped_matmul as gmm
-from util import packed_and_alone, packed_segment_ids, random_batch, tiny_config
+from util import model_loss_and_grads, packed_and_alone, packed_segment_ids, tiny_config
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != 'gpu', reason='needs a GPU')
 
@@ -117,18 +117,10 @@ def test_cudnn_packed_rows_equal_separate_documents():
 def test_cudnn_model_loss_and_grads_match_xla():
   """The whole model on packed rows (3 documents a row): the train loss and every
   parameter's gradient, cuDNN against xla."""
-  from flax import nnx
-  from lmjax.train import step as step_lib
   results = {}
   for attn in ('xla', 'cudnn'):
     model, cfg = _model(attn)
-    graphdef, params = nnx.split(model)
-    batch = {k: jnp.asarray(v) for k, v in random_batch(cfg, seed=0, docs_per_row=3).items()}
-
-    def loss(p, graphdef=graphdef, batch=batch):
-      nll, _ = step_lib.loss_sums(graphdef, p, batch, 0.0)
-      return nll / jnp.sum(batch['loss_mask'])
-    results[attn] = jax.jit(jax.value_and_grad(loss))(params)
+    results[attn] = model_loss_and_grads(model, cfg)
   (lx, gx), (lc, gc) = results['xla'], results['cudnn']
   assert abs(float(lx) - float(lc)) < 1e-2 * abs(float(lx))
   for a, b in zip(jax.tree.leaves(gc), jax.tree.leaves(gx)):

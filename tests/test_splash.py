@@ -17,7 +17,8 @@ from lmjax import config as config_lib
 from lmjax import sharding
 from lmjax.models import attention, transformer
 from lmjax.train import step as step_lib
-from util import packed_and_alone, packed_segment_ids, random_batch, tiny_config
+from util import (model_loss_and_grads, packed_and_alone, packed_segment_ids, random_batch,
+                  tiny_config)
 
 ON_TPU = jax.default_backend() == 'tpu'
 TOL = 2e-2 if ON_TPU else 1e-5   # relative; the TPU runs float32 matmuls in bf16 passes
@@ -102,13 +103,7 @@ def test_splash_model_loss_and_grads_match_xla():
   for attn in ('xla', 'splash'):
     model, cfg = _model(attn)
     cfg.data.seq_len, cfg.train.global_batch = 128, 2
-    graphdef, params = nnx.split(model)
-    batch = {k: jnp.asarray(v) for k, v in random_batch(cfg, seed=0, docs_per_row=3).items()}
-
-    def loss(p, graphdef=graphdef, batch=batch):
-      nll, _ = step_lib.loss_sums(graphdef, p, batch, 0.0)
-      return nll / jnp.sum(batch['loss_mask'])
-    results[attn] = jax.jit(jax.value_and_grad(loss))(params)
+    results[attn] = model_loss_and_grads(model, cfg)
   (lx, gx), (ls, gs) = results['xla'], results['splash']
   assert abs(float(lx) - float(ls)) < TOL * abs(float(lx))
   for a, b in zip(jax.tree.leaves(gs), jax.tree.leaves(gx)):

@@ -144,3 +144,19 @@ def random_hf_model(config, path=None):
   if path is not None:
     model.save_pretrained(str(path))
   return model
+
+
+def model_loss_and_grads(model, cfg, seed=0, docs_per_row=3):
+  """(mean train loss, gradients of every parameter) of `model` on a packed random batch
+  of cfg's shape (docs_per_row documents a row): the kernel-vs-xla model comparisons."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from lmjax.train import step as step_lib  # pylint: disable=import-outside-toplevel
+  graphdef, params = nnx.split(model)
+  batch = {k: jnp.asarray(v) for k, v in random_batch(cfg, seed, docs_per_row).items()}
+
+  def loss(p):
+    nll, _ = step_lib.loss_sums(graphdef, p, batch, 0.0)
+    return nll / jnp.sum(batch['loss_mask'])
+  return jax.jit(jax.value_and_grad(loss))(params)

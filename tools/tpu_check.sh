@@ -3,7 +3,7 @@
 # v6e-8: tests/test_context_parallel.py's meshes need 8 devices; the bench cases also split
 # over 4), in a checkout with lmjax, jax[tpu] and pytest installed:  bash tools/tpu_check.sh
 # (README, "TPU check": creating the VM and installing with tools/launch_tpu.py.)
-# Wheels in $WHEELS (default .whl/) are installed first, as tools/gpu_check.sh does.
+# Wheels in $WHEELS (default .whl/) are installed first (tools/device_env.sh).
 # 1. environment (jax, its devices, the TPU's device_kind, package versions); 2. the
 # splash attention kernel and context-parallel tests on the TPU, compiled, not interpreted
 # ($TPU_TESTS, default tests/test_splash.py tests/test_context_parallel.py); 3.
@@ -20,13 +20,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/tpu_check}
 mkdir -p "$OUT"
 BUDGET=${BENCH_BUDGET:-600}
-WHEELS=${WHEELS:-.whl}
-if compgen -G "$WHEELS/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site "$WHEELS"/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source tools/device_env.sh
 export JAX_PLATFORMS=${JAX_PLATFORMS:-tpu}
 {
   date -u
