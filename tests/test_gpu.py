@@ -17,7 +17,8 @@ import pytest
 
 from lmjax.models import attention, transformer
 from lmjax.models import grouped_matmul as gmm
-from util import model_loss_and_grads, packed_and_alone, packed_segment_ids, tiny_config
+from util import (model_loss_and_grads, packed_and_alone, packed_segment_ids, random_qkv,
+                  tiny_config)
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != 'gpu', reason='needs a GPU')
 
@@ -33,12 +34,7 @@ def _rows(rng, b, t, max_docs):
 
 
 def _qkv(seed, b=4, t=256, n=8, k=2, h=64):
-  keys = jax.random.split(jax.random.key(seed), 4)
-  q = jax.random.normal(keys[0], (b, t, n, h), jnp.bfloat16)
-  kk = jax.random.normal(keys[1], (b, t, k, h), jnp.bfloat16)
-  v = jax.random.normal(keys[2], (b, t, k, h), jnp.bfloat16)
-  g = jax.random.normal(keys[3], (b, t, n, h), jnp.bfloat16)
-  return q, kk, v, g
+  return random_qkv(seed, b, t, n, k, h, jnp.bfloat16)
 
 
 def _out_and_grads(impl, q, k, v, g, seg, max_segments=8):

@@ -18,7 +18,7 @@ from lmjax import sharding
 from lmjax.models import attention, transformer
 from lmjax.train import step as step_lib
 from util import (model_loss_and_grads, packed_and_alone, packed_segment_ids, random_batch,
-                  tiny_config)
+                  random_qkv, tiny_config)
 
 ON_TPU = jax.default_backend() == 'tpu'
 TOL = 2e-2 if ON_TPU else 1e-5   # relative; the TPU runs float32 matmuls in bf16 passes
@@ -32,12 +32,7 @@ def _rel(a, b):
 
 
 def _qkv(seed, b=4, t=256, n=4, k=2, h=64):
-  keys = jax.random.split(jax.random.key(seed), 4)
-  q = jax.random.normal(keys[0], (b, t, n, h), jnp.float32)
-  kk = jax.random.normal(keys[1], (b, t, k, h), jnp.float32)
-  v = jax.random.normal(keys[2], (b, t, k, h), jnp.float32)
-  g = jax.random.normal(keys[3], (b, t, n, h), jnp.float32)
-  return q, kk, v, g
+  return random_qkv(seed, b, t, n, k, h, jnp.float32)
 
 
 def _out_and_grads(impl, q, k, v, g, seg, cap=0.0, mesh=None):

@@ -160,3 +160,11 @@ def model_loss_and_grads(model, cfg, seed=0, docs_per_row=3):
     nll, _ = step_lib.loss_sums(graphdef, p, batch, 0.0)
     return nll / jnp.sum(batch['loss_mask'])
   return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def random_qkv(seed, b, t, n, k, h, dtype):
+  """Random q [b, t, n, h], k, v [b, t, k, h] and an output cotangent g like q."""
+  import jax  # pylint: disable=import-outside-toplevel
+  keys = jax.random.split(jax.random.key(seed), 4)
+  shapes = ((b, t, n, h), (b, t, k, h), (b, t, k, h), (b, t, n, h))
+  return tuple(jax.random.normal(key, s, dtype) for key, s in zip(keys, shapes))
