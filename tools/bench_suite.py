@@ -69,7 +69,7 @@ def _splash_and_xla(name: str, config: str, overrides: tuple) -> tuple[Case, Cas
 # kernel and with xla attention, at seq 2048 and 8192; the two rows of each (config, seq)
 # side by side. Every case holds 65,536 tokens a step, 8 rows at 8192: the 125m's own batch
 # at 2048 (32 rows; 8 at 8192), the 1b's doubled to 32 (its 16 rows of 2048 would be 4 at
-# 8192, which 8 data-parallel chips cannot split, and tests/test_splash.py needs an
+# 8192, which 8 data-parallel chips cannot split, and tests/test_context_parallel.py needs an
 # 8-chip host). What grows with tokens (the saved weight-matmul outputs, the logits) is
 # then the same at both lengths, so with splash, which never holds the [B, heads, T, T]
 # scores, the 1b fits at 8192 wherever it fits at 2048 (1 row of 8192 a chip on 8 chips);
