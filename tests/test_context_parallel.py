@@ -14,6 +14,8 @@ from lmjax.train import step as step_lib
 from test_step import _run, assert_params_close
 from util import packed_segment_ids, random_batch, tiny_config
 
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason='the meshes need 8 devices')
+
 
 def test_load_balance_order_gives_every_device_the_same_causal_work():
   t, cp = 64, 4
