@@ -845,20 +845,22 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if size == 0 or size < -1:
       raise ConfigError(f'mesh.{axis} must be a positive size or -1, got {size}')
   for logical, target in cfg.rules.items():
-    axes = (target,) if isinstance(target, str) else tuple(target or ())
-    for a in axes:
+    for a in _rule_axes(target):
       if a not in cfg.mesh:
         raise ConfigError(f'rules.{logical} names mesh axis {a!r}, not one of {tuple(cfg.mesh)}')
   _validate_context_parallel(cfg)
 
 
+def _rule_axes(target) -> tuple[str, ...]:
+  """The mesh axes a cfg.rules entry names (None, one name, or several)."""
+  return (target,) if isinstance(target, str) else tuple(target or ())
+
+
 def _validate_context_parallel(cfg) -> None:
   """Rows of data.seq_len (every objective's) split over the mesh axes of rules.length
   (fixed sizes; the model checks every sequence again when it is traced)."""
-  target = cfg.rules.length
-  axes = (target,) if isinstance(target, str) else tuple(target or ())
   cp = 1
-  for a in axes:
+  for a in _rule_axes(cfg.rules.length):
     cp *= max(cfg.mesh[a], 1)
   if cp == 1:
     return

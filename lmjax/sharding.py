@@ -57,7 +57,8 @@ def make_mesh(cfg_mesh: Mapping[str, int], devices: Sequence[Any] | None = None)
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
-def _axes(target) -> tuple[str, ...]:
+def axes_of(target) -> tuple[str, ...]:
+  """The mesh axes of a rules entry or a PartitionSpec entry (None, a name, or several)."""
   if target is None:
     return ()
   if isinstance(target, str):
@@ -80,7 +81,7 @@ def logical_to_spec(logical: Sequence[str | None], rules: Mapping[str, Any],
       continue
     if name not in rules:
       raise ShardingError(f'logical axis {name!r} has no entry in cfg.rules')
-    axes = tuple(a for a in _axes(rules[name]) if a not in used)
+    axes = tuple(a for a in axes_of(rules[name]) if a not in used)
     if mesh is not None:
       axes = tuple(a for a in axes if mesh.shape[a] > 1)
     if shape is not None and mesh is not None and axes:
@@ -100,7 +101,7 @@ def spec_entry(axes: Sequence[str]):
 def mesh_axes(mesh: Mesh, rules: Mapping[str, Any], logical: str,
               exclude: Sequence[str] = ()) -> tuple[str, ...]:
   """The mesh axes of size > 1 that `rules` map `logical` onto, less `exclude`."""
-  return tuple(a for a in _axes(rules.get(logical)) if mesh.shape[a] > 1 and a not in exclude)
+  return tuple(a for a in axes_of(rules.get(logical)) if mesh.shape[a] > 1 and a not in exclude)
 
 
 def active_mesh() -> tuple[Mesh, dict] | None:
@@ -159,7 +160,7 @@ def batch_sharding(mesh: Mesh, rules: Mapping[str, Any], ndim: int = 2) -> Named
 
 
 def data_parallel_size(mesh: Mesh, rules: Mapping[str, Any]) -> int:
-  return math.prod(mesh.shape[a] for a in _axes(rules['batch']))
+  return math.prod(mesh.shape[a] for a in axes_of(rules['batch']))
 
 
 def place_batch(batch: Mapping[str, np.ndarray], mesh: Mesh,

@@ -232,7 +232,7 @@ def context_shards(t: int) -> int:
     return 1
   mesh, rules = ctx
   entry = sharding.logical_to_spec(('batch', 'length'), rules, mesh=mesh)[1]  # as batches are
-  cp = math.prod(mesh.shape[a] for a in _axes(entry))
+  cp = math.prod(mesh.shape[a] for a in sharding.axes_of(entry))
   if cp > 1 and t % (2 * cp):
     raise ConfigError(
         f'a sequence of {t} tokens does not split into 2 x {cp} equal chunks for context '
@@ -329,8 +329,9 @@ def _sharded(q, k, v, segment_ids, implementation, logit_cap, blocks):
   if kv_e != head_e:  # kv heads split unlike q's: give every q head its own k, v
     k, v = jnp.repeat(k, n // kv, axis=2), jnp.repeat(v, n // kv, axis=2)
     kv_e = head_e
-  len_axes = _axes(len_e)
-  head_shards = math.prod(mesh.shape[a] for a in _axes(head_e)) if mesh is not None else 1
+  len_axes = sharding.axes_of(len_e)
+  head_shards = (math.prod(mesh.shape[a] for a in sharding.axes_of(head_e))
+                 if mesh is not None else 1)
   kernel = None
   if implementation == 'splash':
     kernel = _splash_kernel(t, n, cp, head_shards, _splash_blocks(blocks, t // cp, t),
@@ -358,11 +359,6 @@ def _sharded(q, k, v, segment_ids, implementation, logit_cap, blocks):
                        in_specs=(q_spec, kv_spec, kv_spec, P(batch_e, len_e),
                                  P(batch_e, None), kernel_spec),
                        out_specs=q_spec)(q, k, v, seg, seg, kernel)
-
-
-def _axes(entry) -> tuple[str, ...]:
-  """The mesh axes of one PartitionSpec entry."""
-  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def _splash_local(kernel, q, k, v, sq, skv):
